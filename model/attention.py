@@ -1,0 +1,100 @@
+"""Multi-head causal self-attention on PyTorch's scaled_dot_product_attention, with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention.
+
+    Q, K and V come from one merged projection (same parameter count as three separate ones,
+    one matmul instead of three). Attention itself is `F.scaled_dot_product_attention`: the
+    `is_causal` fast path when there is no padding, an explicit boolean mask otherwise.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+                "choose num_heads that divides embed_dim"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        """Attend over `x` (B, T, C).
+
+        attn_mask: boolean (B, 1, T, S), True = may attend; None = plain causal attention.
+        kv_cache: per-layer (k, v) buffers of shape (B, H, T_max, hs); the new keys/values are
+            written at positions cache_start .. cache_start + T and attention runs over all
+            cached positions up to there.
+        """
+        B, T, C = x.shape
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # each (B, nh, T, hs)
+        if kv_cache is not None:
+            k_buf, v_buf = kv_cache  # (B, nh, T_max, hs)
+            end = cache_start + T
+            k_buf[:, :, cache_start:end] = k
+            v_buf[:, :, cache_start:end] = v
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, S, hs)
+        S = k.size(2)
+        is_causal = False
+        if attn_mask is None and T > 1:
+            if S == T:
+                is_causal = True
+            else:  # queries are the last T of S positions
+                q_pos = torch.arange(S - T, S, device=x.device)
+                attn_mask = torch.arange(S, device=x.device)[None, :] <= q_pos[:, None]  # (T, S)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class KVCache:
+    """Pre-allocated key/value buffers for every layer, filled in place while decoding.
+
+    Allocated once per `generate` call at its final length, so decoding never re-allocates or
+    concatenates. `layer(i)` gives the (k, v) pair the i-th attention writes into.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The i-th layer's (k, v) buffers, each (B, nh, T_max, hs)."""
+        return self.k[i], self.v[i]

@@ -1,0 +1,473 @@
+"""MicroTransformer: a small GPT-style causal language model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KVCache
+from .layers import LayerNorm, PositionEmbedding, TokenEmbedding, TransformerBlock
+from .sampling import apply_repetition_penalty, sample_next_token, validate_sampling_args
+
+INIT_SCHEMES = ("kaiming", "gpt2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter of a MicroTransformer; the single source of truth to rebuild one.
+
+    Attributes:
+        vocab_size: number of token ids the model reads and predicts.
+        max_seq_len: longest sequence (context window) the position table covers.
+        embed_dim: width of the residual stream; must be divisible by num_heads.
+        num_heads: attention heads per layer (head size = embed_dim // num_heads).
+        num_layers: number of transformer blocks.
+        ff_dim: hidden width of each feed-forward network.
+        dropout: dropout probability in [0, 1) for embeddings, attention and residual paths.
+        init: weight initialisation, "kaiming" (the seed's) or "gpt2" (normal 0.02,
+            residual projections scaled by 1/sqrt(2 * num_layers)).
+    """
+
+    vocab_size: int = 5000
+    max_seq_len: int = 512
+    embed_dim: int = 192
+    num_heads: int = 6
+    num_layers: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.1
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if not problems and self.embed_dim % self.num_heads != 0:
+            problems.append(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                f"use a num_heads that divides {self.embed_dim} or an embed_dim that is a "
+                f"multiple of {self.num_heads}"
+            )
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.init not in INIT_SCHEMES:
+            problems.append(f"init={self.init!r} must be one of {', '.join(INIT_SCHEMES)}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        """Size of each attention head."""
+        return self.embed_dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready) of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        return cls(**data)
+
+
+class MicroTransformer(nn.Module):
+    """GPT-style decoder: token + position embeddings, pre-LN blocks, final LN, tied head.
+
+    The prediction head shares its weight with the token embedding and has no bias, so the
+    seed's three configurations count exactly 2,443,904 / 2,290,176 / 2,428,640 parameters.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 5000,
+        max_seq_len: int = 512,
+        embed_dim: int = 192,
+        num_heads: int = 6,
+        num_layers: int = 4,
+        ff_dim: int = 512,
+        dropout: float = 0.1,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        cfg = ModelConfig(
+            vocab_size=vocab_size, max_seq_len=max_seq_len, embed_dim=embed_dim,
+            num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,
+            init=init,
+        )
+        self.config = cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = cfg.max_seq_len
+        # Range-check token ids on every forward (a bad id would otherwise be an opaque
+        # index error, or a device-side assert on CUDA). Trainers whose data is already
+        # checked may turn it off to avoid a host sync per step.
+        self.validate_inputs = True
+
+        self.token_embedding = TokenEmbedding(cfg.vocab_size, cfg.embed_dim)
+        self.position_embedding = PositionEmbedding(cfg.max_seq_len, cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.ff_dim, cfg.dropout)
+            for _ in range(cfg.num_layers)
+        )
+        self.ln_f = LayerNorm(cfg.embed_dim)
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # tied: one tensor, two uses
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: ModelConfig | dict[str, Any]) -> MicroTransformer:
+        """Build a model from a ModelConfig or a dict of its fields."""
+        if isinstance(config, dict):
+            config = ModelConfig.from_dict(config)
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig or dict, got {type(config).__name__}")
+        return cls(**config.to_dict())
+
+    def reset_parameters(self) -> None:
+        """Initialise weights with the configured scheme (see ModelConfig.init)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head:
+                    continue  # tied to the token embedding
+                if self.config.init == "gpt2":
+                    std = residual_std if name.endswith(("attn.proj", "ff.proj")) else 0.02
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                else:
+                    # He init: the feed-forward expansion feeds a GELU (ReLU gain), the
+                    # other projections are linear maps (gain 1); fan-in mode.
+                    gain = "relu" if name.endswith("ff.fc") else "linear"
+                    nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity=gain)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ checks
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids.unsqueeze(0)"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.size(1) == 0:
+            raise ValueError("input_ids has seq_len 0; pass at least one token")
+        if self.validate_inputs and input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is outside [0, {self.vocab_size}) (vocab_size="
+                    f"{self.vocab_size}); check that the tokenizer matches the model"
+                )
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}"
+            )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; they must match (1 = real token, 0 = padding)"
+            )
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            ok = bool(((attention_mask == 0) | (attention_mask == 1)).all())
+        else:
+            ok = attention_mask.dtype == torch.bool or bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()
+            )
+        if not ok:
+            raise ValueError(
+                "attention_mask must contain only 0 (padding) and 1 (real token)"
+            )
+
+    # ------------------------------------------------------------------ forward
+    @staticmethod
+    def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Position ids that count only real tokens: (B, T) mask -> (B, T) positions.
+
+        Left padding then gives every real token the position it would have unpadded.
+        """
+        return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+    @staticmethod
+    def _attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) padding mask -> boolean (B, 1, T, T): causal AND key is real.
+
+        Every query may always attend to itself, so rows of padding never become all -inf
+        (which would give NaN); real rows are unaffected since their diagonal is allowed anyway.
+        """
+        T = attention_mask.size(-1)
+        device = attention_mask.device
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()  # (T, T)
+        keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        eye = torch.eye(T, dtype=torch.bool, device=device)
+        return (causal & keys) | eye  # (B, 1, T, T)
+
+    def _hidden(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        x = self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, T, C)
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, cache.layer(i) if cache is not None else None, cache_start)
+        return self.ln_f(x)  # (B, T, C)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: (B, T) token ids in [0, vocab_size), T <= max_seq_len.
+            attention_mask: optional (B, T), 1 = real token, 0 = padding (Hugging Face
+                convention). Combined with the causal mask; positions count real tokens only.
+            position_ids: optional (B, T) explicit positions (default: from the mask, or 0..T-1).
+
+        Returns:
+            logits (B, T, vocab_size).
+        """
+        self._check_input_ids(input_ids)
+        T = input_ids.size(1)
+        if T > self.max_seq_len:
+            raise ValueError(
+                f"cannot forward a sequence of length {T}: max_seq_len is {self.max_seq_len}; "
+                f"crop the input to its last {self.max_seq_len} tokens or build the model with "
+                "a larger max_seq_len"
+            )
+        attn_mask = None
+        if attention_mask is not None:
+            self._check_mask(attention_mask, input_ids)
+            if not bool(attention_mask.bool().all()):
+                attn_mask = self._attention_mask_4d(attention_mask)
+            if position_ids is None:
+                position_ids = self.positions_from_mask(attention_mask)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)  # (T,)
+        elif position_ids.shape[-1] != T or int(position_ids.max()) >= self.max_seq_len:
+            raise ValueError(
+                f"position_ids must have last dimension {T} and values < max_seq_len="
+                f"{self.max_seq_len}"
+            )
+        h = self._hidden(input_ids, position_ids, attn_mask)  # (B, T, C)
+        return self.lm_head(h)  # (B, T, V)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_length: int = 50,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | None = None,
+        repetition_penalty: float | None = None,
+        do_sample: bool = True,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        streamer: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Autoregressively extend `input_ids` (B, T0); returns (B, T0 + generated).
+
+        Hugging Face semantics: `max_length` counts the prompt; `max_new_tokens`, when given,
+        overrides it. `temperature=0` or `do_sample=False` is greedy; `top_k` None/0 and
+        `top_p` None/1.0 disable those filters. Batched prompts must be left-padded and come
+        with `attention_mask`. Rows that emit `eos_token_id` are finished (padded with it);
+        generation stops early when all rows are. Past `max_seq_len` the context slides: each
+        new token is predicted from the last `max_seq_len` tokens.
+
+        Decoding uses a pre-allocated KV cache (`use_cache=False` recomputes the whole
+        window each step; both give the same tokens). `streamer`, if given, is called with
+        each new column of tokens, shape (B,). The model is put in eval mode for the call.
+        """
+        self._check_input_ids(input_ids)
+        validate_sampling_args(temperature, top_k, top_p, repetition_penalty)
+        T0 = input_ids.size(1)
+        if max_new_tokens is not None:
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                    or max_new_tokens < 0:
+                raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+            n_new = max_new_tokens
+        else:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise ValueError(f"max_length={max_length!r} must be a positive integer")
+            if max_length < T0:
+                raise ValueError(
+                    f"max_length={max_length} is shorter than the prompt ({T0} tokens); "
+                    "max_length counts the prompt: raise it or pass max_new_tokens"
+                )
+            n_new = max_length - T0
+        if eos_token_id is not None and not 0 <= int(eos_token_id) < self.vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id} is outside [0, {self.vocab_size})")
+        if attention_mask is not None:
+            self._check_mask(attention_mask, input_ids)
+            if not bool(attention_mask[:, -1].bool().all()):
+                raise ValueError(
+                    "generate needs left-padded prompts (the last column of attention_mask "
+                    "must be all 1); pad on the left (padding_side='left')"
+                )
+        if n_new == 0:
+            return input_ids.clone()
+
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                out = self._generate(
+                    input_ids, n_new, attention_mask, temperature=temperature, top_k=top_k,
+                    top_p=top_p, eos_token_id=eos_token_id,
+                    repetition_penalty=repetition_penalty, do_sample=do_sample,
+                    generator=generator, use_cache=use_cache, streamer=streamer,
+                )
+        finally:
+            self.train(was_training)
+        return out.clone()  # a normal tensor, usable outside inference mode
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        n_new: int,
+        attention_mask: torch.Tensor | None,
+        *,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        eos_token_id: int | None,
+        repetition_penalty: float | None,
+        do_sample: bool,
+        generator: torch.Generator | None,
+        use_cache: bool,
+        streamer: Callable[[torch.Tensor], None] | None,
+    ) -> torch.Tensor:
+        B, T0 = input_ids.shape
+        device = input_ids.device
+        total = T0 + n_new
+        out = torch.empty(B, total, dtype=torch.long, device=device)  # (B, T_total)
+        out[:, :T0] = input_ids
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        real = torch.ones(B, total, dtype=torch.bool, device=device)  # (B, T_total)
+        if padded:
+            real[:, :T0] = attention_mask.bool()
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        max_len = self.max_seq_len
+
+        cache: KVCache | None = None
+        if use_cache and T0 <= max_len:
+            cfg = self.config
+            cache = KVCache(
+                cfg.num_layers, B, cfg.num_heads, min(total, max_len), cfg.head_dim,
+                dtype=self.ln_f.weight.dtype, device=device,
+            )
+            positions = self.positions_from_mask(real[:, :T0])  # (B, T0)
+            mask4d = self._attention_mask_4d(real[:, :T0]) if padded else None
+            h = self._hidden(out[:, :T0], positions, mask4d, cache, 0)  # (B, T0, C)
+            logits = self.lm_head(h[:, -1])  # (B, V)
+            next_pos = positions[:, -1:] + 1  # (B, 1)
+
+        cur = T0  # tokens in `out` so far
+        for _ in range(n_new):
+            if cache is None:
+                logits = self._window_logits(out[:, :cur], real[:, :cur], padded)  # (B, V)
+            if repetition_penalty is not None:
+                logits = apply_repetition_penalty(
+                    logits, out[:, :cur], repetition_penalty, real[:, :cur] if padded else None
+                )
+            token = sample_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                do_sample=do_sample, generator=generator,
+            )  # (B,)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            out[:, cur] = token
+            cur += 1
+            if streamer is not None:
+                streamer(token)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            if cur == total:
+                break
+            if cache is not None:
+                if cur <= cache.max_len:  # room in the cache: decode one position
+                    key_mask = real[:, None, None, : cur] if padded else None  # (B, 1, 1, S)
+                    h = self._hidden(out[:, cur - 1: cur], next_pos, key_mask, cache, cur - 1)
+                    logits = self.lm_head(h[:, -1])  # (B, V)
+                    next_pos = next_pos + 1
+                else:  # context full: positions shift every step, so recompute the window
+                    cache = None
+        return out[:, :cur]
+
+    def _window_logits(
+        self, ids: torch.Tensor, real: torch.Tensor, padded: bool
+    ) -> torch.Tensor:
+        """Last-position logits from the last max_seq_len tokens, without a cache."""
+        ids, real = ids[:, -self.max_seq_len:], real[:, -self.max_seq_len:]  # (B, T)
+        positions = self.positions_from_mask(real)
+        mask4d = self._attention_mask_4d(real) if padded and not bool(real.all()) else None
+        h = self._hidden(ids, positions, mask4d)  # (B, T, C)
+        return self.lm_head(h[:, -1])  # (B, V)
+
+    # ------------------------------------------------------------------ sharing
+    def save_pretrained(self, save_directory: str, tokenizer: Any = None) -> None:
+        """Write config.json + model.safetensors (+ tokenizer.json) to `save_directory`.
+
+        The file I/O lives in `microtransformer.hub`; this method only delegates to it.
+        """
+        from microtransformer.hub import save_pretrained
+
+        save_pretrained(self, save_directory, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str = "cpu") -> MicroTransformer:
+        """Load a model written by `save_pretrained` or a training run directory."""
+        from microtransformer.hub import from_pretrained
+
+        return from_pretrained(directory, map_location=map_location)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Causal LM loss: position t predicts labels[t + 1] (the seed's shift), mean over tokens."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+        ignore_index=ignore_index,
+    )
