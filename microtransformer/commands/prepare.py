@@ -1,0 +1,67 @@
+"""`microtransformer prepare SOURCE... --out DATA_DIR`: tokenize a corpus to train/val.bin."""
+
+from __future__ import annotations
+
+import argparse
+
+# Kept literal (not imported from microtransformer.data) so `--help` does not import torch;
+# tests/microtransformer/test_cli_prepare.py checks they match the data module.
+DATASET_NAMES = ("tinyshakespeare", "tinystories", "tinystories-train")
+STDLIB_DEFAULT_MAX_BYTES = 8_000_000
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add the `prepare` subcommand to the CLI."""
+    p = sub.add_parser(
+        name, help=help_text, description=help_text,
+        epilog="With no SOURCE the Python standard library's own source is the (offline) corpus.",
+    )
+    p.add_argument(
+        "sources", nargs="*", metavar="SOURCE",
+        help="files, directories, globs (.txt/.md/.py/.jsonl), 'stdlib', or a dataset name: "
+        + ", ".join(DATASET_NAMES),
+    )
+    p.add_argument("--out", required=True, metavar="DATA_DIR",
+                   help="output directory for train.bin, val.bin, tokenizer.json, meta.json")
+    p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
+                   help="byte-level BPE or character level (default: bpe)")
+    p.add_argument("--vocab-size", type=int, default=5000,
+                   help="largest vocabulary to train (default: 5000)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=None,
+                       help="fraction of documents held out for validation (default: 0.1)")
+    split.add_argument("--val-tail", type=float, default=None,
+                       help="hold out the last fraction of the corpus characters instead")
+    p.add_argument("--tokenizer-path", default=None, metavar="FILE",
+                   help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--text-field", default="text",
+                   help="field holding the text in .jsonl records (default: text)")
+    p.add_argument("--stdlib-max-bytes", type=int, default=STDLIB_DEFAULT_MAX_BYTES,
+                   help="cap on the standard library corpus, in bytes of whole files "
+                   f"(default: {STDLIB_DEFAULT_MAX_BYTES:,}; 0 = no cap)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the data directory and print a short summary."""
+    from microtransformer.data import prepare  # heavy imports only when the command runs
+
+    meta = prepare(
+        args.sources,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+        val_tail=args.val_tail,
+        tokenizer_path=args.tokenizer_path,
+        text_field=args.text_field,
+        stdlib_max_bytes=args.stdlib_max_bytes or None,
+    )
+    n_files = len(meta["sources"])
+    print(f"prepared {args.out}: {meta['kind']} tokenizer, vocab {meta['vocab_size']}, "
+          f"{meta['dtype']}, {n_files} file(s), split by {meta['split']['method']}")
+    for split in ("train", "val"):
+        print(f"  {split:5s} {meta['tokens'][split]:>12,} tokens  "
+              f"{meta['documents'][split]:>7,} docs  "
+              f"{meta['bytes_per_token'][split]:.3f} bytes/token")
+    return 0
