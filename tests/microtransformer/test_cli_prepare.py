@@ -1,0 +1,70 @@
+"""`microtransformer prepare` through the CLI dispatcher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from microtransformer import data
+from microtransformer.cli import main
+from microtransformer.commands import prepare as prepare_cmd
+
+
+def test_prepare_happy_path(tiny_corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "data"
+    code = main(["prepare", str(tiny_corpus_dir), "--out", str(out), "--tokenizer", "char",
+                 "--val-fraction", "0.2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    assert f"{meta['tokens']['train']:,} tokens" in printed
+    assert f"{meta['tokens']['val']:,} tokens" in printed
+    assert "bytes/token" in printed and f"vocab {meta['vocab_size']}" in printed
+    assert meta["kind"] == "char" and meta["documents"] == {"train": 4, "val": 1}
+
+
+def test_prepare_val_tail_and_tokenizer_reuse(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    assert main(["prepare", str(tiny_corpus_dir / "doc0.txt"), "--out", str(tmp_path / "a"),
+                 "--tokenizer", "char", "--val-tail", "0.25"]) == 0
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["split"]["method"] == "val_tail" and meta["split"]["val_tail"] == 0.25
+    assert main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "b"),
+                 "--tokenizer-path", str(tmp_path / "a" / "tokenizer.json")]) == 0
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["kind"] == "char"
+
+
+def test_default_corpus_is_stdlib(tmp_path: Path, capsys) -> None:
+    assert main(["prepare", "--out", str(tmp_path / "d"), "--tokenizer", "char",
+                 "--stdlib-max-bytes", "60000"]) == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert {s["origin"] for s in meta["sources"]} == {"stdlib"}
+    assert sum(s["bytes"] for s in meta["sources"]) <= 60000
+
+
+def test_missing_path_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    code = main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err and "nope.txt" in err
+
+
+def test_bad_vocab_size_is_one_line_exit_2(tiny_corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    code = main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "d"),
+                 "--vocab-size", "100"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "vocab_size=100" in err
+
+
+def test_val_options_are_mutually_exclusive(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "--out", str(tmp_path), "--val-fraction", "0.1", "--val-tail", "0.1"])
+    assert info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_cli_constants_match_data_module() -> None:
+    # the command keeps them literal so `--help` does not import torch
+    assert prepare_cmd.DATASET_NAMES == tuple(data.DATASETS)
+    assert prepare_cmd.STDLIB_DEFAULT_MAX_BYTES == data.STDLIB_DEFAULT_MAX_BYTES
