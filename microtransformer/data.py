@@ -42,6 +42,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,7 +363,7 @@ def _safe_cut(prev_line: str, next_line: str) -> bool:
 @dataclass
 class _Scan:
     sources: list[Source]            # readable sources, in order
-    doc_keys: list[bytes]            # per document: 8-byte content hash (for val_fraction)
+    doc_keys: array                  # per document: 64-bit content hash (for val_fraction)
     chars: int                       # total characters of all documents
     records: list[dict[str, Any]]    # meta.json's per-file entries
 
@@ -379,14 +380,14 @@ def _iter_pieces(sources: Sequence[Source], text_field: str) -> Iterator[tuple[i
 def _scan(sources: Sequence[Source], text_field: str, progress: bool) -> _Scan:
     """First pass: check every file, count characters, hash documents and files."""
     kept: list[Source] = []
-    doc_keys: list[bytes] = []
+    doc_keys = array("Q")  # 8 bytes per document, even for millions of documents
     records: list[dict[str, Any]] = []
     chars = 0
     for source in tqdm(sources, desc="scan", unit="file", disable=None if progress else True):
         problem = None
         if _is_binary(source.path):
             problem = "is a binary file (it contains NUL bytes)"
-        docs: list[bytes] = []
+        docs: list[int] = []
         n_chars = 0
         if problem is None:
             try:
@@ -394,12 +395,12 @@ def _scan(sources: Sequence[Source], text_field: str, progress: bool) -> _Scan:
                 for new_doc, text in _iter_file_pieces(source, text_field):
                     if new_doc:
                         if h is not None:
-                            docs.append(h.digest()[:8])
+                            docs.append(int.from_bytes(h.digest()[:8], "little"))
                         h = hashlib.sha256()
                     h.update(text.encode("utf-8", "surrogatepass"))
                     n_chars += len(text)
                 if h is not None:
-                    docs.append(h.digest()[:8])
+                    docs.append(int.from_bytes(h.digest()[:8], "little"))
             except UnicodeDecodeError as exc:
                 problem = f"is not UTF-8 text ({exc.reason} at byte {exc.start})"
         if problem is not None:
@@ -542,7 +543,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     writers = {s: TokenWriter(out / f"{s}.bin", tok.vocab_size) for s in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
-    docs_in = {s: set() for s in SPLITS}
+    docs_in = dict.fromkeys(SPLITS, 0)  # documents (or parts of one) per split
     last_doc: dict[str, int | None] = dict.fromkeys(SPLITS)
     try:
         pos = 0  # character offset of the current piece in the concatenated corpus
@@ -589,7 +590,7 @@ def prepare(
         "tokens": {s: writers[s].count for s in SPLITS},
         "bytes": text_bytes,
         "bytes_per_token": {s: text_bytes[s] / writers[s].count for s in SPLITS},
-        "documents": {s: len(docs_in[s]) for s in SPLITS},
+        "documents": docs_in,
         "characters": scan.chars,
         "split": {"method": split_mode, "val_fraction": val_fraction if val_tail is None else None,
                   "val_tail": fraction if cut is not None else None, "val_start_char": cut},
@@ -630,7 +631,7 @@ def _route(doc: int, text: str, pos: int, cut: int | None,
 
 
 def _flush(tok: Tokenizer, batch: list[tuple[str, int, str]], writers: dict[str, TokenWriter],
-           text_bytes: dict[str, int], docs_in: dict[str, set], last_doc: dict[str, int | None]
+           text_bytes: dict[str, int], docs_in: dict[str, int], last_doc: dict[str, int | None]
            ) -> None:
     if not batch:
         return
@@ -638,10 +639,11 @@ def _flush(tok: Tokenizer, batch: list[tuple[str, int, str]], writers: dict[str,
     eos = tok.eos_token_id
     for (split, doc, text), enc in zip(batch, encodings, strict=True):
         ids = enc.ids
-        if last_doc[split] is not None and last_doc[split] != doc:
-            ids = [eos, *ids]  # separator between two documents of this split
+        if last_doc[split] != doc:
+            if last_doc[split] is not None:
+                ids = [eos, *ids]  # separator between two documents of this split
+            docs_in[split] += 1
         last_doc[split] = doc
-        docs_in[split].add(doc)
         writers[split].append(ids)
         text_bytes[split] += len(text.encode("utf-8"))
 
