@@ -1,0 +1,577 @@
+"""Run configuration: one typed `RunConfig` (model / train / data), TOML presets, dotted overrides.
+
+A run is fully described by a `RunConfig`; it is saved as `config.json` in every run directory
+and used to rebuild the model. Presets are TOML data files in `<repo>/configs/<name>.toml`
+with the same three sections. Command-line overrides use dotted keys:
+
+    microtransformer train --preset balanced --model.num_layers 6 --train.lr=3e-4
+
+Each field's `help` metadata is its documentation and the `--help` text of its override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from microtransformer.errors import UserError
+from model import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZER_KINDS = ("bpe", "char")
+SECTIONS = ("model", "train", "data")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text is kept in its metadata."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, logging and runtime settings of a training run."""
+
+    batch_size: int = _help("sequences per micro-batch (per process)", default=32)
+    grad_accum_steps: int = _help("micro-batches accumulated per optimizer step", default=1)
+    max_steps: int = _help("optimizer steps of the whole run (the LR schedule spans them)",
+                           default=2000)
+    lr: float = _help("peak learning rate, reached at the end of warm-up", default=1e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
+    warmup_steps: int = _help("steps of linear warm-up from ~0 to lr", default=100)
+    weight_decay: float = _help("AdamW decay on 2-D matmul weights (none on biases, norms, "
+                                "embeddings)", default=0.1)
+    betas: tuple[float, float] = _help("AdamW (beta1, beta2)", default=(0.9, 0.95))
+    grad_clip: float = _help("clip the global gradient norm to this (0 disables)", default=1.0)
+    eval_interval: int = _help("evaluate on the val split every this many steps", default=200)
+    eval_steps: int = _help("val batches per evaluation (the same windows every time)",
+                            default=20)
+    log_interval: int = _help("log training metrics every this many steps", default=10)
+    checkpoint_interval: int = _help("save model + training state every this many steps "
+                                     "(also saved at the end and on interrupt)", default=500)
+    seed: int = _help("seed of the model init, dropout and the data order", default=1337)
+    device: str = _help("auto | cpu | cuda | mps (auto: cuda, else mps, else cpu)",
+                        default="auto")
+    dtype: str = _help("auto | float32 | bfloat16 | float16 (auto: bf16 autocast on CUDA "
+                       "(fp16 + GradScaler where bf16 is unsupported), fp32 elsewhere)",
+                       default="auto")
+    cpu_threads: int = _help("torch CPU threads (0 = torch's default); on a small shared CPU "
+                             "1 is often fastest for tiny models", default=0)
+    compile: bool = _help("torch.compile the model (falls back to eager if it fails)",
+                          default=False)
+    deterministic: bool = _help("use deterministic algorithms (CPU runs are deterministic "
+                                "either way)", default=False)
+    max_bad_steps: int = _help("stop after this many consecutive non-finite loss/grad steps",
+                               default=5)
+    max_time_minutes: float | None = _help("wall-clock budget: stop (saving and evaluating) "
+                                           "once exceeded; none = no budget", default=None)
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        problems: list[str] = []
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+                     "eval_steps", "log_interval", "checkpoint_interval", "max_bad_steps"):
+            _check_int(problems, name, getattr(self, name), minimum=1)
+        _check_int(problems, "warmup_steps", self.warmup_steps, minimum=0)
+        _check_int(problems, "seed", self.seed, minimum=0)
+        _check_int(problems, "cpu_threads", self.cpu_threads, minimum=0)
+        _check_float(problems, "lr", self.lr, low=0.0, low_open=True)
+        _check_float(problems, "min_lr", self.min_lr, low=0.0)
+        _check_float(problems, "weight_decay", self.weight_decay, low=0.0)
+        _check_float(problems, "grad_clip", self.grad_clip, low=0.0)
+        if not problems and self.min_lr > self.lr:
+            problems.append(f"min_lr={self.min_lr} is above lr={self.lr}; use min_lr <= lr")
+        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
+                or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas)):
+            problems.append(f"betas={self.betas!r} must be two numbers in [0, 1), e.g. 0.9,0.95")
+        if self.device not in DEVICES:
+            problems.append(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        for name in ("compile", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.max_time_minutes is not None:
+            _check_float(problems, "max_time_minutes", self.max_time_minutes, low=0.0,
+                         low_open=True)
+        if problems:
+            raise UserError("invalid train config: " + "; ".join(problems))
+
+    @property
+    def tokens_per_step_per_process(self) -> int:
+        """Sequences per optimizer step on one process (multiply by seq_len and world size)."""
+        return self.batch_size * self.grad_accum_steps
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from: a prepared data dir, or sources prepared at the start."""
+
+    data_dir: str | None = _help("prepared data directory (train.bin, val.bin, meta.json, "
+                                 "tokenizer.json); none = prepare `sources` into RUN_DIR/data",
+                                 default=None)
+    sources: tuple[str, ...] = _help("files, dirs, globs or dataset names to prepare when "
+                                     "data_dir is none (empty = the Python stdlib corpus)",
+                                     default=())
+    tokenizer: str = _help("tokenizer kind for on-the-fly prepare: bpe | char", default="bpe")
+    vocab_size: int = _help("tokenizer vocab size for on-the-fly prepare (bpe)", default=5000)
+    val_fraction: float = _help("fraction of documents held out for validation", default=0.1)
+    val_tail: float | None = _help("hold out this final fraction of characters instead "
+                                   "(e.g. 0.1 = nanoGPT's tinyshakespeare split)", default=None)
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        problems: list[str] = []
+        if self.tokenizer not in TOKENIZER_KINDS:
+            problems.append(f"tokenizer={self.tokenizer!r} must be one of "
+                            f"{', '.join(TOKENIZER_KINDS)}")
+        _check_int(problems, "vocab_size", self.vocab_size, minimum=1)
+        _check_float(problems, "val_fraction", self.val_fraction, low=0.0, high=1.0,
+                     low_open=True, high_open=True)
+        if self.val_tail is not None:
+            _check_float(problems, "val_tail", self.val_tail, low=0.0, high=1.0,
+                         low_open=True, high_open=True)
+        if not all(isinstance(s, str) for s in self.sources):
+            problems.append(f"sources={list(self.sources)!r} must be a list of strings")
+        if problems:
+            raise UserError("invalid data config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run: the network, the optimisation and the data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise UserError(f"RunConfig.{name} must be a {cls.__name__}, "
+                                f"got {type(getattr(self, name)).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict {"model": {...}, "train": {...}, "data": {...}}."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["train"]["betas"] = list(self.train.betas)
+        out["data"]["sources"] = list(self.data.sources)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from a nested dict; unknown sections/keys are rejected by name, missing
+        keys take their defaults."""
+        if not isinstance(data, dict):
+            raise UserError(
+                f"a run config must be a mapping of sections, got {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise UserError(f"unknown config section(s) {unknown}; valid sections are "
+                            f"{list(SECTIONS)}")
+        parts = {}
+        for name in SECTIONS:
+            section = data.get(name, {})
+            if not isinstance(section, dict):
+                raise UserError(f"config section [{name}] must be a table of keys, got "
+                                f"{section!r}")
+            section_cls = _SECTION_CLASSES[name]
+            _reject_unknown(name, section)
+            parts[name] = section_cls(**{k: _coerce_value(name, k, v) for k, v in
+                                         section.items()})
+        return cls(**parts)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """Copy with whole sections replaced, e.g. `cfg.replace(train=new_train)`."""
+        return dataclasses.replace(self, **sections)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write the config as indented JSON (atomic: temp file + rename)."""
+        from microtransformer.checkpoint import atomic_write_bytes
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> RunConfig:
+        """Read a config.json written by `save_json`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+_SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig,
+                                     "data": DataConfig}
+
+
+# ============================================================================ presets / files
+def configs_dir() -> Path:
+    """The directory holding the TOML presets (`<repo>/configs`)."""
+    import microtransformer
+
+    return Path(microtransformer.__file__).resolve().parents[1] / "configs"
+
+
+def available_presets() -> list[str]:
+    """Names of the presets in `configs_dir()` (file stems), sorted."""
+    d = configs_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def preset_path(name: str) -> Path:
+    """Path of a preset by name; an unknown name is an error listing the available ones."""
+    path = configs_dir() / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(available_presets()) or "(none found)"
+        raise UserError(f"unknown preset {name!r}; available presets: {names}")
+    return path
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a TOML config file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """Resolve a RunConfig: defaults (or `base`) <- preset <- config file <- dotted overrides.
+
+    `path` may be a .toml or .json file with [model]/[train]/[data] sections; `preset` is a name
+    in `configs/`; `overrides` are command-line tokens like `--model.num_layers 6` or
+    `--train.lr=3e-4`. Every layer is validated; errors name the key, value and fix.
+    """
+    merged: dict[str, dict[str, Any]] = (
+        base.to_dict() if base is not None else {name: {} for name in SECTIONS}
+    )
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset is not None:
+        layers.append((f"preset {preset!r}", read_toml(preset_path(preset))))
+    if path is not None:
+        p = Path(path)
+        if p.suffix == ".json":
+            if not p.is_file():
+                raise FileNotFoundError(f"config file {p} does not exist")
+            layers.append((str(p), json.loads(p.read_text(encoding="utf-8"))))
+        else:
+            layers.append((str(p), read_toml(p)))
+    for origin, layer in layers:
+        unknown = sorted(set(layer) - set(SECTIONS))
+        if unknown:
+            raise UserError(f"{origin}: unknown section(s) {unknown}; valid sections are "
+                            f"{list(SECTIONS)}")
+        for section, values in layer.items():
+            if not isinstance(values, dict):
+                raise UserError(f"{origin}: [{section}] must be a table of keys")
+            _reject_unknown(section, values, origin)
+            merged[section].update(values)
+    for key, raw in parse_overrides(overrides or []).items():
+        section, name = key.split(".", 1)
+        merged[section][name] = coerce_override(section, name, raw)
+    return RunConfig.from_dict(merged)
+
+
+# ============================================================================ overrides
+def field_help(section: str) -> dict[str, str]:
+    """{field name: help text} of one section (ModelConfig's come from its docstring)."""
+    cls = _SECTION_CLASSES[section]
+    out = {}
+    for f in fields(cls):
+        out[f.name] = f.metadata.get("help", "") if f.metadata else ""
+    if section == "model":
+        doc = ModelConfig.__doc__ or ""
+        for f in fields(ModelConfig):
+            marker = f"{f.name}: "
+            for line in doc.splitlines():
+                if line.strip().startswith(marker):
+                    out[f.name] = line.strip()[len(marker):]
+    return out
+
+
+def override_help() -> str:
+    """Multi-line help listing every `--section.key` override with its default and help."""
+    lines = []
+    defaults = RunConfig().to_dict()
+    for section in SECTIONS:
+        helps = field_help(section)
+        for name, default in defaults[section].items():
+            lines.append(f"  --{section}.{name} (default {default!r}): {helps.get(name, '')}")
+    return "\n".join(lines)
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """Turn leftover CLI tokens into {"section.key": raw string}.
+
+    Accepts `--model.num_layers 6` and `--model.num_layers=6`; a bare boolean flag
+    (`--train.compile`) means true. Unknown sections/keys and stray tokens are errors.
+    """
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
+            raise UserError(
+                f"unrecognized argument {tok!r}; config overrides look like "
+                "--model.num_layers 6 or --train.lr=3e-4 (sections: model, train, data)"
+            )
+        key, has_eq, value = tok[2:].partition("=")
+        section, _, name = key.partition(".")
+        _check_key(section, name)
+        if not has_eq:
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            if nxt is None or (nxt.startswith("--") and not _looks_negative_number(nxt)):
+                if _field_types(section)[name] is bool:
+                    value = "true"
+                else:
+                    raise UserError(f"--{key} needs a value, e.g. --{key} VALUE")
+            else:
+                value = nxt
+                i += 1
+        out[f"{section}.{name}"] = value
+        i += 1
+    return out
+
+
+def override_keys(tokens: list[str]) -> set[str]:
+    """The "section.key" names set by override tokens (to tell explicit choices from defaults)."""
+    return set(parse_overrides(tokens))
+
+
+def coerce_override(section: str, name: str, raw: str) -> Any:
+    """Convert one override's string to the field's type, with an error naming key and value."""
+    _check_key(section, name)
+    typ = _field_types(section)[name]
+    try:
+        return _from_string(typ, raw)
+    except ValueError as exc:
+        raise UserError(f"--{section}.{name}={raw!r}: {exc}") from None
+
+
+def _looks_negative_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
+
+
+def _from_string(typ: Any, raw: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if raw.strip().lower() in ("none", "null", "") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _from_string(inner[0], raw)
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("expected a boolean (true/false)")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("expected an integer, e.g. 6") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number, e.g. 3e-4") from None
+    if typ is str:
+        return raw
+    if origin is tuple:
+        parts = [p for p in raw.strip().strip("()[]").split(",") if p.strip()]
+        elem = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_string(elem, p.strip()) for p in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values, e.g. 0.9,0.95")
+        return tuple(_from_string(a, p.strip()) for a, p in zip(args, parts, strict=True))
+    raise ValueError(f"cannot parse a value of type {typ}")
+
+
+# ============================================================================ helpers
+def _field_types(section: str) -> dict[str, Any]:
+    cls = _SECTION_CLASSES[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _check_key(section: str, name: str) -> None:
+    if section not in _SECTION_CLASSES:
+        raise UserError(f"unknown config section {section!r} in --{section}.{name}; valid "
+                        f"sections are {list(SECTIONS)}")
+    valid = list(_field_types(section))
+    if name not in valid:
+        raise UserError(f"unknown key {section}.{name!s}; valid keys for [{section}] are "
+                        f"{', '.join(valid)}")
+
+
+def _reject_unknown(section: str, values: dict[str, Any], origin: str = "config") -> None:
+    valid = list(_field_types(section))
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise UserError(f"{origin}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}"
+                        f"; valid keys for [{section}] are {', '.join(valid)}")
+
+
+def _coerce_value(section: str, name: str, value: Any) -> Any:
+    """Bring values from TOML/JSON to the field type (lists -> tuples, ints -> floats)."""
+    typ = _field_types(section)[name]
+    return _coerce_to(typ, value, f"{section}.{name}")
+
+
+def _coerce_to(typ: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if value is None:
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
+            return None
+        raise UserError(f"{key}=None is not allowed; give a value of type {_type_name(typ)}")
+    if isinstance(value, str) and typ is not str and not (
+        origin in (typing.Union, types.UnionType) and str in args
+    ):
+        try:
+            return _from_string(typ, value)
+        except ValueError as exc:
+            raise UserError(f"{key}={value!r}: {exc}") from None
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce_to(inner[0], value, key)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        elem_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(elem_types) != len(value):
+            raise UserError(f"{key}={value!r} must have {len(elem_types)} values")
+        return tuple(_coerce_to(t, v, key) for t, v in zip(elem_types, value, strict=True))
+    ok = (typ is bool and isinstance(value, bool)) or (
+        typ in (int, float) and isinstance(value, typ) and not isinstance(value, bool)
+    ) or (typ is str and isinstance(value, str))
+    if not ok:
+        raise UserError(f"{key}={value!r} has type {type(value).__name__}; expected "
+                        f"{_type_name(typ)}")
+    return value
+
+
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def _coerce_fields(obj: Any) -> None:
+    """Normalise a frozen dataclass built from Python: lists -> tuples, ints -> floats."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        typ = hints[f.name]
+        new = value
+        if isinstance(value, list):
+            new = tuple(value)
+        elif (typ is float or typ == (float | None)) and isinstance(value, int) \
+                and not isinstance(value, bool):
+            new = float(value)
+        if new is not value:
+            object.__setattr__(obj, f.name, new)
+        if f.name == "betas" and isinstance(new, tuple):
+            object.__setattr__(obj, f.name, tuple(
+                float(b) if isinstance(b, int) and not isinstance(b, bool) else b for b in new))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(problems: list[str], name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{name}={value!r} must be an integer >= {minimum}")
+    elif value < minimum:
+        problems.append(f"{name}={value} must be >= {minimum}")
+
+
+def _check_float(problems: list[str], name: str, value: Any, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    if not _is_number(value):
+        problems.append(f"{name}={value!r} must be a finite number")
+        return
+    lo_bad = low is not None and (value <= low if low_open else value < low)
+    hi_bad = high is not None and (value >= high if high_open else value > high)
+    if lo_bad or hi_bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        rng = f"{lo}, {hi}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low}" if low is not None else
+            f"{'<' if high_open else '<='} {high}")
+        problems.append(f"{name}={value} must be {'in ' if hi and lo else ''}{rng}")
+
+
+# ============================================================================ argparse glue
+_OVERRIDE_PREFIX = "override:"
+
+
+def add_override_arguments(parser: Any) -> None:
+    """Register every `--section.key` override on an argparse parser (so `--help` lists them
+    with their help text), and route unknown `--x.y` tokens to `args.overrides` so that
+    `collect_overrides` can reject them with the list of valid keys."""
+    defaults = RunConfig().to_dict()
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"[{section}] overrides")
+        helps = field_help(section)
+        types_ = _field_types(section)
+        for name, default in defaults[section].items():
+            is_bool = types_[name] is bool
+            group.add_argument(
+                f"--{section}.{name}", dest=f"{_OVERRIDE_PREFIX}{section}.{name}",
+                default=argparse.SUPPRESS, metavar="" if is_bool else "V",
+                nargs="?" if is_bool else None, const="true" if is_bool else None,
+                help=f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%"),
+            )
+    original = parser.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = original(args, namespace)
+        ns.overrides = list(getattr(ns, "overrides", None) or []) + list(extras)
+        return ns, []
+
+    parser.parse_known_args = parse_known_args
+
+
+def collect_overrides(args: Any) -> list[str]:
+    """Override tokens from parsed args (registered options first, then unknown leftovers)."""
+    tokens = [f"--{k[len(_OVERRIDE_PREFIX):]}={v}" for k, v in vars(args).items()
+              if k.startswith(_OVERRIDE_PREFIX)]
+    return tokens + list(getattr(args, "overrides", None) or [])

@@ -1,0 +1,636 @@
+"""The training loop: `train(cfg, run_dir)`, plus the pure pieces it is made of.
+
+Read `train()` top to bottom: build the runtime, the model, the optimizer and the loaders;
+restore a checkpoint when resuming; then each step evaluates (every `eval_interval`), sets the
+learning rate from the pure `get_lr`, runs the gradient-accumulation micro-steps, checks the
+loss and gradient are finite, clips, steps, logs and checkpoints.
+
+Distributed seams (filled in by `microtransformer.distributed` under torchrun):
+  - `RuntimeContext` carries rank / world_size / device; only `ctx.is_main` logs and saves.
+  - `wrap_model(model, ctx)` is the one place the model is wrapped (DDP goes there).
+  - `micro_step_sync(model, ctx, last)` is the one place gradient sync is skipped between
+    micro-steps (DDP's `no_sync`).
+  - `reduce_mean(value, ctx)` averages scalars across ranks (identity in one process);
+    `any_rank(flag, ctx)` makes stop decisions agree across ranks.
+  - The train loader is seeded per rank (`BatchLoader(seed, rank, world_size)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from microtransformer import checkpoint as ckpt
+from microtransformer.config import RunConfig, TrainConfig
+from microtransformer.errors import UserError
+from microtransformer.metrics import MetricsLogger, plot_loss_curve
+from model import MicroTransformer
+from model.transformer import lm_loss
+from model.utils import count_parameters
+
+
+class TrainingError(UserError):
+    """Training cannot continue (e.g. too many consecutive non-finite steps); the message says
+    where the last good checkpoint is and what to change."""
+
+
+# ============================================================================ runtime context
+@dataclass(frozen=True)
+class RuntimeContext:
+    """Where this process runs: rank, world size and device (single process by default)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs, prints and saves (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; explicit names are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device='cuda' but no CUDA device is available; use "
+                        "--train.device cpu (or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                              and torch.backends.mps.is_available()):
+        raise UserError("train.device='mps' but MPS is not available; use --train.device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype for autocast: "auto" is bf16 on CUDA (fp16 if unsupported), fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def reduce_mean(value: float | torch.Tensor, ctx: RuntimeContext) -> float:
+    """Mean of a scalar over all ranks (identity in a single process)."""
+    if not ctx.distributed:
+        return float(value)
+    import torch.distributed as dist
+
+    t = torch.as_tensor(float(value), dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / ctx.world_size
+
+
+def any_rank(flag: bool, ctx: RuntimeContext) -> bool:
+    """True if `flag` is set on any rank, so every rank takes the same stop decision."""
+    if not ctx.distributed:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor(int(flag), device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def wrap_model(model: nn.Module, ctx: RuntimeContext) -> nn.Module:
+    """The one place the model is wrapped for data parallelism (DDP when world_size > 1)."""
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def micro_step_sync(model: nn.Module, ctx: RuntimeContext, last: bool
+                    ) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    if ctx.distributed and not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ============================================================================ pure pieces
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up, then cosine to min_lr.
+
+    Warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps (peak at its last step).
+    Then cosine from lr (at step == warmup_steps) to min_lr (at step == max_steps and after).
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on 2-D matmul weights (nn.Linear) only; none on biases, norms and
+    embeddings (a head tied to the embedding is an embedding). Every parameter is in exactly
+    one group."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # unique parameters (tied weight once)
+        if not p.requires_grad:
+            continue
+        if id(p) in linear_weight_ids and id(p) not in embedding_ids and p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [id(p) for p in decay + no_decay]
+    assert len(grouped) == len(set(grouped)) == len(trainable), "a parameter is in two groups"
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
+                    ) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA."""
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype
+                     ) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for forward passes (a no-op in float32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    """Bits per UTF-8 byte from a mean loss in nats per token."""
+    return loss_nats / math.log(2) / bytes_per_token
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
+             ctx: RuntimeContext, amp: Callable[[], contextlib.AbstractContextManager]
+             ) -> float:
+    """Mean loss over `batches` (averaged over ranks); the model is restored to its mode."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for batch in batches:
+            with amp():
+                logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+            total += float(lm_loss(logits.float(), batch["labels"]))
+            n += 1
+    finally:
+        model.train(was_training)
+    return reduce_mean(total / max(n, 1), ctx)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: float          # mean loss over the micro-batches (nats/token)
+    grad_norm: float     # global gradient norm before clipping
+    skipped: bool        # True when the update was skipped (non-finite loss or gradient)
+
+
+def train_step(model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+               next_batch: Callable[[], dict[str, torch.Tensor]], cfg: TrainConfig,
+               ctx: RuntimeContext, amp: Callable[[], contextlib.AbstractContextManager],
+               scaler: torch.amp.GradScaler | None = None) -> StepOutcome:
+    """One optimizer step: `grad_accum_steps` micro-batches, finiteness check, clip, update.
+
+    A non-finite loss or gradient skips the update (the gradients are dropped) and reports
+    `skipped=True`; the caller decides when to give up. With fp16, `scaler` owns inf handling.
+    """
+    accum = cfg.grad_accum_steps
+    loss_sum = torch.zeros((), device=ctx.device)
+    for micro in range(accum):
+        batch = next_batch()
+        with micro_step_sync(model, ctx, last=micro == accum - 1):
+            with amp():
+                logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+                loss = lm_loss(logits.float(), batch["labels"]) / accum
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        loss_sum += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    loss_value = reduce_mean(loss_sum, ctx)  # one host sync per step
+    norm_value = float(grad_norm)
+    finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler is not None)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(loss_value, norm_value, skipped=True)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss_value, norm_value, skipped=False)
+
+
+# ============================================================================ stop requests
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits. A second SIGINT
+    stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        sys.stderr.write(f"\n{self.signal_name} received: finishing this step and saving a "
+                         "checkpoint (press Ctrl-C again to stop at once)\n")
+
+    def install(self) -> None:
+        """Install the handlers (only possible from the main thread; silently skipped else)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ============================================================================ result
+@dataclass
+class TrainResult:
+    """Summary of a `train()` call."""
+
+    run_dir: Path
+    step: int                      # optimizer steps completed
+    max_steps: int
+    tokens_seen: int
+    best_val_loss: float | None
+    best_val_bpb: float | None
+    final_val_loss: float | None
+    final_val_bpb: float | None
+    final_train_loss: float | None
+    tokens_per_s: float            # training throughput of this call (eval time excluded)
+    elapsed_s: float
+    num_params: int
+    stop_reason: str               # "completed" | "time budget" | "interrupted" | "stop_at"
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the run stopped before max_steps and can be resumed."""
+        return self.step < self.max_steps
+
+
+# ============================================================================ data preparation
+def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: bool = False,
+                 progress: bool = True) -> RunConfig:
+    """Make sure the run has prepared data and the model's vocab matches its tokenizer.
+
+    With `cfg.data.data_dir` unset, `cfg.data.sources` (empty = the stdlib corpus) are prepared
+    into RUN_DIR/data (reused if already there). `model.vocab_size` is taken from meta.json unless
+    `explicit_vocab` (the user set it), in which case a mismatch is an error.
+    Returns the config with `data.data_dir` and `model.vocab_size` resolved.
+    """
+    from microtransformer.data import load_meta, prepare
+
+    data_dir = cfg.data.data_dir
+    if data_dir is None:
+        target = Path(run_dir) / "data"
+        if not (target / "meta.json").is_file():
+            d = cfg.data
+            prepare(list(d.sources), target, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+                    val_fraction=d.val_fraction, val_tail=d.val_tail, progress=progress)
+        data_dir = str(target)
+    elif not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one with "
+                                f"`microtransformer prepare SOURCE --out {data_dir}`")
+    meta = load_meta(data_dir)
+    vocab = int(meta["vocab_size"])
+    model_cfg = cfg.model
+    if vocab != model_cfg.vocab_size:
+        if explicit_vocab:
+            raise UserError(f"vocab mismatch: --model.vocab_size={model_cfg.vocab_size} but the "
+                            f"tokenizer of {data_dir} has {vocab} tokens; drop the override or "
+                            f"set it to {vocab}")
+        model_cfg = replace(model_cfg, vocab_size=vocab)
+    return cfg.replace(model=model_cfg, data=replace(cfg.data, data_dir=str(data_dir)))
+
+
+# ============================================================================ the loop
+def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+          progress: bool = True, ctx: RuntimeContext | None = None,
+          stop_at: int | None = None) -> TrainResult:
+    """Train `cfg` into `run_dir`; returns a TrainResult.
+
+    `cfg.data.data_dir` must be a prepared directory whose vocab matches `cfg.model` (see
+    `prepare_data`). `resume=True` continues from run_dir's checkpoint exactly where it
+    stopped. `ctx` defaults to a single process on `cfg.train.device`. `stop_at` stops (and
+    checkpoints) after that many completed steps, as an interrupt would.
+    """
+    from microtransformer.data import BatchLoader, iter_eval_batches, load_meta
+
+    tc = cfg.train
+    run = Path(run_dir)
+    if ctx is None:
+        ctx = RuntimeContext(device=resolve_device(tc.device))
+    device = ctx.device
+    if cfg.data.data_dir is None:
+        raise UserError("cfg.data.data_dir is not set; call prepare_data(cfg, run_dir) first")
+    data_dir = Path(cfg.data.data_dir)
+    meta = load_meta(data_dir)
+    if int(meta["vocab_size"]) != cfg.model.vocab_size:
+        raise UserError(f"vocab mismatch: the model has vocab_size={cfg.model.vocab_size} but "
+                        f"{data_dir} was tokenized with {meta['vocab_size']} tokens; set "
+                        f"--model.vocab_size {meta['vocab_size']}")
+    val_bytes_per_token = float(meta["bytes_per_token"]["val"])
+    seq_len = cfg.model.max_seq_len
+    if resume and not (run / ckpt.STATE_FILE).is_file():
+        raise FileNotFoundError(f"cannot resume: {run / ckpt.STATE_FILE} does not exist; "
+                                "start the run without --resume")
+
+    # --- threads, reproducibility and precision
+    if tc.cpu_threads > 0:
+        torch.set_num_threads(tc.cpu_threads)
+    torch.manual_seed(tc.seed)
+    prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    compute_dtype = resolve_dtype(tc.dtype, device)
+    if compute_dtype != torch.float32 and device.type == "cpu" and compute_dtype == torch.float16:
+        raise UserError("train.dtype='float16' is not supported on CPU; use float32 or bfloat16")
+    scaler = (torch.amp.GradScaler(device.type)
+              if compute_dtype == torch.float16 and device.type == "cuda" else None)
+
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast_context(device, compute_dtype)
+
+    # --- model, optimizer, data
+    raw_model = MicroTransformer.from_config(cfg.model).to(device)
+    raw_model.validate_inputs = False  # ids come from our own tokenizer: checked by vocab match
+    num_params = count_parameters(raw_model)
+    optimizer = build_optimizer(raw_model, tc, device)
+    train_loader = BatchLoader(data_dir, "train", tc.batch_size, seq_len, seed=tc.seed,
+                               rank=ctx.rank, world_size=ctx.world_size, device=device)
+    # Fail early (before any training) when val is shorter than one window.
+    BatchLoader(data_dir, "val", tc.batch_size, seq_len, device="cpu")
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * seq_len * ctx.world_size
+
+    step, tokens_seen, best_val, bad_steps = 0, 0, math.inf, 0
+    if resume:
+        state = ckpt.load_training_state(run / ckpt.STATE_FILE)
+        ckpt.load_weights_into(raw_model, run / ckpt.LAST_WEIGHTS)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        train_loader.load_state_dict(state["loader"][ctx.rank] if isinstance(
+            state["loader"], list) else state["loader"])
+        ckpt.restore_rng_state(state["rng"])
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        best_val = float(state["best_val_loss"])
+        bad_steps = int(state.get("bad_steps", 0))
+    model = wrap_model(raw_model, ctx)
+    if tc.compile:
+        model = _try_compile(model, tc.batch_size, seq_len, device, amp)
+
+    # --- run directory (main rank only)
+    logger = None
+    if ctx.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.save_json(run / ckpt.CONFIG_FILE)
+        tok_src = data_dir / "tokenizer.json"
+        if tok_src.is_file() and tok_src.resolve() != (run / ckpt.TOKENIZER_FILE).resolve():
+            shutil.copyfile(tok_src, run / ckpt.TOKENIZER_FILE)
+        logger = MetricsLogger(run / ckpt.METRICS_FILE)
+
+    def save_checkpoint(best: bool = False) -> None:
+        """Latest weights + full training state (and best weights when `best`)."""
+        if not ctx.is_main:
+            return
+        ckpt.save_weights(raw_model, run / ckpt.LAST_WEIGHTS, step=step)
+        if best:
+            ckpt.save_weights(raw_model, run / ckpt.BEST_WEIGHTS, step=step,
+                              extra={"val_loss": repr(best_val)})
+        ckpt.save_training_state(run / ckpt.STATE_FILE, {
+            "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+            "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "loader": train_loader.state_dict(), "rng": ckpt.capture_rng_state(),
+            "max_steps": tc.max_steps,
+        })
+
+    def run_eval() -> tuple[float, float]:
+        batches = iter_eval_batches(data_dir, "val", tc.batch_size, seq_len, tc.eval_steps,
+                                    rank=ctx.rank, world_size=ctx.world_size, device=device)
+        loss = evaluate(model, batches, ctx, amp)
+        return loss, bits_per_byte(loss, val_bytes_per_token)
+
+    # --- the loop
+    stop = StopRequest()
+    stop.install()
+    bar = _progress_bar(step, tc.max_steps, enabled=progress and ctx.is_main)
+    raw_model.train()
+    start_time = time.perf_counter()
+    start_tokens = tokens_seen
+    last_val: tuple[float, float] | None = None
+    last_eval_step = -1
+    last_loss: float | None = None
+    best_bpb: float | None = None
+    window_time, window_tokens = time.perf_counter(), 0
+    eval_total_s = 0.0
+    stop_reason = "completed"
+    try:
+        while step < tc.max_steps:
+            if step % tc.eval_interval == 0:
+                eval_start = time.perf_counter()
+                val_loss, val_bpb = run_eval()
+                last_val, last_eval_step = (val_loss, val_bpb), step
+                improved = val_loss < best_val
+                if improved:
+                    best_val, best_bpb = val_loss, val_bpb
+                    save_checkpoint(best=True)
+                _log(logger, bar, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                   "val_ppl": math.exp(min(val_loss, 50.0)),
+                                   "tokens_seen": tokens_seen,
+                                   "elapsed_s": time.perf_counter() - start_time})
+                eval_s = time.perf_counter() - eval_start
+                eval_total_s += eval_s
+                window_time += eval_s  # throughput counts training time only
+
+            lr = get_lr(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            outcome = train_step(model, raw_model, optimizer, train_loader.next_batch, tc, ctx,
+                                 amp, scaler)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            if outcome.skipped:
+                bad_steps += 1
+                if ctx.is_main:
+                    warnings.warn(f"step {step}: non-finite loss ({outcome.loss}) or gradient "
+                                  f"norm ({outcome.grad_norm}); update skipped "
+                                  f"({bad_steps}/{tc.max_bad_steps} in a row)", stacklevel=1)
+                if bad_steps >= tc.max_bad_steps:
+                    raise TrainingError(
+                        f"stopping: {bad_steps} consecutive steps had a non-finite loss or "
+                        f"gradient (train.max_bad_steps={tc.max_bad_steps}); the last good "
+                        f"checkpoint is kept in {run}; lower --train.lr or check the data"
+                    )
+            else:
+                bad_steps = 0
+                last_loss = outcome.loss
+
+            if bar is not None:
+                bar.update(1)
+            if step % tc.log_interval == 0 or step == tc.max_steps:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_time, 1e-9)
+                window_time, window_tokens = now, 0
+                _log(logger, bar, {"step": step, "loss": outcome.loss, "lr": lr,
+                                   "grad_norm": outcome.grad_norm, "tokens_seen": tokens_seen,
+                                   "tokens_per_s": tps,
+                                   "elapsed_s": now - start_time})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{outcome.loss:.3f}", tok_s=f"{tps:,.0f}")
+            if step % tc.checkpoint_interval == 0 and step < tc.max_steps:
+                save_checkpoint()
+
+            over_time = (tc.max_time_minutes is not None
+                         and time.perf_counter() - start_time > tc.max_time_minutes * 60)
+            if any_rank(over_time, ctx) and step < tc.max_steps:
+                stop_reason = "time budget"
+                break
+            if any_rank(stop.requested, ctx):
+                stop_reason = "interrupted"
+                break
+            if stop_at is not None and step >= stop_at:
+                stop_reason = "stop_at"
+                break
+    except BaseException:
+        if logger is not None:
+            logger.close()
+        raise
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(prev_deterministic)
+
+    elapsed = time.perf_counter() - start_time
+    # --- final evaluation (skipped on interrupt, to exit quickly) and checkpoint
+    if stop_reason in ("completed", "time budget") and last_eval_step != step:
+        val_loss, val_bpb = run_eval()
+        last_val = (val_loss, val_bpb)
+        improved = val_loss < best_val
+        if improved:
+            best_val, best_bpb = val_loss, val_bpb
+        save_checkpoint(best=improved)
+        _log(logger, None, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                            "val_ppl": math.exp(min(val_loss, 50.0)),
+                            "tokens_seen": tokens_seen, "elapsed_s": elapsed})
+    else:
+        save_checkpoint()
+    if logger is not None:
+        logger.close()
+        try:
+            plot_loss_curve(run / ckpt.METRICS_FILE, run / ckpt.LOSS_PLOT)
+        except Exception as exc:  # a plot must never fail a finished run
+            warnings.warn(f"could not write {run / ckpt.LOSS_PLOT}: {exc}", stacklevel=1)
+    if best_bpb is None and math.isfinite(best_val):
+        best_bpb = bits_per_byte(best_val, val_bytes_per_token)
+    return TrainResult(
+        run_dir=run, step=step, max_steps=tc.max_steps, tokens_seen=tokens_seen,
+        best_val_loss=best_val if math.isfinite(best_val) else None, best_val_bpb=best_bpb,
+        final_val_loss=last_val[0] if last_val else None,
+        final_val_bpb=last_val[1] if last_val else None, final_train_loss=last_loss,
+        tokens_per_s=(tokens_seen - start_tokens) / max(elapsed - eval_total_s, 1e-9),
+        elapsed_s=elapsed,
+        num_params=num_params, stop_reason=stop_reason,
+    )
+
+
+# ============================================================================ helpers
+def _try_compile(model: nn.Module, batch_size: int, seq_len: int, device: torch.device,
+                 amp: Callable[[], Any]) -> nn.Module:
+    """torch.compile the model and test it once on a dummy batch (forward + backward, RNG
+    untouched); fall back to the eager model with a warning if anything fails."""
+    try:
+        compiled = torch.compile(model)
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)  # (B, T)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            with amp():
+                logits = compiled(ids, torch.ones_like(ids))  # (B, T, V)
+            lm_loss(logits.float(), ids).backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as exc:
+        model.zero_grad(set_to_none=True)
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly",
+                      stacklevel=1)
+        return model
+
+
+def _progress_bar(start: int, total: int, *, enabled: bool) -> Any:
+    """A tqdm bar (loss, tokens/s, ETA) on a TTY; None otherwise (plain log lines instead)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=True)
+
+
+def _log(logger: MetricsLogger | None, bar: Any, event: dict[str, Any]) -> None:
+    """Write an event to metrics.jsonl and show it (as a line when there is no bar)."""
+    if logger is None:
+        return
+    logger.log(event)
+    if "val_loss" in event:
+        line = (f"step {event['step']}: val loss {event['val_loss']:.4f}, "
+                f"val bpb {event['val_bpb']:.4f}")
+    else:
+        line = (f"step {event['step']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
+                f"{event['tokens_per_s']:,.0f} tok/s")
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
