@@ -133,7 +133,7 @@ def test_unwraps_compiled_or_ddp_style_wrappers(tmp_path: Path) -> None:
 def test_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         hub.from_pretrained(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         hub.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
     with pytest.raises(UserError, match="microtransformer import"):
@@ -152,7 +152,7 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
     with pytest.raises(UserError, match="shape"):
         hub.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="best.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"best\.safetensors"):
         hub.from_pretrained(tmp_path, which="best")
     with pytest.raises(UserError, match="which"):
         hub.from_pretrained(tmp_path, which="first")

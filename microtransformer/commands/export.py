@@ -1,0 +1,74 @@
+"""`microtransformer export RUN_DIR --format hf|onnx --out PATH`: share a trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+# Kept literal (not imported from microtransformer.export) so `--help` does not import torch;
+# tests/microtransformer/test_export.py checks they match the export module.
+FORMATS = ("hf", "onnx")
+DEFAULT_OPSET = 17
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add the `export` subcommand to the CLI."""
+    p = sub.add_parser(
+        name, help=help_text, description=help_text,
+        epilog="hf: a GPT-2 directory for transformers.AutoModelForCausalLM / AutoTokenizer "
+        "(no custom code). onnx: the full-sequence forward, dynamic batch and sequence axes. "
+        "See docs/INTEROP.md.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a training run directory (or a save_pretrained / import directory)")
+    p.add_argument("--format", required=True, dest="fmt", metavar="FORMAT",
+                   help=f"output format: {', '.join(FORMATS)}")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="output directory (hf) or .onnx file (onnx)")
+    p.add_argument("--best", action="store_true",
+                   help="export best.safetensors (lowest validation loss) instead of the latest")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset version (onnx only; default {DEFAULT_OPSET}, minimum 14)")
+    p.add_argument("--no-attention-mask", action="store_true",
+                   help="onnx only: export input_ids as the only input (no padding support)")
+    p.add_argument("--dynamo", action="store_true",
+                   help="onnx only: use the torch.export-based exporter instead of the "
+                   "TorchScript one (needs onnxscript)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export the run and print where it went."""
+    from microtransformer.errors import UserError
+
+    fmt = args.fmt.lower()
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {args.fmt!r}: use one of {', '.join(FORMATS)}")
+    onnx_only = [flag for flag, on in (("--opset", args.opset is not None),
+                                       ("--no-attention-mask", args.no_attention_mask),
+                                       ("--dynamo", args.dynamo)) if on]
+    if fmt != "onnx" and onnx_only:
+        raise UserError(f"{', '.join(onnx_only)} only applies to --format onnx; drop it for "
+                        f"--format {fmt}")
+
+    from microtransformer import export
+
+    model, tokenizer = export.load_for_export(args.run_dir, best=args.best)
+    which = "best" if args.best else "latest"
+    if fmt == "hf":
+        if tokenizer is None:
+            raise UserError(f"{args.run_dir} has no tokenizer.json; a Hugging Face export "
+                            "needs one (copy the data directory's tokenizer.json into the run)")
+        out = export.export_hf(model, args.out, tokenizer, force=args.force)
+        print(f"wrote Hugging Face GPT-2 directory {out} ({which} weights); load it with "
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    else:
+        out = export.export_onnx(
+            model, args.out, opset=DEFAULT_OPSET if args.opset is None else args.opset,
+            with_attention_mask=not args.no_attention_mask, force=args.force,
+            dynamo=args.dynamo,
+        )
+        inputs = "input_ids" + ("" if args.no_attention_mask else ", attention_mask")
+        print(f"wrote ONNX model {out} ({which} weights; inputs {inputs}; output logits; "
+              f"sequence length <= {model.config.max_seq_len})")
+    return 0

@@ -1,0 +1,37 @@
+"""`microtransformer import HF_DIR --out RUN_DIR`: a GPT-2 Hugging Face directory as a run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add the `import` subcommand to the CLI."""
+    p = sub.add_parser(
+        name, help=help_text, description=help_text,
+        epilog="The source must be expressible by MicroTransformer: exact 'gelu', LayerNorm eps "
+        "1e-5, and lm_head equal to wte / sqrt(n_embd) (what `export --format hf` writes). "
+        "See docs/INTEROP.md.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR",
+                   help="directory with config.json (model_type gpt2), model.safetensors and "
+                   "tokenizer.json")
+    p.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run directory to write (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--force", action="store_true", help="overwrite files in an existing RUN_DIR")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="import the weights even if HF_DIR has no tokenizer.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and print a one-line summary."""
+    from microtransformer.export import import_hf_to_run
+    from microtransformer.hub import read_model_config
+
+    out = import_hf_to_run(args.hf_dir, args.out, force=args.force,
+                           require_tokenizer=not args.no_tokenizer)
+    cfg = read_model_config(out)
+    print(f"wrote run directory {out}: {cfg.num_layers} layers, embed_dim {cfg.embed_dim}, "
+          f"{cfg.num_heads} heads, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
+    return 0

@@ -1,0 +1,478 @@
+"""Hugging Face (GPT-2) and ONNX export, and import of GPT-2 directories.
+
+MicroTransformer is GPT-2's architecture up to two details, which the conversion handles:
+
+1. The token embedding is multiplied by sqrt(embed_dim) on the way in. GPT-2 has no such scale,
+   so the exported `wte` holds the scaled table.
+2. The prediction head is tied to the *unscaled* table. The exported model is therefore untied
+   (`tie_word_embeddings=False`) and its `lm_head` holds the original table.
+
+Everything else maps one to one: pre-LN blocks, exact (erf) GELU (`activation_function="gelu"`),
+LayerNorm eps 1e-5, fused QKV laid out as [q | k | v] with heads contiguous (GPT-2's `c_attn`).
+GPT-2 stores its projections as `Conv1D` weights of shape (in, out): transposed `nn.Linear` ones.
+
+Writing a Hugging Face directory needs no `transformers`; only loading it does. ONNX export
+needs the `onnx` package (and `onnxscript` for the dynamo exporter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from microtransformer.checkpoint import load_weights
+from microtransformer.errors import UserError
+from microtransformer.hub import (
+    TOKENIZER_NAME,
+    WEIGHTS_NAME,
+    atomic_save_safetensors,
+    atomic_write_json,
+    save_pretrained,
+    unwrap_model,
+)
+from model import MicroTransformer, ModelConfig
+
+FORMATS = ("hf", "onnx")
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
+LAYER_NORM_EPS = 1e-5
+# How far the exported `wte` may be from lm_head * sqrt(d) (relative to the table's scale).
+_TIE_RTOL = 1e-5
+
+
+# ============================================================================ output paths
+def prepare_output(path: str | os.PathLike, *, force: bool, kind: str) -> Path:
+    """Check an export destination. `kind` is "dir" or "file".
+
+    An existing destination is an error unless `force`, in which case it is removed (a file) or
+    its files are overwritten (a directory). Raises UserError naming the path and the fix.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        is_dir = path.is_dir()
+        nonempty = is_dir and any(path.iterdir())
+        if ((kind == "dir" and nonempty) or kind == "file") and not force:
+            raise UserError(
+                f"output {path} already exists; pass --force to overwrite it or choose "
+                "another --out"
+            )
+        if kind == "file" and is_dir:
+            raise UserError(f"output {path} is a directory; --out must be a file path for "
+                            "this format, e.g. model.onnx")
+        if kind == "dir" and not is_dir:
+            raise UserError(f"output {path} is a file; --out must be a directory for this "
+                            "format")
+        if kind == "file":
+            path.unlink()
+    if kind == "dir":
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ============================================================================ Hugging Face
+def hf_config(config: ModelConfig, *, eos_token_id: int | None = None,
+              pad_token_id: int | None = None) -> dict[str, Any]:
+    """The `config.json` of the GPT-2 model equivalent to `config`."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.max_seq_len,
+        "n_embd": config.embed_dim,
+        "n_layer": config.num_layers,
+        "n_head": config.num_heads,
+        "n_inner": config.ff_dim,
+        "activation_function": "gelu",  # exact erf GELU ("gelu_new" is the tanh approximation)
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": False,  # lm_head = unscaled table, wte = scaled table
+        "use_cache": True,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": "float32",
+    }
+
+
+def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel weights equivalent to `model` (float32, CPU)."""
+    m = unwrap_model(model)
+    scale = math.sqrt(m.config.embed_dim)
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32)
+
+    emb = f32(m.token_embedding.embedding.weight)  # (V, C), unscaled
+    sd: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": emb * scale,  # the input scale folded into the table
+        "transformer.wpe.weight": f32(m.position_embedding.embedding.weight),  # (T_max, C)
+        "transformer.ln_f.weight": f32(m.ln_f.weight),
+        "transformer.ln_f.bias": f32(m.ln_f.bias),
+        "lm_head.weight": emb.clone(),  # the tied head: the unscaled table
+    }
+    for i, block in enumerate(m.blocks):
+        p = f"transformer.h.{i}."
+        linears = {
+            "attn.c_attn": block.attn.qkv,  # (3C, C) Linear -> (C, 3C) Conv1D
+            "attn.c_proj": block.attn.proj,
+            "mlp.c_fc": block.ff.fc,
+            "mlp.c_proj": block.ff.proj,
+        }
+        for name, lin in linears.items():
+            sd[p + name + ".weight"] = f32(lin.weight).t().contiguous()
+            sd[p + name + ".bias"] = f32(lin.bias)
+        for name, ln in (("ln_1", block.ln1), ("ln_2", block.ln2)):
+            sd[p + name + ".weight"] = f32(ln.weight)
+            sd[p + name + ".bias"] = f32(ln.bias)
+    return sd
+
+
+def hf_tokenizer_files(tokenizer: Any, max_seq_len: int) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json and special_tokens_map.json for a microtransformer Tokenizer, so
+    `AutoTokenizer` builds a `PreTrainedTokenizerFast` from its tokenizer.json as is."""
+    from microtransformer.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_CHAR
+
+    backend = tokenizer.backend
+    special: dict[str, Any] = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
+    if backend.token_to_id(PAD_TOKEN) is not None:
+        special["pad_token"] = PAD_TOKEN
+    else:
+        special["pad_token"] = EOS_TOKEN  # a foreign tokenizer: pad with EOS, the mask tells
+    if tokenizer.kind == "char":
+        special["unk_token"] = UNK_CHAR
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": max_seq_len,
+        "padding_side": "left",  # batched generation with a decoder-only model pads left
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
+              force: bool = False) -> Path:
+    """Write a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files).
+
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` then gives a GPT2LMHeadModel
+    with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
+    """
+    m = unwrap_model(model)
+    out = prepare_output(out_dir, force=force, kind="dir")
+    eos = pad = None
+    if tokenizer is not None:
+        if tokenizer.vocab_size > m.config.vocab_size:
+            raise UserError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model only "
+                f"{m.config.vocab_size}; export the tokenizer the model was trained with"
+            )
+        eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    atomic_save_safetensors(out / WEIGHTS_NAME, to_hf_state_dict(m), {"format": "pt"})
+    gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True}
+    atomic_write_json(out / "generation_config.json", {k: v for k, v in gen.items()
+                                                       if v is not None})
+    if tokenizer is not None:
+        tokenizer.save(out / TOKENIZER_NAME)
+        for name, data in hf_tokenizer_files(tokenizer, m.config.max_seq_len).items():
+            atomic_write_json(out / name, data)
+    atomic_write_json(out / "config.json", hf_config(m.config, eos_token_id=eos,
+                                                     pad_token_id=pad))
+    return out
+
+
+# ---------------------------------------------------------------------------- import
+def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    """The ModelConfig equivalent to a GPT-2 `config.json`, or UserError listing every option
+    MicroTransformer cannot express (and what to change)."""
+    problems: list[str] = []
+    model_type = cfg.get("model_type")
+    if model_type != "gpt2":
+        raise UserError(
+            f"{source}: model_type={model_type!r} is not supported; only GPT-2 architecture "
+            "directories (model_type 'gpt2') can be imported"
+        )
+    act = cfg.get("activation_function", "gelu_new")
+    if act != "gelu":
+        why = " (the tanh approximation)" if act in ("gelu_new", "gelu_pytorch_tanh",
+                                                     "gelu_fast") else ""
+        problems.append(
+            f"activation_function={act!r}{why}: MicroTransformer uses exact erf GELU only "
+            "('gelu'); the logits would differ"
+        )
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if not math.isclose(float(eps), LAYER_NORM_EPS, rel_tol=1e-9):
+        problems.append(f"layer_norm_epsilon={eps}: MicroTransformer's LayerNorm uses 1e-05")
+    if not cfg.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights=false: attention is always scaled by "
+                        "1/sqrt(head_dim)")
+    for flag, why in (
+        ("scale_attn_by_inverse_layer_idx", "extra 1/(layer+1) attention scale"),
+        ("reorder_and_upcast_attn", "upcast attention (set it to false if float32 numerics "
+                                    "are what you want)"),
+        ("add_cross_attention", "cross-attention layers"),
+    ):
+        if cfg.get(flag, False):
+            problems.append(f"{flag}=true: no {why} in MicroTransformer")
+    n_embd, n_head = cfg.get("n_embd", 768), cfg.get("n_head", 12)
+    n_inner = cfg.get("n_inner")
+    pdrops = {k: float(cfg.get(k, 0.1)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if problems:
+        raise UserError(f"cannot import {source}: " + "; ".join(problems))
+    if len(set(pdrops.values())) > 1:
+        warnings.warn(
+            f"{source}: dropouts differ ({pdrops}); MicroTransformer has one dropout, using "
+            f"resid_pdrop={pdrops['resid_pdrop']} (dropout only matters for further training)",
+            stacklevel=2,
+        )
+    try:
+        return ModelConfig(
+            vocab_size=cfg.get("vocab_size", 50257),
+            max_seq_len=cfg.get("n_positions", 1024),
+            embed_dim=n_embd,
+            num_heads=n_head,
+            num_layers=cfg.get("n_layer", 12),
+            ff_dim=4 * n_embd if n_inner is None else n_inner,  # GPT-2: None means 4 * n_embd
+            dropout=pdrops["resid_pdrop"],
+            init="gpt2",
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot import {source}: {exc}") from exc
+
+
+def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
+                       tie_word_embeddings: bool = False, *,
+                       source: str = WEIGHTS_NAME) -> MicroTransformer:
+    """Build a MicroTransformer from GPT-2 weights (with or without the `transformer.` prefix).
+
+    Our head is tied to the unscaled table and our input multiplies it by sqrt(d), so GPT-2's
+    `lm_head` must equal `wte / sqrt(d)`; the table is taken from `lm_head` (exact round trip of
+    an export) and checked against `wte`. A tied GPT-2 (lm_head == wte) cannot be expressed.
+    """
+    sd = {(k[len("transformer."):] if k.startswith("transformer.") else k): v
+          for k, v in tensors.items()}
+    # Old GPT-2 files carry the causal-mask buffers; they are not weights.
+    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
+          or v.dim() == 1}
+    C, L = config.embed_dim, config.num_layers
+
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in sd:
+            raise UserError(f"{source}: missing weight {name!r}; is this a GPT-2 checkpoint "
+                            f"with {L} layers?")
+        t = sd.pop(name)
+        if tuple(t.shape) != shape:
+            raise UserError(f"{source}: weight {name!r} has shape {tuple(t.shape)}, the config "
+                            f"gives {shape}")
+        return t.to(torch.float32)
+
+    V, T = config.vocab_size, config.max_seq_len
+    wte = take("wte.weight", (V, C))
+    head_key = "lm_head.weight"
+    if head_key in sd:
+        head = take(head_key, (V, C))
+    elif tie_word_embeddings:
+        head = wte
+    else:
+        raise UserError(f"{source}: no lm_head.weight and tie_word_embeddings is false")
+    scale = math.sqrt(C)
+    # our token embedding = the head; wte must then be head * sqrt(d)
+    tol = _TIE_RTOL * max(1.0, float(wte.abs().max()))
+    diff = float((head * scale - wte).abs().max())
+    if diff > tol:
+        tied = " (the model ties lm_head to wte)" if head is wte or torch.equal(head, wte) else ""
+        raise UserError(
+            f"{source}: lm_head.weight is not wte / sqrt(n_embd) (max abs difference "
+            f"{diff:.3g}){tied}; MicroTransformer's head is tied to its unscaled input table "
+            "and cannot express an independent or GPT-2-style tied head"
+        )
+    model = MicroTransformer.from_config(config)
+    with torch.no_grad():
+        model.token_embedding.embedding.weight.copy_(head)
+        model.position_embedding.embedding.weight.copy_(take("wpe.weight", (T, C)))
+        model.ln_f.weight.copy_(take("ln_f.weight", (C,)))
+        model.ln_f.bias.copy_(take("ln_f.bias", (C,)))
+        for i, block in enumerate(model.blocks):
+            p = f"h.{i}."
+            for name, lin in (("attn.c_attn", block.attn.qkv), ("attn.c_proj", block.attn.proj),
+                              ("mlp.c_fc", block.ff.fc), ("mlp.c_proj", block.ff.proj)):
+                out_f, in_f = lin.weight.shape
+                lin.weight.copy_(take(p + name + ".weight", (in_f, out_f)).t())
+                lin.bias.copy_(take(p + name + ".bias", (out_f,)))
+            for name, ln in (("ln_1", block.ln1), ("ln_2", block.ln2)):
+                ln.weight.copy_(take(p + name + ".weight", (C,)))
+                ln.bias.copy_(take(p + name + ".bias", (C,)))
+    if sd:
+        raise UserError(f"{source}: unexpected weights {sorted(sd)[:5]}; the config has "
+                        f"n_layer={L} (is n_layer right?)")
+    return model.eval()
+
+
+def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
+              ) -> tuple[MicroTransformer, Any]:
+    """Load a GPT-2-architecture Hugging Face directory as (MicroTransformer, Tokenizer | None).
+
+    Reads config.json and model.safetensors (pickle-based pytorch_model.bin is refused), and,
+    with `with_tokenizer`, tokenizer.json when present (it needs an `<|endoftext|>` token).
+    """
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: pass a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    config = model_config_from_hf(cfg, source=str(cfg_path))
+    weights = hf_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        if (hf_dir / "model.safetensors.index.json").is_file():
+            raise UserError(f"{hf_dir} holds sharded weights; re-save the model unsharded "
+                            "(save_pretrained(..., max_shard_size='10GB'))")
+        if (hf_dir / "pytorch_model.bin").is_file():
+            raise UserError(f"{hf_dir} has only pytorch_model.bin (pickle, not loaded for "
+                            "safety); re-save it with safe_serialization=True")
+        raise FileNotFoundError(f"{weights} not found")
+    tensors, _ = load_weights(weights)  # safetensors only, never pickle
+    model = from_hf_state_dict(config, tensors, bool(cfg.get("tie_word_embeddings", True)),
+                               source=str(weights))
+    tokenizer = None
+    tok_path = hf_dir / TOKENIZER_NAME
+    if with_tokenizer and tok_path.is_file():
+        from microtransformer.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tok_path)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise UserError(f"{tok_path} has {tokenizer.vocab_size} ids but the model only "
+                            f"{config.vocab_size}")
+    return model, tokenizer
+
+
+def import_hf_to_run(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     force: bool = False, require_tokenizer: bool = True) -> Path:
+    """Convert a GPT-2 Hugging Face directory into a run directory (config.json,
+    model.safetensors, tokenizer.json) that `generate`, `eval` and `from_pretrained` read.
+    With `require_tokenizer=False` the tokenizer is skipped (weights only)."""
+    model, tokenizer = import_hf(hf_dir, with_tokenizer=require_tokenizer)
+    if tokenizer is None and require_tokenizer:
+        raise UserError(f"{Path(hf_dir) / TOKENIZER_NAME} not found; a run directory needs a "
+                        "tokenizer (pass --no-tokenizer to import the weights only)")
+    out = prepare_output(out_dir, force=force, kind="dir")
+    return save_pretrained(model, out, tokenizer, metadata={"imported_from": str(hf_dir)})
+
+
+# ============================================================================ ONNX
+class OnnxForward(nn.Module):
+    """The full-sequence forward as a trace-friendly module: no data-dependent Python branches.
+
+    With `attention_mask` (B, T) (1 = token, 0 = padding), positions count real tokens only and
+    padding keys are masked, exactly as `MicroTransformer.forward` does; without it, plain causal
+    attention over positions 0..T-1. Input checks (id range, lengths) are the caller's job.
+    """
+
+    def __init__(self, model: nn.Module, with_attention_mask: bool = True) -> None:
+        super().__init__()
+        self.model = unwrap_model(model)
+        self.with_attention_mask = with_attention_mask
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.model
+        T = input_ids.shape[1]
+        mask4d = None
+        if self.with_attention_mask and attention_mask is not None:
+            real = attention_mask.to(torch.bool)  # (B, T)
+            positions = (real.to(torch.long).cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            idx = torch.arange(T, device=input_ids.device)
+            causal = idx[None, :] <= idx[:, None]  # (T, T)
+            eye = idx[None, :] == idx[:, None]  # (T, T): a padding row still sees itself
+            mask4d = (causal[None, None] & real[:, None, None, :]) | eye  # (B, 1, T, T)
+        else:
+            positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
+        x = m.token_embedding(input_ids) + m.position_embedding(positions)  # (B, T, C)
+        for block in m.blocks:
+            x = block(x, mask4d)
+        return m.lm_head(m.ln_f(x))  # (B, T, V)
+
+
+def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                with_attention_mask: bool = True, force: bool = False,
+                dynamo: bool = False) -> Path:
+    """Export the full-sequence forward to ONNX: inputs `input_ids` (int64, (batch, seq)) and,
+    by default, `attention_mask` (int64, same shape); output `logits` (float32,
+    (batch, seq, vocab)). Batch and sequence axes are dynamic (seq <= max_seq_len).
+
+    Uses the TorchScript-based exporter (`dynamo=False`) by default; `dynamo=True` uses the
+    torch.export-based one (needs onnxscript).
+    """
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise UserError(f"--opset {opset} is too old: attention needs opset >= {MIN_OPSET}; "
+                        f"use the default {DEFAULT_OPSET}")
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError as exc:
+        raise UserError("ONNX export needs the onnx package: pip install onnx") from exc
+    m = unwrap_model(model)
+    out = prepare_output(out_path, force=force, kind="file")
+    wrapper = OnnxForward(m, with_attention_mask).eval()
+    T = min(8, m.config.max_seq_len)
+    ids = torch.randint(0, m.config.vocab_size, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, : T // 2] = 0  # trace the padded path (no branch depends on it, but be explicit)
+    args: tuple[torch.Tensor, ...] = (ids, mask) if with_attention_mask else (ids,)
+    names = ["input_ids", "attention_mask"] if with_attention_mask else ["input_ids"]
+    tmp = out.with_name(f".{out.name}.tmp")
+    was_training = m.training
+    m.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter deprecation/tracer chatter
+            if dynamo:
+                batch, seq = torch.export.Dim("batch"), torch.export.Dim(
+                    "sequence", max=m.config.max_seq_len)
+                shapes = {n: {0: batch, 1: seq} for n in names}
+                torch.onnx.export(wrapper, args, str(tmp), input_names=names,
+                                  output_names=["logits"], opset_version=opset, dynamo=True,
+                                  dynamic_shapes=shapes, external_data=False)
+            else:
+                axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "logits"]}
+                torch.onnx.export(wrapper, args, str(tmp), input_names=names,
+                                  output_names=["logits"], opset_version=opset, dynamo=False,
+                                  dynamic_axes=axes, do_constant_folding=True)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        m.train(was_training)
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+# ============================================================================ run directories
+def load_for_export(run_dir: str | os.PathLike, *, best: bool = False) -> tuple[MicroTransformer,
+                                                                                  Any]:
+    """(model, tokenizer or None) from a run directory or a save_pretrained directory."""
+    from microtransformer.hub import from_pretrained, load_tokenizer
+
+    run_dir = Path(run_dir)
+    model = from_pretrained(run_dir, which="best" if best else "last")
+    tokenizer = load_tokenizer(run_dir) if (run_dir / TOKENIZER_NAME).is_file() else None
+    return model, tokenizer
