@@ -350,7 +350,8 @@ def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: 
                             f"tokenizer of {data_dir} has {vocab} tokens; drop the override or "
                             f"set it to {vocab}")
         model_cfg = replace(model_cfg, vocab_size=vocab)
-    return cfg.replace(model=model_cfg, data=replace(cfg.data, data_dir=str(data_dir)))
+    data_dir = str(Path(data_dir).resolve())  # absolute: resume works from any directory
+    return cfg.replace(model=model_cfg, data=replace(cfg.data, data_dir=data_dir))
 
 
 # ============================================================================ the loop

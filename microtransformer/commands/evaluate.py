@@ -1,0 +1,154 @@
+"""`microtransformer eval`: loss, perplexity and bits per byte of a run on any text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from microtransformer.errors import UserError
+from model.transformer import lm_loss
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add the `eval` subcommand."""
+    p = subparsers.add_parser(
+        name, help=help_text,
+        description=help_text + ". Windows of max_seq_len tokens overlapping by one token cover "
+        "the whole text, so every token after the first is predicted exactly once; bits per byte "
+        "= total nats / ln 2 / UTF-8 bytes of the text.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="text file(s), or a prepared data directory (its val.bin is used)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="evaluate at most this many tokens (from the start)")
+    p.add_argument("--best", action="store_true", help="use best.safetensors")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def window_starts(n_tokens: int, window: int) -> list[int]:
+    """Start offsets of windows of `window` tokens that overlap by one token and cover
+    `n_tokens` (the last window may be shorter); each token after the first is a target once."""
+    if n_tokens < 2:
+        return []
+    stride = window - 1
+    return list(range(0, n_tokens - 1, stride))
+
+
+@torch.no_grad()
+def score_tokens(model: nn.Module, tokens: np.ndarray, batch_size: int,
+                 device: torch.device) -> tuple[float, int]:
+    """Sum of next-token losses (nats) over `tokens` and the number of predictions."""
+    window = model.max_seq_len
+    starts = window_starts(len(tokens), window)
+    total, count = 0.0, 0
+    # Full windows are batched; the final (shorter) window runs alone.
+    full = [s for s in starts if s + window <= len(tokens)]
+    rest = [s for s in starts if s + window > len(tokens)]
+    for i in range(0, len(full), batch_size):
+        chunk = full[i:i + batch_size]
+        ids = torch.from_numpy(np.stack([tokens[s:s + window] for s in chunk]).astype(np.int64))
+        ids = ids.to(device)  # (B, T)
+        logits = model(ids)  # (B, T, V)
+        n = ids.numel() - ids.size(0)
+        total += float(lm_loss(logits.float(), ids)) * n
+        count += n
+    for s in rest:
+        ids = torch.from_numpy(tokens[s:].astype(np.int64))[None].to(device)  # (1, T')
+        if ids.size(1) < 2:
+            continue
+        n = ids.size(1) - 1
+        total += float(lm_loss(model(ids).float(), ids)) * n
+        count += n
+    return total, count
+
+
+def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None
+                     ) -> tuple[np.ndarray, float, str]:
+    """Tokens of the text(s) -> (tokens, UTF-8 bytes they cover, description).
+
+    A prepared data dir gives its val.bin, with bytes from meta.json's bytes_per_token.
+    Several text files are joined with the end-of-text token between them.
+    """
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        from microtransformer.data import load_meta, load_tokens
+
+        d = Path(paths[0])
+        meta = load_meta(d)
+        if int(meta["vocab_size"]) != tokenizer.vocab_size:
+            raise UserError(f"vocab mismatch: {d} was tokenized with {meta['vocab_size']} "
+                            f"tokens but the run's tokenizer has {tokenizer.vocab_size}; "
+                            "evaluate on text files or on data prepared with the run's tokenizer")
+        tokens = np.asarray(load_tokens(d, "val"))
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        return tokens, len(tokens) * float(meta["bytes_per_token"]["val"]), f"{d} (val split)"
+    ids: list[int] = []
+    n_bytes = 0
+    for i, p in enumerate(paths):
+        path = Path(p)
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; pass one prepared data dir alone, or "
+                            "text files")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if i and ids:
+            ids.append(tokenizer.eos_token_id)
+        ids.extend(tokenizer.encode(text))
+        n_bytes += len(text.encode("utf-8"))
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None and len(ids) > max_tokens:
+        # Bytes scale with the kept fraction of tokens (exact for char tokenizers).
+        n_bytes = n_bytes * max_tokens / len(ids)
+        ids = ids[:max_tokens]
+    return np.asarray(ids, dtype=np.int64), float(n_bytes), ", ".join(paths)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score the text and print loss, perplexity and bits per byte."""
+    from microtransformer.checkpoint import load_run
+    from microtransformer.training import resolve_device
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens={args.max_tokens} must be >= 2")
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
+                                   device=device)
+    tokens, n_bytes, desc = load_eval_tokens(args.data, tokenizer, args.max_tokens)
+    if len(tokens) < 2:
+        raise UserError(f"{desc} has {len(tokens)} token(s); at least 2 are needed to score "
+                        "a prediction")
+    if int(tokens.max()) >= model.vocab_size:
+        raise UserError(f"token id {int(tokens.max())} is outside the model's vocab "
+                        f"({model.vocab_size}); the data was made with another tokenizer")
+    total, count = score_tokens(model, tokens, args.batch_size, device)
+    loss = total / count
+    result = {
+        "run_dir": os.fspath(args.run_dir), "data": desc, "tokens": len(tokens),
+        "predicted_tokens": count, "bytes": n_bytes, "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'tokens':>10} {'loss':>8} {'ppl':>10} {'bpb':>7}  data")
+        bpb = result["bits_per_byte"]
+        print(f"{count:>10,} {loss:>8.4f} {result['perplexity']:>10.2f} "
+              f"{(f'{bpb:.4f}' if bpb is not None else 'n/a'):>7}  {desc}")
+    return 0
