@@ -1,0 +1,131 @@
+"""CLI: prepare -> train -> generate -> eval -> info through `microtransformer.cli.main`,
+and bad input exiting 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from microtransformer.cli import main
+from microtransformer.data import prepare
+
+TINY = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
+        "--model.num_layers", "2", "--model.ff_dim", "64", "--train.batch_size", "4",
+        "--train.eval_steps", "2", "--train.warmup_steps", "2", "--train.log_interval", "5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(text file, prepared char data dir, run dir trained for 12 steps via the CLI)."""
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "corpus.txt"
+    text.write_text("To be, or not to be: that is the question.\nWhether 'tis nobler.\n" * 30)
+    prepare([str(text)], root / "data", tokenizer="char", vocab_size=64, val_tail=0.1,
+            progress=False)
+    run = root / "run"
+    rc = main(["train", "--data", str(root / "data"), "--out", str(run), "--no-progress",
+               *TINY, "--train.max_steps", "12", "--train.eval_interval", "6"])
+    assert rc == 0
+    return text, root / "data", run
+
+
+def test_train_writes_run(trained, capsys) -> None:
+    _, _, run = trained
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "best.safetensors",
+                 "state.pt", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["max_seq_len"] == 16
+    assert cfg["model"]["vocab_size"] < 64  # taken from the data's tokenizer automatically
+
+
+def test_resume_extends_a_finished_run(trained, capsys) -> None:
+    _, _, run = trained
+    assert main(["train", "--out", str(run), "--resume", "--no-progress",
+                 "--train.max_steps", "14"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "step 14/14" in out
+    assert main(["train", "--out", str(run), "--resume", "--model.num_layers", "3"]) == 2
+    assert "different model" in capsys.readouterr().err
+
+
+def test_generate_streams_and_is_seeded(trained, capsys) -> None:
+    _, _, run = trained
+    args = ["generate", str(run), "--prompt", "To be", "--max-new-tokens", "20", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("To be") and len(first) > len("To be")
+    assert main([*args, "--no-stream"]) == 0
+    assert capsys.readouterr().out == first  # streaming prints the same text
+    assert main(["generate", str(run), "--num-samples", "2", "--max-new-tokens", "5",
+                 "--temperature", "0", "--best"]) == 0
+    out = capsys.readouterr().out
+    assert "--- sample 1 ---" in out and "--- sample 2 ---" in out
+
+
+def test_eval_text_and_data_dir(trained, capsys) -> None:
+    text, data, run = trained
+    assert main(["eval", str(run), "--data", str(text), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    n_chars = len(text.read_text())
+    assert res["tokens"] == n_chars and res["predicted_tokens"] == n_chars - 1
+    assert res["bits_per_byte"] == pytest.approx(
+        res["loss"] * (n_chars - 1) / 0.6931471805599453 / n_chars)
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "(val split)" in out
+
+
+def test_info(trained, capsys) -> None:
+    _, _, run = trained
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] > 0 and "model.safetensors" in info["files"]
+    assert info["training"]["step"] >= 12
+    assert main(["info", str(run)]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--out", "{tmp}/r", "--preset", "nope"], "unknown preset"),
+    (["train", "--out", "{tmp}/r", "--model.bogus", "1"], "unknown key model.bogus"),
+    (["train", "--out", "{tmp}/r", "--train.lr", "fast"], "expected a number"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}/missing"], "does not exist"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.vocab_size", "7"],
+     "vocab mismatch"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.max_seq_len", "4096"],
+     "shorter than one context window"),
+    (["train", "--out", "{tmp}/r", "--resume"], "cannot resume"),
+    (["train", "--out", "{run}", "--data", "{data}"], "already holds a training run"),
+    (["generate", "{tmp}/missing"], "does not exist"),
+    (["generate", "{run}", "--prompt", "x" * 40], "context (max_seq_len) is 16"),
+    (["generate", "{run}", "--top-p", "2"], "top_p"),
+    (["eval", "{run}", "--data", "{tmp}/missing.txt"], "does not exist"),
+    (["info", "{tmp}/missing"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, argv, message) -> None:
+    _, data, run = trained
+    argv = [a.format(tmp=tmp_path, data=data, run=run) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_empty_corpus_is_a_user_error(tmp_path, capsys) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train", "--out", str(tmp_path / "r"), "--data.sources",
+                 str(tmp_path / "empty.txt"), "--data.tokenizer", "char", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,291 @@
+"""Training loop: optimizer groups, LR schedule, overfitting, exact resume, non-finite steps."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from microtransformer import training
+from microtransformer.checkpoint import load_training_state, load_weights
+from microtransformer.config import RunConfig, TrainConfig, load_config
+from microtransformer.data import prepare
+from microtransformer.metrics import read_metrics
+from microtransformer.training import (
+    RuntimeContext,
+    TrainingError,
+    get_lr,
+    param_groups,
+    prepare_data,
+    reduce_mean,
+    train,
+    train_step,
+)
+from model import MicroTransformer
+
+TINY_MODEL = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
+              "--model.num_layers", "2", "--model.ff_dim", "64"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and identically) on one thread on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    """A prepared char-level data dir from a small repetitive corpus."""
+    root = tmp_path_factory.mktemp("chardata")
+    lines = [f"the {w} sat on the mat and the {w} ran to the hill.\n"
+             for w in ("cat", "dog", "fox", "owl", "bee", "elk")]
+    (root / "corpus.txt").write_text("".join(lines) * 40)
+    prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", vocab_size=64,
+            val_tail=0.1, progress=False)
+    return root / "data"
+
+
+def tiny_cfg(data_dir: Path, *extra: str) -> RunConfig:
+    cfg = load_config(overrides=[*TINY_MODEL, "--data.data_dir", str(data_dir),
+                                 "--train.batch_size", "4", "--train.eval_steps", "2",
+                                 "--train.warmup_steps", "3", "--train.log_interval", "2",
+                                 *extra])
+    return prepare_data(cfg, data_dir.parent)
+
+
+# ---------------------------------------------------------------- optimizer groups
+def test_param_groups_cover_every_param_once_with_no_decay_on_bias_norm_embedding() -> None:
+    model = MicroTransformer(vocab_size=64, max_seq_len=16, embed_dim=32, num_heads=2,
+                             num_layers=2, ff_dim=64)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    decayed = {id(p) for p in decay["params"]}
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") or ".ln" in name or name.startswith("ln_f") \
+                or "embedding" in name:
+            assert id(p) not in decayed, name
+        if name.endswith(("attn.qkv.weight", "attn.proj.weight", "ff.fc.weight",
+                          "ff.proj.weight")):
+            assert id(p) in decayed, name
+    # the tied head is the embedding: not decayed
+    assert id(model.lm_head.weight) not in decayed
+    assert all(p.dim() == 2 for p in decay["params"])
+
+
+# ---------------------------------------------------------------- LR schedule
+def test_lr_schedule_warmup_peak_cosine_min() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert get_lr(0, cfg) == pytest.approx(1e-4)  # 1/10 of the peak
+    warm = [get_lr(s, cfg) for s in range(10)]
+    assert all(a < b for a, b in itertools.pairwise(warm))
+    assert get_lr(9, cfg) == pytest.approx(1e-3)  # peak at the end of warm-up
+    assert get_lr(10, cfg) == pytest.approx(1e-3)
+    assert get_lr(60, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # cosine midpoint
+    decay = [get_lr(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(decay))
+    assert get_lr(110, cfg) == pytest.approx(1e-4)
+    assert get_lr(10_000, cfg) == pytest.approx(1e-4)
+
+
+def test_lr_schedule_without_warmup() -> None:
+    cfg = TrainConfig(lr=2e-3, min_lr=0.0, warmup_steps=0, max_steps=50)
+    assert get_lr(0, cfg) == pytest.approx(2e-3)
+    assert get_lr(50, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- overfitting
+def test_seed_training_snippet_overfits_one_batch() -> None:
+    """The seed's section-2 loop (CrossEntropyLoss on shifted logits) works as written."""
+    torch.manual_seed(0)
+    model = MicroTransformer(vocab_size=64, max_seq_len=16, embed_dim=32, num_heads=2,
+                             num_layers=2, ff_dim=64, dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+    ids = torch.randint(0, 64, (4, 16))
+    dataloader = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    losses = []
+    for _epoch in range(60):
+        for batch in dataloader:
+            input_ids = batch["input_ids"]
+            attention_mask = batch["attention_mask"]
+            labels = batch["labels"]
+            logits = model(input_ids, attention_mask)
+            shift_logits = logits[:, :-1, :].contiguous()
+            shift_labels = labels[:, 1:].contiguous()
+            loss = criterion(shift_logits.view(-1, model.vocab_size), shift_labels.view(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[0] > 3.5  # about ln(64) = 4.16
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_train_step_overfits_one_batch_with_accumulation() -> None:
+    torch.manual_seed(0)
+    model = MicroTransformer(vocab_size=64, max_seq_len=16, embed_dim=32, num_heads=2,
+                             num_layers=2, ff_dim=64, dropout=0.0)
+    cfg = TrainConfig(lr=3e-3, grad_accum_steps=2, batch_size=2, weight_decay=0.0)
+    optimizer = training.build_optimizer(model, cfg, torch.device("cpu"))
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ctx = RuntimeContext()
+    outcomes = [train_step(model, model, optimizer, lambda: batch, cfg, ctx,
+                           lambda: training.autocast_context(ctx.device, torch.float32))
+                for _ in range(60)]
+    assert not any(o.skipped for o in outcomes)
+    assert outcomes[0].loss == pytest.approx(math.log(64), abs=0.6)
+    assert outcomes[-1].loss < 0.3 * outcomes[0].loss
+
+
+def test_train_loop_learns_and_writes_run_dir(char_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(char_data, "--train.max_steps", "40", "--train.eval_interval", "20",
+                   "--train.lr", "3e-3", "--model.dropout", "0")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.step == 40 and result.stop_reason == "completed"
+    assert result.tokens_seen == 40 * 4 * 16
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    vals = [e["val_loss"] for e in events if "val_loss" in e]
+    assert len(vals) == 3  # steps 0, 20, 40
+    assert vals[-1] < vals[0] - 0.6  # learns the repetitive corpus quickly
+    assert result.best_val_loss == pytest.approx(min(vals))
+    # char data: one byte per token, so bpb = loss / ln 2
+    assert result.best_val_bpb == pytest.approx(result.best_val_loss / math.log(2), rel=1e-6)
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "best.safetensors",
+                 "state.pt", "metrics.jsonl", "loss.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert RunConfig.load_json(tmp_path / "run" / "config.json") == cfg
+    logs = [e for e in events if "loss" in e]
+    assert {"step", "loss", "lr", "tokens_seen", "tokens_per_s", "elapsed_s"} <= set(logs[0])
+
+
+# ---------------------------------------------------------------- exact resume
+def test_resume_is_bit_identical_to_uninterrupted_run(char_data: Path, tmp_path: Path) -> None:
+    extra = ("--train.max_steps", "12", "--train.eval_interval", "5", "--train.grad_accum_steps",
+             "2", "--model.dropout", "0.1", "--train.checkpoint_interval", "4")
+    cfg = tiny_cfg(char_data, *extra)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    part = train(cfg, tmp_path / "b", progress=False, stop_at=7)
+    assert part.step == 7 and part.interrupted
+    assert load_training_state(tmp_path / "b" / "state.pt")["step"] == 7
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert resumed.step == straight.step == 12
+    a, _ = load_weights(tmp_path / "a" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = load_training_state(tmp_path / "a" / "state.pt")
+    sb = load_training_state(tmp_path / "b" / "state.pt")
+    assert sa["tokens_seen"] == sb["tokens_seen"]
+    assert sa["best_val_loss"] == sb["best_val_loss"]
+    for k, v in sa["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
+    # a different seed does change the weights (the check above can fail)
+    other = train(tiny_cfg(char_data, *extra, "--train.seed", "7"), tmp_path / "c",
+                  progress=False)
+    assert other.step == 12
+    c, _ = load_weights(tmp_path / "c" / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_without_checkpoint_is_an_error(char_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(char_data, "--train.max_steps", "2")
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+# ---------------------------------------------------------------- non-finite steps
+def test_train_step_skips_non_finite_update() -> None:
+    torch.manual_seed(0)
+    model = MicroTransformer(vocab_size=64, max_seq_len=16, embed_dim=32, num_heads=2,
+                             num_layers=2, ff_dim=64, dropout=0.0)
+    cfg = TrainConfig()
+    optimizer = training.build_optimizer(model, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        model.blocks[0].ff.fc.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    out = train_step(model, model, optimizer, lambda: batch, cfg, RuntimeContext(),
+                     lambda: training.autocast_context(torch.device("cpu"), torch.float32))
+    assert out.skipped and not math.isfinite(out.loss)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) or (torch.isnan(v) == torch.isnan(after[k])).all(), k
+    assert all(p.grad is None for p in model.parameters())
+    assert not optimizer.state  # no step was taken
+
+
+def test_max_bad_steps_stops_and_keeps_last_good_checkpoint(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real_loss = training.lm_loss
+
+    def flaky_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = real_loss(logits, labels)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 6:  # steps 7.. are non-finite
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(training, "lm_loss", flaky_loss)
+    cfg = tiny_cfg(char_data, "--train.max_steps", "30", "--train.eval_interval", "100",
+                   "--train.checkpoint_interval", "5", "--train.max_bad_steps", "3")
+    with pytest.warns(UserWarning, match="non-finite loss"), \
+            pytest.raises(TrainingError, match=r"3 consecutive steps.*last good checkpoint"):
+        train(cfg, tmp_path / "run", progress=False)
+    state = load_training_state(tmp_path / "run" / "state.pt")
+    assert state["step"] == 5  # the checkpoint before the bad steps, untouched
+    tensors, _ = load_weights(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# ---------------------------------------------------------------- signals
+def test_sigint_finishes_step_saves_and_returns(
+    char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_step = training.train_step
+    count = {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(training, "train_step", step_then_signal)
+    cfg = tiny_cfg(char_data, "--train.max_steps", "50", "--train.eval_interval", "100")
+    previous = signal.getsignal(signal.SIGINT)
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.stop_reason == "interrupted" and result.step == 3
+    assert load_training_state(tmp_path / "run" / "state.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is previous  # handler restored
+
+
+# ---------------------------------------------------------------- seams
+def test_reduce_mean_is_identity_in_one_process() -> None:
+    assert reduce_mean(torch.tensor(2.5), RuntimeContext()) == 2.5
+    assert RuntimeContext().is_main and not RuntimeContext().distributed
+
+
+def test_vocab_mismatch_is_an_error(char_data: Path) -> None:
+    cfg = load_config(overrides=[*TINY_MODEL, "--model.vocab_size", "99",
+                                 "--data.data_dir", str(char_data)])
+    with pytest.raises(ValueError, match="vocab mismatch"):
+        prepare_data(cfg, char_data.parent, explicit_vocab=True)
+    fixed = prepare_data(cfg, char_data.parent, explicit_vocab=False)
+    assert fixed.model.vocab_size != 99
