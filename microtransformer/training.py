@@ -5,14 +5,17 @@ restore a checkpoint when resuming; then each step evaluates (every `eval_interv
 learning rate from the pure `get_lr`, runs the gradient-accumulation micro-steps, checks the
 loss and gradient are finite, clips, steps, logs and checkpoints.
 
-Distributed seams (filled in by `microtransformer.distributed` under torchrun):
-  - `RuntimeContext` carries rank / world_size / device; only `ctx.is_main` logs and saves.
+Distributed seams (defined in `microtransformer.distributed`, re-exported here):
+  - `RuntimeContext` carries rank / world_size / device; only `ctx.is_main` logs and saves,
+    and every rank waits at a barrier after each save.
   - `wrap_model(model, ctx)` is the one place the model is wrapped (DDP goes there).
   - `micro_step_sync(model, ctx, last)` is the one place gradient sync is skipped between
     micro-steps (DDP's `no_sync`).
-  - `reduce_mean(value, ctx)` averages scalars across ranks (identity in one process);
+  - `reduce_mean` / `reduce_sum` pool scalars across ranks (identity in one process);
     `any_rank(flag, ctx)` makes stop decisions agree across ranks.
-  - The train loader is seeded per rank (`BatchLoader(seed, rank, world_size)`).
+  - `train.batch_size` is the global micro-batch: every rank draws the same global batch from
+    the shared seed and keeps its rows (`take_shard`), so the data order is the same for any
+    world size, and evaluation pools token-loss sums over the same windows one process sees.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,18 @@ from torch import nn
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.config import RunConfig, TrainConfig
+from microtransformer.distributed import (  # re-exported: the loop's distributed seams
+    RuntimeContext,
+    any_rank,
+    barrier,
+    micro_step_sync,
+    per_rank_batch,
+    reduce_mean,
+    reduce_sum,
+    seed_rank_rng,
+    take_shard,
+    wrap_model,
+)
 from microtransformer.errors import UserError
 from microtransformer.metrics import MetricsLogger, plot_loss_curve
 from model import MicroTransformer
@@ -48,27 +63,7 @@ class TrainingError(UserError):
     where the last good checkpoint is and what to change."""
 
 
-# ============================================================================ runtime context
-@dataclass(frozen=True)
-class RuntimeContext:
-    """Where this process runs: rank, world size and device (single process by default)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that logs, prints and saves (rank 0)."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """True when more than one process takes part."""
-        return self.world_size > 1
-
-
+# ============================================================================ runtime
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda if available, else mps, else cpu; explicit names are checked."""
     if name == "auto":
@@ -93,46 +88,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def reduce_mean(value: float | torch.Tensor, ctx: RuntimeContext) -> float:
-    """Mean of a scalar over all ranks (identity in a single process)."""
-    if not ctx.distributed:
-        return float(value)
-    import torch.distributed as dist
-
-    t = torch.as_tensor(float(value), dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t) / ctx.world_size
-
-
-def any_rank(flag: bool, ctx: RuntimeContext) -> bool:
-    """True if `flag` is set on any rank, so every rank takes the same stop decision."""
-    if not ctx.distributed:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor(int(flag), device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def wrap_model(model: nn.Module, ctx: RuntimeContext) -> nn.Module:
-    """The one place the model is wrapped for data parallelism (DDP when world_size > 1)."""
-    if not ctx.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
-def micro_step_sync(model: nn.Module, ctx: RuntimeContext, last: bool
-                    ) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if ctx.distributed and not last and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 # ============================================================================ pure pieces
@@ -196,19 +151,30 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
 def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
              ctx: RuntimeContext, amp: Callable[[], contextlib.AbstractContextManager]
              ) -> float:
-    """Mean loss over `batches` (averaged over ranks); the model is restored to its mode."""
+    """Mean loss per predicted token over `batches`, pooled over ranks.
+
+    Each rank sums its token losses and counts its predicted tokens; one all-reduce adds both,
+    so ranks holding unequal shards (or none) weigh correctly and the result equals what one
+    process computes on the union of the shards. Pass the unwrapped model: ranks may run
+    different numbers of forward passes. The model is restored to its mode.
+    """
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, count = 0.0, 0
     try:
         for batch in batches:
+            ids = batch["input_ids"]  # (B, T)
+            if ids.shape[0] == 0:
+                continue  # this rank's shard of the batch is empty
             with amp():
-                logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-            total += float(lm_loss(logits.float(), batch["labels"]))
-            n += 1
+                logits = model(ids, batch["attention_mask"])  # (B, T, V)
+            tokens = ids.shape[0] * (ids.shape[1] - 1)  # positions that predict a next token
+            total += float(lm_loss(logits.float(), batch["labels"])) * tokens
+            count += tokens
     finally:
         model.train(was_training)
-    return reduce_mean(total / max(n, 1), ctx)
+    total, count = reduce_sum([total, count], ctx)
+    return total / max(count, 1)
 
 
 @dataclass
@@ -382,7 +348,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                         f"--model.vocab_size {meta['vocab_size']}")
     val_bytes_per_token = float(meta["bytes_per_token"]["val"])
     seq_len = cfg.model.max_seq_len
-    if resume and not (run / ckpt.STATE_FILE).is_file():
+    if resume and not ckpt.has_checkpoint(run):
         raise FileNotFoundError(f"cannot resume: {run / ckpt.STATE_FILE} does not exist; "
                                 "start the run without --resume")
 
@@ -408,16 +374,30 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     raw_model.validate_inputs = False  # ids come from our own tokenizer: checked by vocab match
     num_params = count_parameters(raw_model)
     optimizer = build_optimizer(raw_model, tc, device)
+    # The loader draws the GLOBAL micro-batch (same seed on every rank); each rank keeps its
+    # rows, so the data order is independent of the world size.
+    local_batch = per_rank_batch(tc.batch_size, ctx.world_size)
     train_loader = BatchLoader(data_dir, "train", tc.batch_size, seq_len, seed=tc.seed,
-                               rank=ctx.rank, world_size=ctx.world_size, device=device)
+                               device="cpu")
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        return take_shard(train_loader.next_batch(), ctx, device)  # (B / world, T) each
+
     # Fail early (before any training) when val is shorter than one window.
     BatchLoader(data_dir, "val", tc.batch_size, seq_len, device="cpu")
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * seq_len * ctx.world_size
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * seq_len  # global, any world size
 
     step, tokens_seen, best_val, bad_steps = 0, 0, math.inf, 0
+    keep_prev, saved_step = False, -1  # rotate generations only over a known-intact pair
     if resume:
-        state = ckpt.load_training_state(run / ckpt.STATE_FILE)
-        ckpt.load_weights_into(raw_model, run / ckpt.LAST_WEIGHTS)
+        # newest intact (weights, state) pair, checksums verified; says so when it falls back
+        point = ckpt.find_resume_point(run, cleanup=ctx.is_main)
+        if ctx.is_main:
+            for note in point.notes:
+                print(f"resume: {note}", file=sys.stderr, flush=True)
+        state = point.state
+        ckpt.load_weights_into(raw_model, point.weights_path)
+        keep_prev, saved_step = point.is_current, point.step
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -427,9 +407,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         best_val = float(state["best_val_loss"])
         bad_steps = int(state.get("bad_steps", 0))
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != ctx.world_size and ctx.is_main:
+            print(f"resuming a checkpoint written by {saved_world} process(es) with "
+                  f"{ctx.world_size}: same data order and global batch; not bit-identical "
+                  "(reduction order and dropout streams differ)", flush=True)
+    if ctx.rank > 0:
+        seed_rank_rng(tc.seed, ctx.rank, step)  # own dropout stream; rank 0 keeps the saved one
     model = wrap_model(raw_model, ctx)
     if tc.compile:
-        model = _try_compile(model, tc.batch_size, seq_len, device, amp)
+        model = _try_compile(model, local_batch, seq_len, device, amp)
 
     # --- run directory (main rank only)
     logger = None
@@ -442,25 +429,31 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         logger = MetricsLogger(run / ckpt.METRICS_FILE)
 
     def save_checkpoint(best: bool = False) -> None:
-        """Latest weights + full training state (and best weights when `best`)."""
-        if not ctx.is_main:
-            return
-        ckpt.save_weights(raw_model, run / ckpt.LAST_WEIGHTS, step=step)
-        if best:
-            ckpt.save_weights(raw_model, run / ckpt.BEST_WEIGHTS, step=step,
-                              extra={"val_loss": repr(best_val)})
-        ckpt.save_training_state(run / ckpt.STATE_FILE, {
-            "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
-            "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "loader": train_loader.state_dict(), "rng": ckpt.capture_rng_state(),
-            "max_steps": tc.max_steps,
-        })
+        """Latest weights + full training state (and best weights when `best`), written by the
+        main rank; every rank calls it at the same step and waits until the files are down."""
+        nonlocal keep_prev, saved_step
+        if ctx.is_main:
+            if keep_prev and saved_step != step:
+                ckpt.keep_previous(run)  # the last intact pair survives a crash in this save
+            ckpt.save_weights(raw_model, run / ckpt.LAST_WEIGHTS, step=step)
+            if best:
+                ckpt.save_weights(raw_model, run / ckpt.BEST_WEIGHTS, step=step,
+                                  extra={"val_loss": repr(best_val)})
+            ckpt.save_training_state(run / ckpt.STATE_FILE, {
+                "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+                "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "loader": train_loader.state_dict(), "rng": ckpt.capture_rng_state(),
+                "max_steps": tc.max_steps, "world_size": ctx.world_size,
+            })
+            keep_prev, saved_step = True, step
+        barrier(ctx)
 
     def run_eval() -> tuple[float, float]:
-        batches = iter_eval_batches(data_dir, "val", tc.batch_size, seq_len, tc.eval_steps,
-                                    rank=ctx.rank, world_size=ctx.world_size, device=device)
-        loss = evaluate(model, batches, ctx, amp)
+        # the same global windows as one process; each rank evaluates its rows
+        batches = (take_shard(b, ctx, device) for b in iter_eval_batches(
+            data_dir, "val", tc.batch_size, seq_len, tc.eval_steps, device="cpu"))
+        loss = evaluate(raw_model, batches, ctx, amp)
         return loss, bits_per_byte(loss, val_bytes_per_token)
 
     # --- the loop
@@ -498,8 +491,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             lr = get_lr(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            outcome = train_step(model, raw_model, optimizer, train_loader.next_batch, tc, ctx,
-                                 amp, scaler)
+            outcome = train_step(model, raw_model, optimizer, next_batch, tc, ctx, amp, scaler)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
