@@ -67,8 +67,8 @@ TOKENIZER_SAMPLE_CHARS = 200_000_000  # train the tokenizer on at most this many
 SPLITS = ("train", "val")
 META_VERSION = 1
 
-_CHUNK_CHARS = 1 << 22  # a long document is read and encoded in pieces of ~4M characters
-_BATCH_CHARS = 1 << 23  # characters handed to one multithreaded encode_batch call
+_CHUNK_CHARS = 1 << 18  # a long document is read and encoded in pieces of ~256K characters
+_BATCH_CHARS = 1 << 19  # characters per multithreaded encode_batch call (~200 B/token transient)
 _BINARY_SNIFF_BYTES = 8192
 
 
@@ -635,7 +635,10 @@ def _flush(tok: Tokenizer, batch: list[tuple[str, int, str]], writers: dict[str,
            ) -> None:
     if not batch:
         return
-    encodings = tok.backend.encode_batch([t for _, _, t in batch], add_special_tokens=False)
+    backend = tok.backend
+    # encode_batch_fast (tokenizers >= 0.20) skips offsets: same ids, ~2x faster, less memory
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encodings = encode([t for _, _, t in batch], add_special_tokens=False)
     eos = tok.eos_token_id
     for (split, doc, text), enc in zip(batch, encodings, strict=True):
         ids = enc.ids

@@ -353,3 +353,14 @@ def test_loader_errors(prepared: Path, tmp_path: Path) -> None:
         BatchLoader(tmp_path, "train", 1, 4)
     with pytest.raises(UserError, match="rank=2"):
         BatchLoader(prepared, "train", 1, 4, rank=2, world_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loader_on_cuda_matches_cpu(prepared: Path) -> None:
+    cpu = BatchLoader(prepared, "train", 4, 8, seed=3)
+    gpu = BatchLoader(prepared, "train", 4, 8, seed=3, device="cuda")
+    for _ in range(3):
+        a, b = cpu.next_batch(), gpu.next_batch()
+        assert b["input_ids"].is_cuda and b["labels"].is_cuda and b["attention_mask"].is_cuda
+        assert torch.equal(a["input_ids"], b["input_ids"].cpu())
