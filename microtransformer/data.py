@@ -54,7 +54,13 @@ from tqdm.auto import tqdm
 
 from microtransformer import __version__
 from microtransformer.errors import UserError
-from microtransformer.tokenizer import EOS_TOKEN, Tokenizer, train_tokenizer
+from microtransformer.tokenizer import (
+    EOS_TOKEN,
+    KINDS,
+    Tokenizer,
+    min_vocab_size,
+    train_tokenizer,
+)
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl",)
@@ -502,6 +508,10 @@ def prepare(
     Returns the meta dict also written to meta.json.
     """
     split_mode, fraction = _check_split_args(val_fraction, val_tail)
+    if tokenizer_path is None and (
+        tokenizer not in KINDS or vocab_size < min_vocab_size(tokenizer)
+    ):  # fail before reading the corpus: this call raises the argument's UserError
+        train_tokenizer([], kind=tokenizer, vocab_size=vocab_size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose a directory path")
