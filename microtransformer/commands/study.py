@@ -1,0 +1,104 @@
+"""`microtransformer study`: train the seed's configurations on code and narrative text, compare.
+
+Example (CPU, about 25 minutes):
+    flock /tmp/mt-heavy.lock microtransformer study --budget-minutes 25 --out study_report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from microtransformer.errors import UserError
+
+
+def _names(text: str, flag: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise UserError(f"{flag}={text!r} lists nothing; give comma-separated names")
+    return items
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _names(text, flag))
+    except ValueError:
+        raise UserError(f"{flag}={text!r} must be comma-separated integers, e.g. 0,1") from None
+
+
+def _number(text: str | None, flag: str, kind: type = float) -> float | int | None:
+    if text is None:
+        return None
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise UserError(f"{flag}={text!r} is not a number") from None
+    return round(value) if kind is int else value
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add the `study` subcommand."""
+    p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="wide_shallow,narrow_deep,balanced",
+                   help="seed presets to compare (default all three)")
+    p.add_argument("--inits", default="kaiming,gpt2",
+                   help="inits; the first is used for every run, the others only on "
+                        "--init-configs (default kaiming,gpt2)")
+    p.add_argument("--init-configs", default="narrow_deep",
+                   help="configs that also train with the other inits (default narrow_deep)")
+    p.add_argument("--corpora", default="code,stories",
+                   help="code (Python stdlib), stories (TinyStories), novels (Gutenberg)")
+    p.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
+    p.add_argument("--compare", default="tokens,time",
+                   help="comparisons: tokens (equal tokens), time (equal wall-clock)")
+    p.add_argument("--tokens", default=None, help="training tokens per equal-token run, e.g. 2e5")
+    p.add_argument("--minutes", default=None, help="wall-clock minutes per equal-time run")
+    p.add_argument("--budget-minutes", default=None,
+                   help="bound on the whole study; runs are sized (or dropped) to fit")
+    p.add_argument("--seq-len", default="256", help="context length T (default 256)")
+    p.add_argument("--batch-size", default="16", help="sequences per step (default 16)")
+    p.add_argument("--lr", default="1e-3", help="peak learning rate (default 1e-3)")
+    p.add_argument("--dropout", default="0.0", help="dropout (default 0: single-epoch runs)")
+    p.add_argument("--vocab-size", default="5000", help="BPE vocab per corpus (default 5000)")
+    p.add_argument("--corpus-max-mb", default="8",
+                   help="text used per corpus, MiB (code and novels; default 8)")
+    p.add_argument("--eval-windows", default="128", help="val windows for the final eval")
+    p.add_argument("--out", default="study_report", help="report directory (resumable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the settings, run the study, print where the report is."""
+    from microtransformer.study import StudySettings, run_study, shell_command
+
+    settings = StudySettings(
+        configs=_names(args.configs, "--configs"), inits=_names(args.inits, "--inits"),
+        init_configs=_names(args.init_configs, "--init-configs"),
+        corpora=_names(args.corpora, "--corpora"), seeds=_ints(args.seeds, "--seeds"),
+        compare=_names(args.compare, "--compare"),
+        tokens=_number(args.tokens, "--tokens", int),
+        minutes=_number(args.minutes, "--minutes"),
+        budget_minutes=_number(args.budget_minutes, "--budget-minutes"),
+        seq_len=_number(args.seq_len, "--seq-len", int),
+        batch_size=_number(args.batch_size, "--batch-size", int),
+        lr=_number(args.lr, "--lr"), dropout=_number(args.dropout, "--dropout"),
+        vocab_size=_number(args.vocab_size, "--vocab-size", int),
+        corpus_max_mb=_number(args.corpus_max_mb, "--corpus-max-mb"),
+        eval_windows=_number(args.eval_windows, "--eval-windows", int),
+        device=args.device,
+    )
+    # The exact command, every option spelled out (so it reruns the same study).
+    argv = []
+    for key, value in sorted(vars(args).items()):
+        if key in ("func", "command") or value is None:
+            continue
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    out = run_study(settings, args.out, command=shell_command(argv))
+    print(f"report: {out['report']}")
+    if out["skipped"]:
+        print(f"{len(out['skipped'])} run(s) skipped by the budget (listed in the report)")
+    if out["failed"]:
+        print(f"{len(out['failed'])} run(s) failed (listed in the report)", file=sys.stderr)
+        return 1
+    return 0

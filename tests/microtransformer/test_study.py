@@ -1,0 +1,222 @@
+"""Architecture study (`microtransformer.study`): measurements, planning, resume, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from microtransformer import study as S
+from microtransformer.cli import main
+from model import MicroTransformer
+
+TINY = {"embed_dim": 32, "num_heads": 2, "num_layers": 2, "ff_dim": 64}
+
+
+# ---------------------------------------------------------------- loss by position
+def test_loss_by_position_shape_and_mean():
+    torch.manual_seed(0)
+    model = MicroTransformer(vocab_size=50, max_seq_len=16, dropout=0.1, **TINY)
+    model.train()  # the function must switch dropout off and restore the mode
+    windows = [torch.randint(0, 50, (3, 17)), torch.randint(0, 50, (5, 17))]
+    per_pos = S.loss_by_position(model, windows)
+    assert per_pos.shape == (16,) and model.training
+    model.eval()
+    with torch.no_grad():
+        ids = torch.cat(windows)  # (8, 17)
+        logits = model(ids[:, :-1])  # (8, 16, 50)
+        flat = F.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1))
+        pos3 = F.cross_entropy(logits[:, 3], ids[:, 4])
+    assert math.isclose(float(per_pos.mean()), float(flat), rel_tol=1e-5)
+    assert math.isclose(float(per_pos[3]), float(pos3), rel_tol=1e-5)
+    with pytest.raises(ValueError):
+        S.loss_by_position(model, [])
+
+
+def test_position_buckets_and_smoothing():
+    per_pos = [float(i) for i in range(256)]
+    b = S.position_buckets(per_pos)
+    assert b["early"] == sum(range(32)) / 32 and b["late"] == sum(range(224, 256)) / 32
+    assert (b["early_range"], b["late_range"]) == ("1-32", "225-256")
+    xs, ys = S.smooth_positions(per_pos[:20], 8)
+    assert len(xs) == 3 and ys[0] == 3.5 and ys[-1] == 17.5
+    with pytest.raises(ValueError):
+        S.position_buckets(per_pos[:40])
+
+
+# ---------------------------------------------------------------- planning
+def test_plan_order_sizes_and_budget():
+    s = S.StudySettings(corpora=("code",), seeds=(0, 1), tokens=40_960, seq_len=64,
+                        batch_size=8)
+    tps = {"wide_shallow": 2000.0, "narrow_deep": 1000.0, "balanced": 1500.0}
+    tokens, minutes = S.size_budget(s, tps, 0.0)
+    assert tokens == 40_960 and math.isclose(minutes, 40_960 / 1500 / 60)
+    runs = S.plan_runs(s, tokens, minutes, tps)
+    groups = [r.group for r in runs]
+    assert groups == ["tokens"] * 6 + ["init"] * 2 + ["time"] * 6
+    assert all(r.max_steps == 80 for r in runs if r.group != "time")
+    time_steps = {r.config: r.max_steps for r in runs if r.group == "time"}
+    assert time_steps["wide_shallow"] > time_steps["balanced"] > time_steps["narrow_deep"]
+    assert len({r.run_id for r in runs}) == len(runs)
+    budget = sum(S.estimate_seconds(r, tps) for r in runs[:5])
+    kept, skipped = S.fit_to_budget(runs, budget, tps, done=set())
+    assert kept == runs[:5] and skipped == runs[5:]
+    kept, _ = S.fit_to_budget(runs, budget, tps, done={runs[0].run_id, runs[1].run_id})
+    assert kept[:6] == runs[:6]  # finished runs cost nothing: room for the sixth
+
+
+def test_budget_only_sizes_runs_to_fit():
+    s = S.StudySettings(corpora=("code", "stories"), budget_minutes=30, seq_len=64)
+    tps = {"wide_shallow": 2000.0, "narrow_deep": 1000.0, "balanced": 1500.0}
+    tokens, minutes = S.size_budget(s, tps, fixed_s=60.0)
+    runs = S.plan_runs(s, tokens, minutes, tps)
+    total = sum(S.estimate_seconds(r, tps) for r in runs)
+    assert total <= 30 * 60 - 60 + 1e-6
+    kept, skipped = S.fit_to_budget(runs, 30 * 60 - 60, tps, set())
+    assert not skipped and kept == runs
+    with pytest.raises(ValueError, match="budget"):
+        S.size_budget(S.StudySettings(budget_minutes=0.5), tps, fixed_s=0.0)
+
+
+# ---------------------------------------------------------------- fake results / report
+def fake_result(group: str, corpus: str, config: str, init: str, seed: int) -> dict:
+    """A result dict shaped like execute_run's, with made-up but consistent numbers."""
+    width = {"wide_shallow": 0.0, "balanced": 0.05, "narrow_deep": 0.1}[config]
+    base = 4.0 + width + (0.3 if corpus == "stories" else 0.0) + 0.01 * seed
+    per_pos = [base + 1.0 / (p + 1) for p in range(64)]
+    spec = S.RunSpec(group, config, init, corpus, seed, seq_len=64, batch_size=8, max_steps=10)
+    tps = 1000.0 - 300 * width * 10
+    return {
+        "run_id": spec.run_id, "spec": S.asdict(spec), "params": 2_000_000, "steps": 10,
+        "tokens": 5120, "val_loss": sum(per_pos) / 64, "val_bpb": 1.5, "tokens_per_s": tps,
+        "tokens_per_s_best": tps, "step_time_ms": 500.0, "loss_by_position": per_pos,
+        "position_buckets": S.position_buckets(per_pos), "peak_memory_mb": 100 + 10 * seed,
+        "memory_kind": "rss_high_water_growth", "gen_tokens_per_s": 200 - 100 * width,
+        "max_grad_norm": 1.0, "curve": [[s, s * 512, s * 0.5, 6 - 0.1 * s] for s in
+                                        range(1, 11)],
+        "sample": f"sample {config}", "device": "cpu", "torch": torch.__version__,
+        "threads": 2,
+    }
+
+
+def fake_results() -> list[dict]:
+    out = []
+    for seed in (0, 1):
+        for corpus in ("code", "stories"):
+            for cfg in ("wide_shallow", "narrow_deep", "balanced"):
+                out.append(fake_result("tokens", corpus, cfg, "kaiming", seed))
+                out.append(fake_result("time", corpus, cfg, "kaiming", seed))
+            out.append(fake_result("init", corpus, "narrow_deep", "gpt2", seed))
+    return out
+
+
+def test_report_from_fake_results(tmp_path):
+    results = fake_results()
+    settings = {"corpora": ["code", "stories"], "inits": ["kaiming", "gpt2"], "seq_len": 64,
+                "batch_size": 8, "tokens_per_run": 5120, "minutes_per_time_run": 0.1}
+    path = S.write_report(tmp_path, results, settings=settings, command="microtransformer study",
+                          skipped=["time__code__balanced__kaiming__s9"])
+    text = path.read_text()
+    assert "## Equal training tokens" in text and "## Equal wall-clock" in text
+    assert "## Initialisation" in text and "time__code__balanced__kaiming__s9" in text
+    # mean ± std over the two seeds (0.01 apart): std = 0.00707
+    assert "± 0.007" in text
+    # the fake numbers make wide_shallow best everywhere: the narrative claim is contradicted
+    line = next(ln for ln in text.splitlines() if "on narrative" in ln)
+    assert line.rstrip(" |").endswith("contradicted")
+    line = next(ln for ln in text.splitlines() if "trains faster" in ln and "| code |" in ln)
+    assert line.rstrip(" |").endswith("supported")
+    assert "Balanced lies between" in text
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == len(results) and json.loads(lines[0])["run_id"]
+    for name in ("study_loss_tokens.png", "study_loss_time.png", "study_position.png",
+                 "study_init.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+        assert f"({name})" in text
+
+
+def test_verdict_words():
+    assert S.verdict([0.1, 0.2], True) == "supported"
+    assert S.verdict([0.1, 0.2], False) == "contradicted"
+    assert S.verdict([0.1, -0.2], True) == "mixed"
+    assert S.verdict([0.1], True) == "one seed: supported"
+    assert S.verdict([], True) == "not run"
+
+
+# ---------------------------------------------------------------- resume
+def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "prepare_corpus", lambda name, out_dir, **_: out_dir)
+    calls: list[str] = []
+
+    def runner(spec, data_dir, run_dir):
+        calls.append(spec.run_id)
+        res = fake_result(spec.group, spec.corpus, spec.config, spec.init, spec.seed)
+        res["spec"] = S.asdict(spec)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(res))
+        return res
+
+    s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
+                        seq_len=64, batch_size=8, device="cpu")
+    tps = {c: 1000.0 for c in s.configs}
+    first = S.run_study(s, tmp_path, runner=runner, throughput=dict(tps), log=lambda _: None)
+    assert len(calls) == 4 and len(first["results"]) == 4
+    # Lose one run's result: only that run is redone.
+    lost = tmp_path / "runs" / calls[1] / "result.json"
+    lost.unlink()
+    calls.clear()
+    second = S.run_study(s, tmp_path, runner=runner, throughput=dict(tps), log=lambda _: None)
+    assert calls == [lost.parent.name]
+    assert len(second["results"]) == 4
+    assert (tmp_path / "report.md").is_file()
+
+
+# ---------------------------------------------------------------- a real tiny run
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    from microtransformer.data import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        text = " ".join(f"the fox {i} ran to the hill and back {j} times." for j in range(12))
+        (src / f"d{i}.txt").write_text(text + "\n")
+    out = tmp_path / "data"
+    prepare([str(src)], out, tokenizer="char", vocab_size=64, val_fraction=0.3, progress=False)
+    return out
+
+
+def test_execute_run_trains_and_measures(tiny_data, tmp_path):
+    spec = S.RunSpec("tokens", "narrow_deep", "gpt2", "code", 0, seq_len=64, batch_size=4,
+                     max_steps=3, device="cpu", eval_windows=8, gen_tokens=8,
+                     model_overrides=TINY)
+    res = S.execute_run(spec, tiny_data, tmp_path / "run")
+    assert (tmp_path / "run" / "result.json").is_file()
+    assert res["steps"] == 3 and res["tokens"] == 3 * 4 * 64
+    assert len(res["loss_by_position"]) == 64
+    assert math.isclose(sum(res["loss_by_position"]) / 64, res["val_loss"], rel_tol=1e-4)
+    assert res["model"]["init"] == "gpt2" and res["model"]["embed_dim"] == 32
+    assert res["tokens_per_s_best"] > 0 and res["gen_tokens_per_s"] > 0
+    assert res["peak_memory_mb"] >= 0 and isinstance(res["sample"], str)
+    assert math.isclose(res["val_bpb"], res["val_loss"] / math.log(2) / res["bytes_per_token"])
+
+
+# ---------------------------------------------------------------- CLI bad input
+@pytest.mark.parametrize("argv, needle", [
+    (["--configs", "huge"], "unknown config 'huge'"),
+    (["--corpora", "poetry"], "unknown corpus 'poetry'"),
+    (["--inits", "xavier"], "unknown init"),
+    (["--seeds", "a,b"], "--seeds"),
+    (["--tokens", "lots"], "--tokens"),
+    (["--seq-len", "16"], "--seq-len=16"),
+    (["--budget-minutes", "-3"], "--budget-minutes"),
+])
+def test_cli_bad_input_exits_2(argv, needle, capsys, tmp_path):
+    assert main(["study", *argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("microtransformer study: error:") and needle in err
+    assert not (tmp_path / "r").exists()  # rejected before any work
