@@ -21,6 +21,8 @@ EPILOG = """examples:
   microtransformer train --data data/shakespeare --out runs/shakespeare --preset balanced \\
       --model.max_seq_len 128 --train.max_steps 500 --train.batch_size 16
   microtransformer train --out runs/shakespeare --resume          # continue where it stopped
+  torchrun --nproc_per_node 2 -m microtransformer train --data data/shakespeare --out runs/ddp
+      # data parallel (docs/DISTRIBUTED.md): train.batch_size is the global micro-batch
 Config precedence: defaults < --preset < --config FILE < --section.key overrides.
 """
 
@@ -82,33 +84,73 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     return cfg, "model.vocab_size" in explicit
 
 
+def restart_resume(args: argparse.Namespace) -> str | None:
+    """After torchrun restarted the workers (--max-restarts), continue from RUN_DIR's checkpoint.
+
+    torchrun relaunches every worker with the original arguments; when TORCHELASTIC_RESTART_COUNT
+    is above 0 and a checkpoint exists, `args.resume` is switched on. Returns the log line to
+    print (None when this is not a restart).
+    """
+    from microtransformer.distributed import restart_count
+
+    restarts = restart_count()
+    if restarts == 0:
+        return None
+    state_path = Path(args.out) / ckpt.STATE_FILE
+    if not state_path.is_file():
+        return f"restart {restarts}: no checkpoint in {args.out} yet; starting from step 0"
+    step = int(ckpt.load_training_state(state_path)["step"])
+    args.resume = True
+    return f"restart {restarts}: resuming from step {step}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Resolve the config, prepare data if needed, train, print a summary."""
+    """Resolve the config, prepare data if needed, train, print a summary.
+
+    Under torchrun every process runs this; the process group lives for the duration of
+    `distributed.runtime` and only rank 0 prints.
+    """
+    from microtransformer import distributed
     from microtransformer.data import load_meta
-    from microtransformer.training import prepare_data, resolve_device, resolve_dtype, train
+    from microtransformer.training import prepare_data, resolve_dtype, train
     from model.utils import parameter_formula
 
+    restart_note = restart_resume(args)
     cfg, explicit_vocab = resolve_run_config(args)
     run_dir = Path(args.out)
-    progress = not args.no_progress
-    cfg = prepare_data(cfg, run_dir, explicit_vocab=explicit_vocab, progress=progress)
-    meta = load_meta(cfg.data.data_dir)
-    tc, mc = cfg.train, cfg.model
-    device = resolve_device(tc.device)
-    dtype = resolve_dtype(tc.dtype, device)
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.max_seq_len
-    print(
-        f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, {mc.num_layers} "
-        f"layers, {mc.num_heads} heads, ff {mc.ff_dim}, context {mc.max_seq_len}, vocab "
-        f"{mc.vocab_size})\n"
-        f"data: {cfg.data.data_dir} ({meta['kind']} tokenizer, {meta['tokens']['train']:,} train"
-        f" / {meta['tokens']['val']:,} val tokens)\n"
-        f"train: {tc.max_steps} steps x {tokens_per_step:,} tokens/step, lr {tc.lr:g}, device "
-        f"{device} ({str(dtype).replace('torch.', '')})"
-        + (f", resuming from {run_dir}" if args.resume else ""),
-        flush=True,
-    )
-    result = train(cfg, run_dir, resume=args.resume, progress=progress)
+    with distributed.runtime(cfg.train.device) as ctx:
+        show = ctx.is_main
+        progress = not args.no_progress and show
+        if restart_note and show:
+            print(restart_note, flush=True)
+        # rank 0 prepares (when sources are given), the others then find the data ready
+        cfg = distributed.in_turns(lambda: prepare_data(
+            cfg, run_dir, explicit_vocab=explicit_vocab, progress=progress), ctx)
+        meta = load_meta(cfg.data.data_dir)
+        tc, mc = cfg.train, cfg.model
+        local_batch = distributed.per_rank_batch(tc.batch_size, ctx.world_size)
+        device = ctx.device
+        dtype = resolve_dtype(tc.dtype, device)
+        tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.max_seq_len
+        if show:
+            where = (f"{ctx.world_size} processes ({ctx.backend}), {local_batch} sequences per "
+                     f"process per micro-step" if ctx.distributed else "1 process")
+            print(
+                f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "
+                f"{mc.num_layers} layers, {mc.num_heads} heads, ff {mc.ff_dim}, context "
+                f"{mc.max_seq_len}, vocab {mc.vocab_size})\n"
+                f"data: {cfg.data.data_dir} ({meta['kind']} tokenizer, "
+                f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens)\n"
+                f"train: {tc.max_steps} steps x {tokens_per_step:,} tokens/step (global batch "
+                f"{tc.batch_size} x {tc.grad_accum_steps} accum = "
+                f"{tc.batch_size * tc.grad_accum_steps} sequences; {where}), lr {tc.lr:g}, "
+                f"device {device} ({str(dtype).replace('torch.', '')})"
+                + (f", resuming from {run_dir}" if args.resume else ""),
+                flush=True,
+            )
+        result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx)
+    if not show:
+        return 0
 
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4f}"
@@ -123,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
         "metrics.jsonl, loss.png)"
     )
     if result.interrupted:
+        launcher = "torchrun ... -m microtransformer" if ctx.distributed else "microtransformer"
         print(f"checkpoint saved at step {result.step}; resume with:\n"
-              f"  microtransformer train --out {run_dir} --resume")
+              f"  {launcher} train --out {run_dir} --resume")
     else:
         print(f"sample with: microtransformer generate {run_dir} --prompt \"...\"")
     return 0
