@@ -524,7 +524,7 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         if spec.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.no_grad(), _amp(spec.device):
+        with torch.no_grad():  # fp32: the KV cache keeps the model's dtype
             out = model.generate(prompt, max_new_tokens=n_new, temperature=0.8, top_k=50,
                                  generator=gen)
         if spec.device == "cuda":
