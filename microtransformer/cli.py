@@ -15,6 +15,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # (subcommand, module under microtransformer.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -75,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         sys.stderr.write(f"microtransformer {args.command}: error: {msg}\n")
         return 2
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,
+                      **__: object) -> str:
+    """Warnings as `microtransformer: warning: ...` lines (no source file, no code line)."""
+    return f"microtransformer: warning: {message}\n"
 
 
 if __name__ == "__main__":
