@@ -167,7 +167,7 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
             if ids.shape[0] == 0:
                 continue  # this rank's shard of the batch is empty
             with amp():
-                logits = model(ids, batch["attention_mask"])  # (B, T, V)
+                logits = model(ids)  # (B, T, V); loader windows are unpadded
             tokens = ids.shape[0] * (ids.shape[1] - 1)  # positions that predict a next token
             total += float(lm_loss(logits.float(), batch["labels"])) * tokens
             count += tokens
@@ -201,7 +201,9 @@ def train_step(model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Op
         batch = next_batch()
         with micro_step_sync(model, ctx, last=micro == accum - 1):
             with amp():
-                logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+                # Loader windows are unpadded (all-ones mask), so the mask is not passed: that
+                # skips the model's mask check, a host sync and a torch.compile graph break.
+                logits = model(batch["input_ids"])  # (B, T, V)
                 loss = lm_loss(logits.float(), batch["labels"]) / accum
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -592,7 +594,7 @@ def _try_compile(model: nn.Module, batch_size: int, seq_len: int, device: torch.
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             with amp():
-                logits = compiled(ids, torch.ones_like(ids))  # (B, T, V)
+                logits = compiled(ids)  # (B, T, V)
             lm_loss(logits.float(), ids).backward()
         model.zero_grad(set_to_none=True)
         return compiled
