@@ -283,7 +283,10 @@ def load_config(
         if p.suffix == ".json":
             if not p.is_file():
                 raise FileNotFoundError(f"config file {p} does not exist")
-            layers.append((str(p), json.loads(p.read_text(encoding="utf-8"))))
+            try:
+                layers.append((str(p), json.loads(p.read_text(encoding="utf-8"))))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UserError(f"config file {p} is not valid JSON: {exc}") from None
         else:
             layers.append((str(p), read_toml(p)))
     for origin, layer in layers:

@@ -681,8 +681,16 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} not found: {data_dir} is not a prepared data directory; "
             f"run `microtransformer prepare SOURCE... --out {data_dir}` first"
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is corrupted (not valid JSON: {exc}); prepare the data "
+                        "directory again with `microtransformer prepare`") from None
+    if not isinstance(meta, dict) or not {"dtype", "vocab_size"} <= set(meta):
+        raise UserError(f"{path} is not a meta.json written by `microtransformer prepare`; "
+                        "prepare the data directory again")
+    return meta
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str) -> np.memmap:
@@ -693,9 +701,14 @@ def load_tokens(data_dir: str | os.PathLike, split: str) -> np.memmap:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `microtransformer prepare` again")
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=meta["dtype"])  # np.memmap cannot map an empty file
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    dtype = np.dtype(meta["dtype"])
+    size = path.stat().st_size
+    if size == 0:
+        return np.zeros(0, dtype=dtype)  # np.memmap cannot map an empty file
+    if size % dtype.itemsize:
+        raise UserError(f"{path} is truncated or corrupted: {size} bytes is not a whole number "
+                        f"of {dtype.itemsize}-byte tokens; prepare the data directory again")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 # ============================================================================ batches

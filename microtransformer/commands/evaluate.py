@@ -103,7 +103,11 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None
                             "text files")
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        if b"\x00" in raw[:8192]:
+            raise UserError(f"{path} is a binary file (it contains NUL bytes); pass UTF-8 "
+                            "text files or a prepared data directory")
+        text = raw.decode("utf-8", errors="replace")
         if i and ids:
             ids.append(tokenizer.eos_token_id)
         ids.extend(tokenizer.encode(text))
