@@ -133,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(tc.dtype, device)
         tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.max_seq_len
         if show:
-            where = (f"{ctx.world_size} processes ({ctx.backend}), {local_batch} sequences per "
-                     f"process per micro-step" if ctx.distributed else "1 process")
+            procs = f"{ctx.world_size} process" + ("es" if ctx.world_size > 1 else "")
+            where = (f"{procs} ({ctx.backend}), {local_batch} sequences per "
+                     f"process per micro-step" if ctx.backend else "1 process")
             print(
                 f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "
                 f"{mc.num_layers} layers, {mc.num_heads} heads, ff {mc.ff_dim}, context "
