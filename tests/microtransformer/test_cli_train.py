@@ -129,3 +129,28 @@ def test_empty_corpus_is_a_user_error(tmp_path, capsys) -> None:
                  str(tmp_path / "empty.txt"), "--data.tokenizer", "char", *TINY]) == 2
     err = capsys.readouterr().err
     assert "empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stream_printer_handles_multibyte_bpe_tokens() -> None:
+    """Streaming byte-level BPE token by token prints exactly the decoded text, even when a
+    character's bytes are split over several tokens."""
+    import io
+
+    from microtransformer.commands.generate import StreamPrinter
+    from microtransformer.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["plain words and more words\n"] * 20, kind="bpe", vocab_size=300)
+    text = "snow 世界 🎉 fin"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # rare chars are split into byte tokens
+    out = io.StringIO()
+    printer = StreamPrinter(tok, ids[:1], out)
+    out.write(printer.printed)
+    chunks = []
+    for i in ids[1:]:
+        before = out.getvalue()
+        printer(torch.tensor([i]))
+        chunks.append(out.getvalue()[len(before):])
+    printer.finish()
+    assert out.getvalue() == text
+    assert "\ufffd" not in "".join(chunks)  # never printed a half character
