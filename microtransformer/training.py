@@ -428,7 +428,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         tok_src = data_dir / "tokenizer.json"
         if tok_src.is_file() and tok_src.resolve() != (run / ckpt.TOKENIZER_FILE).resolve():
             shutil.copyfile(tok_src, run / ckpt.TOKENIZER_FILE)
-        logger = MetricsLogger(run / ckpt.METRICS_FILE)
+        # TensorBoard events go to RUN_DIR/tb only when tensorboard is installed.
+        logger = MetricsLogger(run / ckpt.METRICS_FILE, tensorboard_dir=run / "tb")
 
     def save_checkpoint(best: bool = False) -> None:
         """Latest weights + full training state (and best weights when `best`), written by the
