@@ -154,3 +154,15 @@ def test_stream_printer_handles_multibyte_bpe_tokens() -> None:
     printer.finish()
     assert out.getvalue() == text
     assert "\ufffd" not in "".join(chunks)  # never printed a half character
+
+
+def test_train_without_data_prepares_sources_into_run_dir(tmp_path, capsys) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("all work and no play makes a dull model\n" * 40)
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), "--no-progress", "--data.sources", str(corpus),
+                 "--data.tokenizer", "char", "--data.val_tail", "0.2", *TINY,
+                 "--train.max_steps", "2", "--train.eval_interval", "2"]) == 0
+    assert (run / "data" / "meta.json").is_file() and (run / "model.safetensors").is_file()
+    cfg = json.loads((run / "config.json").read_text())
+    assert Path(cfg["data"]["data_dir"]) == (run / "data").resolve()
