@@ -4,10 +4,11 @@
 project's one training loop (`microtransformer.training.train`) in its own subprocess (so peak
 memory is measured per run and a crash costs one run), evaluates it and writes a report.
 
-Runs (in priority order; `--budget-minutes` drops from the end):
-  1. "tokens": every config x corpus x seed at equal training tokens, with the first init;
-  2. "init":   the other inits on `init_configs` x corpus x seed at the same tokens;
-  3. "time":   every config x corpus x seed at equal wall-clock. Each run's step count is sized
+Runs, seed by seed (so a budget that drops runs from the end keeps every comparison), each seed
+in this order:
+  1. "tokens": every config x corpus at equal training tokens, with the first init;
+  2. "init":   the other inits on `init_configs` x corpus at the same tokens;
+  3. "time":   every config x corpus at equal wall-clock. Each run's step count is sized
      from that config's measured throughput (the best logged window of its equal-token runs, or
      the calibration), so its LR schedule completes: equal time at uncontended speed, which
      stays fair when other processes share the machine. `train.max_time_minutes` caps a run at
@@ -229,20 +230,18 @@ def plan_runs(s: StudySettings, tokens: int, minutes: float,
     token_steps = steps_for_tokens(tokens, s.batch_size, s.seq_len)
     base_init = s.inits[0]
     runs: list[RunSpec] = []
-    if "tokens" in s.compare:
-        for seed in s.seeds:
+    for seed in s.seeds:  # seed by seed: a cut budget still leaves every comparison in
+        if "tokens" in s.compare:
             for corpus in s.corpora:
                 for cfg in s.configs:
                     runs.append(RunSpec("tokens", cfg, base_init, corpus, seed,
                                         max_steps=token_steps, **common))
-        for seed in s.seeds:
             for corpus in s.corpora:
                 for cfg in s.init_configs:
                     for init in s.inits[1:]:
                         runs.append(RunSpec("init", cfg, init, corpus, seed,
                                             max_steps=token_steps, **common))
-    if "time" in s.compare:
-        for seed in s.seeds:
+        if "time" in s.compare:
             for corpus in s.corpora:
                 for cfg in s.configs:
                     steps = steps_for_tokens(throughput[cfg] * minutes * 60, s.batch_size,
@@ -651,11 +650,17 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
     failed: list[str] = []
     deadline = None if s.budget_minutes is None else t_start + s.budget_minutes * 60
 
-    def execute(batch: list[RunSpec], offset: int) -> None:
-        for i, spec in enumerate(batch, start=offset + 1):
-            if spec.run_id in done:
-                results.append(done[spec.run_id])
-                continue
+    measured: dict[str, list[float]] = {}
+    for i, spec in enumerate(kept, start=1):
+        if spec.run_id in done:
+            res = done[spec.run_id]
+        else:
+            if spec.group == "time" and spec.config in measured:
+                # Equal-time steps from this config's measured speed in the equal-token runs
+                # so far (best window, median over runs); else the calibration's.
+                spec = replace(spec, max_steps=steps_for_tokens(
+                    statistics.median(measured[spec.config]) * minutes * 60, spec.batch_size,
+                    spec.seq_len))
             est = estimate_seconds(spec, throughput)
             if deadline is not None and time.perf_counter() + est > deadline:
                 skipped.append(spec)  # the runs so far took longer than planned
@@ -668,22 +673,10 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                 failed.append(f"{spec.run_id}: {str(exc)[:300]}")
                 log(f"  FAILED: {str(exc)[:300]}")
                 continue
-            results.append(res)
             log(f"  val loss {res['val_loss']:.4f}, {res['tokens_per_s_best']:,.0f} tok/s")
-
-    first = [r for r in kept if r.group != "time"]
-    execute(first, 0)
-    # Equal-time runs: size each config's steps from its measured speed in the equal-token
-    # runs (best window, median over runs) when there are any; else from the calibration.
-    measured: dict[str, list[float]] = {}
-    for r in results:
-        if r["spec"]["group"] == "tokens" and r["spec"]["device"] == device:
-            measured.setdefault(r["spec"]["config"], []).append(r["tokens_per_s_best"])
-    throughput.update({c: statistics.median(v) for c, v in measured.items()})
-    timed = [replace(r, max_steps=steps_for_tokens(throughput[r.config] * minutes * 60,
-                                                   r.batch_size, r.seq_len))
-             for r in kept if r.group == "time"]
-    execute(timed, len(first))
+        results.append(res)
+        if res["spec"]["group"] == "tokens" and res["spec"]["device"] == device:
+            measured.setdefault(res["spec"]["config"], []).append(res["tokens_per_s_best"])
 
     settings = {**asdict(s), "tokens_per_run": tokens, "minutes_per_time_run": minutes,
                 "throughput_estimate": throughput}

@@ -57,7 +57,8 @@ def test_plan_order_sizes_and_budget():
     assert tokens == 40_960 and math.isclose(minutes, 40_960 / 1500 / 60)
     runs = S.plan_runs(s, tokens, minutes, tps)
     groups = [r.group for r in runs]
-    assert groups == ["tokens"] * 6 + ["init"] * 2 + ["time"] * 6
+    assert groups == (["tokens"] * 3 + ["init"] + ["time"] * 3) * 2
+    assert [r.seed for r in runs] == [0] * 7 + [1] * 7
     assert all(r.max_steps == 80 for r in runs if r.group != "time")
     time_steps = {r.config: r.max_steps for r in runs if r.group == "time"}
     assert time_steps["wide_shallow"] > time_steps["balanced"] > time_steps["narrow_deep"]
