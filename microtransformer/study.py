@@ -25,6 +25,10 @@ the loss curve and a sample text. A run whose result.json exists is skipped on r
 Loss by position: with windows of T + 1 tokens, position p (1..T) is the prediction of token p + 1
 from p tokens of context; its loss is averaged over all val windows. The mean over positions is
 the ordinary mean loss.
+
+Resume: rerun the same command. Finished runs are skipped, and the run sizes (tokens, minutes)
+chosen by the first invocation are kept (REPORT_DIR/plan.json) unless --tokens / --minutes are
+given, so a rerun with a new --budget-minutes only decides how many of the remaining runs fit.
 """
 
 from __future__ import annotations
@@ -637,7 +641,16 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
         log("calibrated training throughput (tokens/s): "
             + ", ".join(f"{c} {v:,.0f}" for c, v in throughput.items()))
     fixed_s = time.perf_counter() - t_start
-    tokens, minutes = size_budget(s, throughput, fixed_s)
+    plan_path = out / "plan.json"
+    if plan_path.is_file() and s.tokens is None and s.minutes is None:
+        # Resuming: keep the run sizes of the first invocation so finished and new runs match.
+        saved = json.loads(plan_path.read_text(encoding="utf-8"))
+        tokens, minutes = int(saved["tokens"]), float(saved["minutes"])
+        log(f"resuming with the sizes in {plan_path}: {tokens:,} tokens, {minutes:.2f} min")
+    else:
+        tokens, minutes = size_budget(s, throughput, fixed_s)
+        _write_json_atomic(plan_path, {"tokens": tokens, "minutes": minutes,
+                                       "throughput": throughput})
     runs = plan_runs(s, tokens, minutes, throughput)
     done = load_finished(out)
     budget_s = None if s.budget_minutes is None else s.budget_minutes * 60 - fixed_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,13 @@ def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
     second = S.run_study(s, tmp_path, runner=runner, throughput=dict(tps), log=lambda _: None)
     assert calls == [lost.parent.name]
     assert len(second["results"]) == 4
+    # A rerun with only a budget keeps the first invocation's run sizes (plan.json).
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["tokens"] == 1024
+    calls.clear()
+    third = S.run_study(replace(s, tokens=None, budget_minutes=60.0), tmp_path, runner=runner,
+                        throughput=dict(tps), log=lambda _: None)
+    assert calls == [] and len(third["results"]) == 4
     assert (tmp_path / "report.md").is_file()
 
 
