@@ -693,7 +693,9 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
 
     settings = {**asdict(s), "tokens_per_run": tokens, "minutes_per_time_run": minutes,
                 "throughput_estimate": throughput}
-    report = write_report(out, results, settings=settings, command=command,
+    # The report covers every finished run in the directory (earlier invocations too).
+    every = {**load_finished(out), **{r["run_id"]: r for r in results}}
+    report = write_report(out, list(every.values()), settings=settings, command=command,
                           skipped=[r.run_id for r in skipped], failed=failed,
                           elapsed_s=time.perf_counter() - t_start)
     return {"report": report, "results": results, "skipped": skipped, "failed": failed}
