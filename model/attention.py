@@ -71,6 +71,34 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    def decode_step(
+        self,
+        x: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        pos: int,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decoding position for every row, inference only (no dropout).
+
+        The lean twin of `forward(x[:, None], key_mask, (k_buf, v_buf), pos)`: it takes the
+        hidden state without a time axis, calls the functional ops on the parameters directly
+        (no submodule calls, no mask building) and returns the projected output.
+
+        x: (B, C); k_buf, v_buf: (B, nh, T_max, hs), written at `pos`; attention covers
+        positions 0 .. pos. key_mask: None or boolean (B, 1, 1, pos + 1), True = real key.
+        """
+        B = x.size(0)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (B, 3C)
+        qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)  # (B, 3, nh, 1, hs)
+        end = pos + 1
+        k_buf[:, :, pos:end] = qkv[:, 1]
+        v_buf[:, :, pos:end] = qkv[:, 2]
+        y = F.scaled_dot_product_attention(
+            qkv[:, 0], k_buf[:, :, :end], v_buf[:, :, :end], attn_mask=key_mask
+        )  # (B, nh, 1, hs)
+        return F.linear(y.reshape(B, self.embed_dim), self.proj.weight, self.proj.bias)
+
 
 class KVCache:
     """Pre-allocated key/value buffers for every layer, filled in place while decoding.
@@ -94,7 +122,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        # per-layer views made once, so decoding does not index the stacked buffers each step
+        self.layers = [(self.k[i], self.v[i]) for i in range(num_layers)]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The i-th layer's (k, v) buffers, each (B, nh, T_max, hs)."""
-        return self.k[i], self.v[i]
+        return self.layers[i]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention
@@ -87,3 +88,24 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), attn_mask, kv_cache, cache_start)  # (B, T, C)
         return x + self.ff(self.ln2(x))  # (B, T, C)
+
+    def decode_step(
+        self,
+        x: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        pos: int,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` for one new position per row with a KV cache, inference only.
+
+        x: (B, C) without a time axis; see `MultiHeadAttention.decode_step` for the rest.
+        Functional ops on the parameters directly: decoding one token is bound by per-op
+        overhead, not arithmetic, so skipping module calls is most of the win.
+        """
+        ln1, ln2, fc, proj = self.ln1, self.ln2, self.ff.fc, self.ff.proj
+        h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # (B, C)
+        x = x + self.attn.decode_step(h, k_buf, v_buf, pos, key_mask)  # (B, C)
+        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        h = F.gelu(F.linear(h, fc.weight, fc.bias))  # (B, ff_dim)
+        return x.add_(F.linear(h, proj.weight, proj.bias))  # (B, C); x is a fresh tensor here

@@ -108,13 +108,14 @@ def sample_next_token(
     """
     if not do_sample or temperature == 0:
         return torch.argmax(logits, dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
+    logits = logits.float()
     if top_k and top_k < logits.size(-1):
+        # dividing by temperature > 0 keeps the order, so pick the k first and scale only them
         values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
-        values = top_p_filter(values, top_p)
+        values = top_p_filter(apply_temperature(values, temperature), top_p)
         probs = torch.softmax(values, dim=-1)
         choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         return indices.gather(-1, choice).squeeze(-1)
-    logits = top_p_filter(logits, top_p)
+    logits = top_p_filter(apply_temperature(logits, temperature), top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

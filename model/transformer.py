@@ -402,7 +402,7 @@ class MicroTransformer(nn.Module):
             mask4d = self._attention_mask_4d(real[:, :T0]) if padded else None
             h = self._hidden(out[:, :T0], positions, mask4d, cache, 0)  # (B, T0, C)
             logits = self.lm_head(h[:, -1])  # (B, V)
-            next_pos = positions[:, -1:] + 1  # (B, 1)
+            next_pos = positions[:, -1] + 1  # (B,)
 
         cur = T0  # tokens in `out` so far
         for _ in range(n_new):
@@ -430,12 +430,32 @@ class MicroTransformer(nn.Module):
             if cache is not None:
                 if cur <= cache.max_len:  # room in the cache: decode one position
                     key_mask = real[:, None, None, : cur] if padded else None  # (B, 1, 1, S)
-                    h = self._hidden(out[:, cur - 1: cur], next_pos, key_mask, cache, cur - 1)
-                    logits = self.lm_head(h[:, -1])  # (B, V)
-                    next_pos = next_pos + 1
+                    logits = self._decode_step(token, next_pos, cache, cur - 1, key_mask)
+                    next_pos += 1
                 else:  # context full: positions shift every step, so recompute the window
                     cache = None
         return out[:, :cur]
+
+    def _decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        pos: int,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Next-token logits (B, V) after feeding `tokens` (B,) at `positions` (B,).
+
+        Same result as `_hidden` on a one-token slice followed by the head, without the time
+        axis and module calls; keys/values go into the cache at column `pos`. Eval mode only.
+        """
+        x = F.embedding(tokens, self.token_embedding.weight) * self.token_embedding.scale
+        x = x + F.embedding(positions, self.position_embedding.weight)  # (B, C)
+        for block, (k_buf, v_buf) in zip(self.blocks, cache.layers, strict=True):
+            x = block.decode_step(x, k_buf, v_buf, pos, key_mask)  # (B, C)
+        ln = self.ln_f
+        x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return F.linear(x, self.lm_head.weight)  # (B, V)
 
     def _window_logits(
         self, ids: torch.Tensor, real: torch.Tensor, padded: bool
@@ -466,8 +486,13 @@ class MicroTransformer(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Causal LM loss: position t predicts labels[t + 1] (the seed's shift), mean over tokens."""
+    """Causal LM loss: position t predicts labels[t + 1] (the seed's shift), mean over tokens.
+
+    The shift moves the labels, not the logits: the targets are labels[:, 1:] with one
+    ignored column appended, so the (B, T, V) logits are read in place instead of being
+    copied (and their gradient scattered back) through a [:, :-1] slice.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T); last predicts nothing
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-        ignore_index=ignore_index,
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
     )
