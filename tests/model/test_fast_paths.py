@@ -1,0 +1,150 @@
+"""The speed paths compute what the plain paths compute.
+
+Covers the copy-free `lm_loss`, the lean one-token `decode_step`, top-k-before-temperature
+sampling, and the static-cache decoder of `microtransformer.fast_generate` (eager on CPU,
+CUDA graph when a GPU is present).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from microtransformer.fast_generate import StaticDecoder, race_sample
+from model import MicroTransformer
+from model.attention import KVCache
+from model.sampling import sample_next_token
+from model.transformer import lm_loss
+
+SMALL = {"vocab_size": 97, "max_seq_len": 48, "embed_dim": 32, "num_heads": 4,
+         "num_layers": 3, "ff_dim": 64, "dropout": 0.0}
+
+
+def _model(seed: int = 0, **over: object) -> MicroTransformer:
+    torch.manual_seed(seed)
+    return MicroTransformer(**(SMALL | over)).eval()
+
+
+def _reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The seed's formulation: slice the logits, shift the labels."""
+    V = logits.size(-1)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def test_lm_loss_matches_sliced_formulation_values_and_grads() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[1, 3] = -100  # ignored targets count in neither
+    ref = _reference_loss(logits, labels)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    got = lm_loss(logits, labels)
+    (g_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g_got, g_ref)
+    assert torch.all(g_got[:, -1] == 0)  # the last position predicts nothing
+
+
+def test_block_decode_step_matches_cached_forward() -> None:
+    model = _model()
+    block = model.blocks[0]
+    B, T, C = 2, 5, SMALL["embed_dim"]
+    x = torch.randn(B, T + 1, C)
+    nh, hs = SMALL["num_heads"], C // SMALL["num_heads"]
+    with torch.no_grad():
+        ref_cache = KVCache(1, B, nh, T + 1, hs, dtype=x.dtype, device=x.device)
+        block(x[:, :T], None, ref_cache.layer(0), 0)
+        ref = block(x[:, T:], None, ref_cache.layer(0), T)[:, 0]  # (B, C)
+        cache = KVCache(1, B, nh, T + 1, hs, dtype=x.dtype, device=x.device)
+        block(x[:, :T], None, cache.layer(0), 0)
+        got = block.decode_step(x[:, T].clone(), *cache.layer(0), T)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(cache.k, ref_cache.k)
+    torch.testing.assert_close(cache.v, ref_cache.v)
+
+
+def test_top_k_before_temperature_draws_the_same_tokens() -> None:
+    """Scaling by 1/T after top-k gives bit-identical values, hence identical draws."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 300) * 3
+    for temperature in (0.3, 0.8, 1.7):
+        g1 = torch.Generator().manual_seed(5)
+        got = sample_next_token(logits, temperature=temperature, top_k=20, generator=g1)
+        g2 = torch.Generator().manual_seed(5)
+        values, idx = torch.topk(logits / temperature, 20, dim=-1)
+        ref = idx.gather(-1, torch.multinomial(values.softmax(-1), 1, generator=g2)).squeeze(-1)
+        assert torch.equal(got, ref)
+
+
+def test_sampled_generate_same_with_and_without_cache() -> None:
+    model = _model(3)
+    prompt = torch.randint(0, SMALL["vocab_size"], (3, 6))
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(11)
+        outs.append(model.generate(prompt, max_new_tokens=20, temperature=0.8, top_k=10,
+                                   generator=g, use_cache=use_cache))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_race_sample_follows_softmax() -> None:
+    torch.manual_seed(4)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, 3.0]])
+    n = 20000
+    draws = race_sample(logits.expand(n, -1), 1 / 0.8, top_k=4)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    top = torch.topk(logits[0], 4).indices
+    expected = torch.zeros(6)
+    expected[top] = (logits[0, top] / 0.8).softmax(-1)
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_decoder_greedy_matches_generate(padded: bool) -> None:
+    model = _model(5)
+    prompt = torch.randint(0, SMALL["vocab_size"], (3, 8))
+    mask = None
+    if padded:
+        mask = torch.ones_like(prompt)
+        mask[0, :3] = 0
+        mask[2, :5] = 0
+        prompt = prompt.masked_fill(mask == 0, 0)
+    ref = model.generate(prompt, max_new_tokens=30, do_sample=False, attention_mask=mask)
+    dec = StaticDecoder(model, batch_size=3, max_len=40)
+    got = dec.generate(prompt, 30, temperature=0, attention_mask=mask)
+    assert torch.equal(got, ref)
+    again = dec.generate(prompt, 30, temperature=0, attention_mask=mask)  # buffers reused
+    assert torch.equal(again, ref)
+
+
+def test_static_decoder_sampling_shapes_and_prompt() -> None:
+    model = _model(6)
+    prompt = torch.randint(0, SMALL["vocab_size"], (2, 5))
+    torch.manual_seed(0)
+    out = StaticDecoder(model, 2, 25).generate(prompt, 20, temperature=0.8, top_k=10)
+    assert out.shape == (2, 25)
+    assert torch.equal(out[:, :5], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < SMALL["vocab_size"]
+
+
+def test_static_decoder_rejects_bad_sizes() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="max_len"):
+        StaticDecoder(model, 1, SMALL["max_seq_len"] + 1)
+    dec = StaticDecoder(model, 2, 10)
+    with pytest.raises(ValueError, match="batch_size"):
+        dec.generate(torch.zeros(3, 4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="max_len"):
+        dec.generate(torch.zeros(2, 4, dtype=torch.long), 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_static_decoder_cuda_graph_matches_eager() -> None:
+    model = _model(7).cuda()
+    prompt = torch.randint(0, SMALL["vocab_size"], (4, 6), device="cuda")
+    ref = model.generate(prompt, max_new_tokens=25, do_sample=False)
+    got = StaticDecoder(model, 4, 31, cuda_graph=True).generate(prompt, 25, temperature=0)
+    assert torch.equal(got, ref)
