@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from microtransformer import __version__
+from microtransformer.checkpoint import atomic_write_bytes
 from microtransformer.errors import UserError
 from microtransformer.tokenizer import (
     EOS_TOKEN,
@@ -662,15 +663,8 @@ def _flush(tok: Tokenizer, batch: list[tuple[str, int, str]], writers: dict[str,
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:

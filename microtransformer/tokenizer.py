@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from microtransformer.checkpoint import atomic_write_bytes
 from microtransformer.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -194,7 +194,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, self.to_json())
+        atomic_write_bytes(path, self.to_json().encode("utf-8"))
         return path
 
     @classmethod
@@ -224,17 +224,6 @@ def _check_return_tensors(return_tensors: str) -> None:
     if return_tensors != "pt":
         raise UserError(f"return_tensors={return_tensors!r} is not supported; use None or 'pt'")
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------- training
