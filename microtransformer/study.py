@@ -952,6 +952,16 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
         for (_, corpus, cfg, init), r in samples:
             text = r["sample"].replace("```", "'''")[:400]
             L += [f"**{corpus} / {cfg} / {init}**", "", "```", text, "```", ""]
+    capped = sorted(r["run_id"] for r in results if r.get("stop_reason") != "completed")
+    if capped:
+        L += ["## Runs that stopped early", "",
+              "These stopped before their planned steps (the wall-clock cap: on a shared machine, "
+              "a sign of heavy contention). Delete their RUN/result.json and rerun the command "
+              "to redo them.", ""]
+        L += [f"- {r['run_id']}: {r['steps']} of {r['spec']['max_steps']} steps "
+              f"({r.get('stop_reason')}), median {r['tokens_per_s']:,.0f} tok/s"
+              for r in sorted(results, key=lambda r: r["run_id"]) if r["run_id"] in capped]
+        L.append("")
     if skipped:
         L += ["## Skipped (did not fit the budget)", ""] + [f"- {s}" for s in skipped] + [""]
     if failed:

@@ -118,6 +118,9 @@ def fake_results() -> list[dict]:
 
 def test_report_from_fake_results(tmp_path):
     results = fake_results()
+    for r in results:
+        r["stop_reason"] = "completed"
+    results[1]["stop_reason"] = "time budget"
     settings = {"corpora": ["code", "stories"], "inits": ["kaiming", "gpt2"], "seq_len": 64,
                 "batch_size": 8, "tokens_per_run": 5120, "minutes_per_time_run": 0.1}
     path = S.write_report(tmp_path, results, settings=settings, command="microtransformer study",
@@ -133,6 +136,7 @@ def test_report_from_fake_results(tmp_path):
     line = next(ln for ln in text.splitlines() if "trains faster" in ln and "| code |" in ln)
     assert line.rstrip(" |").endswith("supported")
     assert "Balanced lies between" in text
+    assert "## Runs that stopped early" in text and f"- {results[1]['run_id']}:" in text
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
     assert len(lines) == len(results) and json.loads(lines[0])["run_id"]
     for name in ("study_loss_tokens.png", "study_loss_time.png", "study_position.png",
