@@ -155,9 +155,12 @@ def ours_side(model: MicroTransformer, device: torch.device, args: argparse.Name
     # as in microtransformer/training.py: token ids come from our own tokenizer
     model.validate_inputs = False
 
+    if args.fused_loss:
+        notes.append("training loss: model.loss (chunked head + cross-entropy)")
+
     def train_step(x: torch.Tensor) -> None:
         with autocast_ctx(device, amp):
-            loss = lm_loss(fwd_model(x).float(), x)
+            loss = model.loss(x, x) if args.fused_loss else lm_loss(fwd_model(x).float(), x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -355,7 +358,7 @@ def memory_child(side: str, preset: str, B: int, T: int, steps: int, compile_: b
     model: Any = build_hf(ours) if side == "hf" else ours
     if side == "hf":
         del ours
-    args = argparse.Namespace(compile=compile_, static_decode="off")
+    args = argparse.Namespace(compile=compile_, static_decode="off", fused_loss=False)
     s = hf_side(model, device, args) if side == "hf" else ours_side(model, device, args)
     x = torch.randint(0, VOCAB, (B, T))
     base = _rss_kb("VmRSS")
@@ -470,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (fallback)")
+    ap.add_argument("--fused-loss", action="store_true",
+                    help="train ours with model.loss (chunked head + CE) instead of lm_loss")
     ap.add_argument("--static-decode", choices=["auto", "on", "off"], default="auto",
                     help="our generation via microtransformer.fast_generate.StaticDecoder "
                          "(auto: on CUDA, with a CUDA graph) or model.generate")
