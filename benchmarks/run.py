@@ -141,7 +141,8 @@ def autocast_ctx(device: torch.device, amp: bool):
 
 
 def ours_side(model: MicroTransformer, device: torch.device, args: argparse.Namespace) -> Side:
-    """Our model as the training loop runs it: model(x) -> lm_loss -> backward -> AdamW."""
+    """Our model as the training loop runs it: model(x, labels=x) (chunked head + loss)
+    -> backward -> AdamW; `--logits-loss` measures lm_loss on full logits instead."""
     notes: list[str] = []
     fwd_model: Callable[..., torch.Tensor] = model
     if args.compile:
@@ -155,12 +156,13 @@ def ours_side(model: MicroTransformer, device: torch.device, args: argparse.Name
     # as in microtransformer/training.py: token ids come from our own tokenizer
     model.validate_inputs = False
 
-    if args.fused_loss:
-        notes.append("training loss: model.loss (chunked head + cross-entropy)")
+    if args.logits_loss:
+        notes.append("training loss: lm_loss on the full (B, T, V) logits")
 
     def train_step(x: torch.Tensor) -> None:
         with autocast_ctx(device, amp):
-            loss = model.loss(x, x) if args.fused_loss else lm_loss(fwd_model(x).float(), x)
+            # default: what microtransformer/training.py does (chunked head + loss)
+            loss = lm_loss(fwd_model(x).float(), x) if args.logits_loss else fwd_model(x, labels=x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -358,7 +360,7 @@ def memory_child(side: str, preset: str, B: int, T: int, steps: int, compile_: b
     model: Any = build_hf(ours) if side == "hf" else ours
     if side == "hf":
         del ours
-    args = argparse.Namespace(compile=compile_, static_decode="off", fused_loss=False)
+    args = argparse.Namespace(compile=compile_, static_decode="off", logits_loss=False)
     s = hf_side(model, device, args) if side == "hf" else ours_side(model, device, args)
     x = torch.randint(0, VOCAB, (B, T))
     base = _rss_kb("VmRSS")
@@ -473,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (fallback)")
-    ap.add_argument("--fused-loss", action="store_true",
-                    help="train ours with model.loss (chunked head + CE) instead of lm_loss")
+    ap.add_argument("--logits-loss", action="store_true",
+                    help="train ours with lm_loss on full logits instead of the chunked loss "
+                         "that the training loop uses")
     ap.add_argument("--static-decode", choices=["auto", "on", "off"], default="auto",
                     help="our generation via microtransformer.fast_generate.StaticDecoder "
                          "(auto: on CUDA, with a CUDA graph) or model.generate")

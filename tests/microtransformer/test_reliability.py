@@ -46,6 +46,7 @@ from microtransformer.cli import main
 from microtransformer.data import prepare
 from microtransformer.errors import UserError
 from model import MicroTransformer
+from model import transformer as model_transformer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
@@ -600,18 +601,18 @@ def test_interrupt_inside_a_write_leaves_old_file_and_no_temp(tmp_path: Path,
 def test_non_finite_steps_stop_with_one_line_and_keep_last_good_checkpoint(
     char_data: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    real_loss = training.lm_loss
+    real_loss = model_transformer.chunked_lm_loss
     calls = {"n": 0}
 
-    def nan_after_5(logits, labels):
-        loss = real_loss(logits, labels)
+    def nan_after_5(hidden, head, labels, **kwargs):
+        loss = real_loss(hidden, head, labels, **kwargs)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] > 5:
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(training, "lm_loss", nan_after_5)
+    monkeypatch.setattr(model_transformer, "chunked_lm_loss", nan_after_5)
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="update skipped"):
         rc = main(["train", "--data", str(char_data), "--out", str(run), *RUN,

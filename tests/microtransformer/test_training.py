@@ -27,6 +27,7 @@ from microtransformer.training import (
     train_step,
 )
 from model import MicroTransformer
+from model import transformer as model_transformer
 
 TINY_MODEL = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
               "--model.num_layers", "2", "--model.ff_dim", "64"]
@@ -231,17 +232,18 @@ def test_max_bad_steps_stops_and_keeps_last_good_checkpoint(
     char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real_loss = training.lm_loss
+    real_loss = model_transformer.chunked_lm_loss
 
-    def flaky_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = real_loss(logits, labels)
+    def flaky_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
+                   **kwargs: object) -> torch.Tensor:
+        loss = real_loss(hidden, head, labels, **kwargs)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] > 6:  # steps 7.. are non-finite
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(training, "lm_loss", flaky_loss)
+    monkeypatch.setattr(model_transformer, "chunked_lm_loss", flaky_loss)
     cfg = tiny_cfg(char_data, "--train.max_steps", "30", "--train.eval_interval", "100",
                    "--train.checkpoint_interval", "5", "--train.max_bad_steps", "3")
     with pytest.warns(UserWarning, match="non-finite loss"), \
