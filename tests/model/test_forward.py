@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from model import MicroTransformer
@@ -130,3 +131,25 @@ def test_dropout_active_only_in_training():
     assert not torch.allclose(model(ids), model(ids))
     model.eval()
     torch.testing.assert_close(model(ids), model(ids))
+
+
+def test_forward_with_labels_returns_the_chunked_loss_with_same_gradients():
+    torch.manual_seed(0)
+    a = MicroTransformer(**TINY, dropout=0.0)
+    b = MicroTransformer(**TINY, dropout=0.0)
+    b.load_state_dict(a.state_dict())
+    ids, _ = get_sample_data(3, 20, TINY["vocab_size"], seed=9)
+    expected = lm_loss(a(ids), ids)
+    got = b(ids, labels=ids)
+    assert got.dim() == 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected.backward()
+    got.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_labels_shape_must_match_input(tiny_model):
+    ids, _ = get_sample_data(2, 8, TINY["vocab_size"], seed=1)
+    with pytest.raises(ValueError, match="labels has shape"):
+        tiny_model(ids, labels=ids[:, :4])
