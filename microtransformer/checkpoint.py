@@ -110,6 +110,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> Path:
+    """Write `data` as indented UTF-8 JSON to `path` atomically (see `atomic_write_bytes`)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return Path(path)
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete temp files left in `directory` by writes that a crash interrupted (the names
     `atomic_write_bytes` uses: `.NAME.XXXX.tmp`); returns what was removed."""

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from microtransformer import __version__
-from microtransformer.checkpoint import atomic_write_bytes
+from microtransformer.checkpoint import atomic_write_json
 from microtransformer.errors import UserError
 from microtransformer.tokenizer import (
     EOS_TOKEN,
@@ -608,7 +608,7 @@ def prepare(
         "text_field": text_field,
         "sources": scan.records,
     }
-    _write_json(out / "meta.json", meta)
+    atomic_write_json(out / "meta.json", meta, sort_keys=True)
     return meta
 
 
@@ -660,11 +660,6 @@ def _flush(tok: Tokenizer, batch: list[tuple[str, int, str]], writers: dict[str,
         last_doc[split] = doc
         writers[split].append(ids)
         text_bytes[split] += len(text.encode("utf-8"))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:

@@ -27,7 +27,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from microtransformer.checkpoint import atomic_write_bytes, load_weights_into, save_weights
+from microtransformer.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_weights_into,
+    save_weights,
+)
 from microtransformer.errors import UserError
 from model import MicroTransformer, ModelConfig
 
@@ -39,13 +44,6 @@ WEIGHT_FILES = {"last": WEIGHTS_NAME, "best": BEST_WEIGHTS_NAME}
 
 
 # --------------------------------------------------------------------- helpers
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` as indented JSON to `path` atomically (temp file, fsync, os.replace)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
-    return Path(path)
-
-
 def atomic_save_safetensors(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],

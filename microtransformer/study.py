@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microtransformer.checkpoint import atomic_write_json
 from microtransformer.errors import UserError
 from microtransformer.search import SEED_PRESETS
 
@@ -557,16 +558,10 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         "device": spec.device, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    _write_json_atomic(run_dir / "result.json", res)
+    atomic_write_json(run_dir / "result.json", res)
     for heavy in ("state.pt", "best.safetensors"):  # keep the final weights, drop the rest
         (run_dir / heavy).unlink(missing_ok=True)
     return res
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_in_subprocess(spec: RunSpec, data_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -576,7 +571,7 @@ def run_in_subprocess(spec: RunSpec, data_dir: Path, run_dir: Path) -> dict[str,
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
-    _write_json_atomic(spec_path, {"spec": asdict(spec), "data_dir": str(data_dir)})
+    atomic_write_json(spec_path, {"spec": asdict(spec), "data_dir": str(data_dir)})
     with open(run_dir / "train.log", "w", encoding="utf-8") as log:
         proc = subprocess.run([sys.executable, "-m", "microtransformer.study", "--worker",
                                str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
@@ -649,7 +644,7 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
         log(f"resuming with the sizes in {plan_path}: {tokens:,} tokens, {minutes:.2f} min")
     else:
         tokens, minutes = size_budget(s, throughput, fixed_s)
-        _write_json_atomic(plan_path, {"tokens": tokens, "minutes": minutes,
+        atomic_write_json(plan_path, {"tokens": tokens, "minutes": minutes,
                                        "throughput": throughput})
     runs = plan_runs(s, tokens, minutes, throughput)
     done = load_finished(out)
