@@ -33,4 +33,4 @@ def shared_data() -> Path:
     """../shared/data beside the repo; tests using it skip when it is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
-    return SHARED_DATA
+    return SHARED_DATA.resolve()

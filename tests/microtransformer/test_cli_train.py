@@ -16,13 +16,7 @@ TINY = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_hea
         "--model.num_layers", "2", "--model.ff_dim", "64", "--train.batch_size", "4",
         "--train.eval_steps", "2", "--train.warmup_steps", "2", "--train.log_interval", "5"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,6 @@ from microtransformer.checkpoint import (
     save_weights,
 )
 from microtransformer.cli import main
-from microtransformer.data import prepare
 from microtransformer.errors import UserError
 from model import MicroTransformer
 from model import transformer as model_transformer
@@ -58,26 +57,7 @@ RUN = [*TINY, "--train.max_steps", "10", "--train.checkpoint_interval", "3",
        "--train.eval_interval", "4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Same thread count as the subprocesses (OMP_NUM_THREADS=1): bit-identical float sums."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    """A prepared char-level data directory."""
-    root = tmp_path_factory.mktemp("reldata")
-    text = "".join(f"the {w} sat on the mat and the {w} ran to the hill.\n"
-                   for w in ("cat", "dog", "fox", "owl", "bee", "elk")) * 30
-    (root / "corpus.txt").write_text(text)
-    prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", vocab_size=64,
-            val_tail=0.1, progress=False)
-    return root / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

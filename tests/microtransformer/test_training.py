@@ -14,7 +14,6 @@ import torch
 from microtransformer import training
 from microtransformer.checkpoint import load_training_state, load_weights
 from microtransformer.config import RunConfig, TrainConfig, load_config
-from microtransformer.data import prepare
 from microtransformer.metrics import read_metrics
 from microtransformer.training import (
     RuntimeContext,
@@ -32,26 +31,7 @@ from model import transformer as model_transformer
 TINY_MODEL = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
               "--model.num_layers", "2", "--model.ff_dim", "64"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and identically) on one thread on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    """A prepared char-level data dir from a small repetitive corpus."""
-    root = tmp_path_factory.mktemp("chardata")
-    lines = [f"the {w} sat on the mat and the {w} ran to the hill.\n"
-             for w in ("cat", "dog", "fox", "owl", "bee", "elk")]
-    (root / "corpus.txt").write_text("".join(lines) * 40)
-    prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", vocab_size=64,
-            val_tail=0.1, progress=False)
-    return root / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(data_dir: Path, *extra: str) -> RunConfig:
