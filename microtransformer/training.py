@@ -247,11 +247,17 @@ class StopRequest:
         sys.stderr.write(f"\n{self.signal_name} received: finishing this step and saving a "
                          "checkpoint (press Ctrl-C again to stop at once)\n")
 
-    def install(self) -> None:
-        """Install the handlers (only possible from the main thread; silently skipped else)."""
+    def install(self, *, elastic: bool = False) -> None:
+        """Install the handlers (only possible from the main thread; silently skipped else).
+
+        Under torchrun (`elastic=True`) SIGTERM keeps its default action: the elastic agent
+        sends it to stop the survivors when a worker dies, and a survivor is then blocked in a
+        collective with a dead peer, where a Python handler never runs; dying at once lets the
+        agent relaunch promptly from the last checkpoint. SIGINT stays graceful.
+        """
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT,) if elastic else (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
@@ -461,7 +467,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
     # --- the loop
     stop = StopRequest()
-    stop.install()
+    stop.install(elastic=ctx.distributed)
     bar = _progress_bar(step, tc.max_steps, enabled=progress and ctx.is_main)
     raw_model.train()
     start_time = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from microtransformer import distributed
 from microtransformer.checkpoint import load_run, load_training_state, load_weights
 from microtransformer.cli import main
 from microtransformer.config import load_config
-from microtransformer.data import BatchLoader, prepare
+from microtransformer.data import BatchLoader
 from microtransformer.distributed import RuntimeContext
 from microtransformer.errors import UserError
 from microtransformer.training import evaluate, prepare_data, train
@@ -41,18 +42,6 @@ ATOL = 1e-5
 
 
 # ---------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    """A prepared char-level data dir (25 symbols) from a small repetitive corpus."""
-    root = tmp_path_factory.mktemp("ddpdata")
-    lines = [f"the {w} sat on the mat and the {w} ran to the hill.\n"
-             for w in ("cat", "dog", "fox", "owl", "bee", "elk")]
-    (root / "corpus.txt").write_text("".join(lines) * 40)
-    prepare([str(root / "corpus.txt")], root / "data", tokenizer="char", vocab_size=64,
-            val_tail=0.1, progress=False)
-    return root / "data"
-
-
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as s:
@@ -79,10 +68,24 @@ def standalone(nproc: int, *extra: str) -> list[str]:
                         "--local_addr", "127.0.0.1", *extra)
 
 
+def launch(cmd: list[str], **kwargs: object) -> subprocess.Popen:
+    """Start torchrun in its own session, so `kill_tree` can reap its workers too."""
+    return subprocess.Popen(cmd, env=worker_env(), cwd=REPO, start_new_session=True, **kwargs)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker it started (a failed test must not leak workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_torchrun(cmd: list[str], timeout: float = 120) -> str:
-    proc = subprocess.run(cmd, env=worker_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-    out = proc.stdout + proc.stderr
+    proc = launch(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    finally:
+        kill_tree(proc)
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -255,9 +258,12 @@ def test_two_nodes_on_loopback_train_one_run(char_data: Path, tmp_path: Path) ->
                            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
                            "--rdzv_id", "loopback-test", "--local_addr", "127.0.0.1",
                            *train_cli(char_data, run, *SHORT))
-        procs.append(subprocess.Popen(cmd, env=worker_env(), cwd=REPO, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outs = [p.communicate(timeout=180)[0] for p in procs]
+        procs.append(launch(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            kill_tree(p)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert sum("completed: step 10/10" in o for o in outs) == 1  # rank 0 alone reports
     assert load_training_state(run / "state.pt")["step"] == 10
@@ -301,17 +307,19 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_killed_worker_restarts_from_last_checkpoint(char_data: Path, tmp_path: Path) -> None:
-    """SIGKILL rank 1 after the first checkpoint; torchrun --max-restarts 1 relaunches both
+    """SIGKILL rank 1 after the first checkpoint; torchrun --max-restarts relaunches both
     workers, which resume from RUN_DIR's checkpoint and finish; the final run loads."""
     run, max_steps = tmp_path / "ft", 400
-    cmd = standalone(2, "--max-restarts", "1", "--monitor-interval", "0.2",
+    # A relaunch can itself fail to reconnect gloo under load ("Connection refused", an open
+    # upstream issue: pytorch/pytorch#167288), so the budget allows more than one restart; the
+    # assertions below still require a resume from the checkpoint and the full run.
+    cmd = standalone(2, "--max-restarts", "3", "--monitor-interval", "0.2",
                      *train_cli(char_data, run, *TINY, "--train.max_steps", str(max_steps),
                                 "--train.checkpoint_interval", "20",
                                 "--train.eval_interval", "200", "--train.log_interval", "20"))
     log = tmp_path / "torchrun.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stdout=fh,
-                                stderr=subprocess.STDOUT)
+        proc = launch(cmd, stdout=fh, stderr=subprocess.STDOUT)
     try:
         state, deadline, saved_step = run / "state.pt", time.monotonic() + 120, 0
         while saved_step < 20:  # the step-0 checkpoint (best val) does not count
@@ -326,13 +334,11 @@ def test_killed_worker_restarts_from_last_checkpoint(char_data: Path, tmp_path: 
         assert 20 <= saved_step < max_steps  # killed mid-run, after a checkpoint
         proc.wait(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_tree(proc)
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     resumed = [int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
-               if line.startswith("restart 1: resuming from step ")]
+               if re.match(r"restart [1-3]: resuming from step \d+$", line)]
     assert len(resumed) == 1 and resumed[0] >= saved_step, out[-4000:]  # nothing lost
     assert f"completed: step {max_steps}/{max_steps}" in out
     assert load_training_state(state)["step"] == max_steps
