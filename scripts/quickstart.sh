@@ -16,11 +16,13 @@ if [ -f "$RUN_DIR/state.pt" ]; then
     echo "$RUN_DIR already holds a run: sampling from it (delete it or set RUN_DIR to retrain)"
 else
     # Context 256 instead of the preset's 512 keeps a CPU step cheap (2,387,680 parameters).
-    # The schedule is sized for ~1 step/s on a laptop CPU; the time budget stops it regardless.
+    # The schedule is sized for ~2 steps/s (16 x 256 tokens; this model trains at ~8k tokens/s on
+    # 2 idle cores, docs/PERFORMANCE.md); on a slower or busy machine the time budget stops it,
+    # saving a checkpoint that `microtransformer train --out "$RUN_DIR" --resume` continues.
     microtransformer train --preset balanced --out "$RUN_DIR" \
         --model.max_seq_len 256 --train.batch_size 16 --train.lr 2e-3 \
-        --train.max_steps $((MINUTES * 60)) --train.warmup_steps 30 \
-        --train.eval_interval 60 --train.eval_steps 10 --train.max_time_minutes "$MINUTES"
+        --train.max_steps $((MINUTES * 110)) --train.warmup_steps 40 \
+        --train.eval_interval 100 --train.eval_steps 10 --train.max_time_minutes "$MINUTES"
 fi
 microtransformer info "$RUN_DIR"
 microtransformer generate "$RUN_DIR" --prompt "def " --max-new-tokens 150 \
