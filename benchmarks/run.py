@@ -179,15 +179,23 @@ def ours_side(model: MicroTransformer, device: torch.device, args: argparse.Name
         decoders: dict[tuple[int, int], StaticDecoder] = {}
         dtype = torch.bfloat16 if amp else torch.float32
         graph = device.type == "cuda"
+        compiled = bool(args.compile_decode) and not graph
         notes.append(f"generation: StaticDecoder (static KV cache, {dtype}, "
-                     f"CUDA graph {graph})")
+                     f"CUDA graph {graph}, torch.compile step {compiled})")
 
         def gen_fn(prompt: torch.Tensor, n_new: int) -> None:
             key = (prompt.size(0), prompt.size(1) + n_new)
             if key not in decoders:
                 decoders[key] = StaticDecoder(model, prompt.size(0), key[1], dtype=dtype,
-                                              cuda_graph=graph)
-            decoders[key].generate(prompt, n_new, temperature=0.8, top_k=50)
+                                              cuda_graph=graph, compile=compiled)
+            dec = decoders[key]
+            fresh = compiled and dec.compile_seconds == 0.0
+            dec.generate(prompt, n_new, temperature=0.8, top_k=50)
+            if fresh:  # first call compiled the step (in the untimed warm-up)
+                notes.append(f"decode step compile for batch {key[0]}: "
+                             f"{dec.compile_seconds:.1f} s (warm-up, not timed)"
+                             + (f"; FAILED, eager: {dec.compile_error}"
+                                if dec.compile_error else ""))
 
     def generate(prompt: torch.Tensor, n_new: int) -> None:
         if gen_fn is not None:
@@ -481,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static-decode", choices=["auto", "on", "off"], default="auto",
                     help="our generation via microtransformer.fast_generate.StaticDecoder "
                          "(auto: on CUDA, with a CUDA graph) or model.generate")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="with --static-decode on, CPU: torch.compile the StaticDecoder step "
+                         "(compiled in the untimed warm-up)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -13,18 +13,28 @@ position, padding columns off), which keeps shapes static. Sampling uses the exp
 form of a categorical draw (argmax of logit/temperature - log(E), E ~ Exp(1)) among the top-k,
 which has the same distribution as softmax + multinomial but needs no host round trip.
 
-On CPU the same step runs eagerly (useful for testing; `model.generate` is faster there).
+On CPU the step runs eagerly by default (useful for testing; `model.generate` is about as
+fast there). With `compile=True` (opt-in, CPU) the same fixed-shape step is compiled once per
+(top_k, greedy) by `torch.compile` (inductor's C++ backend, `cpp_wrapper` and weight
+`freezing` on), which removes the Python/dispatcher cost of the ~55 small ops per token; the
+first `generate` call pays the compile (seconds to tens of seconds). If compiling fails the
+decoder falls back to the eager step and records why in `compile_error`.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from model.attention import KVCache
 from model.transformer import MicroTransformer
+
+# inductor settings for the compiled CPU step (read only while compiling)
+COMPILE_OPTIONS: dict[str, object] = {"cpp_wrapper": True, "freezing": True}
+MATH_ATTENTION = True
 
 
 def race_sample(logits: torch.Tensor, inv_temperature: torch.Tensor | float,
@@ -54,6 +64,9 @@ class StaticDecoder:
         max_len: prompt length + new tokens, at most `model.max_seq_len`.
         dtype: weights/cache dtype (default: the model's), e.g. torch.bfloat16 on a GPU.
         cuda_graph: capture the step as a CUDA graph (default: True on CUDA, False otherwise).
+        compile: compile the step with torch.compile (inductor C++ on CPU; not combined with
+            a CUDA graph). Compiling happens on the first `generate` per (top_k, greedy); an
+            error falls back to the eager step (see `compile_error`).
     """
 
     def __init__(
@@ -64,6 +77,7 @@ class StaticDecoder:
         *,
         dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
+        compile: bool = False,  # shadows the builtin, mirrors torch.compile
     ) -> None:
         if not 1 <= max_len <= model.max_seq_len:
             raise ValueError(
@@ -93,10 +107,19 @@ class StaticDecoder:
         self.use_graph = (dev.type == "cuda") if cuda_graph is None else cuda_graph
         if self.use_graph and dev.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        if compile and self.use_graph:
+            raise ValueError("compile=True and cuda_graph=True are exclusive")
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.compile = compile
+        self.compile_error: str | None = None  # why compile fell back to eager, if it did
+        self.compile_seconds = 0.0  # total one-off compile (warm-up) time so far
+        self._compiled_step = (torch.compile(self._step, fullgraph=True, dynamic=False)
+                               if compile else None)
+        self._compiled_keys: set[tuple[int, bool]] = set()
+        # inductor fuses explicit attention better than the CPU flash kernel for 1 query
+        self._math_attention = compile and MATH_ATTENTION
 
     # ------------------------------------------------------------------ the step
-    @torch.inference_mode()
     def _step(self, top_k: int, greedy: bool) -> None:
         """Feed `tok` at `col`, sample the next token into `tok` and `out[:, col + 1]`."""
         m = self.model
@@ -114,7 +137,11 @@ class StaticDecoder:
             qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).view(B, 3, nh, 1, hs)
             k_buf.index_copy_(2, self.col, qkv[:, 1])  # (B, nh, S, hs) <- (B, nh, 1, hs)
             v_buf.index_copy_(2, self.col, qkv[:, 2])
-            y = F.scaled_dot_product_attention(qkv[:, 0], k_buf, v_buf, attn_mask=mask)
+            if self._math_attention:  # one query row: two small GEMMs + a fused softmax
+                scores = torch.matmul(qkv[:, 0], k_buf.transpose(-1, -2)) * hs ** -0.5
+                y = torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1), v_buf)
+            else:
+                y = F.scaled_dot_product_attention(qkv[:, 0], k_buf, v_buf, attn_mask=mask)
             x = x + F.linear(y.reshape(B, -1), attn.proj.weight, attn.proj.bias)  # (B, C)
             h = F.layer_norm(x, block.ln2.normalized_shape, block.ln2.weight, block.ln2.bias,
                              block.ln2.eps)
@@ -128,8 +155,37 @@ class StaticDecoder:
         self.position.add_(1)
         self.col.add_(1)
 
+    def _compiled_runner(self, top_k: int, greedy: bool):
+        """The compiled step for this key, compiling it now (one warm-up step) if needed."""
+        key = (top_k, greedy)
+        step = self._compiled_step
+        if key not in self._compiled_keys:
+            import time
+
+            import torch._inductor.config as inductor_config
+
+            start = time.perf_counter()
+            try:
+                # C++ wrapper: no Python per kernel; freezing: weights become constants
+                # (pre-packed for the CPU GEMMs). Only read while compiling.
+                with inductor_config.patch(**COMPILE_OPTIONS):
+                    self.col.zero_()
+                    step(top_k, greedy)
+            except Exception as exc:  # any compile failure: eager fallback
+                self.compile_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"StaticDecoder: torch.compile failed, using the eager step "
+                              f"({self.compile_error})", RuntimeWarning, stacklevel=3)
+                self._compiled_step = None
+                return lambda: self._step(top_k, greedy)
+            finally:
+                self.compile_seconds += time.perf_counter() - start
+            self._compiled_keys.add(key)
+        return lambda: step(top_k, greedy)
+
     def _runner(self, top_k: int, greedy: bool):
         """A zero-argument callable running one step: a graph replay, or the eager step."""
+        if self._compiled_step is not None:
+            return self._compiled_runner(top_k, greedy)
         if not self.use_graph:
             return lambda: self._step(top_k, greedy)
         key = (top_k, greedy)
@@ -149,7 +205,6 @@ class StaticDecoder:
         return self._graphs[key].replay
 
     # ------------------------------------------------------------------ public
-    @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -163,6 +218,13 @@ class StaticDecoder:
 
         Sampling is top-k (None/0: whole vocabulary) at `temperature`; 0 means greedy.
         """
+        # the compiled step runs under no_grad: inference tensors trip inductor's freezing
+        with torch.no_grad() if self.compile else torch.inference_mode():
+            return self._generate(input_ids, max_new_tokens, temperature=temperature,
+                                  top_k=top_k, attention_mask=attention_mask)
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float,
+                  top_k: int | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
         B, T0 = input_ids.shape
         if B != self.batch_size:
             raise ValueError(f"prompt has {B} rows but this decoder was built for "
@@ -182,12 +244,16 @@ class StaticDecoder:
         self.key_real[:, :T0] = real
         self.inv_temperature.fill_(1.0 if greedy else 1.0 / temperature)
         self.col.zero_()
-        for t in range(T0):  # prefill: one replay per prompt token (the prompts are short)
+        self._loop(run, ids, positions, max_new_tokens)
+        result = self.out[:, : T0 + max_new_tokens].clone()
+        result[:, :T0] = ids
+        return result
+
+    def _loop(self, run, ids: torch.Tensor, positions: torch.Tensor,
+              max_new_tokens: int) -> None:
+        for t in range(ids.size(1)):  # prefill: one step per prompt token (prompts are short)
             self.tok.copy_(ids[:, t])
             self.position.copy_(positions[:, t])
             run()
         for _ in range(max_new_tokens - 1):  # each replay feeds back the token it sampled
             run()
-        result = self.out[:, : T0 + max_new_tokens].clone()
-        result[:, :T0] = ids
-        return result

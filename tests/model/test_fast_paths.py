@@ -140,6 +140,54 @@ def test_static_decoder_rejects_bad_sizes() -> None:
         dec.generate(torch.zeros(2, 4, dtype=torch.long), 7)
 
 
+def test_static_decoder_math_attention_step_matches_generate() -> None:
+    """The explicit-attention step the compiled decoder traces, run eagerly (fast)."""
+    model = _model(8)
+    prompt = torch.randint(0, SMALL["vocab_size"], (2, 7))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    ref = model.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=mask)
+    dec = StaticDecoder(model, 2, 27)
+    dec._math_attention = True
+    assert torch.equal(dec.generate(prompt, 20, temperature=0, attention_mask=mask), ref)
+
+
+def test_static_decoder_compile_failure_falls_back_to_eager() -> None:
+    model = _model(9)
+    prompt = torch.randint(0, SMALL["vocab_size"], (1, 5))
+    ref = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    dec = StaticDecoder(model, 1, 17, compile=True)
+
+    def broken(top_k: int, greedy: bool) -> None:
+        raise RuntimeError("no compiler")
+
+    dec._compiled_step = broken
+    with pytest.warns(RuntimeWarning, match="eager"):
+        got = dec.generate(prompt, 12, temperature=0)
+    assert torch.equal(got, ref)
+    assert dec.compile_error is not None and "no compiler" in dec.compile_error
+    assert torch.equal(dec.generate(prompt, 12, temperature=0), ref)  # stays eager, no warning
+
+
+@pytest.mark.slow
+def test_static_decoder_compiled_cpu_matches_generate() -> None:
+    """torch.compile'd CPU step (inductor C++): greedy equals model.generate; ~10-30 s."""
+    model = _model(10)
+    prompt = torch.randint(0, SMALL["vocab_size"], (3, 6))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    ref = model.generate(prompt, max_new_tokens=25, do_sample=False, attention_mask=mask)
+    dec = StaticDecoder(model, 3, 31, compile=True)
+    got = dec.generate(prompt, 25, temperature=0, attention_mask=mask)
+    assert dec.compile_error is None, dec.compile_error
+    assert torch.equal(got, ref)
+    assert torch.equal(dec.generate(prompt, 25, temperature=0, attention_mask=mask), ref)
+    out = dec.generate(prompt, 25, temperature=0.8, top_k=10, attention_mask=mask)
+    assert out.shape == (3, 31) and torch.equal(out[:, :6], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < SMALL["vocab_size"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_static_decoder_cuda_graph_matches_eager() -> None:
