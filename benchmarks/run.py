@@ -180,6 +180,8 @@ def ours_side(model: MicroTransformer, device: torch.device, args: argparse.Name
         dtype = torch.bfloat16 if amp else torch.float32
         graph = device.type == "cuda"
         compiled = bool(args.compile_decode) and not graph
+        if compiled and args.compile_decode == "max-autotune":
+            compiled = "max-autotune"
         notes.append(f"generation: StaticDecoder (static KV cache, {dtype}, "
                      f"CUDA graph {graph}, torch.compile step {compiled})")
 
@@ -489,9 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static-decode", choices=["auto", "on", "off"], default="auto",
                     help="our generation via microtransformer.fast_generate.StaticDecoder "
                          "(auto: on CUDA, with a CUDA graph) or model.generate")
-    ap.add_argument("--compile-decode", action="store_true",
+    ap.add_argument("--compile-decode", nargs="?", const="default", default=None,
+                    choices=["default", "max-autotune"],
                     help="with --static-decode on, CPU: torch.compile the StaticDecoder step "
-                         "(compiled in the untimed warm-up)")
+                         "(compiled in the untimed warm-up); max-autotune also autotunes GEMMs")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

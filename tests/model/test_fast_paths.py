@@ -133,6 +133,8 @@ def test_static_decoder_rejects_bad_sizes() -> None:
     model = _model()
     with pytest.raises(ValueError, match="max_len"):
         StaticDecoder(model, 1, SMALL["max_seq_len"] + 1)
+    with pytest.raises(ValueError, match="compile"):
+        StaticDecoder(model, 1, 10, compile="fast")
     dec = StaticDecoder(model, 2, 10)
     with pytest.raises(ValueError, match="batch_size"):
         dec.generate(torch.zeros(3, 4, dtype=torch.long), 2)
