@@ -541,15 +541,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                ignore_index: int, chunk_size: int) -> torch.Tensor:
+                ignore_index: int, chunk_size: int, needs_grad: bool) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):
             h32, w32 = h.float(), weight.float()  # (N, C), (V, C)
             valid = targets != ignore_index  # (N,)
             safe = targets.masked_fill(~valid, 0)
             scale = 1.0 / valid.sum().clamp(min=1).float()
             weight_rows = valid.float() * scale  # (N,) d loss / d per-row loss
-            grad_h = torch.empty_like(h32)
-            grad_w = torch.zeros_like(w32)
+            if needs_grad:
+                grad_h = torch.empty_like(h32)
+                grad_w = torch.zeros_like(w32)
             total = h32.new_zeros(())
             for s in range(0, h32.size(0), chunk_size):
                 e = min(s + chunk_size, h32.size(0))
@@ -557,18 +558,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)  # (n,)
                 picked = logits.gather(1, safe[s:e, None]).squeeze(1)  # (n,)
                 total += ((lse - picked) * weight_rows[s:e]).sum()
+                if not needs_grad:  # evaluation: the loss alone
+                    continue
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(e - s, device=h.device), safe[s:e]] -= 1.0
                 probs.mul_(weight_rows[s:e, None])  # d loss / d logits
                 torch.mm(probs, w32, out=grad_h[s:e])
                 grad_w.addmm_(probs.t(), h32[s:e])
-        ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
-        return total.to(h.dtype)
+        if needs_grad:
+            ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
+        return total  # fp32 whatever the input dtype
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -587,4 +591,5 @@ def chunked_lm_loss(
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,)
     h = hidden.reshape(-1, hidden.size(-1))  # (B*T, C)
-    return _ChunkedHeadLoss.apply(h, head_weight, targets, ignore_index, chunk_size)
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad)
+    return _ChunkedHeadLoss.apply(h, head_weight, targets, ignore_index, chunk_size, needs_grad)

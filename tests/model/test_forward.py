@@ -141,8 +141,10 @@ def test_forward_with_labels_returns_the_chunked_loss_with_same_gradients():
     ids, _ = get_sample_data(3, 20, TINY["vocab_size"], seed=9)
     expected = lm_loss(a(ids), ids)
     got = b(ids, labels=ids)
-    assert got.dim() == 0
+    assert got.dim() == 0 and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the evaluation path skips the gradient work, same value
+        torch.testing.assert_close(b(ids, labels=ids), got.detach(), atol=0, rtol=0)
     expected.backward()
     got.backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
