@@ -87,6 +87,25 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None
                         "--nproc_per_node N -m microtransformer train ...`") from None
 
 
+def init_process_group(backend: str, env: TorchrunEnv, environ: Mapping[str, str]) -> None:
+    """`init_process_group` on torchrun's store, in a key namespace of this restart attempt.
+
+    The elastic agent's store outlives a restart, so without a per-attempt prefix a relaunched
+    worker can read the address that a killed worker of the previous attempt published and
+    fail with "Gloo connectFullMesh failed ... Connection refused" (seen here, intermittently).
+    """
+    import torch.distributed as dist
+
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), env.world_size,
+        is_master=not agent_store and env.rank == 0,  # else the agent hosts it
+    )
+    attempt = dist.PrefixStore(f"microtransformer/attempt_{env.restart_count}", store)
+    dist.init_process_group(backend=backend, store=attempt, rank=env.rank,
+                            world_size=env.world_size)
+
+
 def restart_count(environ: Mapping[str, str] | None = None) -> int:
     """How many times torchrun has restarted this job's workers (0 outside torchrun)."""
     env = torchrun_env(environ)
@@ -148,7 +167,7 @@ def runtime(device_name: str = "auto", environ: Mapping[str, str] | None = None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = choose_backend(device, environ)
-    dist.init_process_group(backend=backend)
+    init_process_group(backend, env, os.environ if environ is None else environ)
     try:
         yield RuntimeContext(rank=env.rank, world_size=env.world_size,
                              local_rank=env.local_rank, device=device, backend=backend)

@@ -465,6 +465,21 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         loss = evaluate(raw_model, batches, ctx, amp)
         return loss, bits_per_byte(loss, val_bytes_per_token)
 
+    def record_eval() -> bool:
+        """Evaluate, remember the result (and the best); True when it is the best so far."""
+        nonlocal last_val, best_val, best_bpb
+        last_val = run_eval()
+        improved = last_val[0] < best_val
+        if improved:
+            best_val, best_bpb = last_val
+        return improved
+
+    def log_eval(progress_bar: Any, elapsed: float) -> None:
+        val_loss, val_bpb = last_val
+        _log(logger, progress_bar, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                    "val_ppl": math.exp(min(val_loss, 50.0)),
+                                    "tokens_seen": tokens_seen, "elapsed_s": elapsed})
+
     # --- the loop
     stop = StopRequest()
     stop.install(elastic=ctx.distributed)
@@ -483,16 +498,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         while step < tc.max_steps:
             if step % tc.eval_interval == 0:
                 eval_start = time.perf_counter()
-                val_loss, val_bpb = run_eval()
-                last_val, last_eval_step = (val_loss, val_bpb), step
-                improved = val_loss < best_val
-                if improved:
-                    best_val, best_bpb = val_loss, val_bpb
+                if record_eval():
                     save_checkpoint(best=True)
-                _log(logger, bar, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                   "val_ppl": math.exp(min(val_loss, 50.0)),
-                                   "tokens_seen": tokens_seen,
-                                   "elapsed_s": time.perf_counter() - start_time})
+                last_eval_step = step
+                log_eval(bar, time.perf_counter() - start_time)
                 eval_s = time.perf_counter() - eval_start
                 eval_total_s += eval_s
                 window_time += eval_s  # throughput counts training time only
@@ -560,15 +569,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     elapsed = time.perf_counter() - start_time
     # --- final evaluation (skipped on interrupt, to exit quickly) and checkpoint
     if stop_reason in ("completed", "time budget") and last_eval_step != step:
-        val_loss, val_bpb = run_eval()
-        last_val = (val_loss, val_bpb)
-        improved = val_loss < best_val
-        if improved:
-            best_val, best_bpb = val_loss, val_bpb
-        save_checkpoint(best=improved)
-        _log(logger, None, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                            "val_ppl": math.exp(min(val_loss, 50.0)),
-                            "tokens_seen": tokens_seen, "elapsed_s": elapsed})
+        save_checkpoint(best=record_eval())
+        log_eval(None, elapsed)
     else:
         save_checkpoint()
     if logger is not None:
