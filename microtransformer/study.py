@@ -997,6 +997,13 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
         fig.suptitle(title, fontsize=10)
         return fig, axes[0]
 
+    def style(ax: Any, corpus: str, xlabel: str, ylabel: str = "loss (nats)") -> None:
+        ax.set_title(corpus, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out / name)
@@ -1017,11 +1024,7 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
                     ys = [e[3] for e in r["curve"]]
                     ax.plot(xs, ys, color=COLORS.get(cfg), alpha=0.8, linewidth=1,
                             label=cfg if j == 0 else None)
-            ax.set_title(corpus, fontsize=9)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("loss (nats)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            style(ax, corpus, xlabel)
         save(fig, name)
 
     if any(k[0] == "tokens" for k in groups):
@@ -1041,11 +1044,8 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
                 xs, ys = smooth_positions(mean_pos, 16)
                 ax.plot(xs, ys, "o-", markersize=2, color=COLORS.get(cfg), label=cfg)
             ax.axhline(0, color="gray", linewidth=0.5)
-            ax.set_title(corpus, fontsize=9)
-            ax.set_xlabel("position in context (16-token buckets)")
-            ax.set_ylabel("loss - wide_shallow loss" if ref else "loss")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            style(ax, corpus, "position in context (16-token buckets)",
+                  "loss - wide_shallow loss" if ref else "loss")
         save(fig, "study_position.png")
 
         fig, axes = panels("val loss by position (equal tokens, mean over seeds)")
@@ -1058,11 +1058,7 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
                 xs, ys = smooth_positions(mean_pos, 8)
                 ax.plot(xs, ys, color=COLORS.get(cfg), label=cfg, linewidth=1)
             ax.set_xscale("log")
-            ax.set_title(corpus, fontsize=9)
-            ax.set_xlabel("position in context (log)")
-            ax.set_ylabel("loss (nats)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            style(ax, corpus, "position in context (log)")
         save(fig, "study_position_abs.png")
 
     init_keys = [k for k in groups if k[0] == "tokens" and k[3] != base_init]
@@ -1078,11 +1074,7 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
                     ax.plot([e[1] for e in r["curve"]], [e[3] for e in r["curve"]],
                             styles.get(init, ":"), color=COLORS.get(cfg), linewidth=1,
                             label=f"{cfg} {init}" if j == 0 else None)
-            ax.set_title(corpus, fontsize=9)
-            ax.set_xlabel("training tokens")
-            ax.set_ylabel("loss (nats)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            style(ax, corpus, "training tokens")
         save(fig, "study_init.png")
     return paths
 
