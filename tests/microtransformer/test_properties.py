@@ -170,7 +170,9 @@ def bad_inputs(draw):
     if kind == "ids_float":
         return ids.float(), None, "input_ids"
     if kind == "ids_range":
-        bad = draw(st.one_of(st.integers(max_value=-1), st.integers(min_value=V)))
+        # any id an int64 tensor can hold outside [0, V) (beyond int64 cannot be stored at all)
+        lo, hi = -(2**63), 2**63 - 1
+        bad = draw(st.one_of(st.integers(lo, -1), st.integers(V, hi)))
         ids[draw(st.integers(0, B - 1)), draw(st.integers(0, T - 1))] = bad
         return ids, None, "token id"
     if kind == "ids_long":
