@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from microtransformer.device import no_cuda_error, resolve_device
 from microtransformer.errors import UserError
 
 BACKEND_ENV = "MICROTRANSFORMER_BACKEND"
@@ -134,8 +135,7 @@ def distributed_device(device_name: str, env: TorchrunEnv) -> torch.device:
         raise UserError("train.device='mps' cannot be used under torchrun (one MPS device and no "
                         "collective backend for it); use --train.device cpu")
     if device_name == "cuda" and not cuda:
-        raise UserError("train.device='cuda' but no CUDA device is available; use "
-                        "--train.device cpu (or auto)")
+        raise no_cuda_error("train.device")
     if device_name == "cpu" or not cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count()
@@ -150,13 +150,11 @@ def runtime(device_name: str = "auto", environ: Mapping[str, str] | None = None
             ) -> Iterator[RuntimeContext]:
     """The process's RuntimeContext; under torchrun, with the process group set up around it.
 
-    Outside torchrun this is a single process on `device_name` (see `training.resolve_device`).
+    Outside torchrun this is a single process on `device_name` (see `device.resolve_device`).
     Under torchrun: pick the device (cuda:LOCAL_RANK, set as current) and backend, call
     `init_process_group` (torchrun's env:// rendezvous), yield, and destroy the group in
     `finally` so every exit path (error, interrupt) releases it.
     """
-    from microtransformer.training import resolve_device
-
     env = torchrun_env(environ)
     if env is None:
         yield RuntimeContext(device=resolve_device(device_name))

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microtransformer.checkpoint import atomic_write_json
+from microtransformer.device import default_autocast, resolve_device
 from microtransformer.errors import UserError
 from microtransformer.search import SEED_PRESETS
 
@@ -311,26 +312,6 @@ def fit_to_budget(runs: Sequence[RunSpec], budget_s: float | None,
 
 
 # ============================================================================ measurement
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda if available, else mps, else cpu (as training does)."""
-    if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _amp(device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (as training's dtype=auto), fp32 elsewhere."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def loss_by_position(model: nn.Module, windows: Iterable[torch.Tensor], device: str = "cpu"
                      ) -> torch.Tensor:
@@ -347,7 +328,7 @@ def loss_by_position(model: nn.Module, windows: Iterable[torch.Tensor], device: 
         for ids in windows:
             ids = ids.to(device)
             inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T), (B, T)
-            with _amp(device):
+            with default_autocast(device):
                 logits = model(inputs)  # (B, T, V)
             loss = F.cross_entropy(logits.float().transpose(1, 2), targets,
                                    reduction="none")  # (B, T)
@@ -442,7 +423,7 @@ def measure_throughput(dims: dict[str, int], *, vocab_size: int, seq_len: int, b
     ctx = RuntimeContext(device=torch.device(device))
 
     def step() -> None:
-        train_step(model, model, opt, lambda: batch, tc, ctx, lambda: _amp(device))
+        train_step(model, model, opt, lambda: batch, tc, ctx, lambda: default_autocast(device))
 
     step()  # warm-up (allocations, kernels)
     step()
@@ -617,7 +598,7 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    device = resolve_device(s.device)
+    device = resolve_device(s.device, option="device").type
     s = replace(s, device=device)
 
     data_dirs = {}

@@ -39,6 +39,7 @@ from torch import nn
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.config import RunConfig, TrainConfig
+from microtransformer.device import autocast_context, resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
     any_rank,
@@ -60,33 +61,6 @@ from model.utils import count_parameters
 class TrainingError(UserError):
     """Training cannot continue (e.g. too many consecutive non-finite steps); the message says
     where the last good checkpoint is and what to change."""
-
-
-# ============================================================================ runtime
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; explicit names are checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device='cuda' but no CUDA device is available; use "
-                        "--train.device cpu (or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                              and torch.backends.mps.is_available()):
-        raise UserError("train.device='mps' but MPS is not available; use --train.device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype for autocast: "auto" is bf16 on CUDA (fp16 if unsupported), fp32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 # ============================================================================ pure pieces
@@ -131,14 +105,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
     if device.type == "cuda":
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype
-                     ) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for forward passes (a no-op in float32)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

@@ -76,7 +76,7 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         k_buf: torch.Tensor,
         v_buf: torch.Tensor,
-        pos: int,
+        pos: int | torch.Tensor,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decoding position for every row, inference only (no dropout).
@@ -85,18 +85,31 @@ class MultiHeadAttention(nn.Module):
         hidden state without a time axis, calls the functional ops on the parameters directly
         (no submodule calls, no mask building) and returns the projected output.
 
-        x: (B, C); k_buf, v_buf: (B, nh, T_max, hs), written at `pos`; attention covers
-        positions 0 .. pos. key_mask: None or boolean (B, 1, 1, pos + 1), True = real key.
+        x: (B, C); k_buf, v_buf: (B, nh, T_max, hs). Two cache modes:
+          - `pos` an int (dynamic): every row writes column `pos` and attention covers columns
+            0 .. pos; key_mask is None or boolean (B, 1, 1, pos + 1), True = real key.
+          - `pos` a LongTensor (B,) (static): row b writes its own column pos[b] and attention
+            runs over the whole buffer, so shapes never change (CUDA graphs, torch.compile,
+            slots of a continuous batch at different lengths). key_mask (B, 1, 1, T_max) is
+            required and must allow exactly the columns each row may see (its own included).
         """
         B = x.size(0)
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (B, 3C)
         qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)  # (B, 3, nh, 1, hs)
-        end = pos + 1
-        k_buf[:, :, pos:end] = qkv[:, 1]
-        v_buf[:, :, pos:end] = qkv[:, 2]
-        y = F.scaled_dot_product_attention(
-            qkv[:, 0], k_buf[:, :, :end], v_buf[:, :, :end], attn_mask=key_mask
-        )  # (B, nh, 1, hs)
+        if isinstance(pos, torch.Tensor):
+            if key_mask is None:
+                raise ValueError("decode_step with per-row positions needs key_mask "
+                                 "(B, 1, 1, T_max)")
+            rows = torch.arange(B, device=x.device)
+            k_buf[rows, :, pos] = qkv[:, 1, :, 0]  # (B, nh, hs) into column pos[b] of row b
+            v_buf[rows, :, pos] = qkv[:, 2, :, 0]
+            k, v = k_buf, v_buf  # (B, nh, T_max, hs)
+        else:
+            end = pos + 1
+            k_buf[:, :, pos:end] = qkv[:, 1]
+            v_buf[:, :, pos:end] = qkv[:, 2]
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(qkv[:, 0], k, v, attn_mask=key_mask)  # (B, nh, 1, hs)
         return F.linear(y.reshape(B, self.embed_dim), self.proj.weight, self.proj.bias)
 
 

@@ -94,7 +94,7 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         k_buf: torch.Tensor,
         v_buf: torch.Tensor,
-        pos: int,
+        pos: int | torch.Tensor,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`forward` for one new position per row with a KV cache, inference only.

@@ -462,24 +462,28 @@ class MicroTransformer(nn.Module):
             if cache is not None:
                 if cur <= cache.max_len:  # room in the cache: decode one position
                     key_mask = real[:, None, None, : cur] if padded else None  # (B, 1, 1, S)
-                    logits = self._decode_step(token, next_pos, cache, cur - 1, key_mask)
+                    logits = self.decode_step(token, next_pos, cache, cur - 1, key_mask)
                     next_pos += 1
                 else:  # context full: positions shift every step, so recompute the window
                     cache = None
         return out[:, :cur]
 
-    def _decode_step(
+    def decode_step(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        pos: int,
-        key_mask: torch.Tensor | None,
+        pos: int | torch.Tensor,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits (B, V) after feeding `tokens` (B,) at `positions` (B,).
 
-        Same result as `_hidden` on a one-token slice followed by the head, without the time
-        axis and module calls; keys/values go into the cache at column `pos`. Eval mode only.
+        The one-token step every decoder uses (`generate`, the static decoder, the serving
+        engine): same result as `_hidden` on a one-token slice followed by the head, without
+        the time axis and module calls. Keys/values go into `cache` at column `pos`: an int
+        (every row the same column, attention over columns 0..pos) or a LongTensor (B,) of
+        per-row columns with a (B, 1, 1, T_max) `key_mask` (static shapes; see
+        `MultiHeadAttention.decode_step`). Eval mode only (no dropout).
         """
         x = F.embedding(tokens, self.token_embedding.weight) * self.token_embedding.scale
         x = x + F.embedding(positions, self.position_embedding.weight)  # (B, C)

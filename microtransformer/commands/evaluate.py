@@ -124,13 +124,13 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None
 def run(args: argparse.Namespace) -> int:
     """Score the text and print loss, perplexity and bits per byte."""
     from microtransformer.checkpoint import load_run
-    from microtransformer.training import resolve_device
+    from microtransformer.device import resolve_device
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens={args.max_tokens} must be >= 2")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="device")
     model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
                                    device=device)
     tokens, n_bytes, desc = load_eval_tokens(args.data, tokenizer, args.max_tokens)

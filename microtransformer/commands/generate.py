@@ -71,7 +71,7 @@ class StreamPrinter:
 def run(args: argparse.Namespace) -> int:
     """Load the run, encode the prompt, sample `--num-samples` continuations."""
     from microtransformer.checkpoint import load_run
-    from microtransformer.training import resolve_device
+    from microtransformer.device import resolve_device
 
     problems = []
     if args.max_new_tokens < 0:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--num-samples={args.num_samples} must be >= 1")
     if problems:
         raise UserError("; ".join(problems))
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, option="device")
     model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
                                    device=device)
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else []

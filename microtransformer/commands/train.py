@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     """
     from microtransformer import distributed
     from microtransformer.data import load_meta
-    from microtransformer.training import prepare_data, resolve_dtype, train
+    from microtransformer.device import resolve_dtype
+    from microtransformer.training import prepare_data, train
     from model.utils import parameter_formula
 
     restart_note = restart_resume(args)

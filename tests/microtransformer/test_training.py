@@ -14,6 +14,7 @@ import torch
 from microtransformer import training
 from microtransformer.checkpoint import load_training_state, load_weights
 from microtransformer.config import RunConfig, TrainConfig, load_config
+from microtransformer.device import autocast_context
 from microtransformer.metrics import read_metrics
 from microtransformer.training import (
     RuntimeContext,
@@ -122,7 +123,7 @@ def test_train_step_overfits_one_batch_with_accumulation() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     ctx = RuntimeContext()
     outcomes = [train_step(model, model, optimizer, lambda: batch, cfg, ctx,
-                           lambda: training.autocast_context(ctx.device, torch.float32))
+                           lambda: autocast_context(ctx.device, torch.float32))
                 for _ in range(60)]
     assert not any(o.skipped for o in outcomes)
     assert outcomes[0].loss == pytest.approx(math.log(64), abs=0.6)
@@ -199,7 +200,7 @@ def test_train_step_skips_non_finite_update() -> None:
     ids = torch.randint(0, 64, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     out = train_step(model, model, optimizer, lambda: batch, cfg, RuntimeContext(),
-                     lambda: training.autocast_context(torch.device("cpu"), torch.float32))
+                     lambda: autocast_context(torch.device("cpu"), torch.float32))
     assert out.skipped and not math.isfinite(out.loss)
     after = model.state_dict()
     for k, v in before.items():

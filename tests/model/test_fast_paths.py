@@ -212,3 +212,38 @@ def test_chunked_loss_matches_lm_loss_values_and_grads() -> None:
     torch.testing.assert_close(got, ref)
     for g, r in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(g, 2.0 * r, atol=1e-6, rtol=1e-4)
+
+
+def test_model_decode_step_per_row_columns_matches_full_forward() -> None:
+    """Static mode: rows at different lengths (slots of a continuous batch) decode together."""
+    model = _model(3)
+    cfg = model.config
+    lengths = [3, 7, 1]  # each row's prompt length: its next token goes to that column
+    S = 12
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, SMALL["vocab_size"], (n,)) for n in lengths]
+    nxt = torch.randint(0, SMALL["vocab_size"], (len(lengths),))
+    cache = KVCache(cfg.num_layers, len(lengths), cfg.num_heads, S, cfg.head_dim,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):  # prefill each slot on its own
+            view = KVCache.__new__(KVCache)
+            view.layers = [(k[row:row + 1], v[row:row + 1]) for k, v in cache.layers]
+            model._hidden(prompt[None], torch.arange(len(prompt)), None, view, 0)
+        cols = torch.tensor(lengths)  # (B,)
+        mask = (torch.arange(S)[None, :] <= cols[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        got = model.decode_step(nxt, cols, cache, cols, mask)  # (B, V)
+        for row, prompt in enumerate(prompts):
+            full = torch.cat([prompt, nxt[row:row + 1]])[None]
+            ref = model(full)[0, -1]
+            torch.testing.assert_close(got[row], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_per_row_columns_needs_a_mask() -> None:
+    model = _model()
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 1, cfg.num_heads, 4, cfg.head_dim,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="key_mask"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                          cache, torch.zeros(1, dtype=torch.long))
