@@ -266,3 +266,51 @@ class StaticDecoder:
             run()
         for _ in range(max_new_tokens - 1):  # each replay feeds back the token it sampled
             run()
+
+
+class DecodeStep:
+    """A fixed-shape KV cache of `batch_size` rows x `max_len` columns and the one-token step
+    over it, for decoders whose rows are at different lengths (continuous batching slots).
+
+    Every row has its own column: `prefill(row, ids)` fills row `row` with a prompt, then each
+    call `step(tokens, positions, cols, key_mask)` feeds one token per row at column cols[b]
+    and returns float32 logits (B, V). Rows that are not in use can be fed anything; their
+    logits are ignored. The step is `MicroTransformer.decode_step` in its static mode (per-row
+    columns, attention over the whole buffer with `key_mask`), so shapes never change.
+    """
+
+    def __init__(self, model: MicroTransformer, batch_size: int, max_len: int, *,
+                 dtype: torch.dtype | None = None) -> None:
+        if not 1 <= max_len <= model.max_seq_len:
+            raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={model.max_seq_len}]")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        ref = next(model.parameters())
+        self.device = ref.device
+        self.dtype = dtype or ref.dtype
+        self.model = model if self.dtype == ref.dtype else copy.deepcopy(model).to(self.dtype)
+        self.model.eval()
+        cfg = self.model.config
+        self.batch_size, self.max_len = batch_size, max_len
+        self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim,
+                             dtype=self.dtype, device=self.device)
+        self.columns = torch.arange(max_len, device=self.device)  # (S,)
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        """Write the prompt `ids` (T,) into row `row`, columns 0..T-1; last logits (V,) fp32."""
+        if not 1 <= ids.numel() <= self.max_len:
+            raise ValueError(f"prompt of {ids.numel()} tokens must be in [1, {self.max_len}]")
+        logits = self.model.prefill(ids.to(self.device)[None], self.cache.rows(row, row + 1))
+        return logits[0].float()
+
+    def key_mask(self, cols: torch.Tensor) -> torch.Tensor:
+        """(B,) current columns -> boolean (B, 1, 1, S): each row sees columns 0..cols[b]."""
+        return (self.columns[None, :] <= cols[:, None])[:, None, None, :]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor,
+             key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed tokens (B,) at positions (B,) into columns cols (B,); logits (B, V) fp32."""
+        mask = self.key_mask(cols) if key_mask is None else key_mask
+        return self.model.decode_step(tokens, positions, self.cache, cols, mask).float()

@@ -141,3 +141,15 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The i-th layer's (k, v) buffers, each (B, nh, T_max, hs)."""
         return self.layers[i]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of batch rows start..stop-1 of every layer; writes go into this cache.
+
+        Lets one row (a slot of a continuous batch) be prefilled on its own while the others
+        keep their contents.
+        """
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.max_len = self.max_len
+        view.layers = [(k[start:stop], v[start:stop]) for k, v in self.layers]
+        return view

@@ -430,11 +430,9 @@ class MicroTransformer(nn.Module):
                 cfg.num_layers, B, cfg.num_heads, min(total, max_len), cfg.head_dim,
                 dtype=self.ln_f.weight.dtype, device=device,
             )
-            positions = self.positions_from_mask(real[:, :T0])  # (B, T0)
-            mask4d = self._attention_mask_4d(real[:, :T0]) if padded else None
-            h = self._hidden(out[:, :T0], positions, mask4d, cache, 0)  # (B, T0, C)
-            logits = self.lm_head(h[:, -1])  # (B, V)
-            next_pos = positions[:, -1] + 1  # (B,)
+            logits = self.prefill(out[:, :T0], cache,
+                                  attention_mask=real[:, :T0] if padded else None)  # (B, V)
+            next_pos = self.positions_from_mask(real[:, :T0])[:, -1] + 1  # (B,)
 
         cur = T0  # tokens in `out` so far
         for _ in range(n_new):
@@ -467,6 +465,26 @@ class MicroTransformer(nn.Module):
                 else:  # context full: positions shift every step, so recompute the window
                     cache = None
         return out[:, :cur]
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the prompt (B, T) through the model, writing its keys/values into cache columns
+        0..T-1; returns the last position's next-token logits (B, V). Eval mode only.
+
+        attention_mask (B, T), 1 = real token, for left-padded prompts (positions then count
+        real tokens only). Continue with `decode_step` at column T.
+        """
+        positions = self.positions_from_mask(attention_mask) if attention_mask is not None \
+            else torch.arange(input_ids.size(1), device=input_ids.device)  # (B, T) or (T,)
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        mask4d = self._attention_mask_4d(attention_mask) if padded else None
+        h = self._hidden(input_ids, positions, mask4d, cache, 0)  # (B, T, C)
+        return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(
         self,
