@@ -53,8 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from microtransformer import __version__
-from microtransformer.checkpoint import atomic_write_json
 from microtransformer.errors import UserError
+from microtransformer.fileio import atomic_write_json
 from microtransformer.tokenizer import (
     EOS_TOKEN,
     KINDS,

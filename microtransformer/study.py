@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microtransformer.checkpoint import atomic_write_json
 from microtransformer.device import default_autocast, resolve_device
 from microtransformer.errors import UserError
+from microtransformer.fileio import atomic_write_json
 from microtransformer.search import SEED_PRESETS
 
 SHARED_DATA_ENV = "MICROTRANSFORMER_SHARED_DATA"
