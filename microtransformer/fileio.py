@@ -7,6 +7,7 @@ writes goes through these names: a temp file in the target's directory, fsynced,
 line naming the file, the reason and the fix, with the previous version left untouched.
 
     atomic_write(path)             context manager yielding a binary file (streamed writes)
+    AtomicFile(path)               the same with explicit .commit() / .abort()
     atomic_write_bytes(path, data)
     atomic_write_json(path, obj, sort_keys=False)
     remove_stale_temp_files(dir)   temp files a crash left behind (`.NAME.XXXX.tmp`)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from model.io import (
     TMP_SUFFIX,
+    AtomicFile,
     WriteError,
     atomic_write,
     atomic_write_bytes,
@@ -27,6 +29,7 @@ from model.io import (
 
 __all__ = [
     "TMP_SUFFIX",
+    "AtomicFile",
     "WriteError",
     "atomic_write",
     "atomic_write_bytes",

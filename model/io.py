@@ -83,6 +83,55 @@ def write_error(path: Path, exc: OSError) -> WriteError:
                       "file, if any, is unchanged)", exc.errno)
 
 
+class AtomicFile:
+    """A file that appears under its name only when committed.
+
+    `AtomicFile(path).file` is a binary file to write (a temp file `.NAME.XXXX.tmp` next to
+    `path`, mode 0644); `commit()` flushes, fsyncs and `os.replace`s it over `path` (then fsyncs
+    the directory); `abort()` deletes it and leaves `path` as it was. OSErrors become a one-line
+    `WriteError`; a failed commit aborts.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                             suffix=TMP_SUFFIX)
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
+        try:
+            os.chmod(self._tmp, FILE_MODE)
+            self.file: IO[bytes] = os.fdopen(fd, "wb")
+        except BaseException as exc:
+            os.close(fd)
+            self._remove_tmp()
+            raise write_error(self.path, exc) if isinstance(exc, OSError) else exc from None
+
+    def commit(self) -> None:
+        """Make the written bytes durable and move them into place."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+                raise write_error(self.path, exc) from exc
+            raise
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Close and delete the temp file; the target is left as it was."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        Path(self._tmp).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """Stream a file into place atomically: `with atomic_write(p) as f: f.write(...)`.
@@ -91,25 +140,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     without an exception; otherwise the temp file is deleted and `path` is left as it was.
     OSErrors become a one-line `WriteError`.
     """
-    path = Path(path)
+    target = AtomicFile(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    try:
-        os.chmod(tmp, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        yield target.file
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        target.abort()
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
-            raise write_error(path, exc) from exc
+            raise write_error(target.path, exc) from exc
         raise
-    fsync_dir(path.parent)
+    target.commit()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
