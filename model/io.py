@@ -257,9 +257,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             header = json.loads(fh.read(n))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if max(ends, default=0) > path.stat().st_size - 8 - n:
+                raise ValueError("the tensors extend past the end of the file")
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, struct.error) as exc:
+    except (OSError, ValueError, struct.error, KeyError, IndexError, TypeError) as exc:
         raise ModelFileError(f"weights file {path} is not a readable safetensors file "
                              f"(truncated or corrupted: {exc}); use another checkpoint or "
                              "retrain") from None
