@@ -45,27 +45,19 @@ import torch
 from torch import nn
 
 from microtransformer.errors import UserError
-from microtransformer.fileio import (  # re-exported: other modules import them from here
+from microtransformer.fileio import (
     TMP_SUFFIX,
     WriteError,
     atomic_write_bytes,
-    atomic_write_json,
     fsync_dir,
     remove_stale_temp_files,
     write_error,
 )
+from microtransformer.fileio import atomic_write_json as atomic_write_json  # re-exported
 from model import io as model_io
-from model.io import save_weights, tensors_sha256, unique_state_dict
-
-__all__ = [  # the re-exports, so linters and readers see they are meant
-    "TMP_SUFFIX",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "remove_stale_temp_files",
-    "save_weights",
-    "tensors_sha256",
-    "unique_state_dict",
-]
+from model.io import save_weights as save_weights  # re-exported: the weights format's writer
+from model.io import tensors_sha256 as tensors_sha256  # re-exported
+from model.io import unique_state_dict as unique_state_dict  # re-exported
 
 # ---------------------------------------------------------------- the run-directory layout
 CONFIG_FILE = model_io.CONFIG_FILE            # config.json

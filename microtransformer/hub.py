@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from microtransformer import checkpoint
-from microtransformer.checkpoint import read_model_config
+from microtransformer.checkpoint import read_model_config as read_model_config  # re-exported
 from model import MicroTransformer
 from model import io as model_io
 from model.io import save_safetensors
@@ -37,9 +37,6 @@ WEIGHTS_NAME = model_io.WEIGHTS_FILE
 BEST_WEIGHTS_NAME = model_io.BEST_WEIGHTS_FILE
 TOKENIZER_NAME = model_io.TOKENIZER_FILE
 WEIGHT_FILES = model_io.WEIGHT_FILES
-
-__all__ = ["atomic_save_safetensors", "from_pretrained", "load_tokenizer", "read_model_config",
-           "save_pretrained", "unwrap_model"]
 
 atomic_save_safetensors = save_safetensors  # the old name (foreign layouts, e.g. HF export)
 

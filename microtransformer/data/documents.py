@@ -27,7 +27,6 @@ CHUNK_CHARS = 1 << 18  # a long document is read and encoded in pieces of ~256K 
 _BINARY_SNIFF_BYTES = 8192
 
 
-# ============================================================================ documents
 def _is_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\x00" in f.read(_BINARY_SNIFF_BYTES)

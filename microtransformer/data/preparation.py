@@ -42,7 +42,6 @@ META_VERSION = 1
 BATCH_CHARS = 1 << 19  # characters per multithreaded encode_batch call (~200 B/token transient)
 
 
-# ============================================================================ prepare
 def prepare(
     sources: Sequence[str] | None,
     out_dir: str | os.PathLike,

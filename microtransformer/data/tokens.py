@@ -21,7 +21,6 @@ from microtransformer.fileio import AtomicFile
 SPLITS = ("train", "val")
 
 
-# ============================================================================ writing tokens
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (vocab_size <= 65536), else uint32."""
     if vocab_size <= 1 << 16:

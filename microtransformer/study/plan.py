@@ -32,7 +32,6 @@ TIME_CAP = 3.0  # equal-time runs stop at this multiple of their planned minutes
 OVERHEAD_S = {"cpu": 15.0, "cuda": 20.0}  # per-run start + eval + sample, for planning only
 
 
-# ============================================================================ plan
 @dataclass(frozen=True)
 class StudySettings:
     """Everything the study command was asked for (saved in the report)."""

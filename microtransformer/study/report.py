@@ -14,7 +14,6 @@ from microtransformer.study.plots import write_plots
 from microtransformer.study.stats import claim_rows, fmt, group_results, loss_at_fraction
 
 
-# ============================================================================ report
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]

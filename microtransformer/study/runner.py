@@ -34,7 +34,6 @@ from microtransformer.study.plan import (
 from microtransformer.study.report import write_report
 from microtransformer.study.worker import run_in_subprocess
 
-# ============================================================================ the study
 Runner = Callable[[RunSpec, Path, Path], dict[str, Any]]
 
 
@@ -138,8 +137,6 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                           skipped=[r.run_id for r in skipped], failed=failed,
                           elapsed_s=time.perf_counter() - t_start)
     return {"report": report, "results": results, "skipped": skipped, "failed": failed}
-
-
 
 
 def shell_command(argv: Sequence[str]) -> str:

@@ -12,7 +12,6 @@ from typing import Any
 from microtransformer.study.corpora import CORPORA
 
 
-# ============================================================================ analysis
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
@@ -156,8 +155,6 @@ def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
                          "diffs": ", ".join("between" if x else "outside" for x in between),
                          "verdict": word if len(seeds) > 1 else f"one seed: {word}"})
     return rows
-
-
 
 
 def loss_at_fraction(r: dict[str, Any], frac: float) -> float:

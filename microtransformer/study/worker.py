@@ -24,7 +24,6 @@ from microtransformer.study.measure import PeakMemory, loss_by_position, positio
 from microtransformer.study.plan import RunSpec
 
 
-# ============================================================================ one run
 def train_config_class() -> type:
     """TrainConfig, which must have `seq_len` (the training window, shorter than the model's
     max_seq_len): the study trains the seed's max_seq_len-512 models on windows of T tokens."""
