@@ -1,9 +1,10 @@
-"""Run-directory I/O: atomic, checksummed safetensors weights, training state and `load_run`.
+"""Run directories: the one definition of their layout, training state, and the one loader.
 
-Layout of a run directory (see docs/ARCHITECTURE.md):
+Layout of a run directory (see docs/ARCHITECTURE.md); the names of the files a model directory
+shares with it (config.json, the weights, tokenizer.json) are `model.io`'s:
 
-    config.json        full RunConfig
-    tokenizer.json     copied from the data directory
+    config.json             full RunConfig ({"model", "train", "data"})
+    tokenizer.json          copied from the data directory
     model.safetensors       latest weights        (metadata: step, sha256 of the tensors)
     state.pt                optimizer, step, RNG and loader state (torch.load(weights_only=True),
                             wrapped with a sha256 of its payload)
@@ -14,191 +15,94 @@ Layout of a run directory (see docs/ARCHITECTURE.md):
     metrics.jsonl           one JSON object per log/eval event
     loss.png                loss curves
 
-Every file is written atomically: a temp file in the same directory, flushed and fsynced, then
-`os.replace`d over the target, so a crash never leaves a half-written checkpoint behind. A
-failed write (disk full, read-only directory) raises `CheckpointWriteError`, one line naming
-the file, and leaves the previous version of that file untouched.
+Every file is written atomically (`microtransformer.fileio`): a crash never leaves a
+half-written checkpoint behind, and a failed write (disk full, read-only directory) raises
+`CheckpointWriteError` (= `fileio.WriteError`), one line naming the file, and leaves the previous
+version of that file untouched.
 
+Weights are `model.io`'s format (safetensors, tied tensors stored once, a sha256 in the
+metadata); the functions here re-raise its errors as `CheckpointError` (a UserError).
 Resuming (`find_resume_point`) picks the newest step for which both a weights file and a state
 file are intact (checksums verified) and agree on the step; it says when it falls back.
-Tied tensors (the prediction head shares the token embedding) are stored once and re-tied on
-load by `load_state_dict`, because the model's two names point at one Parameter.
+Loading (`load_model`, `load_run`, and through them `hub.from_pretrained`) reads the config,
+checks the tokenizer's vocabulary against it and falls back to the previous weights generation
+when the latest is missing or corrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import random
-import struct
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
 from microtransformer.errors import UserError
+from microtransformer.fileio import (
+    TMP_SUFFIX,
+    WriteError,
+    atomic_write_bytes,
+    fsync_dir,
+    remove_stale_temp_files,
+    write_error,
+)
+from microtransformer.fileio import atomic_write_json as atomic_write_json  # re-exported
+from model import io as model_io
+from model.io import save_weights as save_weights  # re-exported: the weights format's writer
+from model.io import tensors_sha256 as tensors_sha256  # re-exported
+from model.io import unique_state_dict as unique_state_dict  # re-exported
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-LAST_WEIGHTS = "model.safetensors"
-BEST_WEIGHTS = "best.safetensors"
+# ---------------------------------------------------------------- the run-directory layout
+CONFIG_FILE = model_io.CONFIG_FILE            # config.json
+TOKENIZER_FILE = model_io.TOKENIZER_FILE      # tokenizer.json
+LAST_WEIGHTS = model_io.WEIGHTS_FILE          # model.safetensors
+BEST_WEIGHTS = model_io.BEST_WEIGHTS_FILE     # best.safetensors
+PREV_WEIGHTS = model_io.PREV_WEIGHTS_FILE     # model.prev.safetensors
 STATE_FILE = "state.pt"
-PREV_WEIGHTS = "model.prev.safetensors"
 PREV_STATE = "state.prev.pt"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-FORMAT = "microtransformer-weights-v1"
+FORMAT = model_io.FORMAT
 STATE_FORMAT = "microtransformer-state-v1"
-TMP_SUFFIX = ".tmp"  # atomic writes go through `.NAME.XXXX.tmp` in the target's directory
+
+CheckpointWriteError = WriteError  # the name training code and tests know
 
 
-class CheckpointError(UserError):
+class CheckpointError(UserError, model_io.ModelFileError):
     """A checkpoint file is missing, truncated, corrupted or does not match the model."""
 
 
-class CheckpointWriteError(OSError):
-    """A file could not be written (disk full, unwritable directory...). Its message is one
-    line naming the file; the previous version of the file is left as it was."""
-
-    def __init__(self, message: str, errno_: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno_
-
-
-def _write_error(path: Path, exc: OSError) -> CheckpointWriteError:
-    """A one-line CheckpointWriteError for a failed write of `path`."""
-    import errno
-
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some disk space or choose another --out"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make the directory writable or choose another --out"
-    else:
-        fix = "check the directory or choose another --out"
-    return CheckpointWriteError(f"cannot write {path}: {reason}; {fix} (the previous version "
-                                "of the file, if any, is unchanged)", exc.errno)
-
-
-# ============================================================================ atomic writes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same dir, fsync, os.replace)."""
-    path = Path(path)
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise `model.io`'s ValueErrors (bad files, bad arguments) as CheckpointError, the
+    toolkit's one-line user error; messages are unchanged."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are ordinary readable files
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
-            raise _write_error(path, exc) from exc
+        yield
+    except UserError:
         raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> Path:
-    """Write `data` as indented UTF-8 JSON to `path` atomically (see `atomic_write_bytes`)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
-    return Path(path)
-
-
-def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete temp files left in `directory` by writes that a crash interrupted (the names
-    `atomic_write_bytes` uses: `.NAME.XXXX.tmp`); returns what was removed."""
-    removed = []
-    for p in Path(directory).glob(f".*{TMP_SUFFIX}"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 # ============================================================================ weights
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every shared (tied) tensor kept once, under its first name."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tuple(tensor.stride()))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes of `tensors` (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_weights(model: nn.Module, path: str | os.PathLike, *, step: int | None = None,
-                 extra: dict[str, str] | None = None) -> Path:
-    """Write the model's weights as safetensors, atomically, with a checksum in the metadata.
-
-    Metadata: format, sha256 (of the tensors), step, plus `extra` (string values).
-    """
-    tensors = unique_state_dict(model)
-    meta = {"format": FORMAT, "sha256": tensors_sha256(tensors)}
-    if step is not None:
-        meta["step"] = str(int(step))
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
-    return Path(path)
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file (cheap: the tensors are not read); a file that
+    is not safetensors raises CheckpointError naming it."""
+    with user_errors():
+        return model_io.read_safetensors_header(path)
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file (reads only its header)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > path.stat().st_size:
-                raise ValueError("header length exceeds file size")
-            header = json.loads(fh.read(n))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, struct.error) as exc:
-        raise CheckpointError(f"weights file {path} is unreadable (truncated or corrupted: "
-                              f"{exc}); use another checkpoint or retrain") from None
-    return dict(header.get("__metadata__") or {})
+    with user_errors():
+        return model_io.read_safetensors_metadata(path)
 
 
 def load_weights(path: str | os.PathLike, *, verify: bool = True
@@ -207,45 +111,14 @@ def load_weights(path: str | os.PathLike, *, verify: bool = True
 
     A truncated or corrupted file raises CheckpointError naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    data = path.read_bytes()
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"weights file {path} is truncated or corrupted ({exc}); "
-                              "use another checkpoint (e.g. best.safetensors) or retrain"
-                              ) from None
-    meta = read_safetensors_metadata(path)
-    expected = meta.get("sha256")
-    if verify and expected is not None and tensors_sha256(tensors) != expected:
-        raise CheckpointError(f"weights file {path} fails its checksum (sha256 mismatch): the "
-                              "file is corrupted; use another checkpoint or retrain")
-    return tensors, meta
+    with user_errors():
+        return model_io.load_weights(path, verify=verify)
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike) -> dict[str, str]:
     """Load a weights file into `model` (tied tensors re-tied); returns the file's metadata."""
-    tensors, meta = load_weights(path)
-    expected = model.state_dict()
-    # Names the file may omit: aliases of a tensor stored under another name.
-    stored = unique_state_dict(model)
-    aliases = set(expected) - set(stored)
-    for name, t in tensors.items():
-        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"weights file {path}: {name} has shape {tuple(t.shape)} but the model expects "
-                f"{tuple(expected[name].shape)}; the checkpoint was made with another config"
-            )
-    result = model.load_state_dict(tensors, strict=False)
-    missing = set(result.missing_keys) - aliases
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"weights file {path} does not match the model: missing {sorted(missing)}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
-        )
-    return meta
+    with user_errors():
+        return model_io.load_weights_into(model, path)
 
 
 # ============================================================================ training state
@@ -411,12 +284,12 @@ def keep_previous(run_dir: str | os.PathLike) -> None:
                 atomic_write_bytes(dst, src.read_bytes())
                 continue
             os.replace(tmp, dst)
-        except CheckpointWriteError:
+        except WriteError:
             raise
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise _write_error(dst, exc) from exc
-    _fsync_dir(run)
+            raise write_error(dst, exc) from exc
+    fsync_dir(run)
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -490,54 +363,77 @@ def find_resume_point(run_dir: str | os.PathLike, *, cleanup: bool = True) -> Re
     return point
 
 
-# ============================================================================ runs
+# ============================================================================ loading
+def read_model_config(directory: str | os.PathLike) -> Any:
+    """The ModelConfig in `directory/config.json`: nested under "model" (run and model
+    directories) or flat; errors are one-line UserErrors naming the file."""
+    from model import ModelConfig
+
+    with user_errors():
+        return model_io.read_model_config(directory, ModelConfig)
+
+
+def load_tokenizer(directory: str | os.PathLike, vocab_size: int | None = None) -> Any:
+    """The Tokenizer in `directory/tokenizer.json`; with `vocab_size` (the model's), a
+    tokenizer of another size is refused: the ids would not mean what the model learned."""
+    from microtransformer.tokenizer import Tokenizer
+
+    directory = Path(directory)
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; copy the tokenizer.json of the run's "
+                                "data directory there")
+    tokenizer = Tokenizer.load(path)
+    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
+        raise UserError(f"vocab mismatch in {directory}: tokenizer.json has "
+                        f"{tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{vocab_size}; use the tokenizer the run was trained with")
+    return tokenizer
+
+
+def load_model(directory: str | os.PathLike, which: str = "last",
+               device: str | torch.device = "cpu", *, cls: type | None = None,
+               config: Any = None, require_tokenizer: bool = False) -> tuple[Any, Any]:
+    """The one loader of model, run and imported directories -> (model in eval mode,
+    tokenizer or None when the directory has no tokenizer.json).
+
+    `which`: "last" (model.safetensors; when it is missing or corrupted, the previous
+    generation model.prev.safetensors is used, with a warning) or "best" (best.safetensors).
+    A tokenizer.json whose vocabulary differs from the model's is refused. `cls`: the model
+    class (default MicroTransformer). `config`: the ModelConfig when the caller has read it.
+    `require_tokenizer`: a missing tokenizer.json is an error (checked before the weights).
+    """
+    from model import MicroTransformer
+
+    directory = Path(directory)
+    if config is None:
+        config = read_model_config(directory)
+    has_tokenizer = require_tokenizer or (directory / TOKENIZER_FILE).is_file()
+    tokenizer = load_tokenizer(directory, config.vocab_size) if has_tokenizer else None
+    with user_errors():
+        model = model_io.load_pretrained(directory, cls or MicroTransformer, config, device,
+                                         which=which)
+    return model, tokenizer
+
+
 def load_run(run_dir: str | os.PathLike, which: str = "last",
              device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
     """Rebuild a trained model from a run directory -> (model in eval mode, tokenizer, RunConfig).
 
-    `which` is "last" (model.safetensors; when it is missing or corrupted, the previous
-    generation model.prev.safetensors is used, with a warning) or "best" (best.safetensors).
+    The run's config.json must hold a RunConfig and its tokenizer.json must be there; the model
+    is loaded by `load_model` (vocabulary check, fallback to the previous weights generation).
     """
     from microtransformer.config import RunConfig
-    from microtransformer.tokenizer import Tokenizer
-    from model import MicroTransformer
 
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist; train one with "
                                 f"`microtransformer train --out {run}`")
-    if which not in ("last", "best"):
+    if which not in model_io.WEIGHT_FILES:
         raise UserError(f"which={which!r} must be 'last' or 'best'")
     cfg_path = run / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {run} is not a training run directory")
     cfg = RunConfig.load_json(cfg_path)
-    weights = run / (BEST_WEIGHTS if which == "best" else LAST_WEIGHTS)
-    if which == "last" and not weights.is_file() and (run / PREV_WEIGHTS).is_file():
-        weights = run / PREV_WEIGHTS
-    if not weights.is_file():
-        hint = " (no evaluation has run yet: drop --best)" if which == "best" else ""
-        raise FileNotFoundError(f"weights file {weights} not found{hint}")
-    tok_path = run / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path} not found; copy the tokenizer.json of the run's "
-                                "data directory there")
-    tokenizer = Tokenizer.load(tok_path)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise UserError(f"vocab mismatch in {run}: tokenizer.json has {tokenizer.vocab_size} "
-                        f"tokens but the model's vocab_size is {cfg.model.vocab_size}; use the "
-                        "tokenizer the run was trained with")
-    model = MicroTransformer.from_config(cfg.model)
-    try:
-        load_weights_into(model, weights)
-    except CheckpointError as exc:
-        prev = run / PREV_WEIGHTS
-        if which != "last" or weights == prev or not prev.is_file():
-            raise
-        import warnings
-
-        warnings.warn(f"{exc}; using the previous checkpoint {prev} instead", stacklevel=2)
-        load_weights_into(model, prev)
-    model.to(device)
-    model.eval()
+    model, tokenizer = load_model(run, which, device, config=cfg.model, require_tokenizer=True)
     return model, tokenizer, cfg

@@ -202,7 +202,7 @@ class RunConfig:
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write the config as indented JSON (atomic: temp file + rename)."""
-        from microtransformer.checkpoint import atomic_write_bytes
+        from microtransformer.fileio import atomic_write_bytes
 
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         atomic_write_bytes(Path(path), text.encode("utf-8"))

@@ -27,17 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtransformer.checkpoint import load_weights
+from microtransformer.checkpoint import load_model, load_weights
 from microtransformer.errors import UserError
-from microtransformer.hub import (
-    TOKENIZER_NAME,
-    WEIGHTS_NAME,
-    atomic_save_safetensors,
-    atomic_write_json,
-    save_pretrained,
-    unwrap_model,
-)
+from microtransformer.fileio import atomic_write_json
+from microtransformer.hub import TOKENIZER_NAME, WEIGHTS_NAME, save_pretrained, unwrap_model
 from model import MicroTransformer, ModelConfig
+from model.io import save_safetensors
 
 FORMATS = ("hf", "onnx")
 DEFAULT_OPSET = 17
@@ -185,7 +180,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
                 f"{m.config.vocab_size}; export the tokenizer the model was trained with"
             )
         eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
-    atomic_save_safetensors(out / WEIGHTS_NAME, to_hf_state_dict(m), {"format": "pt"})
+    save_safetensors(out / WEIGHTS_NAME, to_hf_state_dict(m), {"format": "pt"})
     gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True}
     atomic_write_json(out / "generation_config.json", {k: v for k, v in gen.items()
                                                        if v is not None})
@@ -470,9 +465,4 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, opset: int = D
 def load_for_export(run_dir: str | os.PathLike, *, best: bool = False) -> tuple[MicroTransformer,
                                                                                   Any]:
     """(model, tokenizer or None) from a run directory or a save_pretrained directory."""
-    from microtransformer.hub import from_pretrained, load_tokenizer
-
-    run_dir = Path(run_dir)
-    model = from_pretrained(run_dir, which="best" if best else "last")
-    tokenizer = load_tokenizer(run_dir) if (run_dir / TOKENIZER_NAME).is_file() else None
-    return model, tokenizer
+    return load_model(run_dir, "best" if best else "last")

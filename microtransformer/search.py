@@ -27,11 +27,31 @@ from model import MicroTransformer, ModelConfig
 from model.utils import count_parameters, flops_per_token, parameter_formula
 
 # The seed spec's three configurations (section 3), by the names the project uses for them.
-SEED_PRESETS: dict[str, dict[str, int]] = {
-    "wide_shallow": {"embed_dim": 192, "num_heads": 6, "num_layers": 4, "ff_dim": 512},
-    "narrow_deep": {"embed_dim": 128, "num_heads": 4, "num_layers": 6, "ff_dim": 768},
-    "balanced": {"embed_dim": 160, "num_heads": 5, "num_layers": 5, "ff_dim": 640},
-}
+# Their one source is the TOML presets configs/<name>.toml.
+SEED_PRESET_NAMES = ("wide_shallow", "narrow_deep", "balanced")
+SHAPE_FIELDS = ("embed_dim", "num_heads", "num_layers", "ff_dim")
+
+
+def seed_model_config(name: str) -> ModelConfig:
+    """The seed preset's full ModelConfig as its TOML file gives it (vocab 5000, max_seq_len
+    512, its init and dropout)."""
+    from microtransformer.config import load_config
+
+    if name not in SEED_PRESET_NAMES:
+        raise UserError(f"unknown seed preset {name!r}; choose from "
+                        f"{', '.join(SEED_PRESET_NAMES)}")
+    return load_config(preset=name).model
+
+
+def _seed_shapes() -> dict[str, dict[str, int]]:
+    out = {}
+    for name in SEED_PRESET_NAMES:
+        cfg = seed_model_config(name)
+        out[name] = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
+    return out
+
+
+SEED_PRESETS: dict[str, dict[str, int]] = _seed_shapes()  # name -> the four shape fields
 
 DEFAULT_HEADS = tuple(range(1, 17))
 DEFAULT_EMBED_DIMS = tuple(range(64, 1025, 32))

@@ -33,8 +33,8 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from microtransformer.checkpoint import atomic_write_bytes
 from microtransformer.errors import UserError
+from microtransformer.fileio import atomic_write_bytes
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

@@ -1,7 +1,8 @@
 """The micro-transformer network: a small GPT-style causal language model.
 
-This package is the network only: no file I/O beyond `utils.save/load_model_config`, no
-printing, no argument parsing, no process groups.
+This package is the network only: no printing, no argument parsing, no process groups, and no
+file I/O beyond its own files (`model.io`: config.json and safetensors weights, written
+atomically). It imports nothing from `microtransformer`.
 """
 
 from .attention import KVCache, MultiHeadAttention

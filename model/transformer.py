@@ -525,18 +525,25 @@ class MicroTransformer(nn.Module):
     def save_pretrained(self, save_directory: str, tokenizer: Any = None) -> None:
         """Write config.json + model.safetensors (+ tokenizer.json) to `save_directory`.
 
-        The file I/O lives in `microtransformer.hub`; this method only delegates to it.
+        `tokenizer`: any object with `save(path)`. The files are written atomically by
+        `model.io.save_pretrained` (safetensors weights with a checksum, tied head stored once).
         """
-        from microtransformer.hub import save_pretrained
+        from . import io  # the network's files (imports nothing from model/ or above)
 
-        save_pretrained(self, save_directory, tokenizer=tokenizer)
+        io.save_pretrained(self, save_directory, tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str, map_location: str = "cpu") -> MicroTransformer:
-        """Load a model written by `save_pretrained` or a training run directory."""
-        from microtransformer.hub import from_pretrained
+    def from_pretrained(cls, directory: str,
+                        map_location: str | torch.device = "cpu") -> MicroTransformer:
+        """Load a model written by `save_pretrained` or a training run directory.
 
-        return from_pretrained(directory, map_location=map_location)
+        Returns an instance of `cls` (a subclass gets a subclass) in eval mode, with the
+        weights checked against their checksum; see `model.io.load_pretrained`.
+        """
+        from . import io
+
+        config = io.read_model_config(directory, ModelConfig)
+        return io.load_pretrained(directory, cls, config, map_location)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

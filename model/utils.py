@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import io
 from .transformer import MicroTransformer, ModelConfig
 
 
@@ -92,31 +90,10 @@ def get_sample_data(
 def save_model_config(
     config: ModelConfig | MicroTransformer | dict[str, Any], path: str | os.PathLike
 ) -> None:
-    """Write the model config as JSON, atomically (temp file + rename)."""
-    data = _as_config(config).to_dict()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the model config as a flat JSON object, atomically (see `model.io`)."""
+    io.atomic_write_json(path, _as_config(config).to_dict())
 
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    """Read a JSON model config written by `save_model_config` (validated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"model config {path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"model config {path} must hold a JSON object")
-    return ModelConfig.from_dict(data)
+    """Read a JSON model config written by `save_model_config` (validated; see `model.io`)."""
+    return io.load_config_file(path, ModelConfig)

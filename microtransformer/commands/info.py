@@ -40,6 +40,16 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
         "parameters": count_parameters(model),
         "size_mb": round(get_model_size_mb(model), 3),
     }
+    # Weights: only the safetensors headers are read (cheap); a file that is not safetensors (a
+    # pickle, garbage, a truncated copy) is a one-line error naming it.
+    weights: dict[str, Any] = {}
+    for name in (ckpt.LAST_WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.PREV_WEIGHTS):
+        if (run / name).is_file():
+            header = ckpt.read_safetensors_header(run / name)
+            meta = header.get("__metadata__") or {}
+            weights[name] = {"step": int(meta["step"]) if "step" in meta else None,
+                             "tensors": sum(1 for k in header if k != "__metadata__")}
+    info["weights"] = weights
     summary: dict[str, Any] = {}
     if (run / ckpt.STATE_FILE).is_file():
         state = ckpt.load_training_state(run / ckpt.STATE_FILE)
@@ -81,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         "max_steps", "batch_size", "grad_accum_steps", "lr", "min_lr", "warmup_steps",
         "weight_decay", "seed")))
     print(f"data: {info['config']['data']['data_dir']}")
+    if info["weights"]:
+        print("weights: " + ", ".join(
+            name + (f" (step {w['step']})" if w["step"] is not None else "")
+            for name, w in info["weights"].items()))
     s = info["training"]
     if s:
         line = f"training: step {s.get('step', '?')}/{s.get('max_steps', t['max_steps'])}"

@@ -2,6 +2,9 @@
 
 Example (CPU, about 25 minutes):
     flock /tmp/mt-heavy.lock microtransformer study --budget-minutes 25 --out study_report
+With local copies of the corpora instead of the named sources (paths relative to the repo):
+    microtransformer study --corpora code,stories,novels \
+        --corpus stories=../shared/data/tinystories --corpus novels=../shared/data/gutenberg
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--init-configs", default="narrow_deep",
                    help="configs that also train with the other inits (default narrow_deep)")
     p.add_argument("--corpora", default="code,stories",
-                   help="code (Python stdlib), stories (TinyStories), novels (Gutenberg)")
+                   help="code (Python stdlib), stories (named source tinystories), "
+                        "shakespeare (named source tinyshakespeare), novels (needs --corpus)")
+    p.add_argument("--corpus", action="append", default=[], metavar="NAME=PATH",
+                   help="read corpus NAME from a local file, directory or glob instead of its "
+                        "named source, e.g. stories=../shared/data/tinystories (repeatable)")
     p.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     p.add_argument("--compare", default="tokens,time",
                    help="comparisons: tokens (equal tokens), time (equal wall-clock)")
@@ -70,12 +77,18 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings, run the study, print where the report is."""
-    from microtransformer.study import StudySettings, run_study, shell_command
+    from microtransformer.study import (
+        StudySettings,
+        parse_corpus_paths,
+        run_study,
+        shell_command,
+    )
 
     settings = StudySettings(
         configs=_names(args.configs, "--configs"), inits=_names(args.inits, "--inits"),
         init_configs=_names(args.init_configs, "--init-configs"),
-        corpora=_names(args.corpora, "--corpora"), seeds=_ints(args.seeds, "--seeds"),
+        corpora=_names(args.corpora, "--corpora"),
+        corpus_paths=parse_corpus_paths(args.corpus), seeds=_ints(args.seeds, "--seeds"),
         compare=_names(args.compare, "--compare"),
         tokens=_number(args.tokens, "--tokens", int),
         minutes=_number(args.minutes, "--minutes"),
@@ -93,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     for key, value in sorted(vars(args).items()):
         if key in ("func", "command") or value is None:
             continue
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            argv += [f"--{key.replace('_', '-')}", str(item)]
     out = run_study(settings, args.out, command=shell_command(argv))
     print(f"report: {out['report']}")
     if out["skipped"]:

@@ -161,3 +161,49 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupted"):
         hub.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_honours_cls(tmp_path: Path) -> None:
+    class Sub(MicroTransformer):
+        pass
+
+    m = make_model(50)
+    m.save_pretrained(str(tmp_path))
+    loaded = Sub.from_pretrained(str(tmp_path))
+    assert type(loaded) is Sub
+    assert_same_weights(m, loaded)
+    assert type(hub.from_pretrained(tmp_path, cls=Sub)) is Sub
+
+
+def test_from_pretrained_checks_vocab_and_falls_back(tmp_path: Path, char_tok: Tokenizer) -> None:
+    """hub.from_pretrained shares load_run's loader: the tokenizer's vocabulary is checked and
+    a corrupted model.safetensors falls back to the previous generation."""
+    last, prev = make_model(char_tok.vocab_size, 1), make_model(char_tok.vocab_size, 2)
+    hub.save_pretrained(last, tmp_path, char_tok)
+    save_weights(prev, tmp_path / "model.prev.safetensors", step=1)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        assert_same_weights(prev, hub.from_pretrained(tmp_path))
+    other = train_tokenizer(["abc"], kind="char", vocab_size=40)
+    assert other.vocab_size != char_tok.vocab_size
+    other.save(tmp_path / "tokenizer.json")
+    with pytest.raises(UserError, match="vocab mismatch"):
+        hub.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="vocab mismatch"):
+        load_run(tmp_path)
+
+
+def test_import_model_loads_no_toolkit_module() -> None:
+    """The network package depends on nothing above it (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, model, model.io, model.utils, model.sampling\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'microtransformer')\n"
+            "print(','.join(bad))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, check=True, env={**__import__("os").environ,
+                                                     "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "", f"import model loaded: {out.stdout.strip()}"

@@ -30,7 +30,6 @@ import pytest
 import torch
 
 from microtransformer import checkpoint as ckpt
-from microtransformer import data as data_mod
 from microtransformer import training
 from microtransformer.checkpoint import (
     CheckpointError,
@@ -43,6 +42,7 @@ from microtransformer.checkpoint import (
     save_weights,
 )
 from microtransformer.cli import main
+from microtransformer.data import sources as data_mod
 from microtransformer.errors import UserError
 from model import MicroTransformer
 from model import transformer as model_transformer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from microtransformer import study as S
 from microtransformer.cli import main
+from microtransformer.study import runner as study_runner
 from model import MicroTransformer
 
 TINY = {"embed_dim": 32, "num_heads": 2, "num_layers": 2, "ff_dim": 64}
@@ -93,7 +94,7 @@ def fake_result(group: str, corpus: str, config: str, init: str, seed: int) -> d
     spec = S.RunSpec(group, config, init, corpus, seed, seq_len=64, batch_size=8, max_steps=10)
     tps = 1000.0 - 300 * width * 10
     return {
-        "run_id": spec.run_id, "spec": S.asdict(spec), "params": 2_000_000, "steps": 10,
+        "run_id": spec.run_id, "spec": asdict(spec), "params": 2_000_000, "steps": 10,
         "tokens": 5120, "val_loss": sum(per_pos) / 64, "val_bpb": 1.5, "tokens_per_s": tps,
         "tokens_per_s_best": tps, "step_time_ms": 500.0, "loss_by_position": per_pos,
         "position_buckets": S.position_buckets(per_pos), "peak_memory_mb": 100 + 10 * seed,
@@ -155,13 +156,13 @@ def test_verdict_words():
 
 # ---------------------------------------------------------------- resume
 def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "prepare_corpus", lambda name, out_dir, **_: out_dir)
+    monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
     calls: list[str] = []
 
     def runner(spec, data_dir, run_dir):
         calls.append(spec.run_id)
         res = fake_result(spec.group, spec.corpus, spec.config, spec.init, spec.seed)
-        res["spec"] = S.asdict(spec)
+        res["spec"] = asdict(spec)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "result.json").write_text(json.dumps(res))
         return res
@@ -203,6 +204,15 @@ def tiny_data(tmp_path) -> Path:
     return out
 
 
+def _has_train_seq_len() -> bool:
+    from dataclasses import fields
+
+    from microtransformer.config import TrainConfig
+
+    return "seq_len" in {f.name for f in fields(TrainConfig)}
+
+
+@pytest.mark.skipif(not _has_train_seq_len(), reason="needs TrainConfig.seq_len (train.seq_len)")
 def test_execute_run_trains_and_measures(tiny_data, tmp_path):
     spec = S.RunSpec("tokens", "narrow_deep", "gpt2", "code", 0, seq_len=64, batch_size=4,
                      max_steps=3, device="cpu", eval_windows=8, gen_tokens=8,
@@ -213,9 +223,88 @@ def test_execute_run_trains_and_measures(tiny_data, tmp_path):
     assert len(res["loss_by_position"]) == 64
     assert math.isclose(sum(res["loss_by_position"]) / 64, res["val_loss"], rel_tol=1e-4)
     assert res["model"]["init"] == "gpt2" and res["model"]["embed_dim"] == 32
+    assert res["model"]["max_seq_len"] == 512  # the seed's position table, trained on T = 64
     assert res["tokens_per_s_best"] > 0 and res["gen_tokens_per_s"] > 0
     assert res["peak_memory_mb"] >= 0 and isinstance(res["sample"], str)
     assert math.isclose(res["val_bpb"], res["val_loss"] / math.log(2) / res["bytes_per_token"])
+
+
+# ---------------------------------------------------------------- the seed's configurations
+SEED_COUNTS = {"wide_shallow": 2_443_904, "narrow_deep": 2_290_176, "balanced": 2_428_640}
+
+
+def test_planned_runs_are_the_seeds_exact_configurations():
+    """Every planned run builds the seed's model (max_seq_len 512 -> the seed's parameter count
+    at vocab 5000) while training on windows of --seq-len tokens."""
+    from model.utils import parameter_formula
+
+    s = S.StudySettings(corpora=("code",), seeds=(0,), tokens=1 << 20)
+    tps = {c: 1000.0 for c in s.configs}
+    runs = S.plan_runs(s, 1 << 20, 1.0, tps)
+    assert {r.config for r in runs} == set(SEED_COUNTS)
+    for r in runs:
+        cfg = r.model_config(vocab_size=5000)
+        assert (cfg.max_seq_len, r.seq_len) == (512, 256)
+        assert parameter_formula(cfg) == SEED_COUNTS[r.config], r.run_id
+        assert cfg.init == r.init and cfg.dropout == s.dropout
+    with torch.device("meta"):
+        from model.utils import count_parameters
+
+        model = MicroTransformer.from_config(runs[0].model_config(5000))
+    assert count_parameters(model) == SEED_COUNTS[runs[0].config]
+
+
+def test_seed_shapes_come_from_the_toml_presets():
+    from microtransformer.config import load_config
+    from microtransformer.search import SEED_PRESETS
+
+    for name, dims in SEED_PRESETS.items():
+        m = load_config(preset=name).model
+        assert dims == {k: getattr(m, k) for k in ("embed_dim", "num_heads", "num_layers",
+                                                   "ff_dim")}
+
+
+# ---------------------------------------------------------------- corpora
+def test_corpora_are_named_sources_or_given_paths(tmp_path, monkeypatch):
+    monkeypatch.delenv("MICROTRANSFORMER_SHARED_DATA", raising=False)
+    assert S.corpus_sources("code", 1000) == (["stdlib"], 1000)
+    assert S.corpus_sources("stories", 1000) == (["tinystories"], None)
+    assert S.corpus_sources("shakespeare", 1000) == (["tinyshakespeare"], None)
+    with pytest.raises(ValueError, match="--corpus novels=PATH"):
+        S.corpus_sources("novels", 1000)
+    books = tmp_path / "books"
+    books.mkdir()
+    for name, size in (("a.txt", 600), ("b.txt", 600), ("c.txt", 300)):
+        (books / name).write_text("x" * size)
+    paths = S.parse_corpus_paths([f"novels={books}"])
+    assert paths == (("novels", str(books)),)
+    files, cap = S.corpus_sources("novels", 1000, paths)  # whole files, name order, <= cap
+    assert [Path(f).name for f in files] == ["a.txt", "c.txt"] and cap is None
+    one = books / "a.txt"
+    assert S.corpus_sources("stories", 10, S.parse_corpus_paths([f"stories={one}"])) == (
+        [str(one)], None)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["stories"], "must be NAME=PATH"),
+    (["stories=a", "stories=b"], "twice"),
+])
+def test_corpus_arg_parsing_errors(args, needle):
+    with pytest.raises(ValueError, match=needle):
+        S.parse_corpus_paths(args)
+
+
+def test_corpus_settings_errors(tmp_path):
+    with pytest.raises(ValueError, match="novels corpus has no public source"):
+        S.StudySettings(corpora=("code", "novels"))
+    with pytest.raises(ValueError, match="not in --corpora"):
+        S.StudySettings(corpora=("code",), corpus_paths=(("stories", str(tmp_path)),))
+    with pytest.raises(ValueError, match="does not exist"):
+        S.StudySettings(corpora=("stories",), corpus_paths=(("stories", str(tmp_path / "no")),))
+    with pytest.raises(ValueError, match="unknown corpus 'poems'"):
+        S.StudySettings(corpora=("code",), corpus_paths=(("poems", str(tmp_path)),))
+    ok = S.StudySettings(corpora=("novels",), corpus_paths=(("novels", str(tmp_path)),))
+    assert ok.corpus_paths == (("novels", str(tmp_path)),)
 
 
 # ---------------------------------------------------------------- CLI bad input
@@ -226,6 +315,9 @@ def test_execute_run_trains_and_measures(tiny_data, tmp_path):
     (["--seeds", "a,b"], "--seeds"),
     (["--tokens", "lots"], "--tokens"),
     (["--seq-len", "16"], "--seq-len=16"),
+    (["--seq-len", "1024"], "max_seq_len 512"),
+    (["--corpus", "stories"], "NAME=PATH"),
+    (["--corpora", "code,novels"], "--corpus novels=PATH"),
     (["--budget-minutes", "-3"], "--budget-minutes"),
 ])
 def test_cli_bad_input_exits_2(argv, needle, capsys, tmp_path):

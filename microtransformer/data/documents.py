@@ -1,0 +1,149 @@
+"""Reading a corpus as documents, and the first pass over it (`scan_sources`).
+
+Documents: each text file is one document, except that a line holding only `<|endoftext|>` (the
+TinyStories format) ends a document inside a file; each record of a `.jsonl` file is one. A long
+document is read in pieces of ~256K characters cut where the byte-level BPE pre-tokenizer splits
+anyway, so the tokens do not depend on the piece size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from microtransformer.data.sources import Source, file_sha256
+from microtransformer.errors import UserError
+from microtransformer.tokenizer import EOS_TOKEN
+
+CHUNK_CHARS = 1 << 18  # a long document is read and encoded in pieces of ~256K characters
+_BINARY_SNIFF_BYTES = 8192
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\x00" in f.read(_BINARY_SNIFF_BYTES)
+
+
+def _iter_file_pieces(source: Source, text_field: str) -> Iterator[tuple[bool, str]]:
+    """Yield (starts_new_document, text) pieces of one file, in order.
+
+    Text files: a line equal to `<|endoftext|>` ends a document; a long document comes in pieces
+    of ~CHUNK_CHARS cut at line boundaries (preferably where the byte-level pre-tokenizer splits
+    anyway, so BPE tokens are unchanged). Empty documents are dropped.
+    """
+    if source.format == "jsonl":
+        with open(source.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{source.path}:{lineno}: not valid JSON ({exc.msg}); "
+                                    "a .jsonl file needs one JSON object per line") from exc
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(
+                        f"{source.path}:{lineno}: record has no {text_field!r} field (has "
+                        f"{keys}); pass the right field with --text-field"
+                    )
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise UserError(f"{source.path}:{lineno}: field {text_field!r} is "
+                                    f"{type(text).__name__}, expected a string")
+                if text:
+                    yield True, text
+        return
+    buf: list[str] = []
+    size = 0
+    new_doc = True
+    with open(source.path, encoding="utf-8", newline="") as f:  # keep \r\n as it is
+        for line in f:
+            if line.rstrip("\r\n") == EOS_TOKEN:
+                if size:
+                    yield new_doc, "".join(buf)
+                buf, size, new_doc = [], 0, True
+                continue
+            cut_ok = _safe_cut(buf[-1], line) if buf else False
+            if size >= CHUNK_CHARS and (cut_ok or size >= 4 * CHUNK_CHARS):
+                yield new_doc, "".join(buf)
+                buf, size, new_doc = [], 0, False
+            buf.append(line)
+            size += len(line)
+    if size:
+        yield new_doc, "".join(buf)
+
+
+def _safe_cut(prev_line: str, next_line: str) -> bool:
+    """True when cutting between two lines cannot change byte-level BPE pre-tokens: the previous
+    line ends "X\\n" and the next starts with Y, X and Y not whitespace."""
+    return (len(prev_line) >= 2 and prev_line[-1] == "\n" and not prev_line[-2].isspace()
+            and bool(next_line) and not next_line[0].isspace())
+
+
+@dataclass
+class Scan:
+    sources: list[Source]            # readable sources, in order
+    doc_keys: array                  # per document: 64-bit content hash (for val_fraction)
+    chars: int                       # total characters of all documents
+    records: list[dict[str, Any]]    # meta.json's per-file entries
+
+
+def iter_pieces(sources: Sequence[Source], text_field: str) -> Iterator[tuple[int, str]]:
+    """(document index, text piece) over all sources."""
+    doc = -1
+    for source in sources:
+        for new_doc, text in _iter_file_pieces(source, text_field):
+            doc += new_doc
+            yield doc, text
+
+
+def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> Scan:
+    """First pass: check every file, count characters, hash documents and files."""
+    kept: list[Source] = []
+    doc_keys = array("Q")  # 8 bytes per document, even for millions of documents
+    records: list[dict[str, Any]] = []
+    chars = 0
+    for source in tqdm(sources, desc="scan", unit="file", disable=None if progress else True):
+        problem = None
+        if _is_binary(source.path):
+            problem = "is a binary file (it contains NUL bytes)"
+        docs: list[int] = []
+        n_chars = 0
+        if problem is None:
+            try:
+                h = None
+                for new_doc, text in _iter_file_pieces(source, text_field):
+                    if new_doc:
+                        if h is not None:
+                            docs.append(int.from_bytes(h.digest()[:8], "little"))
+                        h = hashlib.sha256()
+                    h.update(text.encode("utf-8", "surrogatepass"))
+                    n_chars += len(text)
+                if h is not None:
+                    docs.append(int.from_bytes(h.digest()[:8], "little"))
+            except UnicodeDecodeError as exc:
+                problem = f"is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        if problem is not None:
+            if source.strict:
+                raise UserError(f"{source.path} {problem}; pass UTF-8 text files "
+                                "(.txt/.md/.py or .jsonl)")
+            warnings.warn(f"skipping {source.path}: it {problem}", stacklevel=2)
+            continue
+        kept.append(source)
+        doc_keys.extend(docs)  # duplicates share a key; ties are broken by document index
+        chars += n_chars
+        records.append({"path": str(source.path), "origin": source.origin,
+                        "format": source.format, "bytes": source.path.stat().st_size,
+                        "sha256": file_sha256(source.path), "documents": len(docs)})
+    return Scan(kept, doc_keys, chars, records)
+
+

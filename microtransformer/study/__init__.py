@@ -1,0 +1,76 @@
+"""Architecture study: train the seed's configurations on code and narrative text and compare them.
+
+`microtransformer study` plans a list of runs, prepares each corpus once, trains every run with the
+project's one training loop (`microtransformer.training.train`) in its own subprocess (so peak
+memory is measured per run and a crash costs one run), evaluates it and writes a report.
+
+One module per reason to change:
+
+    corpora.py   which text each corpus is (named sources, the stdlib, --corpus NAME=PATH)
+    plan.py      settings, the runs in priority order, their sizes and the budget
+    measure.py   loss by position, peak memory, throughput
+    worker.py    one run: train, evaluate, measure, write RUN/result.json (in a subprocess)
+    runner.py    the study loop: prepare, calibrate, plan, run, resume
+    stats.py     mean ± std, paired differences, the seed spec's claims and verdicts
+    report.py    report.md and runs.jsonl
+    plots.py     the PNG plots
+
+Per run (`RUN/result.json`, also appended to `runs.jsonl`): val loss and bits per byte on fixed
+val windows, loss by position in the context window, training tokens/s and step time, peak memory
+(CUDA max allocated, or peak RSS growth of the run's process on CPU), KV-cache generation speed,
+the loss curve and a sample text. A run whose result.json exists is skipped on rerun.
+
+Every public name is importable from `microtransformer.study` itself.
+"""
+
+from microtransformer.study.corpora import (
+    CORPORA,
+    Corpus,
+    corpus_sources,
+    parse_corpus_paths,
+    prepare_corpus,
+)
+from microtransformer.study.measure import (
+    BUCKET,
+    PeakMemory,
+    loss_by_position,
+    measure_throughput,
+    position_buckets,
+    smooth_positions,
+)
+from microtransformer.study.plan import (
+    OVERHEAD_S,
+    TIME_CAP,
+    RunSpec,
+    StudySettings,
+    estimate_seconds,
+    fit_to_budget,
+    plan_runs,
+    size_budget,
+    steps_for_tokens,
+)
+from microtransformer.study.plots import COLORS, write_plots
+from microtransformer.study.report import write_report
+from microtransformer.study.runner import Runner, load_finished, run_study, shell_command
+from microtransformer.study.stats import (
+    CLAIMS,
+    Claim,
+    claim_rows,
+    fmt,
+    group_results,
+    loss_at_fraction,
+    mean_std,
+    paired_diffs,
+    verdict,
+)
+from microtransformer.study.worker import execute_run, run_in_subprocess
+
+__all__ = [
+    "BUCKET", "CLAIMS", "COLORS", "CORPORA", "OVERHEAD_S", "TIME_CAP", "Claim", "Corpus",
+    "PeakMemory", "RunSpec", "Runner", "StudySettings", "claim_rows", "corpus_sources",
+    "estimate_seconds", "execute_run", "fit_to_budget", "fmt", "group_results", "load_finished",
+    "loss_at_fraction", "loss_by_position", "mean_std", "measure_throughput", "paired_diffs",
+    "parse_corpus_paths", "plan_runs", "position_buckets", "prepare_corpus", "run_in_subprocess",
+    "run_study", "shell_command", "size_budget", "smooth_positions", "steps_for_tokens",
+    "verdict", "write_plots", "write_report",
+]

@@ -1,0 +1,113 @@
+"""The study's PNG plots (loss curves, loss by position, init comparison)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from microtransformer.study.measure import smooth_positions
+
+COLORS = {"wide_shallow": "tab:blue", "narrow_deep": "tab:red", "balanced": "tab:green"}
+
+
+def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
+                corpora: Sequence[str], base_init: str) -> list[Path]:
+    """study_loss_tokens.png, study_loss_time.png, study_position.png, study_init.png
+    (those that have data). Returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+
+    def panels(title: str) -> tuple[Any, Any]:
+        fig, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), 3.2), dpi=80,
+                                 squeeze=False)
+        fig.suptitle(title, fontsize=10)
+        return fig, axes[0]
+
+    def style(ax: Any, corpus: str, xlabel: str, ylabel: str = "loss (nats)") -> None:
+        ax.set_title(corpus, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        paths.append(out / name)
+
+    for group, xi, xlabel, name in (("tokens", 1, "training tokens", "study_loss_tokens.png"),
+                                    ("time", 2, "training seconds", "study_loss_time.png")):
+        if not any(k[0] == group for k in groups):
+            continue
+        fig, axes = panels(f"train loss, equal {'tokens' if group == 'tokens' else 'time'}")
+        for ax, corpus in zip(axes, corpora, strict=True):
+            for (g, c, cfg, init), rs in sorted(groups.items()):
+                if g != group or c != corpus or init != base_init:
+                    continue
+                for j, r in enumerate(rs):
+                    xs = [e[xi] for e in r["curve"]]
+                    ys = [e[3] for e in r["curve"]]
+                    ax.plot(xs, ys, color=COLORS.get(cfg), alpha=0.8, linewidth=1,
+                            label=cfg if j == 0 else None)
+            style(ax, corpus, xlabel)
+        save(fig, name)
+
+    if any(k[0] == "tokens" for k in groups):
+        fig, axes = panels("val loss by position, minus wide_shallow's (equal tokens, "
+                           "mean over seeds)")
+        for ax, corpus in zip(axes, corpora, strict=True):
+            ref = groups.get(("tokens", corpus, "wide_shallow", base_init))
+            for (g, c, cfg, init), rs in sorted(groups.items()):
+                if g != "tokens" or c != corpus or init != base_init:
+                    continue
+                mean_pos = [statistics.fmean(v) for v in zip(*(r["loss_by_position"]
+                                                               for r in rs), strict=True)]
+                if ref:
+                    ref_pos = [statistics.fmean(v) for v in zip(*(r["loss_by_position"]
+                                                                  for r in ref), strict=True)]
+                    mean_pos = [a - b for a, b in zip(mean_pos, ref_pos, strict=True)]
+                xs, ys = smooth_positions(mean_pos, 16)
+                ax.plot(xs, ys, "o-", markersize=2, color=COLORS.get(cfg), label=cfg)
+            ax.axhline(0, color="gray", linewidth=0.5)
+            style(ax, corpus, "position in context (16-token buckets)",
+                  "loss - wide_shallow loss" if ref else "loss")
+        save(fig, "study_position.png")
+
+        fig, axes = panels("val loss by position (equal tokens, mean over seeds)")
+        for ax, corpus in zip(axes, corpora, strict=True):
+            for (g, c, cfg, init), rs in sorted(groups.items()):
+                if g != "tokens" or c != corpus or init != base_init:
+                    continue
+                mean_pos = [statistics.fmean(v) for v in zip(*(r["loss_by_position"]
+                                                               for r in rs), strict=True)]
+                xs, ys = smooth_positions(mean_pos, 8)
+                ax.plot(xs, ys, color=COLORS.get(cfg), label=cfg, linewidth=1)
+            ax.set_xscale("log")
+            style(ax, corpus, "position in context (log)")
+        save(fig, "study_position_abs.png")
+
+    init_keys = [k for k in groups if k[0] == "tokens" and k[3] != base_init]
+    if init_keys:
+        fig, axes = panels("train loss by init (equal tokens)")
+        styles = {"kaiming": "-", "gpt2": "--"}
+        for ax, corpus in zip(axes, corpora, strict=True):
+            cfgs = {k[2] for k in init_keys if k[1] == corpus}
+            for (g, c, cfg, init), rs in sorted(groups.items()):
+                if g != "tokens" or c != corpus or cfg not in cfgs:
+                    continue
+                for j, r in enumerate(rs):
+                    ax.plot([e[1] for e in r["curve"]], [e[3] for e in r["curve"]],
+                            styles.get(init, ":"), color=COLORS.get(cfg), linewidth=1,
+                            label=f"{cfg} {init}" if j == 0 else None)
+            style(ax, corpus, "training tokens")
+        save(fig, "study_init.png")
+    return paths
+
+

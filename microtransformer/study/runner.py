@@ -1,0 +1,146 @@
+"""The study loop: prepare the corpora, calibrate, plan, run (skipping finished runs), report.
+
+Resume: rerun the same command. Finished runs are skipped, and the run sizes (tokens, minutes)
+chosen by the first invocation are kept (REPORT_DIR/plan.json) unless --tokens / --minutes are
+given, so a rerun with a new --budget-minutes only decides how many of the remaining runs fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from microtransformer.device import resolve_device
+from microtransformer.fileio import atomic_write_json
+from microtransformer.search import seed_model_config
+from microtransformer.study.corpora import prepare_corpus
+from microtransformer.study.measure import measure_throughput
+from microtransformer.study.plan import (
+    RunSpec,
+    StudySettings,
+    estimate_seconds,
+    fit_to_budget,
+    plan_runs,
+    size_budget,
+    steps_for_tokens,
+)
+from microtransformer.study.report import write_report
+from microtransformer.study.worker import run_in_subprocess
+
+Runner = Callable[[RunSpec, Path, Path], dict[str, Any]]
+
+
+def load_finished(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Results of finished runs in a report dir, by run_id (from RUN/result.json)."""
+    done = {}
+    for path in sorted((out_dir / "runs").glob("*/result.json")):
+        try:
+            res = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue  # torn write: the run is redone
+        done[res["run_id"]] = res
+    return done
+
+
+def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = "",
+              runner: Runner = run_in_subprocess, throughput: dict[str, float] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Plan, run (skipping finished runs) and report. Returns a summary dict.
+
+    `throughput` (config -> training tokens/s) skips the calibration (tests).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    device = resolve_device(s.device, option="device").type
+    s = replace(s, device=device)
+
+    data_dirs = {}
+    for corpus in s.corpora:
+        log(f"preparing corpus {corpus} ...")
+        data_dirs[corpus] = prepare_corpus(corpus, out / "data" / corpus,
+                                           vocab_size=s.vocab_size,
+                                           max_bytes=int(s.corpus_max_mb * 2**20),
+                                           paths=s.corpus_paths)
+    if throughput is None:
+        from microtransformer.data import load_meta
+
+        vocab = int(load_meta(data_dirs[s.corpora[0]])["vocab_size"])
+        throughput = {c: measure_throughput(seed_model_config(c), vocab_size=vocab,
+                                            seq_len=s.seq_len, batch_size=s.batch_size,
+                                            device=device) for c in s.configs}
+        log("calibrated training throughput (tokens/s): "
+            + ", ".join(f"{c} {v:,.0f}" for c, v in throughput.items()))
+    fixed_s = time.perf_counter() - t_start
+    plan_path = out / "plan.json"
+    if plan_path.is_file() and s.tokens is None and s.minutes is None:
+        # Resuming: keep the run sizes of the first invocation so finished and new runs match.
+        saved = json.loads(plan_path.read_text(encoding="utf-8"))
+        tokens, minutes = int(saved["tokens"]), float(saved["minutes"])
+        log(f"resuming with the sizes in {plan_path}: {tokens:,} tokens, {minutes:.2f} min")
+    else:
+        tokens, minutes = size_budget(s, throughput, fixed_s)
+        atomic_write_json(plan_path, {"tokens": tokens, "minutes": minutes,
+                                       "throughput": throughput})
+    runs = plan_runs(s, tokens, minutes, throughput)
+    done = load_finished(out)
+    budget_s = None if s.budget_minutes is None else s.budget_minutes * 60 - fixed_s
+    kept, skipped = fit_to_budget(runs, budget_s, throughput, set(done))
+    log(f"plan: {len(runs)} runs ({len(done)} already finished), {tokens:,} tokens per "
+        f"equal-token run, {minutes:.2f} min per equal-time run; {len(skipped)} skipped by "
+        "the budget")
+
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    deadline = None if s.budget_minutes is None else t_start + s.budget_minutes * 60
+
+    measured: dict[str, list[float]] = {}
+    for i, spec in enumerate(kept, start=1):
+        if spec.run_id in done:
+            res = done[spec.run_id]
+        else:
+            if spec.group == "time" and spec.config in measured:
+                # Equal-time steps from this config's measured speed in the equal-token runs
+                # so far (best window, median over runs); else the calibration's.
+                spec = replace(spec, max_steps=steps_for_tokens(
+                    statistics.median(measured[spec.config]) * minutes * 60, spec.batch_size,
+                    spec.seq_len))
+            est = estimate_seconds(spec, throughput)
+            if deadline is not None and time.perf_counter() + est > deadline:
+                skipped.append(spec)  # the runs so far took longer than planned
+                continue
+            log(f"[{i}/{len(kept)}] {spec.run_id}: {spec.max_steps} steps"
+                + (f", cap {spec.max_minutes:.2f} min" if spec.max_minutes else ""))
+            try:
+                res = runner(spec, data_dirs[spec.corpus], out / "runs" / spec.run_id)
+            except RuntimeError as exc:
+                failed.append(f"{spec.run_id}: {str(exc)[:300]}")
+                log(f"  FAILED: {str(exc)[:300]}")
+                continue
+            log(f"  val loss {res['val_loss']:.4f}, {res['tokens_per_s_best']:,.0f} tok/s")
+        results.append(res)
+        if res["spec"]["group"] == "tokens" and res["spec"]["device"] == device:
+            measured.setdefault(res["spec"]["config"], []).append(res["tokens_per_s_best"])
+
+    settings = {**asdict(s), "tokens_per_run": tokens, "minutes_per_time_run": minutes,
+                "throughput_estimate": throughput}
+    # The report covers every finished run in the directory (earlier invocations too).
+    every = {**load_finished(out), **{r["run_id"]: r for r in results}}
+    report = write_report(out, list(every.values()), settings=settings, command=command,
+                          skipped=[r.run_id for r in skipped], failed=failed,
+                          elapsed_s=time.perf_counter() - t_start)
+    return {"report": report, "results": results, "skipped": skipped, "failed": failed}
+
+
+def shell_command(argv: Sequence[str]) -> str:
+    """The command line as one copy-pasteable string."""
+    return "microtransformer study " + " ".join(shlex.quote(a) for a in argv)
+
+
