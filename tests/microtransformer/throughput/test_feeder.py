@@ -53,12 +53,17 @@ def test_state_is_that_of_the_consumed_batches_not_the_prefetched(char_data):
     assert torch.equal(state["generator"], want["generator"])
 
 
+def state_after(data_dir, n):
+    """The feeder's state after handing out n batches."""
+    with BatchFeeder(loader(data_dir), "cpu") as feeder:
+        for _ in range(n):
+            feeder.next_batch()
+        return feeder.state_dict()
+
+
 def test_resume_in_a_new_feeder_continues_exactly(char_data):
     expected = reference(char_data, 10)
-    with BatchFeeder(loader(char_data), "cpu") as first:
-        for _ in range(4):
-            first.next_batch()
-        saved = first.state_dict()
+    saved = state_after(char_data, 4)
     # a fresh process: new loader (other seed would not matter: the state carries it)
     with BatchFeeder(loader(char_data), "cpu") as second:
         second.load_state_dict(saved)
@@ -69,12 +74,8 @@ def test_resume_in_a_new_feeder_continues_exactly(char_data):
 
 def test_feeder_state_loads_into_a_plain_loader(char_data):
     expected = reference(char_data, 6)
-    with BatchFeeder(loader(char_data), "cpu") as feeder:
-        for _ in range(3):
-            feeder.next_batch()
-        saved = feeder.state_dict()
     plain = loader(char_data)
-    plain.load_state_dict(saved)
+    plain.load_state_dict(state_after(char_data, 3))
     assert torch.equal(plain.next_batch()["input_ids"], expected[3])
 
 
