@@ -154,9 +154,9 @@ class BatchFeeder:
         if not self.cuda:
             return _map_shared(host, lambda t: t.to(self.device)), state, None
         assert self._stream is not None
-        # the side stream must not run ahead of work already queued on the compute stream
-        # that may still read memory the allocator hands back to this copy
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        # No wait on the compute stream: the destinations are fresh allocations from the side
+        # stream's pool, and memory of earlier batches is only reused once the compute stream
+        # is past them (record_stream in next_batch), so the copy may overlap the current step.
         with torch.cuda.stream(self._stream):
             dev = _map_shared(host, lambda t: t.to(self.device, non_blocking=True))
             done = torch.cuda.Event()
