@@ -201,3 +201,43 @@ def probe_cuda_batch(trial_step: Callable[[int], None], low: int, high: int) -> 
             torch.cuda.empty_cache()
 
     return largest_fitting(fits, low, high)
+
+
+# ---------------------------------------------------------------------------- config hooks
+AUTO = "auto"
+
+
+def batch_size_problem(value: Any) -> str | None:
+    """Validation of `train.batch_size`: None when it is a positive integer or "auto", else
+    the problem, naming the value and the fix (for a config's collected error)."""
+    if value == AUTO:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return (f"batch_size={value!r} must be an integer >= 1 or \"auto\" (the largest "
+                "micro-batch that fits the CUDA device's memory)")
+    return None
+
+
+def resolve_auto_batch(config: ModelConfig | dict[str, Any], seq_len: int, device: Any, *,
+                       world_size: int = 1, target_tokens_per_step: int | None = None,
+                       compute_bytes: int = 2, loss: str = "chunked") -> BatchChoice:
+    """`batch_size = "auto"` on this process's CUDA device: `choose_batch` on 85% of its free
+    memory, per rank. The returned micro_batch is per process; multiply by world_size for a
+    global batch. A non-CUDA device is a UserError (no memory figure to size against)."""
+    import torch
+
+    from microtransformer.errors import UserError
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise UserError(f"train.batch_size='auto' sizes the micro-batch to a CUDA device's "
+                        f"memory, but the device is {device.type}; set a number, e.g. "
+                        "--train.batch_size 32")
+    per_rank = None if target_tokens_per_step is None else max(
+        1, math.ceil(target_tokens_per_step / world_size))
+    try:
+        return choose_batch(config, seq_len, cuda_budget_bytes(device),
+                            target_tokens_per_step=per_rank, compute_bytes=compute_bytes,
+                            loss=loss)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

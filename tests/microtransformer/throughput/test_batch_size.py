@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from microtransformer.errors import UserError
 from microtransformer.throughput.batch_size import (
     activation_bytes_per_token,
+    batch_size_problem,
     choose_batch,
     estimate_train_bytes,
     largest_fitting,
     probe_cuda_batch,
+    resolve_auto_batch,
     static_train_bytes,
 )
 from model import MicroTransformer, ModelConfig
@@ -183,3 +186,29 @@ def test_cuda_peak_within_estimate(loss):
     peak = torch.cuda.max_memory_allocated()  # weights, grads, AdamW state, activations
     est = estimate_train_bytes(BALANCED, B, T, loss=loss)
     assert 0.5 * est < peak < 1.3 * est, (peak, est)
+
+
+@pytest.mark.parametrize("value, ok", [(1, True), (64, True), ("auto", True), (0, False),
+                                       (-3, False), (True, False), ("big", False), (2.0, False)])
+def test_batch_size_problem(value, ok):
+    problem = batch_size_problem(value)
+    assert (problem is None) == ok
+    if not ok:
+        assert repr(value) in problem and "auto" in problem
+
+
+def test_resolve_auto_batch_needs_cuda():
+    with pytest.raises(UserError, match="device is cpu; set a number"):
+        resolve_auto_batch(BALANCED, 512, "cpu")
+
+
+def test_resolve_auto_batch_splits_the_target_over_ranks(monkeypatch):
+    from microtransformer.throughput import batch_size as bs
+
+    monkeypatch.setattr(bs, "cuda_budget_bytes", lambda device: 1 << 40)
+    c = resolve_auto_batch(BALANCED, 256, torch.device("cuda"), world_size=4,
+                           target_tokens_per_step=256 * 256)
+    assert (c.micro_batch, c.grad_accum_steps) == (64, 1)  # 64 rows per rank x 4 ranks
+    monkeypatch.setattr(bs, "cuda_budget_bytes", lambda device: 1000)
+    with pytest.raises(UserError, match="memory budget"):
+        resolve_auto_batch(BALANCED, 256, torch.device("cuda"))
