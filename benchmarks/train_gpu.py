@@ -224,13 +224,15 @@ class Runner:
         self.loader = BatchLoader(data_dir, "train", self.batch, T, seed=0)
         self.feeder = BatchFeeder(self.loader, device, depth=3) if stage.feeder else None
 
-    def sibling(self, stage: Stage) -> Runner:
+    def sibling(self, stage: Stage, data_dir: Path, T: int) -> Runner:
         """The same model, optimizer and compiled step with another batch source (`stage`
-        differs from this one in `feeder` only): no second compile."""
+        differs from this one in `feeder` only): no second compile. Its own loader, so the
+        two never draw from one generator in two threads."""
         twin = object.__new__(Runner)
         twin.__dict__.update(self.__dict__)
         twin.stage, twin.notes = stage, list(self.notes)
-        twin.feeder = BatchFeeder(self.loader, self.device, depth=3) if stage.feeder else None
+        twin.loader = BatchLoader(data_dir, "train", self.batch, T, seed=1)
+        twin.feeder = BatchFeeder(twin.loader, self.device, depth=3) if stage.feeder else None
         return twin
 
     def fetch(self) -> torch.Tensor:
@@ -448,6 +450,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"Generation, StaticDecoder, batch {g['batch']}, {g['new_tokens']} new "
                   f"tokens after {g['prompt']}, {g['dtype']}, CUDA graph {g['cuda_graph']}: "
                   f"{t['median']:,.0f} tokens/s ({t['min']:,.0f}-{t['max']:,.0f})."]
+    if res.get("partial"):
+        lines += ["", "PARTIAL: the run stopped before all stages were measured."]
     lines += ["", f"Loss kept after the comparison: {res['best_loss']}.",
               "MFU = tokens/s x 3 x (2 N_matmul + 4 L T d) / dense bf16 peak "
               "(microtransformer/throughput/mfu.py)."]
@@ -502,9 +506,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
+    dev_name = device_name(device)
+    res: dict[str, Any] = {
+        "env": environment(device), "preset": args.preset,
+        "params": count_parameters(MicroTransformer.from_config(cfg)), "shape": [B, T],
+        "rounds": args.rounds, "steps": args.steps, "best_loss": None, "stages": {},
+        "skipped": skipped, "big_batch_choice": None, "partial": True,
+        "command": "python benchmarks/train_gpu.py " + " ".join(argv or sys.argv[1:]),
+        "profiles": []}
+
+    def record(samples: dict[str, list[float]], pairs: list[tuple[str, str]],
+               runners: list[Runner]) -> None:
+        """Add measured stages to the report and write it (a killed run keeps what it has)."""
+        stages = summarise(samples, pairs, cfg, T, dev_name)
+        for r in runners:
+            st = stages[r.stage.name]
+            st["step_peak_bytes"] = step_memory(r, device)
+            st["notes"], st["batch"] = r.notes, r.batch
+            st["estimated_bytes"] = (estimate_train_bytes(cfg, r.batch, T, loss=r.stage.loss)
+                                     if r.stage.model == "ours" else None)
+        res["stages"].update(stages)
+        write_report(res, out)
+
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = synthetic_data(Path(tmp), max(1_000_000, 4 * B * T), VOCAB)
-
         runners = run_phase(phase_a(args), cfg, data_dir, B, T, device, args, skipped)
         if not runners:
             raise SystemExit("every stage failed: " + "; ".join(skipped))
@@ -518,17 +543,23 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(x / y for x, y in zip(a["logits"], a["compile"],
                                                              strict=True))
             best = by_name["logits"] if ratio > 1 else by_name["compile"]
-        info = {r.stage.name: (step_memory(r, device), r.notes, r.batch) for r in runners}
+        res["best_loss"] = best.stage.loss
+        record(a, pairs, runners)
+        eager = by_name.get("fused") or by_name.get("bf16")
+        if eager is not None:  # where the time goes today (eager bf16, as `train` runs)
+            profile(eager, device, out / "profile_top_kernels_eager.txt", args.profile_steps)
+            res["profiles"].append("profile_top_kernels_eager.txt")
         for r in runners:
             if r is not best:
                 r.close()
+        del runners, by_name, eager
 
-        big, choice_text = None, None
+        big = None
         if args.big_batch == "auto":
             if device.type == "cuda":
                 c = choose_batch(cfg, T, cuda_budget_bytes(device), loss=best.stage.loss,
                                  max_micro_tokens=2**17)
-                big, choice_text = c.micro_batch, c.describe()
+                big, res["big_batch_choice"] = c.micro_batch, c.describe()
             else:
                 skipped.append("bigbatch: auto needs CUDA memory figures")
         elif int(args.big_batch) > 0:
@@ -539,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_ok = device.type == "cuda" or args.cpu_compile
         again, pre, *rest = phase_b(best.stage, args, big, compile_ok)
         best.stage = again
-        runners = [best, best.sibling(pre)]
+        runners = [best, best.sibling(pre, data_dir, T)]
         runners += run_phase(rest, cfg, data_dir, B, T, device, args, skipped)
         b = measure(runners, device, T, args.rounds, args.steps)
         names_b = [r.stage.name for r in runners]
@@ -547,36 +578,27 @@ def main(argv: list[str] | None = None) -> int:
         pairs_b = [(ours_b[i], ours_b[i - 1]) for i in range(1, len(ours_b))]
         ours_ref = next((n for n in ("graphs", "prefetch") if n in names_b), names_b[0])
         pairs_b += [(ours_ref, p) for p in ("hf", "nanogpt") if p in names_b]
-        info[again.name] = info[best.stage.name.replace(" (again)", "")]
-        for r in runners[1:]:
-            info[r.stage.name] = (step_memory(r, device), r.notes, r.batch)
-
-        dev_name = device_name(device)
-        stages = summarise(a, pairs, cfg, T, dev_name)
-        stages.update(summarise(b, pairs_b, cfg, T, dev_name))
-        for name, st in stages.items():
-            st["step_peak_bytes"], st["notes"], st["batch"] = info[name]
-            st["estimated_bytes"] = estimate_train_bytes(
-                cfg, st["batch"], T, compute_bytes=2, loss="chunked")
-        profile_path = out / "profile_top_kernels.txt"
-        prof_runner = next((r for r in runners if r.stage.name == ours_ref), runners[0])
-        profile(prof_runner, device, profile_path, args.profile_steps)
+        record(b, pairs_b, runners)
+        # kernels of the compiled step without CUDA graphs (a replayed graph hides them)
+        compiled = next((r for r in runners if r.stage.name == "prefetch"), runners[0])
+        profile(compiled, device, out / "profile_top_kernels.txt", args.profile_steps)
+        res["profiles"].append("profile_top_kernels.txt")
         for r in runners:
             r.close()
 
-    res = {"env": environment(device), "preset": args.preset, "params": count_parameters(
-        MicroTransformer.from_config(cfg)), "shape": [B, T], "rounds": args.rounds,
-           "steps": args.steps, "best_loss": best.stage.loss, "stages": stages,
-           "skipped": skipped, "big_batch_choice": choice_text,
-           "command": "python benchmarks/train_gpu.py " + " ".join(argv or sys.argv[1:]),
-           "profile": profile_path.name}
     if args.gen_batch > 0:
         res["generation"] = bench_generation(cfg, device, args)
+    res["partial"] = False
+    print(write_report(res, out))
+    return 0
+
+
+def write_report(res: dict[str, Any], out: Path) -> str:
+    """train_gpu.json and train_gpu.md in `out`; returns the markdown."""
     (out / "train_gpu.json").write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)
     (out / "train_gpu.md").write_text(md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":
