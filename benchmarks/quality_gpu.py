@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibrate-steps", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=250, help="steps between evaluations")
     ap.add_argument("--eval-batches", type=int, default=10)
+    ap.add_argument("--max-epochs", type=float, default=300,
+                    help="also end the schedule after this many passes over the training split "
+                         "(a 2.7M model overfits 1M characters eventually; 300 is a guess)")
     ap.add_argument("--max-steps", type=int, default=None,
                     help="fix the run length instead of sizing it to the budget")
     ap.add_argument("--sample-chars", type=int, default=600)
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 # evaluations take their share: one eval ~ eval_batches forward-only steps
                 eval_share = 1 + args.eval_batches / (3 * args.eval_every)
                 max_steps = step + max(1, int(0.97 * left * rate / eval_share))
+                epoch_steps = int(args.max_epochs * len(load_tokens(data, "train"))
+                                  / tokens_per_step)
+                max_steps = max(step + 1, min(max_steps, epoch_steps))
                 tc = replace(tc, max_steps=max_steps)
                 print(f"calibrated {rate:.1f} steps/s; max_steps {max_steps}", flush=True)
             elif step == 0:
