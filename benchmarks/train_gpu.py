@@ -207,6 +207,8 @@ class Runner:
             raw = module = NanoGPT(cfg)
         self.stage, self.device, self.raw = stage, device, raw.to(device).train()
         self.notes: list[str] = []
+        if stage.model != "ours":  # same dimensions: the same parameter count as ours
+            self.notes.append(f"{count_parameters(raw):,} parameters")
         if stage.model == "hf":
             self.notes.append(f"attn_implementation={raw.hf.config._attn_implementation}")
         self.compile_s: float | None = None
