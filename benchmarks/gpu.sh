@@ -21,7 +21,7 @@
 # (a minute or two of device time), else it skips the part that needs it and says so.
 #
 # OUTPUT. Everything goes to $OUT/benchmarks/results/<card>/ when $OUT is set (the device tool
-# returns $OUT), else to benchmarks/results/<card>/: env.txt, train_gpu.{json,md},
+# returns $OUT), else to benchmarks/results/<card>/ (smoke: data/gpu_sh_smoke/out/...): env.txt, train_gpu.{json,md},
 # profile_top_kernels.txt, quality/{quality.json,quality.md,samples.txt}, study/ (the report,
 # one result.json per run, no weights), study_estimate.txt, timing.txt, and a log per part.
 #
@@ -47,10 +47,11 @@ DEADLINE=$((START + ${MINUTES%.*} * 60))
 if [ -n "${SHARED_DATA:-}" ]; then :;
 elif [ -d "$REPO/../shared/data" ]; then SHARED_DATA="$REPO/../shared/data";
 else SHARED_DATA="$REPO/shared/data"; fi
-if [ "$SMOKE" = 1 ]; then
-  DATA="$REPO/data/gpu_sh_smoke"; CORPUS_MB=0.5; DEVICE=cpu; CARD=cpu_smoke
+if [ "$SMOKE" = 1 ]; then  # smoke outputs stay out of the tree unless $OUT says otherwise
+  DATA="$REPO/data/gpu_sh_smoke"; CORPUS_MB=0.5; CARD=cpu_smoke
+  OUT="${OUT:-$DATA/out}"
 else
-  DATA="$REPO/data/gpu_sh"; CORPUS_MB=17; DEVICE=cuda
+  DATA="$REPO/data/gpu_sh"; CORPUS_MB=17
   CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
          | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '_' | sed 's/_$//')
   CARD=${CARD:-unknown_gpu}
