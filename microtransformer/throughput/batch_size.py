@@ -21,8 +21,9 @@ V vocab, h heads, N parameters, M the matmul weights), from the tensors autograd
                     + 2 d)  (dropout > 0)  dropout masks (one byte each) after the
                                           attention output and the feed-forward
                + 8 d                      final LayerNorm input and the head's saved dh (fp32)
-               + (4 + e + 4) V (logits)   saved log-softmax, the low-precision logits and
-                                          their fp32 gradient (the full-logits loss only)
+               + 12 V       (logits)      the full-logits loss only, at its backward peak:
+                                          the saved fp32 log-softmax, the gradient coming
+                                          in and the one going out (4 bytes each)
                + 4 (3 d + f)              one layer's gradients in flight during backward
                + 16                       token ids and labels
 
@@ -80,7 +81,7 @@ def activation_bytes_per_token(config: ModelConfig | dict[str, Any], *, compute_
     per_layer = 8 * d + e * (6 * d + 2 * f) + 4 * c.num_heads
     if c.dropout > 0:
         per_layer += 2 * d  # bool masks of the two residual dropouts
-    head = 8 * d + ((4 + e + 4) * c.vocab_size if loss == "logits" else 0)
+    head = 8 * d + (12 * c.vocab_size if loss == "logits" else 0)
     return c.num_layers * per_layer + head + 4 * (3 * d + f) + 16
 
 

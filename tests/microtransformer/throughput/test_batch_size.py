@@ -63,8 +63,8 @@ def test_per_token_estimate_matches_saved_tensors(cfg, bf16):
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_full_logits_estimate_bounds_saved_tensors(bf16):
-    """The logits loss saves its (B, T, V) log-softmax; the estimate adds the transient logits
-    and their gradient, so it must lie above the saved bytes but within 2.5x of them."""
+    """The logits loss saves its (B, T, V) log-softmax; the estimate adds the two (B, T, V)
+    gradients alive at its backward peak, so it lies above the saved bytes, within 2.5x."""
     cfg, T = SMALL, 32
     measured = (saved_bytes(cfg, 6, T, bf16, "logits")
                 - saved_bytes(cfg, 2, T, bf16, "logits")) / (4 * T)
