@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step {step}: val loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return loss
 
-    step, max_steps, train_s, stop = 0, tc.max_steps, 0.0, "completed"
+    step, max_steps, train_s, stop, rate = 0, tc.max_steps, 0.0, "completed", None
     t_cal = time.perf_counter()  # reset at step 0, after the compile warm-up
     tokens_per_step = B * T
     model.train()
@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         feeder.close()
 
     tokens = step * tokens_per_step
-    mfu = compute_mfu(tokens / train_s, mcfg, T, device_name(device))
+    # MFU of the steady training steps (the calibration window), not of the wall-clock
+    steady = rate * tokens_per_step if rate else tokens / train_s
+    mfu = compute_mfu(steady, mcfg, T, device_name(device))
     # whole-val loss (every val token predicted once) for the final and the best weights
     val_tokens = np.asarray(load_tokens(data, "val"))
     model.eval()
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items()}, "fast_path": prepared.describe(),
         "compile_s": prepared.compile_seconds, "steps": step, "max_steps": max_steps,
         "stop": stop, "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s,
+        "steady_tokens_per_s": steady,
         "epochs": tokens / len(load_tokens(data, "train")), "mfu": mfu.mfu,
         "mfu_line": format_mfu(mfu), "best_eval_step": best[1], "whole_val": results,
         "target": 1.47, "curve": curve,
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.embed_dim}, {args.num_heads} heads, ff {args.ff_dim}, T {T}), "
           f"{device_name(device)}: {step} steps x {B}x{T} in {train_s:.0f} s ({stop}; compile "
           f"{prepared.compile_seconds or 0:.0f} s included), {tokens / 1e6:.0f}M tokens "
-          f"({res['epochs']:.0f} epochs), {tokens / train_s:,.0f} tokens/s, {format_mfu(mfu)}.\n"
+          f"({res['epochs']:.0f} epochs), {tokens / train_s:,.0f} tokens/s over the wall-clock, "
+          f"{steady:,.0f} in steady steps: {format_mfu(mfu)}.\n"
           f"Whole-val loss: final {results['final']['whole_val_loss']:.4f}, best-eval weights "
           f"(step {best[1]}) {results['best']['whole_val_loss']:.4f} nats/char; target <= 1.47: "
           f"{'met' if hit <= 1.47 else 'NOT met'}.\nCommand: `{res['command']}`\n")
