@@ -183,16 +183,6 @@ def test_machine_path_pattern() -> None:
         assert not MACHINE_PATH.search(ok), ok
 
 
-# Recorded benchmark commands that name the GPU machine's output folder ($OUT was /root/out).
-# benchmarks/ belongs to another branch; once those lines say $OUT, delete this exception.
-RECORDED_ELSEWHERE = {
-    ("benchmarks/results/cuda_compile.json", "/root/out"),
-    ("benchmarks/results/cuda_compile.md", "/root/out"),
-    ("benchmarks/results/cuda_eager.json", "/root/out"),
-    ("benchmarks/results/cuda_eager.md", "/root/out"),
-}
-
-
 def tracked_text_files() -> list[Path]:
     git = shutil.which("git")
     if git is None or not (ROOT / ".git").exists():
@@ -219,7 +209,6 @@ def test_no_machine_paths_in_tracked_files() -> None:
         for lineno, line in enumerate(text.splitlines(), 1):
             for m in MACHINE_PATH.finditer(line):
                 rel = path.relative_to(ROOT).as_posix()
-                if (rel, m.group(0)) not in RECORDED_ELSEWHERE:
-                    found.append(f"{rel}:{lineno}: {m.group(0)}")
+                found.append(f"{rel}:{lineno}: {m.group(0)}")
     assert not found, ("absolute machine paths (use a path relative to the repo or a named "
                        "source): " + "; ".join(found[:20]))
