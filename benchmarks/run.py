@@ -397,6 +397,25 @@ def cpu_train_memory(side: str, preset: str, args: argparse.Namespace) -> dict[s
 
 
 # ---------------------------------------------------------------------------- report
+def cpu_description() -> dict[str, Any]:
+    """CPU model, logical CPU count and the flags that matter for bf16/int8 inference."""
+    out: dict[str, Any] = {}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        out["cpu"] = info.get("Model name", "?").strip()
+        out["cpus"] = info.get("CPU(s)", "?").strip()
+    except OSError:
+        out["cpu"] = platform.processor()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    out["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                       "amx_bf16", "amx_int8", "amx_tile"})
+    return out
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
@@ -406,13 +425,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "platform": platform.platform(), "command": " ".join([Path(sys.argv[0]).as_posix(),
                                                               *sys.argv[1:]]),
     }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        env["cpu"] = info.get("Model name", "?").strip()
-        env["cpus"] = info.get("CPU(s)", "?").strip()
-    except OSError:
-        env["cpu"] = platform.processor()
+    env |= cpu_description()
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda

@@ -163,7 +163,7 @@ def test_static_decoder_compile_failure_falls_back_to_eager() -> None:
     def broken(top_k: int, greedy: bool) -> None:
         raise RuntimeError("no compiler")
 
-    dec._compiled_step = broken
+    dec._compiled.compiled = broken
     with pytest.warns(RuntimeWarning, match="eager"):
         got = dec.generate(prompt, 12, temperature=0)
     assert torch.equal(got, ref)
