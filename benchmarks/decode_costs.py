@@ -64,10 +64,13 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (FastGenerator decodes with 1 by default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         child(args)
         return 0
@@ -86,7 +89,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as cache:
             env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
             cmd = [sys.executable, __file__, "--child", "--preset", args.preset,
-                   "--batch", str(b), "--precision", args.precision]
+                   "--batch", str(b), "--precision", args.precision,
+                   "--threads", str(args.threads)]
             runs = {}
             for name, seed in (("cold", 0), ("cached", 0), ("cached_other_weights", 1)):
                 res = subprocess.run([*cmd, "--seed", str(seed)], env=env, check=True,

@@ -359,12 +359,16 @@ def our_generator(model: MicroTransformer, variant: str, note: list[str]
     return run
 
 
-def hf_generator(hf: Any, device: torch.device, bf16: bool) -> Callable[[torch.Tensor, int], None]:
-    """GPT-2's own `generate` (KV cache), fp32 or under bf16 autocast."""
+def hf_generator(hf: Any, device: torch.device, bf16: bool, threads: int | None = None
+                 ) -> Callable[[torch.Tensor, int], None]:
+    """GPT-2's own `generate` (KV cache), fp32 or under bf16 autocast, at `threads` intra-op
+    threads (None: the process's setting)."""
+    from microtransformer.fast_generate import intra_op_threads
+
     hf.generation_config.pad_token_id = 0
 
     def run(prompt: torch.Tensor, n_new: int) -> None:
-        with torch.inference_mode(), autocast_ctx(device, bf16):
+        with intra_op_threads(threads), torch.inference_mode(), autocast_ctx(device, bf16):
             hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                         top_k=50, temperature=0.8, max_new_tokens=n_new,
                         min_new_tokens=n_new, pad_token_id=0, use_cache=True)
@@ -375,8 +379,9 @@ def hf_generator(hf: Any, device: torch.device, bf16: bool) -> Callable[[torch.T
 def bench_generation_paths(ours: MicroTransformer, hf: Any, device: torch.device,
                            args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     """Generation tokens/s of each of our `--gen-paths` variants against GPT-2 at its best
-    setting: fp32 and (CPU with native bf16, or CUDA) bf16 autocast are both timed every round
-    and the ratio is ours / the faster of the two in that round. Interleaved: in each round
+    setting: fp32 and (CPU with native bf16, or CUDA) bf16 autocast, each at the process's
+    threads and at 1 thread on CPU, are all timed every round and the ratio is ours / the
+    fastest of them in that round. Interleaved: in each round
     every variant and both GPT-2 settings run once, in alternating order."""
     from microtransformer.fast_generate import cpu_has_native_bf16
 
@@ -386,13 +391,14 @@ def bench_generation_paths(ours: MicroTransformer, hf: Any, device: torch.device
     hf_fns = {"hf_fp32": hf_generator(hf, device, False)}
     if device.type == "cuda" or cpu_has_native_bf16():
         hf_fns["hf_bf16"] = hf_generator(hf, device, True)
+    if device.type == "cpu" and torch.get_num_threads() > 1:  # ours decodes on 1 thread
+        hf_fns |= {f"{k}_1thread": hf_generator(hf, device, "bf16" in k, 1) for k in hf_fns}
     gen = torch.Generator(device="cpu").manual_seed(1)
     out: dict[str, Any] = {}
     for gb in args.gen_batches:
         prompt = torch.randint(0, VOCAB, (gb, args.prompt_len), generator=gen).to(device)
         fns = ours_fns | hf_fns
         for fn in fns.values():  # warm-up: compiles, allocator, one-off costs (untimed)
-            fn(prompt, args.new_tokens)
             fn(prompt, args.new_tokens)
         times: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(args.rounds):

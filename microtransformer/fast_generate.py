@@ -23,10 +23,11 @@ decoder falls back to the eager step and records why in `compile_error`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,20 @@ class StaticDecoder:
             run()
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `torch.set_num_threads(threads)` (None: unchanged), then restore."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class DecodeStep:
     """A fixed-shape KV cache of `batch_size` rows x `max_len` columns and the one-token step
     over it, for decoders whose rows are at different lengths (continuous batching slots).
@@ -528,12 +543,17 @@ class FastGenerator:
     compile). Greedy tokens are those of `model.generate`; sampled ones too unless float
     rounding between the two steps flips a draw. Sequences longer than the context (sliding
     window) and `use_cache=False` always take the eager path. Decoders are kept per
-    (batch, cache length) for later calls.
+    (batch, cache length) for later calls. `threads`: torch intra-op threads while generating
+    on CPU (default 1, measured fastest for one-token steps; None leaves torch's setting).
     """
 
     def __init__(self, model: MicroTransformer, *, precision: str = "fp32",
-                 compile: bool = True, costs: DecodeCosts = CPU_COSTS) -> None:
+                 compile: bool = True, costs: DecodeCosts = CPU_COSTS,
+                 threads: int | None = 1) -> None:
         self.device = next(model.parameters()).device
+        # one-token steps are ~60 tiny ops: on CPU, splitting each over threads costs more in
+        # fork/join than it saves (see "Batch-8 decoding" in docs/PERFORMANCE.md)
+        self.threads = threads if self.device.type == "cpu" else None
         check_precision(precision, self.device)
         self.precision = precision
         self.model = prepare_model(model, precision)
@@ -559,6 +579,11 @@ class FastGenerator:
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int,
                  **kwargs: Any) -> torch.Tensor:
         """`model.generate(input_ids, max_new_tokens=..., **kwargs)` on the chosen path."""
+        with intra_op_threads(self.threads):
+            return self._generate(input_ids, max_new_tokens, kwargs)
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                  kwargs: dict[str, Any]) -> torch.Tensor:
         B, T0 = input_ids.shape
         path, length = self.plan(B, T0, max_new_tokens, kwargs.get("use_cache", True))
         self.last_path = path
