@@ -1,24 +1,24 @@
-"""Fixed-length sampling with a static KV cache, captured once as a CUDA graph.
+"""Fast decoding paths over `MicroTransformer.decode_step`, the one one-token step.
 
-`MicroTransformer.generate` is the general path (EOS, penalties, nucleus, sliding window).
-On a GPU a 2-3M-parameter model decodes one token in a few microseconds of arithmetic but
-launches dozens of kernels, so the launches are the cost. `StaticDecoder` removes them: every
-buffer (KV cache, current token, positions, output) has a fixed shape and address, the
-one-token step (embedding, all blocks, head, top-k sampling, cache and position updates) is a
-pure function of those buffers, and on CUDA it is recorded once as a `torch.cuda.CUDAGraph`
-and replayed per token with no host synchronisation until the end.
+- `FastGenerator`: what `microtransformer generate` uses. The sampling loop stays
+  `MicroTransformer.generate` (repetition penalty, `sample_next_token` with the caller's
+  generator, EOS, streaming); only the decoder under it changes: the eager `KVDecoder`, or a
+  `StaticKVDecoder` on a compiled fixed-shape `DecodeStep` when `choose_decode_path` (a pure
+  function of the request and measured costs) says the compile repays itself. Optional bf16 or
+  int8 precision (`prepare_model`, `check_precision`).
+- `DecodeStep`: a fixed-shape cache with per-row columns and the one-token step over it (the
+  serve engine's continuous batching); `compile=True` compiles the step, `dtype=` picks the
+  precision.
+- `StaticDecoder`: the whole fixed-length sampling loop on fixed buffers, with sampling inside
+  the step (exponential race), recorded once as a CUDA graph on a GPU, or compiled on CPU.
 
-Attention always runs over the whole static cache with a boolean mask (column <= current
-position, padding columns off), which keeps shapes static. Sampling uses the exponential-race
-form of a categorical draw (argmax of logit/temperature - log(E), E ~ Exp(1)) among the top-k,
-which has the same distribution as softmax + multinomial but needs no host round trip.
-
-On CPU the step runs eagerly by default (useful for testing; `model.generate` is about as
-fast there). With `compile=True` (opt-in, CPU) the same fixed-shape step is compiled once per
-(top_k, greedy) by `torch.compile` (inductor's C++ backend, `cpp_wrapper` and weight
-`freezing` on), which removes the Python/dispatcher cost of the ~55 small ops per token; the
-first `generate` call pays the compile (seconds to tens of seconds). If compiling fails the
-decoder falls back to the eager step and records why in `compile_error`.
+Every path calls `MicroTransformer.decode_step` in its static mode (per-row cache columns,
+attention over the whole buffer with a boolean key mask, so shapes never change); for
+torch.compile it asks for `explicit_attention` (matmuls + masked softmax, which inductor fuses
+better than the CPU flash kernel for one query). Compiling uses inductor's C++ backend with
+`cpp_wrapper` and weight `freezing`; a compile error falls back to the eager step with a
+warning (`compile_error`). Compiled graphs land in inductor's on-disk caches, so a later
+process compiling the same step is faster.
 """
 
 from __future__ import annotations
