@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import PRESETS, cpu_description  # noqa: E402
+from microtransformer import fast_generate  # noqa: E402
 from microtransformer.fast_generate import DecodeStep, StaticKVDecoder  # noqa: E402
 from model.transformer import MicroTransformer  # noqa: E402
 
@@ -66,17 +67,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (FastGenerator decodes with 1 by default)")
+    ap.add_argument("--freezing", type=int, choices=[0, 1], default=None,
+                    help="override inductor freezing for the compiled step (default: as "
+                         "fast_generate.COMPILE_OPTIONS)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.freezing is not None:
+        fast_generate.COMPILE_OPTIONS = fast_generate.COMPILE_OPTIONS | {
+            "freezing": bool(args.freezing)}
     if args.child:
         child(args)
         return 0
     out: dict = {"cpu": cpu_description(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "preset": args.preset,
-                 "precision": args.precision, "command": " ".join(sys.argv)}
+                 "precision": args.precision, "command": " ".join(sys.argv),
+                 "compile_options": fast_generate.COMPILE_OPTIONS}
     model = build(args.preset, 0)
     for b in (int(x) for x in args.batches.split(",")):
         eager, compiled = [], []
@@ -91,6 +99,8 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--child", "--preset", args.preset,
                    "--batch", str(b), "--precision", args.precision,
                    "--threads", str(args.threads)]
+            if args.freezing is not None:
+                cmd += ["--freezing", str(args.freezing)]
             runs = {}
             for name, seed in (("cold", 0), ("cached", 0), ("cached_other_weights", 1)):
                 res = subprocess.run([*cmd, "--seed", str(seed)], env=env, check=True,
