@@ -13,27 +13,20 @@ import torch.nn.functional as F
 from microtransformer.checkpoint import load_run
 from microtransformer.cli import main
 from microtransformer.commands.evaluate import score_tokens, window_plan
-from microtransformer.data import prepare
 from model import MicroTransformer
-
-TINY = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
-        "--model.num_layers", "2", "--model.ff_dim", "64", "--train.batch_size", "4",
-        "--train.eval_steps", "2", "--no-progress"]
+from tests.microtransformer.test_cli_errors import TINY
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A briefly trained char-level run (context 16) and its corpus."""
-    T = tmp_path_factory.mktemp("geneval")
+def run_dir(tmp_path_factory, char_data: Path) -> Path:
+    """A briefly trained char-level run (context 16) on the shared char corpus."""
+    out = tmp_path_factory.mktemp("geneval") / "run"
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    (T / "corpus.txt").write_text("To be, or not to be: that is the question.\n" * 40)
-    prepare([str(T / "corpus.txt")], T / "data", tokenizer="char", vocab_size=64,
-            val_tail=0.1, progress=False)
-    assert main(["train", "--data", str(T / "data"), "--out", str(T / "run"), *TINY,
+    assert main(["train", "--data", str(char_data), "--out", str(out), *TINY,
                  "--train.max_steps", "20"]) == 0
     torch.set_num_threads(old)
-    return T / "run"
+    return out
 
 
 @pytest.mark.parametrize("flags", [
@@ -45,7 +38,7 @@ def test_generate_validates_every_flag_before_printing(run_dir: Path, capsys,
                                                        flags: list[str]) -> None:
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("int8 on CUDA is refused only where CUDA exists; this checks no-CUDA")
-    rc = main(["generate", str(run_dir), "--prompt", "To be", *flags])
+    rc = main(["generate", str(run_dir), "--prompt", "the cat", *flags])
     out = capsys.readouterr()
     assert rc == 2
     assert out.out == ""  # nothing printed before the error
@@ -53,7 +46,7 @@ def test_generate_validates_every_flag_before_printing(run_dir: Path, capsys,
 
 
 def test_generate_warns_once_about_unknown_characters(run_dir: Path, capsys) -> None:
-    rc = main(["generate", str(run_dir), "--prompt", "To bé, Ω é", "--max-new-tokens", "3",
+    rc = main(["generate", str(run_dir), "--prompt", "the cé Ω é", "--max-new-tokens", "3",
                "--no-compile", "--seed", "0"])
     out = capsys.readouterr()
     assert rc == 0
@@ -61,23 +54,23 @@ def test_generate_warns_once_about_unknown_characters(run_dir: Path, capsys) -> 
     assert len(warnings) == 1
     assert "3 character(s)" in warnings[0]
     assert "'é'" in warnings[0] and "'Ω'" in warnings[0]
-    assert "'T'" not in warnings[0]
+    assert "'t'" not in warnings[0]
 
 
 def test_known_characters_give_no_warning(run_dir: Path, capsys) -> None:
-    assert main(["generate", str(run_dir), "--prompt", "To be", "--max-new-tokens", "2",
+    assert main(["generate", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "2",
                  "--seed", "0"]) == 0
     assert "unknown" not in capsys.readouterr().err
 
 
 def test_generate_seed_is_a_generator_passed_to_model_generate(run_dir: Path, capsys) -> None:
     """--seed S == model.generate(..., generator=torch.Generator('cpu').manual_seed(S))."""
-    argv = ["generate", str(run_dir), "--prompt", "To be", "--max-new-tokens", "12",
+    argv = ["generate", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "12",
             "--seed", "7", "--no-stream", "--repetition-penalty", "1.2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     model, tok, _ = load_run(run_dir, which="last", device=torch.device("cpu"))
-    ids = torch.tensor([tok.encode("To be")])
+    ids = torch.tensor([tok.encode("the cat")])
     out = model.generate(ids, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95,
                          repetition_penalty=1.2, eos_token_id=tok.eos_token_id,
                          generator=torch.Generator("cpu").manual_seed(7))
@@ -124,8 +117,9 @@ def test_sliding_window_loss_equals_hand_computed_value() -> None:
 
 
 def test_eval_stride_equal_to_context_matches_default_and_says_so(run_dir: Path,
+                                                                  char_data: Path,
                                                                   capsys) -> None:
-    corpus = str(run_dir.parent / "corpus.txt")
+    corpus = str(char_data.parent / "corpus.txt")
     assert main(["eval", str(run_dir), "--data", corpus, "--json"]) == 0
     default = capsys.readouterr().out
     assert main(["eval", str(run_dir), "--data", corpus, "--stride", "16", "--json"]) == 0
@@ -136,7 +130,8 @@ def test_eval_stride_equal_to_context_matches_default_and_says_so(run_dir: Path,
     assert "stride 4 (context >= 12)" in text
 
 
-def test_eval_rejects_a_stride_outside_the_context(run_dir: Path, capsys) -> None:
-    corpus = str(run_dir.parent / "corpus.txt")
+def test_eval_rejects_a_stride_outside_the_context(run_dir: Path, char_data: Path,
+                                                   capsys) -> None:
+    corpus = str(char_data.parent / "corpus.txt")
     assert main(["eval", str(run_dir), "--data", corpus, "--stride", "17"]) == 2
     assert "--stride=17 must be in [1, max_seq_len=16]" in capsys.readouterr().err
