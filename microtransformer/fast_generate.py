@@ -461,13 +461,17 @@ class DecodeStep:
         self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim,
                              dtype=self.dtype, device=self.device)
         self.columns = torch.arange(max_len, device=self.device)  # (S,)
+        self._not_compiled: str | None = None
+        if compile and dtype == "int8":  # packed int8 weights: dynamo cannot trace the op
+            self._not_compiled = "int8 dynamically quantized linears cannot be compiled"
+            compile = False
         self._compiled = (CompiledStep(self._step, COMPILE_OPTIONS, "DecodeStep")
                           if compile else None)
 
     @property
     def compile_error(self) -> str | None:
-        """Why compiling fell back to the eager step, if it did."""
-        return self._compiled.error if self._compiled is not None else None
+        """Why the step runs eagerly although `compile=True` was asked, if it does."""
+        return self._compiled.error if self._compiled is not None else self._not_compiled
 
     @property
     def compiled(self) -> bool:
