@@ -549,11 +549,13 @@ class FastGenerator:
     window) and `use_cache=False` always take the eager path. Decoders are kept per
     (batch, cache length) for later calls. `threads`: torch intra-op threads while generating
     on CPU (default 1, measured fastest for one-token steps; None leaves torch's setting).
+    `expected_calls`: how many requests of this shape will follow (e.g. `--num-samples`); the
+    rule weighs the compile against all of their steps.
     """
 
     def __init__(self, model: MicroTransformer, *, precision: str = "fp32",
                  compile: bool = True, costs: DecodeCosts = CPU_COSTS,
-                 threads: int | None = 1) -> None:
+                 threads: int | None = 1, expected_calls: int = 1) -> None:
         self.device = next(model.parameters()).device
         # one-token steps are ~60 tiny ops: on CPU, splitting each over threads costs more in
         # fork/join than it saves (see "Batch-8 decoding" in docs/PERFORMANCE.md)
@@ -564,6 +566,7 @@ class FastGenerator:
         # dynamo cannot trace the quantized linear's packed weights, so int8 stays eager
         self.allow_compile = compile and precision != "int8"
         self.costs = costs
+        self.expected_calls = max(1, expected_calls)
         self.last_path: str | None = None
         self._decoders: dict[tuple[int, int], StaticKVDecoder] = {}
 
@@ -575,7 +578,8 @@ class FastGenerator:
         length = cache_length(total, self.model.max_seq_len)
         cached = (batch_size, length) in self._decoders or compile_is_cached(
             compile_key(self.model, batch_size, length, self.precision))
-        path = choose_decode_path(n_new, batch_size, device_type=self.device.type,
+        steps = n_new * self.expected_calls  # the compiled step is reused by later calls
+        path = choose_decode_path(steps, batch_size, device_type=self.device.type,
                                   allow_compile=self.allow_compile, compile_cached=cached,
                                   fits_cache=fits, costs=self.costs)
         return path, length

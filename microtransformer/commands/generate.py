@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     start = prompt_ids or [tokenizer.eos_token_id]
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
-    fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile)
+    fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile,
+                         expected_calls=args.num_samples)
     # the serve engine reproduces --seed S with exactly this generator
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())

@@ -359,6 +359,9 @@ def test_fast_generator_eager_path_equals_generate() -> None:
     assert fast.last_path == "eager"
     assert torch.equal(got, model.generate(prompt, max_new_tokens=20, do_sample=False))
     assert FastGenerator(model, compile=False).plan(1, 5, 10**7)[0] == "eager"
+    # 40 tokens x 10**6 expected calls repay any compile; a sequence past the context never
+    assert FastGenerator(model, expected_calls=10**6).plan(1, 5, 40)[0] == "compiled"
+    assert FastGenerator(model, expected_calls=10**6).plan(1, 5, 44)[0] == "eager"
     assert FastGenerator(model).plan(1, 5, 10**7, use_cache=False)[0] == "eager"
 
 
