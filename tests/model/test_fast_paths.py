@@ -426,13 +426,13 @@ def test_fast_generator_compiled_path_equals_generate() -> None:
     a = model.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     b = fast.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b)
-    step = DecodeStep(model, 2, 64, compile=True)  # the serve engine's compiled step
+    step = DecodeStep(model, 2, 48, compile=True)  # the serve engine's compiled step
     cols = torch.tensor([3, 5])
     for row, n in enumerate((3, 5)):
         step.prefill(row, prompt[row, -n:])
     got = step.step(prompt[:, -1], cols, cols)
     assert step.compiled, step.compile_error
-    ref_step = DecodeStep(model, 2, 64)
+    ref_step = DecodeStep(model, 2, 48)
     for row, n in enumerate((3, 5)):
         ref_step.prefill(row, prompt[row, -n:])
     torch.testing.assert_close(got, ref_step.step(prompt[:, -1], cols, cols), atol=1e-4,
