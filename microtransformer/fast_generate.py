@@ -172,12 +172,12 @@ class DecodeCosts:
     the step (a later process, same model shape, batch and cache length).
     """
 
-    eager_step_base: float = 0.9e-3
-    eager_step_per_row: float = 0.17e-3
-    compiled_step_base: float = 0.45e-3
-    compiled_step_per_row: float = 0.12e-3
-    compile_cold: float = 12.0
-    compile_cached: float = 3.0
+    eager_step_base: float = 1.07e-3
+    eager_step_per_row: float = 0.47e-3
+    compiled_step_base: float = 0.62e-3
+    compiled_step_per_row: float = 0.42e-3
+    compile_cold: float = 30.0
+    compile_cached: float = 15.0
 
 
 CPU_COSTS = DecodeCosts()
