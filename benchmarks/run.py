@@ -287,7 +287,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
                                      B * T, args.train_steps)
         metrics[f"forward_{B}x{T}"] = (lambda s, xt=xt: lambda: s.forward(xt),
                                        B * T, args.forward_steps)
-    for gb in args.gen_batches:
+    for gb in args.gen_batches if not args.gen_paths else ():
         prompt = torch.randint(0, VOCAB, (gb, args.prompt_len), generator=gen).to(device)
         metrics[f"generate_b{gb}"] = (
             lambda s, p=prompt: lambda: s.generate(p, args.new_tokens),
@@ -308,6 +308,8 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
                 samples[m][s.name].append(tokens / sec)
         print(f"  [{preset}] round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     res["throughput"] = {m: summarise(v["ours"], v["hf"]) for m, v in samples.items()}
+    if args.gen_paths:
+        res["throughput"] |= bench_generation_paths(ours.eval(), hf.eval(), device, args, res)
 
     if device.type == "cuda":
         res["memory"] = cuda_train_memory(sides, args, device)
@@ -325,6 +327,94 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cpu" and not args.skip_memory:
         res["memory"] = {name: cpu_train_memory(name, preset, args) for name in ("ours", "hf")}
     return res
+
+
+# ---------------------------------------------------------------------------- generation paths
+def our_generator(model: MicroTransformer, variant: str, note: list[str]
+                  ) -> Callable[[torch.Tensor, int], None] | None:
+    """Generation for one of our variants: "generate" (plain `model.generate`, eager fp32) or
+    PRECISION-MODE with MODE "default" (what `microtransformer generate` does: the measured
+    rule picks compiled or eager for the request), "compiled" (always compile) or "eager"."""
+    from microtransformer.fast_generate import DecodeCosts, FastGenerator, check_precision
+
+    if variant == "generate":
+        def plain(prompt: torch.Tensor, n_new: int) -> None:
+            model.generate(prompt, max_new_tokens=n_new, temperature=0.8, top_k=50)
+
+        return plain
+    precision, mode = variant.split("-")
+    try:
+        check_precision(precision, next(model.parameters()).device)
+    except ValueError as exc:
+        note.append(f"{variant} skipped: {exc}")
+        return None
+    costs = {"compiled": DecodeCosts(compile_cold=0.0, compile_cached=0.0)}.get(mode)
+    fast = FastGenerator(model, precision=precision, compile=mode != "eager",
+                         **({"costs": costs} if costs else {}))
+
+    def run(prompt: torch.Tensor, n_new: int) -> None:
+        fast.generate(prompt, max_new_tokens=n_new, temperature=0.8, top_k=50)
+        note.append(f"{variant} b{prompt.size(0)}: path {fast.last_path}")
+
+    return run
+
+
+def hf_generator(hf: Any, device: torch.device, bf16: bool, threads: int | None = None
+                 ) -> Callable[[torch.Tensor, int], None]:
+    """GPT-2's own `generate` (KV cache), fp32 or under bf16 autocast, at `threads` intra-op
+    threads (None: the process's setting)."""
+    from microtransformer.fast_generate import intra_op_threads
+
+    hf.generation_config.pad_token_id = 0
+
+    def run(prompt: torch.Tensor, n_new: int) -> None:
+        with intra_op_threads(threads), torch.inference_mode(), autocast_ctx(device, bf16):
+            hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                        top_k=50, temperature=0.8, max_new_tokens=n_new,
+                        min_new_tokens=n_new, pad_token_id=0, use_cache=True)
+
+    return run
+
+
+def bench_generation_paths(ours: MicroTransformer, hf: Any, device: torch.device,
+                           args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    """Generation tokens/s of each of our `--gen-paths` variants against GPT-2 at its best
+    setting: fp32 and (CPU with native bf16, or CUDA) bf16 autocast, each at the process's
+    threads and at 1 thread on CPU, are all timed every round and the ratio is ours / the
+    fastest of them in that round. Interleaved: in each round
+    every variant and both GPT-2 settings run once, in alternating order."""
+    from microtransformer.fast_generate import cpu_has_native_bf16
+
+    notes: list[str] = []
+    ours_fns = {v: our_generator(ours, v, notes) for v in args.gen_paths}
+    ours_fns = {v: f for v, f in ours_fns.items() if f is not None}
+    hf_fns = {"hf_fp32": hf_generator(hf, device, False)}
+    if device.type == "cuda" or cpu_has_native_bf16():
+        hf_fns["hf_bf16"] = hf_generator(hf, device, True)
+    if device.type == "cpu" and torch.get_num_threads() > 1:  # ours decodes on 1 thread
+        hf_fns |= {f"{k}_1thread": hf_generator(hf, device, "bf16" in k, 1) for k in hf_fns}
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    out: dict[str, Any] = {}
+    for gb in args.gen_batches:
+        prompt = torch.randint(0, VOCAB, (gb, args.prompt_len), generator=gen).to(device)
+        fns = ours_fns | hf_fns
+        for fn in fns.values():  # warm-up: compiles, allocator, one-off costs (untimed)
+            fn(prompt, args.new_tokens)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for r in range(args.rounds):
+            order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
+            for name, fn in order:
+                sec = timed(lambda fn=fn, p=prompt: fn(p, args.new_tokens), device, 1)
+                times[name].append(gb * args.new_tokens / sec)
+            print(f"  [generation b{gb}] round {r + 1}/{args.rounds} done", file=sys.stderr,
+                  flush=True)
+        best_hf = [max(vals) for vals in zip(*(times[h] for h in hf_fns), strict=True)]
+        for h in hf_fns:
+            out[f"generate_b{gb} {h} (HF best = max per round)"] = summarise(times[h], best_hf)
+        for v in ours_fns:
+            out[f"generate_b{gb} {v}"] = summarise(times[v], best_hf)
+    res.setdefault("notes", {})["generation_paths"] = sorted(set(notes))
+    return out
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -397,6 +487,25 @@ def cpu_train_memory(side: str, preset: str, args: argparse.Namespace) -> dict[s
 
 
 # ---------------------------------------------------------------------------- report
+def cpu_description() -> dict[str, Any]:
+    """CPU model, logical CPU count and the flags that matter for bf16/int8 inference."""
+    out: dict[str, Any] = {}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        out["cpu"] = info.get("Model name", "?").strip()
+        out["cpus"] = info.get("CPU(s)", "?").strip()
+    except OSError:
+        out["cpu"] = platform.processor()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    out["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                       "amx_bf16", "amx_int8", "amx_tile"})
+    return out
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
@@ -406,13 +515,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "platform": platform.platform(), "command": " ".join([Path(sys.argv[0]).as_posix(),
                                                               *sys.argv[1:]]),
     }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        env["cpu"] = info.get("Model name", "?").strip()
-        env["cpus"] = info.get("CPU(s)", "?").strip()
-    except OSError:
-        env["cpu"] = platform.processor()
+    env |= cpu_description()
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
@@ -427,7 +530,8 @@ def markdown(results: dict[str, Any]) -> str:
     env = results["env"]
     lines = [
         f"Device: {results['device']} ({env.get('gpu') or env.get('cpu')}, "
-        f"{env.get('cpus', '?')} CPUs, {env['threads']} torch threads); torch {env['torch']}, "
+        f"{env.get('cpus', '?')} CPUs, flags {', '.join(env.get('cpu_flags', [])) or '-'}, "
+        f"{env['threads']} torch threads); torch {env['torch']}, "
         f"transformers {env['transformers']}; rounds {results['rounds']}.",
         f"Command: `{env['command']}`",
         "",
@@ -495,6 +599,11 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["default", "max-autotune"],
                     help="with --static-decode on, CPU: torch.compile the StaticDecoder step "
                          "(compiled in the untimed warm-up); max-autotune also autotunes GEMMs")
+    ap.add_argument("--gen-paths", default="",
+                    help="comma-separated generation variants to time against GPT-2 at its best "
+                         "(fp32 and bf16 autocast): generate (plain model.generate) or "
+                         "PRECISION-MODE, PRECISION fp32|bf16|int8, MODE default (the CLI's "
+                         "rule) | compiled | eager; replaces the generate_b* metrics")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -505,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch or args.seq:
         args.train_shapes = [(args.batch or 16, args.seq or 256)]
     args.gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
+    args.gen_paths = [v for v in args.gen_paths.split(",") if v]
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:
         if p not in PRESETS:

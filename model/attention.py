@@ -78,6 +78,8 @@ class MultiHeadAttention(nn.Module):
         v_buf: torch.Tensor,
         pos: int | torch.Tensor,
         key_mask: torch.Tensor | None = None,
+        *,
+        explicit_attention: bool = False,
     ) -> torch.Tensor:
         """One decoding position for every row, inference only (no dropout).
 
@@ -92,9 +94,12 @@ class MultiHeadAttention(nn.Module):
             runs over the whole buffer, so shapes never change (CUDA graphs, torch.compile,
             slots of a continuous batch at different lengths). key_mask (B, 1, 1, T_max) is
             required and must allow exactly the columns each row may see (its own included).
+        explicit_attention: attention as two matmuls and a masked softmax instead of
+            `scaled_dot_product_attention` (same result up to float rounding); torch.compile's
+            CPU backend fuses this form better than the flash kernel for one query row.
         """
         B = x.size(0)
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (B, 3C)
+        qkv = linear(self.qkv, x)  # (B, 3C)
         qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)  # (B, 3, nh, 1, hs)
         if isinstance(pos, torch.Tensor):
             if key_mask is None:
@@ -109,8 +114,24 @@ class MultiHeadAttention(nn.Module):
             k_buf[:, :, pos:end] = qkv[:, 1]
             v_buf[:, :, pos:end] = qkv[:, 2]
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(qkv[:, 0], k, v, attn_mask=key_mask)  # (B, nh, 1, hs)
-        return F.linear(y.reshape(B, self.embed_dim), self.proj.weight, self.proj.bias)
+        q = qkv[:, 0]  # (B, nh, 1, hs)
+        if explicit_attention:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nh, 1, S)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, float("-inf"))
+            y = torch.matmul(scores.softmax(-1), v)  # (B, nh, 1, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, nh, 1, hs)
+        return linear(self.proj, y.reshape(B, self.embed_dim))
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for a linear layer, as a direct `F.linear` call when it is a plain
+    `nn.Linear` (no module-call overhead in the decode step); other linear modules (e.g. an
+    int8 dynamically quantized one) are called as modules."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class KVCache:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiHeadAttention
+from .attention import MultiHeadAttention, linear
 
 
 class LayerNorm(nn.LayerNorm):
@@ -96,6 +96,8 @@ class TransformerBlock(nn.Module):
         v_buf: torch.Tensor,
         pos: int | torch.Tensor,
         key_mask: torch.Tensor | None = None,
+        *,
+        explicit_attention: bool = False,
     ) -> torch.Tensor:
         """`forward` for one new position per row with a KV cache, inference only.
 
@@ -103,9 +105,10 @@ class TransformerBlock(nn.Module):
         Functional ops on the parameters directly: decoding one token is bound by per-op
         overhead, not arithmetic, so skipping module calls is most of the win.
         """
-        ln1, ln2, fc, proj = self.ln1, self.ln2, self.ff.fc, self.ff.proj
+        ln1, ln2 = self.ln1, self.ln2
         h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # (B, C)
-        x = x + self.attn.decode_step(h, k_buf, v_buf, pos, key_mask)  # (B, C)
+        x = x + self.attn.decode_step(h, k_buf, v_buf, pos, key_mask,
+                                      explicit_attention=explicit_attention)  # (B, C)
         h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-        h = F.gelu(F.linear(h, fc.weight, fc.bias))  # (B, ff_dim)
-        return x.add_(F.linear(h, proj.weight, proj.bias))  # (B, C); x is a fresh tensor here
+        h = F.gelu(linear(self.ff.fc, h))  # (B, ff_dim)
+        return x.add_(linear(self.ff.proj, h))  # (B, C); x is a fresh tensor here

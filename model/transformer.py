@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache
+from .attention import KVCache, linear
 from .layers import LayerNorm, PositionEmbedding, TokenEmbedding, TransformerBlock
 from .sampling import apply_repetition_penalty, sample_next_token, validate_sampling_args
 
@@ -338,6 +338,7 @@ class MicroTransformer(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        decoder: KVDecoder | None = None,
     ) -> torch.Tensor:
         """Autoregressively extend `input_ids` (B, T0); returns (B, T0 + generated).
 
@@ -351,6 +352,9 @@ class MicroTransformer(nn.Module):
         Decoding uses a pre-allocated KV cache (`use_cache=False` recomputes the whole
         window each step; both give the same tokens). `streamer`, if given, is called with
         each new column of tokens, shape (B,). The model is put in eval mode for the call.
+        `decoder` replaces the default eager `KVDecoder` (prefill + one-token steps) with
+        another implementation of its two methods, e.g. the compiled fixed-shape step of
+        `microtransformer.fast_generate`; sampling, penalties and stopping stay here.
         """
         self._check_input_ids(input_ids)
         validate_sampling_args(temperature, top_k, top_p, repetition_penalty)
@@ -384,12 +388,14 @@ class MicroTransformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
+            # a compiled decoder needs normal tensors (inference tensors trip its freezing)
+            with torch.no_grad() if decoder is not None else torch.inference_mode():
                 out = self._generate(
                     input_ids, n_new, attention_mask, temperature=temperature, top_k=top_k,
                     top_p=top_p, eos_token_id=eos_token_id,
                     repetition_penalty=repetition_penalty, do_sample=do_sample,
                     generator=generator, use_cache=use_cache, streamer=streamer,
+                    decoder=decoder,
                 )
         finally:
             self.train(was_training)
@@ -410,6 +416,7 @@ class MicroTransformer(nn.Module):
         generator: torch.Generator | None,
         use_cache: bool,
         streamer: Callable[[torch.Tensor], None] | None,
+        decoder: KVDecoder | None = None,
     ) -> torch.Tensor:
         B, T0 = input_ids.shape
         device = input_ids.device
@@ -423,20 +430,15 @@ class MicroTransformer(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         max_len = self.max_seq_len
 
-        cache: KVCache | None = None
+        dec: KVDecoder | None = None
         if use_cache and T0 <= max_len:
-            cfg = self.config
-            cache = KVCache(
-                cfg.num_layers, B, cfg.num_heads, min(total, max_len), cfg.head_dim,
-                dtype=self.ln_f.weight.dtype, device=device,
-            )
-            logits = self.prefill(out[:, :T0], cache,
-                                  attention_mask=real[:, :T0] if padded else None)  # (B, V)
+            dec = decoder or KVDecoder(self, B, min(total, max_len))
+            logits = dec.prefill(out[:, :T0], real[:, :T0] if padded else None)  # (B, V)
             next_pos = self.positions_from_mask(real[:, :T0])[:, -1] + 1  # (B,)
 
         cur = T0  # tokens in `out` so far
         for _ in range(n_new):
-            if cache is None:
+            if dec is None:
                 logits = self._window_logits(out[:, :cur], real[:, :cur], padded)  # (B, V)
             if repetition_penalty is not None:
                 logits = apply_repetition_penalty(
@@ -457,13 +459,13 @@ class MicroTransformer(nn.Module):
                 break
             if cur == total:
                 break
-            if cache is not None:
-                if cur <= cache.max_len:  # room in the cache: decode one position
+            if dec is not None:
+                if cur <= dec.max_len:  # room in the cache: decode one position
                     key_mask = real[:, None, None, : cur] if padded else None  # (B, 1, 1, S)
-                    logits = self.decode_step(token, next_pos, cache, cur - 1, key_mask)
+                    logits = dec.step(token, next_pos, cur - 1, key_mask)  # (B, V)
                     next_pos += 1
                 else:  # context full: positions shift every step, so recompute the window
-                    cache = None
+                    dec = None
         return out[:, :cur]
 
     def prefill(
@@ -493,6 +495,8 @@ class MicroTransformer(nn.Module):
         cache: KVCache,
         pos: int | torch.Tensor,
         key_mask: torch.Tensor | None = None,
+        *,
+        explicit_attention: bool = False,
     ) -> torch.Tensor:
         """Next-token logits (B, V) after feeding `tokens` (B,) at `positions` (B,).
 
@@ -502,14 +506,17 @@ class MicroTransformer(nn.Module):
         (every row the same column, attention over columns 0..pos) or a LongTensor (B,) of
         per-row columns with a (B, 1, 1, T_max) `key_mask` (static shapes; see
         `MultiHeadAttention.decode_step`). Eval mode only (no dropout).
+        `explicit_attention` writes attention as matmuls + softmax (the form torch.compile
+        fuses best on CPU); same result up to float rounding.
         """
         x = F.embedding(tokens, self.token_embedding.weight) * self.token_embedding.scale
         x = x + F.embedding(positions, self.position_embedding.weight)  # (B, C)
         for block, (k_buf, v_buf) in zip(self.blocks, cache.layers, strict=True):
-            x = block.decode_step(x, k_buf, v_buf, pos, key_mask)  # (B, C)
+            x = block.decode_step(x, k_buf, v_buf, pos, key_mask,
+                                  explicit_attention=explicit_attention)  # (B, C)
         ln = self.ln_f
         x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return F.linear(x, self.lm_head.weight)  # (B, V)
+        return linear(self.lm_head, x)  # (B, V)
 
     def _window_logits(
         self, ids: torch.Tensor, real: torch.Tensor, padded: bool
@@ -544,6 +551,35 @@ class MicroTransformer(nn.Module):
 
         config = io.read_model_config(directory, ModelConfig)
         return io.load_pretrained(directory, cls, config, map_location)
+
+
+class KVDecoder:
+    """The eager cached decoder `generate` uses: a `KVCache` of `batch_size` rows x `max_len`
+    columns, `prefill` for the prompt, then one `MicroTransformer.decode_step` per token.
+
+    Another decoder passed to `generate(decoder=...)` provides the same attribute and two
+    methods (e.g. a compiled fixed-shape step); `generate` owns sampling and stopping.
+    """
+
+    def __init__(self, model: MicroTransformer, batch_size: int, max_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.max_len = max_len
+        self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim,
+                             dtype=model.ln_f.weight.dtype, device=model.ln_f.weight.device)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Prompt (B, T) (left-padded with its (B, T) mask, or None) -> last logits (B, V)."""
+        return self.model.prefill(input_ids, self.cache, attention_mask=attention_mask)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, col: int,
+             key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Feed tokens (B,) at positions (B,) into cache column `col`; logits (B, V).
+
+        key_mask: None (no padding) or boolean (B, 1, 1, col + 1), True = real key.
+        """
+        return self.model.decode_step(tokens, positions, self.cache, col, key_mask)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microtransformer.errors import UserError
-from model.transformer import lm_loss
+from microtransformer.fast_generate import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -22,13 +23,22 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p = subparsers.add_parser(
         name, help=help_text,
         description=help_text + ". Windows of max_seq_len tokens overlapping by one token cover "
-        "the whole text, so every token after the first is predicted exactly once; bits per byte "
-        "= total nats / ln 2 / UTF-8 bytes of the text.",
+        "the whole text, so every token after the first is predicted exactly once (--stride N: "
+        "sliding windows, each prediction with at least max_seq_len - N tokens of context); "
+        "bits per byte = total nats / ln 2 / UTF-8 bytes of the text.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="text file(s), or a prepared data directory (its val.bin is used)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--stride", type=int, default=None, metavar="N",
+                   help="sliding-window evaluation: windows advance N tokens and only their "
+                        "last N predictions are scored, so each has at least max_seq_len - N "
+                        "tokens of context (standard perplexity); default: non-overlapping "
+                        "windows (stride max_seq_len)")
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
+                   help="inference precision: fp32, bf16 (CPUs with avx512_bf16/amx, or "
+                        "CUDA) or int8 (dynamically quantized linear layers, CPU)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="evaluate at most this many tokens (from the start)")
     p.add_argument("--best", action="store_true", help="use best.safetensors")
@@ -37,40 +47,53 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.set_defaults(func=run)
 
 
-def window_starts(n_tokens: int, window: int) -> list[int]:
-    """Start offsets of windows of `window` tokens that overlap by one token and cover
-    `n_tokens` (the last window may be shorter); each token after the first is a target once."""
+def window_plan(n_tokens: int, window: int, stride: int | None = None
+                ) -> list[tuple[int, int, int]]:
+    """Windows covering `n_tokens`, as (start, end, skip): the window holds tokens
+    start..end-1 and its first `skip` predictions are not scored (earlier windows scored
+    them). Every token after the first is scored exactly once.
+
+    Window k starts at k * step with step = min(stride, window - 1); after the first window,
+    only the last `step` predictions of each window are scored, so each is made from at
+    least `window - stride` tokens of context. The default (None, or any stride >= window - 1)
+    is non-overlapping scoring: windows that share one token, every prediction scored.
+    """
     if n_tokens < 2:
         return []
-    stride = window - 1
-    return list(range(0, n_tokens - 1, stride))
+    step = window - 1 if stride is None else min(stride, window - 1)
+    plan: list[tuple[int, int, int]] = []
+    start = 0
+    while True:
+        end = min(start + window, n_tokens)
+        skip = 0 if start == 0 else window - step - 1
+        if end - start - 1 > skip:
+            plan.append((start, end, skip))
+        if end == n_tokens:
+            return plan
+        start += step
 
 
 @torch.no_grad()
 def score_tokens(model: nn.Module, tokens: np.ndarray, batch_size: int,
-                 device: torch.device) -> tuple[float, int]:
-    """Sum of next-token losses (nats) over `tokens` and the number of predictions."""
+                 device: torch.device, stride: int | None = None) -> tuple[float, int]:
+    """Sum of next-token losses (nats) over `tokens` and the number of predictions
+    (windows from `window_plan`)."""
     window = model.max_seq_len
-    starts = window_starts(len(tokens), window)
+    plan = window_plan(len(tokens), window, stride)
     total, count = 0.0, 0
-    # Full windows are batched; the final (shorter) window runs alone.
-    full = [s for s in starts if s + window <= len(tokens)]
-    rest = [s for s in starts if s + window > len(tokens)]
-    for i in range(0, len(full), batch_size):
-        chunk = full[i:i + batch_size]
-        ids = torch.from_numpy(np.stack([tokens[s:s + window] for s in chunk]).astype(np.int64))
+    # full-length windows are batched; a shorter (final) window runs alone
+    full = [w for w in plan if w[1] - w[0] == window]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[w] for w in plan if w[1] - w[0] != window]
+    for group in groups:
+        ids = torch.from_numpy(np.stack([tokens[s:e] for s, e, _ in group]).astype(np.int64))
         ids = ids.to(device)  # (B, T)
-        logits = model(ids)  # (B, T, V)
-        n = ids.numel() - ids.size(0)
-        total += float(lm_loss(logits.float(), ids)) * n
-        count += n
-    for s in rest:
-        ids = torch.from_numpy(tokens[s:].astype(np.int64))[None].to(device)  # (1, T')
-        if ids.size(1) < 2:
-            continue
-        n = ids.size(1) - 1
-        total += float(lm_loss(model(ids).float(), ids)) * n
-        count += n
+        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position j predicts ids[:, j + 1]
+        losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        scored = torch.arange(ids.size(1) - 1, device=device)[None, :] >= torch.tensor(
+            [skip for _, _, skip in group], device=device)[:, None]  # (B, T-1)
+        total += float(losses[scored].double().sum())
+        count += int(scored.sum())
     return total, count
 
 
@@ -125,14 +148,24 @@ def run(args: argparse.Namespace) -> int:
     """Score the text and print loss, perplexity and bits per byte."""
     from microtransformer.checkpoint import load_run
     from microtransformer.device import resolve_device
+    from microtransformer.fast_generate import check_precision, prepare_model
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens={args.max_tokens} must be >= 2")
     device = resolve_device(args.device, option="device")
+    try:
+        check_precision(args.dtype, device)
+    except ValueError as exc:
+        raise UserError(str(exc).replace("dtype=", "--dtype=")) from None
     model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
                                    device=device)
+    if args.stride is not None and not 1 <= args.stride <= model.max_seq_len:
+        raise UserError(f"--stride={args.stride} must be in [1, max_seq_len="
+                        f"{model.max_seq_len}]; smaller strides give each prediction more "
+                        "context but cost max_seq_len / stride forward passes per window")
+    model = prepare_model(model, args.dtype)
     tokens, n_bytes, desc = load_eval_tokens(args.data, tokenizer, args.max_tokens)
     if len(tokens) < 2:
         raise UserError(f"{desc} has {len(tokens)} token(s); at least 2 are needed to score "
@@ -140,11 +173,17 @@ def run(args: argparse.Namespace) -> int:
     if int(tokens.max()) >= model.vocab_size:
         raise UserError(f"token id {int(tokens.max())} is outside the model's vocab "
                         f"({model.vocab_size}); the data was made with another tokenizer")
-    total, count = score_tokens(model, tokens, args.batch_size, device)
+    total, count = score_tokens(model, tokens, args.batch_size, device, args.stride)
     loss = total / count
+    stride = args.stride if args.stride is not None and args.stride < model.max_seq_len - 1 \
+        else None
+    windows = (f"sliding windows of {model.max_seq_len}, stride {stride} (context >= "
+               f"{model.max_seq_len - stride})" if stride else
+               f"non-overlapping windows of {model.max_seq_len}")
     result = {
         "run_dir": os.fspath(args.run_dir), "data": desc, "tokens": len(tokens),
         "predicted_tokens": count, "bytes": n_bytes, "loss": loss,
+        "windows": windows, "stride": stride, "dtype": args.dtype,
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
     }
@@ -155,4 +194,5 @@ def run(args: argparse.Namespace) -> int:
         bpb = result["bits_per_byte"]
         print(f"{count:>10,} {loss:>8.4f} {result['perplexity']:>10.2f} "
               f"{(f'{bpb:.4f}' if bpb is not None else 'n/a'):>7}  {desc}")
+        print(f"scored with {windows}, {args.dtype}")
     return 0

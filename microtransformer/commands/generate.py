@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
 from microtransformer.errors import UserError
+from microtransformer.fast_generate import PRECISIONS
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -34,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--no-stream", action="store_true",
                    help="print each sample when complete instead of token by token")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
+                   help="inference precision: fp32 (exact), bf16 (CPUs with avx512_bf16/amx, "
+                        "or CUDA) or int8 (dynamically quantized linear layers, CPU)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="never torch.compile the decode step (by default it is compiled when "
+                        "enough tokens are generated to repay the compile; see "
+                        "docs/PERFORMANCE.md)")
     p.set_defaults(func=run)
 
 
@@ -68,19 +76,46 @@ class StreamPrinter:
             self.printed = text
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the run, encode the prompt, sample `--num-samples` continuations."""
-    from microtransformer.checkpoint import load_run
-    from microtransformer.device import resolve_device
+def unknown_characters(tokenizer: Any, text: str) -> list[str]:
+    """Characters of `text` a char tokenizer does not know (each once, in order of first
+    appearance); always empty for byte-level BPE, which knows every byte."""
+    if getattr(tokenizer, "kind", None) != "char":
+        return []
+    vocab = tokenizer.backend.get_vocab()
+    return list(dict.fromkeys(c for c in text if c not in vocab))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag that can be checked without the run; raises UserError naming them all."""
+    from model.sampling import validate_sampling_args
 
     problems = []
     if args.max_new_tokens < 0:
         problems.append(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
     if args.num_samples < 1:
         problems.append(f"--num-samples={args.num_samples} must be >= 1")
+    try:
+        validate_sampling_args(args.temperature, args.top_k, args.top_p,
+                               args.repetition_penalty)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise UserError("; ".join(problems))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything, load the run, encode the prompt, then sample `--num-samples`
+    continuations through the fastest exact path (`fast_generate.FastGenerator`)."""
+    from microtransformer.checkpoint import load_run
+    from microtransformer.device import resolve_device
+    from microtransformer.fast_generate import FastGenerator, check_precision
+
+    check_args(args)
     device = resolve_device(args.device, option="device")
+    try:
+        check_precision(args.dtype, device)
+    except ValueError as exc:
+        raise UserError(str(exc).replace("dtype=", "--dtype=")) from None
     model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
                                    device=device)
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else []
@@ -89,8 +124,17 @@ def run(args: argparse.Namespace) -> int:
             f"the prompt is {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
             f"{model.max_seq_len}; shorten the prompt to at most {model.max_seq_len} tokens"
         )
+    unknown = unknown_characters(tokenizer, args.prompt)
+    if unknown:
+        count = sum(args.prompt.count(c) for c in unknown)
+        print(f"warning: {count} character(s) of the prompt are not in the char tokenizer's "
+              f"vocabulary and become the unknown token: {', '.join(map(repr, unknown))}",
+              file=sys.stderr)
     start = prompt_ids or [tokenizer.eos_token_id]
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
+    fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile,
+                         expected_calls=args.num_samples)
+    # the serve engine reproduces --seed S with exactly this generator
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     greedy = args.temperature == 0
@@ -101,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         printer = StreamPrinter(tokenizer, prompt_ids, out)
         out.write(printer.printed)
         out.flush()
-        generated = model.generate(
+        generated = fast.generate(
             input_ids, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p, do_sample=not greedy,
