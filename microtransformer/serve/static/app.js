@@ -211,6 +211,7 @@
   function addTokenSpan(col, text, entries, extraClass) {
     const span = document.createElement("span");
     span.className = extraClass ? "tok " + extraClass : "tok";
+    if (text.includes("\n")) span.classList.add("nl"); // drawn with a visible return mark
     span.textContent = text;
     span.tabIndex = col.text.querySelector(".tok") ? -1 : 0; // roving tabindex: one tab stop
     if (entries.length) {
@@ -285,8 +286,8 @@
       const room = info.max_model_len - (await r.json()).count;
       if (room >= 1 && room < request.max_tokens) {
         col.note.hidden = false;
-        col.note.textContent = `Max tokens lowered to ${room}: the prompt and the output must fit ` +
-          `the ${info.max_model_len}-token context.`;
+        col.note.textContent = `Max tokens ${request.max_tokens} → ${room}, so that prompt and ` +
+          `output fit the ${info.max_model_len}-token context.`;
         return { ...request, max_tokens: room };
       }
     } catch (_) { /* aborted or unreachable: the completion request reports it */ }
@@ -423,7 +424,10 @@
     prob.className = "tip-prob";
     prob.textContent = pct(span._prob);
     head.append(tok, prob);
-    tip.append(head);
+    const caption = document.createElement("div");
+    caption.className = "tip-sub";
+    caption.textContent = "most likely next tokens";
+    tip.append(head, caption);
     for (const e of entries) {
       if (entries.length > 1) {
         const sub = document.createElement("div");

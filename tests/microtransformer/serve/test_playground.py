@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from microtransformer.cli import main
-from microtransformer.data import prepare
+from tests.microtransformer.serve.conftest import write_run
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "playground-test-key"
@@ -35,10 +34,6 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                   "--window-size=1400,900"]
-TINY = ["--model.max_seq_len", "64", "--model.num_heads", "2", "--model.num_layers", "2",
-        "--model.ff_dim", "64", "--train.batch_size", "4", "--train.eval_steps", "1",
-        "--train.warmup_steps", "1", "--train.max_steps", "2", "--train.eval_interval", "2",
-        "--no-progress"]
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -53,20 +48,9 @@ def _browser_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
-    """Two tiny char-level runs of different widths, trained for 2 steps each."""
+    """Two tiny random char-level runs ("tiny-a", "tiny-b": different weights, context 64)."""
     root = tmp_path_factory.mktemp("playground")
-    corpus = root / "corpus.txt"
-    corpus.write_text("To be, or not to be: that is the question.\nWhether 'tis nobler.\n" * 30)
-    prepare([str(corpus)], root / "data", tokenizer="char", vocab_size=64, val_tail=0.1,
-            progress=False)
-    out = []
-    for name, width in (("tiny-a", "32"), ("tiny-b", "48")):
-        run = root / name
-        argv = ["train", "--data", str(root / "data"), "--out", str(run), "--model.embed_dim",
-                width, *TINY]
-        assert main(argv) == 0
-        out.append(run)
-    return out
+    return [write_run(root / "tiny-a", seed=0), write_run(root / "tiny-b", seed=1)]
 
 
 def _free_port() -> int:
@@ -76,7 +60,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(runs) -> Iterator[str]:
+def page_server(runs) -> Iterator[str]:
     """`microtransformer serve` on both runs (API key on) in a subprocess; yields its base URL."""
     _browser_paths()  # no server start when the browser test will skip anyway
     port = _free_port()
@@ -192,11 +176,12 @@ def _api_completion(base: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_playground_streams_colours_and_compares(server, browser, tmp_path) -> None:
+def test_playground_streams_colours_and_compares(page_server, browser, tmp_path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
     d = browser
+    server = page_server
     d.get(server)
     assert "playground" in d.title
 
@@ -223,7 +208,7 @@ def test_playground_streams_colours_and_compares(server, browser, tmp_path) -> N
     prompt.clear()
     prompt.send_keys("To be")
     seed = _css(d, "#seed")[0]
-    # The models are untrained, so a seed can end the text (<|endoftext|>) early: take the
+    # The models are random, so a seed can end the text (<|endoftext|>) early: take the
     # first seed that gives the few tokens the hover and keyboard checks below step through.
     for seed_value in range(1234, 1244):
         seed.clear()
@@ -256,14 +241,15 @@ def test_playground_streams_colours_and_compares(server, browser, tmp_path) -> N
     assert float(_css(d, "#col-a .stat-tps")[0].text) > 0
 
     # Hover: the tooltip lists the alternatives with their probabilities.
-    ActionChains(d).move_to_element(toks[3]).perform()
+    hovered = next(t for t in toks[1:] if t.text.strip())  # a visible token to point at
+    ActionChains(d).move_to_element(hovered).perform()
     tip = _css(d, "#tooltip")[0]
     _wait(d, lambda _: tip.is_displayed(), "the tooltip on hover")
     # The token's colour is the legend's bin of the probability the tooltip states.
     shown = _css(tip, ".tip-prob")[0].text
     p = 0.0005 if shown == "<0.1%" else float(shown.rstrip("%")) / 100
     expected_bin = "p" + str(sum(p >= edge for edge in (0.05, 0.2, 0.5, 0.8)))
-    assert expected_bin in toks[3].get_attribute("class").split()
+    assert expected_bin in hovered.get_attribute("class").split()
     rows = _css(tip, ".alts li")
     assert 2 <= len(rows) <= 6
     assert all(re.search(r"\d%$|<0\.1%$", r.text) for r in rows)
