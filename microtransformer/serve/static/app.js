@@ -296,7 +296,7 @@
 
   async function runColumn(col, model, request, signal) {
     request = await fitToContext(col, model, request, signal);
-    if (signal.aborted) { col.finish.textContent = "stopped"; return; }
+    if (signal.aborted) { col.finish.textContent = "cancelled"; return; }
     const t0 = performance.now();
     let tFirst = null, tLast = null, nTokens = 0, pending = [], finish = null;
     const updateStats = () => {
@@ -316,7 +316,7 @@
         signal,
       });
     } catch (err) {
-      if (signal.aborted) { col.finish.textContent = "stopped"; return; }
+      if (signal.aborted) { col.finish.textContent = "cancelled"; return; }
       showError(col, { message: "request failed: " + err.message });
       return;
     }
@@ -359,7 +359,7 @@
     } catch (err) {
       if (!signal.aborted) showError(col, { message: "stream broken: " + err.message });
     }
-    if (signal.aborted && !finish) finish = "stopped";
+    if (signal.aborted && !finish) finish = "cancelled";
     updateStats();
     if (finish) col.finish.textContent = finish;
   }

@@ -48,9 +48,11 @@ def _browser_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
-    """Two tiny random char-level runs ("tiny-a", "tiny-b": different weights, context 64)."""
+    """Two tiny random char-level runs: "tiny-a" (context 64) and "tiny-b" (other weights,
+    context 1024, long enough to stop a generation halfway)."""
     root = tmp_path_factory.mktemp("playground")
-    return [write_run(root / "tiny-a", seed=0), write_run(root / "tiny-b", seed=1)]
+    return [write_run(root / "tiny-a", seed=0),
+            write_run(root / "tiny-b", seed=1, max_seq_len=1024)]
 
 
 def _free_port() -> int:
@@ -141,7 +143,7 @@ def _set_slider(driver, slider_id: str, value: float) -> None:
 
 def _column_done(driver, col: str) -> bool:
     finish = _css(driver, f"#col-{col} .stat-finish")[0].text
-    return finish in ("length", "stop", "stopped") or bool(
+    return finish in ("length", "stop", "cancelled") or bool(
         _css(driver, f"#col-{col} .error:not([hidden])"))
 
 
@@ -168,6 +170,23 @@ def _check_token_count(driver, col: str, max_tokens: int) -> None:
         assert "special" in spans[-1].get_attribute("class").split()
 
 
+def _metric(base: str, name: str, model: str) -> float:
+    with urllib.request.urlopen(base + "metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', text, re.MULTILINE)
+    assert found, f"{name} for {model} not in /metrics"
+    return float(found.group(1))
+
+
+def _generated_by_server(base: str, model: str) -> float:
+    return _metric(base, "microtransformer_generation_tokens_total", model)
+
+
+def _server_idle(base: str, model: str) -> bool:
+    return (_metric(base, "microtransformer_running_sequences", model) == 0
+            and _metric(base, "microtransformer_queue_depth", model) == 0)
+
+
 def _api_completion(base: str, body: dict) -> dict:
     req = urllib.request.Request(
         base + "v1/completions", data=json.dumps(body).encode(), method="POST",
@@ -179,6 +198,7 @@ def _api_completion(base: str, body: dict) -> dict:
 def test_playground_streams_colours_and_compares(page_server, browser, tmp_path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     d = browser
     server = page_server
@@ -196,6 +216,7 @@ def test_playground_streams_colours_and_compares(page_server, browser, tmp_path)
     assert status.get_attribute("data-kind") == "ok"
     assert "2 models" in status.text
     assert "context 64" in _css(d, "#info-a")[0].text
+    assert _css(d, "#max_tokens")[0].get_attribute("max") == "64"  # follows the model
 
     # Sliders show their values live.
     _set_slider(d, "temperature", 0.9)
@@ -276,8 +297,6 @@ def test_playground_streams_colours_and_compares(page_server, browser, tmp_path)
     # Side by side: both models on the same prompt and settings, streamed into two columns.
     _css(d, "#compare")[0].click()
     assert _css(d, "#col-b")[0].is_displayed()
-    from selenium.webdriver.support.ui import Select
-
     Select(_css(d, "#model-b")[0]).select_by_value("tiny-b")
     prompt.clear()
     prompt.send_keys("Whether")
@@ -299,3 +318,26 @@ def test_playground_streams_colours_and_compares(page_server, browser, tmp_path)
         ".some((e) => !e.name.startsWith(location.origin));")
     d.save_screenshot(str(tmp_path / "playground.png"))
     assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+    # Stop aborts the fetch and the server cancels the request at once: a 1000-token request
+    # on tiny-b, stopped as soon as its first token is on the page, ends with far fewer
+    # tokens generated, in the page and by the server.
+    _css(d, "#compare")[0].click()
+    Select(_css(d, "#model-a")[0]).select_by_value("tiny-b")
+    _set_slider(d, "max_tokens", 1000)
+    assert _css(d, "#max_tokens-out")[0].text == "1000"
+    before = _generated_by_server(server, "tiny-b")
+    d.set_script_timeout(WAIT_S)
+    d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "document.getElementById('generate').click();"
+        "const t = setInterval(() => {"
+        "  if (!document.querySelector('#col-a .text .tok')) return;"
+        "  clearInterval(t); document.getElementById('stop').click(); done(); }, 2);")
+    _wait(d, lambda _: _column_done(d, "a"), "the stopped generation to end")
+    assert _css(d, "#col-a .stat-finish")[0].text == "cancelled"
+    assert _css(d, "#generate")[0].is_enabled() and not _css(d, "#stop")[0].is_enabled()
+    shown = len(_css(d, "#col-a .text .tok"))
+    assert 1 <= shown < 1000
+    _wait(d, lambda _: _server_idle(server, "tiny-b"), "the server to free the slot")
+    assert _generated_by_server(server, "tiny-b") - before < 1000
