@@ -321,11 +321,22 @@ def test_playground_streams_colours_and_compares(page_server, browser, tmp_path)
 
     # Stop aborts the fetch and the server cancels the request at once: a 1000-token request
     # on tiny-b, stopped as soon as its first token is on the page, ends with far fewer
-    # tokens generated, in the page and by the server.
+    # tokens generated, in the page and by the server. Greedy, and on a prompt whose greedy
+    # continuation runs the full length (checked through the API), so that only Stop can
+    # end it early.
+    long_prompt = next((p for p in ("To be", "Whether", "the", "o", "a", "T")
+                        if _api_completion(server, {"model": "tiny-b", "prompt": p,
+                                                    "max_tokens": 1000, "temperature": 0}
+                                           )["choices"][0]["finish_reason"] == "length"), None)
+    assert long_prompt, "every candidate prompt's greedy continuation ends early on tiny-b"
     _css(d, "#compare")[0].click()
     Select(_css(d, "#model-a")[0]).select_by_value("tiny-b")
     _set_slider(d, "max_tokens", 1000)
+    _set_slider(d, "temperature", 0)
     assert _css(d, "#max_tokens-out")[0].text == "1000"
+    assert _css(d, "#temperature-out")[0].text == "0 · greedy"
+    prompt.clear()
+    prompt.send_keys(long_prompt)
     before = _generated_by_server(server, "tiny-b")
     d.set_script_timeout(WAIT_S)
     d.execute_async_script(
@@ -341,3 +352,7 @@ def test_playground_streams_colours_and_compares(page_server, browser, tmp_path)
     assert 1 <= shown < 1000
     _wait(d, lambda _: _server_idle(server, "tiny-b"), "the server to free the slot")
     assert _generated_by_server(server, "tiny-b") - before < 1000
+
+    # No script error all along (network errors for the expected 401 and 400 are not these).
+    script_errors = [e for e in d.get_log("browser") if e.get("source") == "javascript"]
+    assert not script_errors, script_errors
