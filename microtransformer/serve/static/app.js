@@ -82,6 +82,7 @@
   function setStatus(kind, text) {
     el.status.dataset.kind = kind;
     el.statusText.textContent = text;
+    el.statusText.title = text;
   }
 
   // ---------- settings ----------
@@ -155,7 +156,10 @@
     if (!response.ok) {
       const error = await errorFrom(response);
       setStatus("error", response.status === 401 ? "API key needed: " + error.message : error.message);
-      if (response.status === 401) $("details.auth").open = true;
+      if (response.status === 401) {
+        $("details.auth").open = true;
+        el.apiKey.focus();
+      }
       return;
     }
     const body = await response.json();
@@ -383,7 +387,10 @@
   async function generate() {
     if (running) return;
     if (!models.length) await loadModels({});
-    if (!models.length) return;
+    if (!models.length) {
+      showError(columns.a, { message: "no model to ask: " + el.statusText.textContent });
+      return;
+    }
     hideTooltip();
     saveSettings();
     const request = currentRequest();
