@@ -19,7 +19,11 @@
     outputs: $("#outputs"), tooltip: $("#tooltip"),
   };
   const sliders = ["temperature", "top_k", "top_p", "max_tokens"].map((id) => $("#" + id));
-  const columns = { a: makeColumn($("#col-a")), b: makeColumn($("#col-b")) };
+  const columns = {
+    a: makeColumn("a", "Generated text appears here, each token coloured by its probability. " +
+      "Hover or focus a token to see the alternatives."),
+    b: makeColumn("b", "The same prompt and settings, streamed from the second model."),
+  };
   let models = [];
   let running = null; // {controller, pending: Set of column names}
 
@@ -174,7 +178,14 @@
 
   // ---------- output columns ----------
 
-  function makeColumn(root) {
+  // An output column (#col-a, #col-b) from the page's template.
+  function makeColumn(name, placeholder) {
+    const root = $("#column-template").content.firstElementChild.cloneNode(true);
+    root.id = "col-" + name;
+    root.setAttribute("aria-label", "Output " + name.toUpperCase());
+    $(".ab", root).textContent = name.toUpperCase();
+    $(".placeholder", root).textContent = placeholder;
+    $("#outputs").append(root);
     return {
       root,
       title: $(".col-model", root),
