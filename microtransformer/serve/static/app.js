@@ -25,7 +25,7 @@
     b: makeColumn("b", "The same prompt and settings, streamed from the second model."),
   };
   let models = [];
-  let running = null; // {controller, pending: Set of column names}
+  let running = null; // {controller} while a generation runs
 
   // ---------- small helpers ----------
 
@@ -60,7 +60,6 @@
   }
 
   function pct(p) {
-    if (p >= 0.995) return (p * 100).toFixed(1) + "%";
     if (p >= 0.1) return (p * 100).toFixed(1) + "%";
     if (p >= 0.001) return (p * 100).toFixed(2) + "%";
     return p > 0 ? "<0.1%" : "0%";

@@ -266,11 +266,13 @@ def test_playground_streams_colours_and_compares(page_server, browser, tmp_path)
     ActionChains(d).move_to_element(hovered).perform()
     tip = _css(d, "#tooltip")[0]
     _wait(d, lambda _: tip.is_displayed(), "the tooltip on hover")
-    # The token's colour is the legend's bin of the probability the tooltip states.
+    # The token's colour is the legend's bin of the probability the tooltip states (to the
+    # shown precision: a value printed as 20.0% may lie just under the 20% edge).
     shown = _css(tip, ".tip-prob")[0].text
     p = 0.0005 if shown == "<0.1%" else float(shown.rstrip("%")) / 100
-    expected_bin = "p" + str(sum(p >= edge for edge in (0.05, 0.2, 0.5, 0.8)))
-    assert expected_bin in hovered.get_attribute("class").split()
+    bins_near = {"p" + str(sum(q >= edge for edge in (0.05, 0.2, 0.5, 0.8)))
+                 for q in (p - 0.0005, p + 0.0005)}
+    assert bins_near & set(hovered.get_attribute("class").split())
     rows = _css(tip, ".alts li")
     assert 2 <= len(rows) <= 6
     assert all(re.search(r"\d%$|<0\.1%$", r.text) for r in rows)
