@@ -82,7 +82,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another "
                         "--port or --host") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     return sock
 
 

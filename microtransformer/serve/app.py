@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -69,6 +70,31 @@ class ServedModel:
         return self.engine.max_model_len
 
 
+class _Mailbox:
+    """Events from the engine threads to the event loop with coalesced wake-ups: the first
+    event posted schedules one delivery callback; later ones ride along until it runs (one
+    wake-up per engine step, not one per token of every stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Thread-safe; raises RuntimeError once the loop is closed."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a delivery is already scheduled
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 @dataclass
 class ServerState:
     """What the handlers share: the models, the settings, the drain flag and in-flight count."""
@@ -79,6 +105,13 @@ class ServerState:
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     draining: bool = False
     inflight: int = 0  # guarded requests whose response has not finished
+    _mailbox: _Mailbox | None = None
+
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        """The engine -> event loop channel (one per loop)."""
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        return self._mailbox
 
     @property
     def idle(self) -> bool:
@@ -417,11 +450,11 @@ async def _generate(request: Request, state: ServerState, served: ServedModel,
                     prompts: list[list[int]], params: list[SamplingParams], body: Any,
                     fmt: _Format) -> Response:
     """Queue every choice (prompt x n), then stream the events or collect one response."""
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
+    mailbox = state.mailbox(asyncio.get_running_loop())
 
     def sink(event: Event) -> None:  # engine thread -> this event loop
-        loop.call_soon_threadsafe(queue.put_nowait, event)
+        mailbox.post(queue, event)
 
     n = body.n
     seqs = [Sequence(p * n + j, ids, params[p], sink,

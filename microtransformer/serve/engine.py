@@ -146,8 +146,10 @@ class Engine:
         self._slots: list[Sequence | None] = [None] * max_batch
         self._running = 0
         self._wake = threading.Condition()
-        self._tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (B,)
-        self._cols = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (B,)
+        # per slot: the token to feed next and the cache column it goes to (position == column:
+        # prompts are not padded); plain lists, made into (B,) tensors once per step
+        self._tokens = [0] * max_batch
+        self._cols = [0] * max_batch
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and metrics)
@@ -263,7 +265,9 @@ class Engine:
         if not self._running:
             return
         try:
-            logits = self.decoder.step(self._tokens, self._cols, self._cols)  # (B, V)
+            tokens = torch.tensor(self._tokens, dtype=torch.long, device=self.device)  # (B,)
+            cols = torch.tensor(self._cols, dtype=torch.long, device=self.device)  # (B,)
+            logits = self.decoder.step(tokens, cols, cols)  # (B, V)
             self.steps += 1
         except Exception as exc:  # the whole batch failed: tell every sequence, free all
             for row, seq in enumerate(self._slots):
