@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the engines (default: torch's choice)")
+                   help="torch CPU threads (default 1 on CPU: the ops of a tiny model's step "
+                        "are too small to split, and the HTTP side gets a core)")
     p.set_defaults(func=run)
 
 
@@ -95,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from microtransformer.serve.app import create_app, load_served_model
     from microtransformer.serve.server import serve_until_drained
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device, option="device")
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     names = args.model_name or [None] * len(args.run_dirs)
     models = [load_served_model(run_dir, name=name, which="best" if args.best else "last",
                                 device=device, max_batch=args.max_batch,

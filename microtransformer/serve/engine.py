@@ -106,6 +106,7 @@ class Sequence:
         self.echo_len = 0  # characters of echoed prompt before the generated text
         self.cancelled = False
         self.done = False
+        self.row = -1  # its slot while running
         self.submitted = time.perf_counter()
         self.last_token_time = 0.0
 
@@ -133,6 +134,17 @@ class Engine:
                              ">= 0")
         self.decoder = DecodeStep(model, max_batch, model.max_seq_len, dtype=dtype)
         self.model = self.decoder.model
+        # Busy slots are kept packed in rows 0..running-1, and a step runs over the smallest
+        # bucket of rows that holds them: one DecodeStep per bucket size, each over the first
+        # rows of the one shared cache (a view), so few requests cost a small batch's step.
+        self._steps: dict[int, DecodeStep] = {}
+        for size in _buckets(max_batch):
+            if size == max_batch:
+                self._steps[size] = self.decoder
+            else:
+                step = DecodeStep(self.model, size, model.max_seq_len)
+                step.cache = self.decoder.cache.rows(0, size)
+                self._steps[size] = step
         self.device = self.decoder.device
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
@@ -213,81 +225,98 @@ class Engine:
                     if self._stopping:
                         break
                     admitted = self._take_waiting()
-                for row, seq in admitted:
-                    self._start(row, seq)
+                for seq in admitted:
+                    self._start(seq)
                 if self._running:
                     self._step()
         for seq in [*self._waiting, *(s for s in self._slots if s is not None)]:
             self._fail(seq, "the server is shutting down")
         self._waiting.clear()
 
-    def _take_waiting(self) -> list[tuple[int, Sequence]]:
-        """Move waiting sequences into free slots (called with the lock held)."""
+    def _take_waiting(self) -> list[Sequence]:
+        """Move waiting sequences into the free slots after the busy ones (lock held)."""
         admitted = []
-        free = [row for row, seq in enumerate(self._slots) if seq is None]
-        while free and self._waiting:
+        while self._running < self.max_batch and self._waiting:
             seq = self._waiting.popleft()
             if seq.cancelled:
                 continue
-            row = free.pop(0)
-            self._slots[row] = seq
+            seq.row = self._running
+            self._slots[seq.row] = seq
             self._running += 1
-            admitted.append((row, seq))
+            admitted.append(seq)
         return admitted
 
-    def _free(self, row: int) -> None:
-        seq = self._slots[row]
-        if seq is not None:
-            seq.done = True
-            self._slots[row] = None
-            self._running -= 1
-            self._tokens[row] = 0
-            self._cols[row] = 0  # an idle row writes column 0 (never out of range)
+    def _free(self, seq: Sequence) -> None:
+        """Release the slot of `seq`; the last busy slot moves into it (rows stay packed)."""
+        row, last = seq.row, self._running - 1
+        if row < 0:  # not in a slot (already freed)
+            return
+        seq.done, seq.row = True, -1
+        if row != last:  # move the last busy row here: its sequence, feed and cache row
+            moved = self._slots[last]
+            moved.row = row
+            self._slots[row] = moved
+            self._tokens[row], self._cols[row] = self._tokens[last], self._cols[last]
+            cache = self.decoder.cache
+            cache.k[:, row].copy_(cache.k[:, last])  # (L, nh, S, hs)
+            cache.v[:, row].copy_(cache.v[:, last])
+        self._slots[last] = None
+        self._tokens[last] = self._cols[last] = 0  # an idle row writes column 0
+        self._running -= 1
 
-    def _start(self, row: int, seq: Sequence) -> None:
-        """Prefill `seq` into `row` and sample its first token."""
+    def _start(self, seq: Sequence) -> None:
+        """Prefill `seq` into its row and sample its first token."""
+        row = seq.row
         try:
             prompt = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)  # (T,)
             logits = self.decoder.prefill(row, prompt)  # (V,)
             if seq.params.echo:
                 self._echo(seq, prompt)
             self._cols[row] = len(seq.prompt_ids)
-            self._advance(row, seq, logits[None])
+            if self._advance(row, seq, logits[None]):
+                self._free(seq)
         except Exception as exc:  # one bad sequence must not stop the others
             self._fail(seq, f"{type(exc).__name__}: {exc}")
-            self._free(row)
+            self._free(seq)
+
+    def _busy(self) -> list[Sequence]:
+        return self._slots[:self._running]  # type: ignore[return-value]
 
     def _step(self) -> None:
         """One batched decode step for every busy slot, then sample each row."""
-        for row, seq in enumerate(self._slots):
-            if seq is not None and seq.cancelled:
-                self._free(row)
+        for seq in self._busy():
+            if seq.cancelled:
+                self._free(seq)
         if not self._running:
             return
+        size = next(b for b in self._steps if b >= self._running)  # (buckets ascend)
+        busy = self._busy()
         try:
-            tokens = torch.tensor(self._tokens, dtype=torch.long, device=self.device)  # (B,)
-            cols = torch.tensor(self._cols, dtype=torch.long, device=self.device)  # (B,)
-            logits = self.decoder.step(tokens, cols, cols)  # (B, V)
+            tokens = torch.tensor(self._tokens[:size], dtype=torch.long,
+                                  device=self.device)  # (b,)
+            cols = torch.tensor(self._cols[:size], dtype=torch.long, device=self.device)  # (b,)
+            logits = self._steps[size].step(tokens, cols, cols)  # (b, V)
             self.steps += 1
         except Exception as exc:  # the whole batch failed: tell every sequence, free all
-            for row, seq in enumerate(self._slots):
-                if seq is not None:
-                    self._fail(seq, f"{type(exc).__name__}: {exc}")
-                    self._free(row)
+            for seq in busy:
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
+                self._free(seq)
             return
-        for row, seq in enumerate(self._slots):
-            if seq is None:
-                continue
+        finished = []
+        for row, seq in enumerate(busy):
             self._cols[row] += 1
             try:
-                self._advance(row, seq, logits[row:row + 1])
+                if self._advance(row, seq, logits[row:row + 1]):
+                    finished.append(seq)
             except Exception as exc:
                 self._fail(seq, f"{type(exc).__name__}: {exc}")
-                self._free(row)
+                finished.append(seq)
+        for seq in finished:
+            self._free(seq)
 
     # ------------------------------------------------------------------ one sequence
-    def _advance(self, row: int, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token of `seq` from logits (1, V), emit it, free the slot if done."""
+    def _advance(self, row: int, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the next token of `seq` from logits (1, V) and emit it; True when done."""
         p = seq.params
         scored = logits
         if p.repetition_penalty is not None:
@@ -327,10 +356,9 @@ class Engine:
             delta, seq.sent = visible[len(seq.sent):], visible
         self._emit(seq, Event(seq.index, delta, [entry] if entry else [], finish,
                               completion_tokens=len(seq.generated)))
-        if finish:
-            if self.observer is not None:
-                self.observer.tokens(len(seq.prompt_ids), len(seq.generated))
-            self._free(row)
+        if finish and self.observer is not None:
+            self.observer.tokens(len(seq.prompt_ids), len(seq.generated))
+        return finish is not None
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         gen = getattr(seq, "_gen", None)
@@ -377,6 +405,12 @@ class Engine:
         seq.done = True
         self._emit(seq, Event(seq.index, "", [], "error", error=message,
                               completion_tokens=len(seq.generated)))
+
+
+def _buckets(max_batch: int) -> list[int]:
+    """Step sizes: powers of two below max_batch, then max_batch (ascending)."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return [*sizes, max_batch]
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> str:

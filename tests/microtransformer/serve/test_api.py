@@ -297,16 +297,18 @@ def test_queue_full_is_429_with_retry_after(tiny_run):
 def test_engine_failure_mid_stream_sends_error_event(tiny_run):
     live = start_server([tiny_run], max_batch=2)
     engine = live.engine()
-    step = engine.decoder.step
     calls = {"n": 0}
 
-    def failing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return step(*args, **kwargs)
+    def failing(step):
+        def failing_step(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected fault")
+            return step(*args, **kwargs)
+        return failing_step
 
-    engine.decoder.step = failing_step
+    for decoder in engine._steps.values():  # one per batch-size bucket
+        decoder.step = failing(decoder.step)
     try:
         body = {"prompt": "the", "max_tokens": 20, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", live.url + "/v1/completions", json=body) as r:

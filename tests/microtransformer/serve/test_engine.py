@@ -17,6 +17,7 @@ from microtransformer.serve.engine import (
     QueueFullError,
     SamplingParams,
     Sequence,
+    _buckets,
     _held_back,
 )
 
@@ -56,30 +57,38 @@ def test_held_back_text():
 
 
 def test_staggered_joins_match_generate(loaded):
-    """Sequences that join a running batch at different steps (and outnumber the slots) each
-    draw exactly the tokens model.generate draws with the same seed."""
+    """Sequences that join a running batch at different steps (and outnumber the slots), and
+    leave it at different steps (their rows are repacked: the last busy row moves into a freed
+    one, cache included), each draw exactly the tokens model.generate draws with the same
+    seed."""
     model, tok = loaded
     engine = Engine(model, tok, max_batch=3, max_queue=16).start()
     try:
         sink = Collector()
         prompts = [tok.encode(p) for p in ("the cat", "a", "the dog ran to", "owl", "hill",
                                            "the mat")]
-        params = SamplingParams(max_tokens=15, temperature=0.9, top_k=8,
-                                repetition_penalty=1.2, ignore_eos=True)
         for i, ids in enumerate(prompts):
+            params = SamplingParams(max_tokens=15 - 2 * (i % 3), temperature=0.9, top_k=8,
+                                    repetition_penalty=1.2, ignore_eos=True)
             engine.submit([Sequence(i, ids, params, sink, seed=100 + i)])
             time.sleep(0.003 * i)  # join while others are mid-generation
         events = sink.wait(len(prompts))
     finally:
         engine.shutdown()
     for i, ids in enumerate(prompts):
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=15, temperature=0.9, top_k=8,
+        n_new = 15 - 2 * (i % 3)
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=n_new, temperature=0.9, top_k=8,
                              repetition_penalty=1.2,
                              generator=torch.Generator().manual_seed(100 + i))
         text = "".join(e.text for e in events[i])
         assert text == tok.decode(ref[0, len(ids):].tolist()), i
         assert events[i][-1].finish_reason == "length"
-        assert events[i][-1].completion_tokens == 15
+        assert events[i][-1].completion_tokens == n_new
+
+
+def test_buckets():
+    assert _buckets(1) == [1] and _buckets(16) == [1, 2, 4, 8, 16]
+    assert _buckets(12) == [1, 2, 4, 8, 12]
 
 
 def test_eos_stops_with_stop_reason(loaded):
