@@ -352,3 +352,17 @@ def test_playground_routes(server, tiny_run):
         assert httpx.get(live.url + "/").status_code == 404
     finally:
         live.stop()
+
+
+def test_non_streaming_client_gone_cancels(tiny_run):
+    """A client that hangs up before a (long) non-streamed answer frees its slots at once."""
+    live = start_server([tiny_run], max_batch=1)
+    engine = live.engine()
+    try:
+        body = {"prompt": "the", "max_tokens": 60, "n": 16, "ignore_eos": True}  # 960 steps
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(live.url + "/v1/completions", json=body, timeout=0.1)
+        assert live.wait_idle()
+        assert engine.steps < 16 * 60
+    finally:
+        live.stop()
