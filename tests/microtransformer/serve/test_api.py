@@ -359,10 +359,10 @@ def test_non_streaming_client_gone_cancels(tiny_run):
     live = start_server([tiny_run], max_batch=1)
     engine = live.engine()
     try:
-        body = {"prompt": "the", "max_tokens": 60, "n": 16, "ignore_eos": True}  # 960 steps
+        body = {"prompt": "the", "max_tokens": 60, "n": 16, "ignore_eos": True}  # 16 x 59 steps
         with pytest.raises(httpx.TimeoutException):
             httpx.post(live.url + "/v1/completions", json=body, timeout=0.1)
         assert live.wait_idle()
-        assert engine.steps < 16 * 60
+        assert engine.steps < 16 * 59 - 2 * 59, engine.steps  # not all 944 decode steps ran
     finally:
         live.stop()
