@@ -572,6 +572,13 @@
     document.addEventListener("focusin", (e) => { const s = tokenFrom(e.target); if (s) showTooltip(s); else hideTooltip(); });
     window.addEventListener("resize", hideTooltip);
     el.prompt.addEventListener("change", saveSettings);
+    // The prompt box grows with its text (up to the CSS max-height, then it scrolls).
+    const fitPrompt = () => {
+      el.prompt.style.height = "auto";
+      el.prompt.style.height = el.prompt.scrollHeight + 2 + "px";
+    };
+    el.prompt.addEventListener("input", fitPrompt);
+    fitPrompt();
   }
 
   const saved = loadSettings();
