@@ -163,7 +163,6 @@ def environment() -> dict[str, Any]:
         import torch
 
         env["torch"] = torch.__version__
-        env["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
     try:
@@ -183,7 +182,10 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"CPU: {env.get('cpu', '?')} ({env.get('cores')} cores; avx512_bf16 "
              f"{env.get('avx512_bf16')}, amx_bf16 {env.get('amx_bf16')}); torch "
-             f"{env.get('torch')}; load average at start {env['loadavg_start'][0]:.1f}.",
+             f"{env.get('torch')}; load average (1 min) at start "
+             f"{env['loadavg_start'][0]:.1f}, at end {env['loadavg_end'][0]:.1f}. Servers: "
+             "`microtransformer serve` defaults (1 torch thread on CPU) plus "
+             f"`{result['server_args'] or '-'}`; clients in the benchmark process, same machine.",
              f"Model: {result['model']}. Each request: {result['prompt_tokens']} prompt "
              f"tokens, {result['max_tokens']} output tokens (ignore_eos), temperature 0.8, "
              "top-k 50, streamed.",
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/serve.py " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
         "environment": environment(), "max_tokens": args.max_tokens,
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": prompt_tokens, "server_args": args.server_args,
         "model": (f"{run.name} (random weights, balanced preset size)" if not args.run
                   else str(run.name)),
         "servers": {}}
@@ -261,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     result["environment"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    from microtransformer.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(result, indent=2) + "\n").encode())
     text = markdown(result)
-    out.with_suffix(".md").write_text(text)
+    atomic_write_bytes(out.with_suffix(".md"), text.encode())
     print(text)
     tmp.cleanup()
     return 0
