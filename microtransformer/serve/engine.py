@@ -29,8 +29,10 @@ from typing import Any, Protocol
 import torch
 
 from microtransformer.fast_generate import DecodeStep
+from model.attention import KVCache
 from model.sampling import apply_repetition_penalty, sample_next_token
 
+MIN_COLUMNS = 64  # the smallest column bucket of a step
 REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 character decodes to (held back)
 
 
@@ -135,16 +137,22 @@ class Engine:
         self.decoder = DecodeStep(model, max_batch, model.max_seq_len, dtype=dtype)
         self.model = self.decoder.model
         # Busy slots are kept packed in rows 0..running-1, and a step runs over the smallest
-        # bucket of rows that holds them: one DecodeStep per bucket size, each over the first
-        # rows of the one shared cache (a view), so few requests cost a small batch's step.
-        self._steps: dict[int, DecodeStep] = {}
-        for size in _buckets(max_batch):
-            if size == max_batch:
-                self._steps[size] = self.decoder
-            else:
-                step = DecodeStep(self.model, size, model.max_seq_len)
-                step.cache = self.decoder.cache.rows(0, size)
-                self._steps[size] = step
+        # bucket of rows that holds them and of columns that holds their positions: one
+        # DecodeStep per (rows, columns) bucket, each over a view of the first rows and
+        # columns of the one shared cache. So few requests cost a small batch's step, and
+        # short sequences do not attend over (mask) the whole context.
+        ctx = model.max_seq_len
+        self._row_buckets = _buckets(max_batch)
+        self._col_buckets = [c for c in _buckets(ctx) if c >= min(MIN_COLUMNS, ctx)]
+        self._steps: dict[tuple[int, int], DecodeStep] = {}
+        for rows in self._row_buckets:
+            for cols in self._col_buckets:
+                if (rows, cols) == (max_batch, ctx):
+                    self._steps[rows, cols] = self.decoder
+                else:
+                    step = DecodeStep(self.model, rows, cols)
+                    step.cache = _cache_view(self.decoder.cache, rows, cols)
+                    self._steps[rows, cols] = step
         self.device = self.decoder.device
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
@@ -289,13 +297,15 @@ class Engine:
                 self._free(seq)
         if not self._running:
             return
-        size = next(b for b in self._steps if b >= self._running)  # (buckets ascend)
+        size = next(b for b in self._row_buckets if b >= self._running)
+        width = max(self._cols[:self._running]) + 1  # columns the step must cover
+        span = next(c for c in self._col_buckets if c >= width)
         busy = self._busy()
         try:
             tokens = torch.tensor(self._tokens[:size], dtype=torch.long,
                                   device=self.device)  # (b,)
             cols = torch.tensor(self._cols[:size], dtype=torch.long, device=self.device)  # (b,)
-            logits = self._steps[size].step(tokens, cols, cols)  # (b, V)
+            logits = self._steps[size, span].step(tokens, cols, cols)  # (b, V)
             self.steps += 1
         except Exception as exc:  # the whole batch failed: tell every sequence, free all
             for seq in busy:
@@ -407,10 +417,19 @@ class Engine:
                               completion_tokens=len(seq.generated)))
 
 
-def _buckets(max_batch: int) -> list[int]:
-    """Step sizes: powers of two below max_batch, then max_batch (ascending)."""
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
-    return [*sizes, max_batch]
+def _buckets(limit: int) -> list[int]:
+    """Bucket sizes: the powers of two below `limit`, then `limit` (ascending)."""
+    sizes = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
+    return [*sizes, limit]
+
+
+def _cache_view(cache: KVCache, rows: int, cols: int) -> KVCache:
+    """Rows 0..rows-1 and columns 0..cols-1 of every layer of `cache`, sharing its storage."""
+    view = cache.rows(0, rows)
+    view.k, view.v = view.k[:, :, :, :cols], view.v[:, :, :, :cols]  # (L, b, nh, c, hs)
+    view.max_len = cols
+    view.layers = [(k[:, :, :cols], v[:, :, :cols]) for k, v in view.layers]  # (b, nh, c, hs)
+    return view
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> str:

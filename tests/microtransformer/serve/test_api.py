@@ -307,7 +307,7 @@ def test_engine_failure_mid_stream_sends_error_event(tiny_run):
             return step(*args, **kwargs)
         return failing_step
 
-    for decoder in engine._steps.values():  # one per batch-size bucket
+    for decoder in engine._steps.values():  # one per (rows, columns) bucket
         decoder.step = failing(decoder.step)
     try:
         body = {"prompt": "the", "max_tokens": 20, "stream": True, "ignore_eos": True}

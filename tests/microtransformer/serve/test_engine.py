@@ -143,3 +143,27 @@ def test_shutdown_fails_unfinished(loaded):
     threading.Thread(target=engine.shutdown).start()
     ev = sink.wait(1)[0][-1]
     assert ev.finish_reason in ("stop", "length", "error")
+
+
+def test_column_buckets_match_generate(tmp_path):
+    """Sequences whose steps move up column buckets (64 -> 128 -> 256: the step attends over
+    a wider view of the same cache) still draw generate's tokens."""
+    from tests.microtransformer.serve.conftest import write_run
+
+    model, tok, _ = load_run(write_run(tmp_path / "long", max_seq_len=256))
+    engine = Engine(model, tok, max_batch=2).start()
+    assert engine._col_buckets == [64, 128, 256]
+    try:
+        sink = Collector()
+        prompts = [[(7 * i + j) % (tok.vocab_size - 2) + 2 for j in range(n)]
+                   for i, n in enumerate((50, 5, 120))]
+        params = SamplingParams(max_tokens=90, temperature=1.0, ignore_eos=True)
+        for i, ids in enumerate(prompts):
+            engine.submit([Sequence(i, ids, params, sink, seed=7 + i)])
+        events = sink.wait(len(prompts))
+    finally:
+        engine.shutdown()
+    for i, ids in enumerate(prompts):
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=90,
+                             generator=torch.Generator().manual_seed(7 + i))
+        assert "".join(e.text for e in events[i]) == tok.decode(ref[0, len(ids):].tolist()), i
