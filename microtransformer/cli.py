@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("import", "import_hf", "import a Hugging Face GPT-2 directory as a run"),
     ("configs", "configs", "list configurations within a parameter budget"),
     ("study", "study", "train and compare configurations (architecture study)"),
+    ("serve", "serve", "serve runs over an OpenAI-compatible HTTP API with a playground"),
 ]
 
 

@@ -7,4 +7,10 @@ bash scripts/setup.sh dev
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check .
+# the playground's browser test needs Debian's chromium + chromedriver (CI runs as root on
+# Debian); installed only when missing, and the test skips where they are absent
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    apt-get update -q && apt-get install -y -q chromium chromium-driver
+fi
 python -m pytest "$@"

@@ -1,0 +1,126 @@
+"""`microtransformer serve`: an OpenAI-compatible HTTP server (and playground) for trained runs.
+
+The app and the engine live in `microtransformer.serve`; this module parses the options, loads
+the runs, binds the socket and runs uvicorn with a graceful drain: on SIGTERM (or Ctrl+C) new
+requests get 503 while the ones in flight finish, then the process exits 0. A second signal
+stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from microtransformer.errors import UserError
+
+API_KEY_ENV = "MICROTRANSFORMER_API_KEY"
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add the `serve` subcommand."""
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+",
+                   help="training run directories; each is served as its own model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any)")
+    p.add_argument("--best", action="store_true",
+                   help="serve best.safetensors (best val loss) instead of the last weights")
+    p.add_argument("--model-name", action="append", default=None, metavar="NAME",
+                   help="the model's name in the API (once per RUN_DIR; default: the run "
+                        "directory's name)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (or set {API_KEY_ENV})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences decoded together per step (slots; default 16)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot before 429 (default 256)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                   help="refuse requests asking for more than N new tokens")
+    p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; '*' for any)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU: the ops of a tiny model's step "
+                        "are too small to split, and the HTTP side gets a core)")
+    p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    problems = []
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port={args.port} must be in [0, 65535]")
+    if args.max_batch < 1:
+        problems.append(f"--max-batch={args.max_batch} must be >= 1")
+    if args.max_queue < 1:
+        problems.append(f"--max-queue={args.max_queue} must be >= 1")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        problems.append(f"--max-tokens-limit={args.max_tokens_limit} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads={args.threads} must be >= 1")
+    names = args.model_name
+    if names is not None and len(names) != len(args.run_dirs):
+        problems.append(f"--model-name was given {len(names)} times for {len(args.run_dirs)} "
+                        "RUN_DIRs; give it once per RUN_DIR, in the same order")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a busy port is one clear error."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another "
+                        "--port or --host") from None
+    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the runs, start the server, drain on SIGTERM."""
+    _check(args)
+    import torch
+
+    from microtransformer.device import resolve_device
+    from microtransformer.serve.app import create_app, load_served_model
+    from microtransformer.serve.server import serve_until_drained
+
+    device = resolve_device(args.device, option="device")
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    names = args.model_name or [None] * len(args.run_dirs)
+    models = [load_served_model(run_dir, name=name, which="best" if args.best else "last",
+                                device=device, max_batch=args.max_batch,
+                                max_queue=args.max_queue)
+              for run_dir, name in zip(args.run_dirs, names, strict=True)]
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    app = create_app(models, api_key=api_key, cors=args.cors, ui=not args.no_ui,
+                     max_tokens_limit=args.max_tokens_limit)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    for m in models:
+        card = m.card
+        print(f"model {m.name}: {card['parameters']:,} parameters, context "
+              f"{card['max_model_len']}, {card['tokenizer']} tokenizer, on {device}",
+              file=sys.stderr)
+    print(f"serving on http://{url_host}:{port} (API /v1, "
+          f"{'no playground' if args.no_ui else 'playground /'}, "
+          f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
+    if not api_key and not ipaddress.ip_address(host).is_loopback:
+        print("microtransformer: warning: listening beyond loopback without --api-key",
+              file=sys.stderr)
+    serve_until_drained(app, sock)
+    return 0
+

@@ -1,0 +1,169 @@
+"""The continuous-batching engine on its own (no HTTP): equality with generate, stop strings,
+cancellation and the bounded queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from microtransformer.checkpoint import load_run
+from microtransformer.serve.engine import (
+    Engine,
+    Event,
+    QueueFullError,
+    SamplingParams,
+    Sequence,
+    _buckets,
+    _held_back,
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    model, tok, _ = load_run(tiny_run)
+    return model, tok
+
+
+class Collector:
+    """A thread-safe sink: events by sequence index, and a flag per finished sequence."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[Event] = queue.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.events.put(event)
+
+    def wait(self, count: int, timeout: float = 30.0) -> dict[int, list[Event]]:
+        out: dict[int, list[Event]] = {}
+        done = 0
+        deadline = time.monotonic() + timeout
+        while done < count:
+            ev = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            out.setdefault(ev.index, []).append(ev)
+            done += ev.finish_reason is not None
+        return out
+
+
+def test_held_back_text():
+    assert _held_back("abc", ()) == "abc"
+    assert _held_back("abc\ufffd", ()) == "abc"  # incomplete character waits
+    assert _held_back("hello wo", ("world",)) == "hello "  # may become the stop string
+    assert _held_back("hello wx", ("world",)) == "hello wx"
+    assert _held_back("ab", ("bc", "abd")) == ""  # the longest possible start wins
+
+
+def test_staggered_joins_match_generate(loaded):
+    """Sequences that join a running batch at different steps (and outnumber the slots), and
+    leave it at different steps (their rows are repacked: the last busy row moves into a freed
+    one, cache included), each draw exactly the tokens model.generate draws with the same
+    seed."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=3, max_queue=16).start()
+    try:
+        sink = Collector()
+        prompts = [tok.encode(p) for p in ("the cat", "a", "the dog ran to", "owl", "hill",
+                                           "the mat")]
+        for i, ids in enumerate(prompts):
+            params = SamplingParams(max_tokens=15 - 2 * (i % 3), temperature=0.9, top_k=8,
+                                    repetition_penalty=1.2, ignore_eos=True)
+            engine.submit([Sequence(i, ids, params, sink, seed=100 + i)])
+            time.sleep(0.003 * i)  # join while others are mid-generation
+        events = sink.wait(len(prompts))
+    finally:
+        engine.shutdown()
+    for i, ids in enumerate(prompts):
+        n_new = 15 - 2 * (i % 3)
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=n_new, temperature=0.9, top_k=8,
+                             repetition_penalty=1.2,
+                             generator=torch.Generator().manual_seed(100 + i))
+        text = "".join(e.text for e in events[i])
+        assert text == tok.decode(ref[0, len(ids):].tolist()), i
+        assert events[i][-1].finish_reason == "length"
+        assert events[i][-1].completion_tokens == n_new
+
+
+def test_buckets():
+    assert _buckets(1) == [1] and _buckets(16) == [1, 2, 4, 8, 16]
+    assert _buckets(12) == [1, 2, 4, 8, 12]
+
+
+def test_eos_stops_with_stop_reason(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        sink = Collector()
+        # greedy from many prompts: at least one reaches EOS on this random model, or none does
+        params = SamplingParams(max_tokens=40, temperature=0)
+        for i in range(4):
+            engine.submit([Sequence(i, [tok.eos_token_id, *tok.encode("the " * i)], params,
+                                    sink)])
+        events = sink.wait(4)
+    finally:
+        engine.shutdown()
+    for evs in events.values():
+        last = evs[-1]
+        assert last.finish_reason in ("stop", "length")
+        assert (last.finish_reason == "length") == (last.completion_tokens == 40)
+
+
+def test_cancel_frees_slot_and_queue(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
+    try:
+        sink = Collector()
+        long = SamplingParams(max_tokens=60, ignore_eos=True)
+        running = Sequence(0, [1, 2], long, sink)
+        engine.submit([running])
+        while engine.running == 0:
+            time.sleep(0.001)
+        waiting = Sequence(1, [1], long, sink)
+        engine.submit([waiting])
+        with pytest.raises(QueueFullError):
+            engine.submit([Sequence(2, [1], long, sink)])
+        engine.cancel([waiting, running])
+        deadline = time.monotonic() + 10
+        while (engine.running or engine.queue_depth) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.running == 0 and engine.queue_depth == 0
+        assert len(running.generated) < 60 and not waiting.generated
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_fails_unfinished(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=1)
+    sink = Collector()
+    engine.submit([Sequence(0, [1], SamplingParams(max_tokens=5), sink)])
+    engine.start()
+    threading.Thread(target=engine.shutdown).start()
+    ev = sink.wait(1)[0][-1]
+    assert ev.finish_reason in ("stop", "length", "error")
+
+
+def test_column_buckets_match_generate(tmp_path):
+    """Sequences whose steps move up column buckets (64 -> 128 -> 256: the step attends over
+    a wider view of the same cache) still draw generate's tokens."""
+    from tests.microtransformer.serve.conftest import write_run
+
+    model, tok, _ = load_run(write_run(tmp_path / "long", max_seq_len=256))
+    engine = Engine(model, tok, max_batch=2).start()
+    assert engine._col_buckets == [64, 128, 256]
+    try:
+        sink = Collector()
+        prompts = [[(7 * i + j) % (tok.vocab_size - 2) + 2 for j in range(n)]
+                   for i, n in enumerate((50, 5, 120))]
+        params = SamplingParams(max_tokens=90, temperature=1.0, ignore_eos=True)
+        for i, ids in enumerate(prompts):
+            engine.submit([Sequence(i, ids, params, sink, seed=7 + i)])
+        events = sink.wait(len(prompts))
+    finally:
+        engine.shutdown()
+    for i, ids in enumerate(prompts):
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=90,
+                             generator=torch.Generator().manual_seed(7 + i))
+        assert "".join(e.text for e in events[i]) == tok.decode(ref[0, len(ids):].tolist()), i
