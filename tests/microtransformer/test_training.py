@@ -182,7 +182,7 @@ def test_resume_is_bit_identical_to_uninterrupted_run(char_data: Path, tmp_path:
 
 
 def test_resume_without_checkpoint_is_an_error(char_data: Path, tmp_path: Path) -> None:
-    cfg = tiny_cfg(char_data, "--train.max_steps", "2")
+    cfg = tiny_cfg(char_data, "--train.max_steps", "3")
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(cfg, tmp_path / "empty", resume=True, progress=False)
 
