@@ -61,8 +61,12 @@ class MuonAdamW:
         if fused:
             adamw_kwargs["fused"] = True
         self.adamw = torch.optim.AdamW(others, **adamw_kwargs)
-        # One list of groups for the schedule to set (the same dicts the two optimizers use).
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Both optimizers' groups, for the schedule to set: read afresh each time, because
+        `load_state_dict` replaces the inner optimizers' group dicts."""
+        return self.muon.param_groups + self.adamw.param_groups
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:

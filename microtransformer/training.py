@@ -221,13 +221,14 @@ class TrainResult:
 
 
 # ============================================================================ data preparation
-def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: bool = False,
-                 progress: bool = True) -> RunConfig:
+def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *,
+                 explicit_vocab: bool | str = False, progress: bool = True) -> RunConfig:
     """Make sure the run has prepared data and the model's vocab matches its tokenizer.
 
     With `cfg.data.data_dir` unset, `cfg.data.sources` (empty = the stdlib corpus) are prepared
     into RUN_DIR/data (reused if already there). `model.vocab_size` is taken from meta.json unless
-    `explicit_vocab` (the user set it), in which case a mismatch is an error.
+    `explicit_vocab` (the user set it: True for `--model.vocab_size`, or a string naming where,
+    e.g. "config file run.toml"), in which case a mismatch is an error.
     Returns the config with `data.data_dir` and `model.vocab_size` resolved.
     """
     from microtransformer.data import load_meta, prepare
@@ -247,6 +248,11 @@ def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: 
     vocab = int(meta["vocab_size"])
     model_cfg = cfg.model
     if vocab != model_cfg.vocab_size:
+        if isinstance(explicit_vocab, str) and explicit_vocab:
+            raise UserError(f"vocab mismatch: {explicit_vocab} sets model.vocab_size="
+                            f"{model_cfg.vocab_size} but the tokenizer of {data_dir} has {vocab} "
+                            f"tokens; remove vocab_size from it (the tokenizer's is used) or "
+                            f"set it to {vocab}")
         if explicit_vocab:
             raise UserError(f"vocab mismatch: --model.vocab_size={model_cfg.vocab_size} but the "
                             f"tokenizer of {data_dir} has {vocab} tokens; drop the override or "
@@ -350,27 +356,30 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     many completed steps, as an interrupt would. `clock` measures training time (injectable
     for tests).
     """
-    run = _setup(cfg, Path(run_dir), ctx, resume=resume, clock=clock)
-    state = _restore(run) if resume else TrainState(max_steps=cfg.train.max_steps,
-                                                    world_size=run.ctx.world_size,
-                                                    optimizer_name=cfg.train.optimizer)
-    if run.ctx.rank > 0:  # own dropout stream; rank 0 keeps the saved one
-        seed_rank_rng(cfg.train.seed, run.ctx.rank, state.step)
-    _open_run_dir(run, state, resumed=resume)
+    prev_threads = torch.get_num_threads()  # train() sets its own; the caller's come back
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        prog = _loop(run, state, progress=progress, stop_at=stop_at)
-    except BaseException:
-        if run.logger is not None:
-            run.logger.close()
-        raise
+        run = _setup(cfg, Path(run_dir), ctx, resume=resume, clock=clock)
+        state = _restore(run) if resume else TrainState(max_steps=cfg.train.max_steps,
+                                                        world_size=run.ctx.world_size,
+                                                        optimizer_name=cfg.train.optimizer)
+        if run.ctx.rank > 0:  # own dropout stream; rank 0 keeps the saved one
+            seed_rank_rng(cfg.train.seed, run.ctx.rank, state.step)
+        _open_run_dir(run, state, resumed=resume)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            prog = _loop(run, state, progress=progress, stop_at=stop_at)
+        except BaseException:
+            if run.logger is not None:
+                run.logger.close()
+            raise
+        return _finish(run, state, prog)
     finally:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(prev_deterministic)
-    return _finish(run, state, prog)
+        torch.set_num_threads(prev_threads)
 
 
 def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume: bool,
