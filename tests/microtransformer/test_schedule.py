@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from microtransformer.config import TrainConfig
@@ -29,7 +31,7 @@ def test_time_budget_warmup_then_cosine_ends_at_min_lr_exactly_when_time_is_spen
     assert get_lr(10, cfg, 0.0) == pytest.approx(1e-3)
     assert get_lr(500, cfg, budget / 2) == pytest.approx((1e-3 + 1e-4) / 2)  # midpoint in time
     lrs = [get_lr(10 + i, cfg, budget * i / 100) for i in range(101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
     assert lrs[-1] == pytest.approx(1e-4)  # fully decayed when the budget is spent
     assert lrs[-2] > 1e-4
     assert not budget_spent(10**5, cfg, budget - 1e-6)

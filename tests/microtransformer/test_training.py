@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from microtransformer import training
 from microtransformer import checkpoint as ckpt
+from microtransformer import training
 from microtransformer.checkpoint import load_training_state, load_weights, save_training_state
 from microtransformer.config import RunConfig, TrainConfig, load_config
 from microtransformer.device import autocast_context
@@ -424,7 +424,7 @@ def test_muon_trains_and_resumes_bit_identically(char_data: Path, tmp_path: Path
     for k in a:
         assert torch.equal(a[k], b[k]), k
     adamw = tiny_cfg(char_data, *extra[:-6], "--train.optimizer", "adamw")
-    with pytest.raises(UserError, match="resume with --train.optimizer muon"):
+    with pytest.raises(UserError, match=r"resume with --train\.optimizer muon"):
         train(adamw, tmp_path / "b", resume=True, progress=False)
 
 
