@@ -55,6 +55,7 @@ from microtransformer.distributed import (  # re-exported: the loop's distribute
 from microtransformer.errors import UserError
 from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
+from microtransformer.recipe import cpu_has_native_bf16
 from microtransformer.schedule import budget_spent, get_lr, time_budget_s
 from model import MicroTransformer
 from model.utils import count_parameters
@@ -410,6 +411,10 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     compute_dtype = resolve_dtype(tc.dtype, device)
     if device.type == "cpu" and compute_dtype == torch.float16:
         raise UserError("train.dtype='float16' is not supported on CPU; use float32 or bfloat16")
+    if device.type == "cpu" and compute_dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        warnings.warn("train.dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / "
+                      "amx_bf16 flag): autocast emulates it and is usually slower than "
+                      "float32; use --train.dtype float32", stacklevel=2)
     scaler = (torch.amp.GradScaler(device.type)
               if compute_dtype == torch.float16 and device.type == "cuda" else None)
     if scaler is not None and tc.optimizer == "muon":
