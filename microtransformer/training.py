@@ -1,9 +1,17 @@
 """The training loop: `train(cfg, run_dir)`, plus the pure pieces it is made of.
 
-Read `train()` top to bottom: build the runtime, the model, the optimizer and the loaders;
-restore a checkpoint when resuming; then each step evaluates (every `eval_interval`), sets the
-learning rate from the pure `get_lr`, runs the gradient-accumulation micro-steps, checks the
-loss and gradient are finite, clips, steps, logs and checkpoints.
+Read `train()` top to bottom; it calls one function per phase:
+  - `_setup`: check the data, set threads/seed/precision, build the model, the optimizer
+    (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader, then wrap and compile the
+    model (the one place for both);
+  - `_restore` (resume): the newest intact checkpoint into a typed `TrainState`;
+  - `_open_run_dir`: config, tokenizer, metrics.jsonl (cut back to the checkpoint on resume);
+  - `_loop`: each step evaluates (every `eval_interval`), sets the learning rate from the pure
+    `schedule.get_lr(step, cfg, train_time_s)`, runs `train_step` (gradient-accumulation
+    micro-steps, finiteness check, clip, update), logs and checkpoints, until the step budget
+    or the time budget is spent. The time budget counts optimizer steps only (the injectable
+    `clock`); evaluation and checkpoints are timed apart and reported;
+  - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
 
 Distributed seams (defined in `microtransformer.distributed`, re-exported here):
   - `RuntimeContext` carries rank / world_size / device; only `ctx.is_main` logs and saves,
@@ -718,7 +726,7 @@ def _try_compile(model: nn.Module, batch_size: int, seq_len: int, device: torch.
         return model
 
 
-def _progress_bar(start: int, total: int, *, enabled: bool) -> Any:
+def _progress_bar(start: int, total: int | None, *, enabled: bool) -> Any:
     """A tqdm bar (loss, tokens/s, ETA) on a TTY; None otherwise (plain log lines instead)."""
     if not enabled or not sys.stderr.isatty():
         return None
