@@ -15,9 +15,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from microtransformer.metrics import loss_series, read_metrics  # noqa: E402
+from microtransformer.metrics import loss_series, read_metrics
 
 
 def main() -> None:
