@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool | str]
         overrides.insert(0, f"--train.max_time_minutes={minutes:g}")
     if getattr(args, "time", None) and not (args.preset or args.config or args.resume):
         recipe = budget_recipe(args.data, minutes, overrides)
-        print(recipe.reason, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun worker
+            print(recipe.reason, flush=True)
         args.preset = recipe.preset
         overrides = recipe.override_tokens() + overrides  # the user's own overrides win
     explicit = override_keys(overrides)
