@@ -614,12 +614,14 @@ def _count_bad_step(run: _Run, state: TrainState, outcome: StepOutcome, prog: _P
 
 def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
     """Final evaluation (skipped on interrupt, to exit quickly), checkpoint, plot, result."""
-    elapsed = run.clock() - prog.start
+    final_start = run.clock()
     if prog.stop_reason in ("completed", "time budget") and prog.last_eval_step != state.step:
         _save_checkpoint(run, state, best=_record_eval(run, state, prog))
         _log_eval(run, state, prog, None)
     else:
         _save_checkpoint(run, state)
+    prog.eval_s += run.clock() - final_start
+    elapsed = run.clock() - prog.start
     if run.logger is not None:
         run.logger.close()
         try:
