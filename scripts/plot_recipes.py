@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--title", default="")
     p.add_argument("--ylabel", default="val loss (nats/token)")
     p.add_argument("--key", default="val_loss", help="metric to plot (val_loss or val_bpb)")
+    p.add_argument("--points", action="append", default=[],
+                   help="label=SECONDS:VALUE,...: a curve from a published table")
     p.add_argument("--ref", action="append", default=[],
                    help="label=VALUE: a horizontal reference line (e.g. an earlier result)")
     args = p.parse_args()
@@ -41,6 +43,11 @@ def main() -> None:
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot([t / 60 for t in xs], ys, "o-", markersize=3, label=label)
+    for item in args.points:
+        label, _, pairs = item.partition("=")
+        xs, ys = zip(*((float(a) / 60, float(b)) for a, b in
+                       (pair.split(":") for pair in pairs.split(","))), strict=True)
+        ax.plot(xs, ys, "s--", markersize=3, label=label)
     for item in args.ref:
         label, _, value = item.partition("=")
         ax.axhline(float(value), linestyle="--", color="grey", linewidth=1)
