@@ -34,6 +34,8 @@ else:  # pragma: no cover - Python 3.10
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_KINDS = ("bpe", "char")
+SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 SECTIONS = ("model", "train", "data")
 
 
@@ -46,15 +48,26 @@ def _help(text: str, **kwargs: Any) -> Any:
 class TrainConfig:
     """Optimisation, schedule, logging and runtime settings of a training run."""
 
-    batch_size: int = _help("sequences per micro-batch (per process)", default=32)
+    batch_size: int = _help("sequences per micro-batch, global: split across processes when "
+                            "data-parallel", default=32)
+    seq_len: int | None = _help("training window in tokens (none = model.max_seq_len; at most "
+                                "model.max_seq_len)", default=None)
     grad_accum_steps: int = _help("micro-batches accumulated per optimizer step", default=1)
     max_steps: int = _help("optimizer steps of the whole run (the LR schedule spans them)",
                            default=2000)
     lr: float = _help("peak learning rate, reached at the end of warm-up", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
-    warmup_steps: int = _help("steps of linear warm-up from ~0 to lr", default=100)
-    weight_decay: float = _help("AdamW decay on 2-D matmul weights (none on biases, norms, "
-                                "embeddings)", default=0.1)
+    warmup_steps: int | None = _help("steps of linear warm-up from ~0 to lr (none = "
+                                     "min(100, max_steps)); at most max_steps", default=None)
+    schedule: str = _help("decay after warm-up: cosine (to min_lr over the run) | wsd (stable "
+                          "at lr, then linear to min_lr over the last decay_fraction)",
+                          default="cosine")
+    decay_fraction: float = _help("wsd: share of the run (steps or time budget) spent decaying",
+                                  default=0.2)
+    optimizer: str = _help("adamw | muon (torch.optim.Muon on the blocks' 2-D weight "
+                           "matrices, AdamW on embeddings, biases and norms)", default="adamw")
+    weight_decay: float = _help("decoupled decay on 2-D matmul weights (none on biases, "
+                                "norms, embeddings)", default=0.1)
     betas: tuple[float, float] = _help("AdamW (beta1, beta2)", default=(0.9, 0.95))
     grad_clip: float = _help("clip the global gradient norm to this (0 disables)", default=1.0)
     eval_interval: int = _help("evaluate on the val split every this many steps", default=200)
@@ -69,16 +82,19 @@ class TrainConfig:
     dtype: str = _help("auto | float32 | bfloat16 | float16 (auto: bf16 autocast on CUDA "
                        "(fp16 + GradScaler where bf16 is unsupported), fp32 elsewhere)",
                        default="auto")
-    cpu_threads: int = _help("torch CPU threads (0 = torch's default); on a small shared CPU "
-                             "1 is often fastest for tiny models", default=0)
+    cpu_threads: int = _help("torch CPU threads (0 = every core this process may use, from "
+                             "its CPU affinity); set 1 on a machine shared with other jobs",
+                             default=0)
     compile: bool = _help("torch.compile the model (falls back to eager if it fails)",
                           default=False)
     deterministic: bool = _help("use deterministic algorithms (CPU runs are deterministic "
                                 "either way)", default=False)
     max_bad_steps: int = _help("stop after this many consecutive non-finite loss/grad steps",
                                default=5)
-    max_time_minutes: float | None = _help("wall-clock budget: stop (saving and evaluating) "
-                                           "once exceeded; none = no budget", default=None)
+    max_time_minutes: float | None = _help("training-time budget (evaluation and checkpoints "
+                                           "not counted): the LR schedule completes when it is "
+                                           "spent, or at max_steps if sooner; none = steps only",
+                                           default=None)
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -86,7 +102,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
                      "eval_steps", "log_interval", "checkpoint_interval", "max_bad_steps"):
             _check_int(problems, name, getattr(self, name), minimum=1)
-        _check_int(problems, "warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps is not None:
+            _check_int(problems, "warmup_steps", self.warmup_steps, minimum=0)
         _check_int(problems, "seed", self.seed, minimum=0)
         _check_int(problems, "cpu_threads", self.cpu_threads, minimum=0)
         _check_float(problems, "lr", self.lr, low=0.0, low_open=True)
@@ -108,13 +125,25 @@ class TrainConfig:
         if self.max_time_minutes is not None:
             _check_float(problems, "max_time_minutes", self.max_time_minutes, low=0.0,
                          low_open=True)
+        if self.seq_len is not None:
+            _check_int(problems, "seq_len", self.seq_len, minimum=2)
+        for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of "
+                                f"{', '.join(choices)}")
+        _check_float(problems, "decay_fraction", self.decay_fraction, low=0.0, high=1.0,
+                     low_open=True)
+        if not problems and self.warmup_steps is not None and self.warmup_steps > self.max_steps:
+            problems.append(f"warmup_steps={self.warmup_steps} is more than max_steps="
+                            f"{self.max_steps}; lower --train.warmup_steps or raise "
+                            "--train.max_steps")
         if problems:
             raise UserError("invalid train config: " + "; ".join(problems))
 
     @property
-    def tokens_per_step_per_process(self) -> int:
-        """Sequences per optimizer step on one process (multiply by seq_len and world size)."""
-        return self.batch_size * self.grad_accum_steps
+    def warmup(self) -> int:
+        """Warm-up steps: warmup_steps, or min(100, max_steps) when it is unset."""
+        return min(100, self.max_steps) if self.warmup_steps is None else self.warmup_steps
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,16 @@ class RunConfig:
             if not isinstance(getattr(self, name), cls):
                 raise UserError(f"RunConfig.{name} must be a {cls.__name__}, "
                                 f"got {type(getattr(self, name)).__name__}")
+        seq_len = self.train.seq_len
+        if seq_len is not None and seq_len > self.model.max_seq_len:
+            raise UserError(f"train.seq_len={seq_len} is longer than model.max_seq_len="
+                            f"{self.model.max_seq_len} (the position table); lower "
+                            f"--train.seq_len or raise --model.max_seq_len")
+
+    @property
+    def seq_len(self) -> int:
+        """The training window: train.seq_len, or the model's max_seq_len when unset."""
+        return self.train.seq_len if self.train.seq_len is not None else self.model.max_seq_len
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict {"model": {...}, "train": {...}, "data": {...}}."""
@@ -322,24 +361,16 @@ def field_help(section: str) -> dict[str, str]:
     return out
 
 
-def override_help() -> str:
-    """Multi-line help listing every `--section.key` override with its default and help."""
-    lines = []
-    defaults = RunConfig().to_dict()
-    for section in SECTIONS:
-        helps = field_help(section)
-        for name, default in defaults[section].items():
-            lines.append(f"  --{section}.{name} (default {default!r}): {helps.get(name, '')}")
-    return "\n".join(lines)
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, str]:
+def parse_overrides(tokens: list[str]) -> dict[str, str | list[str]]:
     """Turn leftover CLI tokens into {"section.key": raw string}.
 
     Accepts `--model.num_layers 6` and `--model.num_layers=6`; a bare boolean flag
-    (`--train.compile`) means true. Unknown sections/keys and stray tokens are errors.
+    (`--train.compile`) means true. A list field (`--data.sources`) takes one value per
+    flag, repeated (`--data.sources a.txt --data.sources b.txt`), as a list of strings: a
+    value is never split, so a file name may hold a comma. Unknown sections/keys and stray
+    tokens are errors.
     """
-    out: dict[str, str] = {}
+    out: dict[str, str | list[str]] = {}
     i = 0
     while i < len(tokens):
         tok = tokens[i]
@@ -361,9 +392,20 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
             else:
                 value = nxt
                 i += 1
-        out[f"{section}.{name}"] = value
+        if _is_list_field(section, name):
+            listed = out.setdefault(f"{section}.{name}", [])
+            assert isinstance(listed, list)
+            listed.append(value)
+        else:
+            out[f"{section}.{name}"] = value
         i += 1
     return out
+
+
+def _is_list_field(section: str, name: str) -> bool:
+    """True for a variable-length tuple field such as data.sources."""
+    args = typing.get_args(_field_types(section)[name])
+    return len(args) == 2 and args[1] is Ellipsis
 
 
 def override_keys(tokens: list[str]) -> set[str]:
@@ -371,10 +413,13 @@ def override_keys(tokens: list[str]) -> set[str]:
     return set(parse_overrides(tokens))
 
 
-def coerce_override(section: str, name: str, raw: str) -> Any:
-    """Convert one override's string to the field's type, with an error naming key and value."""
+def coerce_override(section: str, name: str, raw: str | list[str]) -> Any:
+    """Convert one override's string (a list of strings for a list field) to the field's
+    type, with an error naming key and value."""
     _check_key(section, name)
     typ = _field_types(section)[name]
+    if isinstance(raw, list):
+        return tuple(v for item in raw for v in coerce_override(section, name, item))
     try:
         return _from_string(typ, raw)
     except ValueError as exc:
@@ -417,10 +462,9 @@ def _from_string(typ: Any, raw: str) -> Any:
     if typ is str:
         return raw
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:  # one value of a list: never split
+            return (_from_string(args[0], raw),) if raw else ()
         parts = [p for p in raw.strip().strip("()[]").split(",") if p.strip()]
-        elem = args[0]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_string(elem, p.strip()) for p in parts)
         if len(parts) != len(args):
             raise ValueError(f"expected {len(args)} comma-separated values, e.g. 0.9,0.95")
         return tuple(_from_string(a, p.strip()) for a, p in zip(args, parts, strict=True))
@@ -557,11 +601,18 @@ def add_override_arguments(parser: Any) -> None:
         types_ = _field_types(section)
         for name, default in defaults[section].items():
             is_bool = types_[name] is bool
+            text = f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%")
+            dest = f"{_OVERRIDE_PREFIX}{section}.{name}"
+            if _is_list_field(section, name):  # one or more values, flag repeatable
+                group.add_argument(f"--{section}.{name}", dest=dest, default=argparse.SUPPRESS,
+                                   metavar="V", nargs="+", action="extend",
+                                   help=text + "; give several values or repeat the flag")
+                continue
             group.add_argument(
-                f"--{section}.{name}", dest=f"{_OVERRIDE_PREFIX}{section}.{name}",
+                f"--{section}.{name}", dest=dest,
                 default=argparse.SUPPRESS, metavar="" if is_bool else "V",
                 nargs="?" if is_bool else None, const="true" if is_bool else None,
-                help=f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%"),
+                help=text,
             )
     original = parser.parse_known_args
 
@@ -575,6 +626,10 @@ def add_override_arguments(parser: Any) -> None:
 
 def collect_overrides(args: Any) -> list[str]:
     """Override tokens from parsed args (registered options first, then unknown leftovers)."""
-    tokens = [f"--{k[len(_OVERRIDE_PREFIX):]}={v}" for k, v in vars(args).items()
-              if k.startswith(_OVERRIDE_PREFIX)]
+    tokens = []
+    for k, v in vars(args).items():
+        if k.startswith(_OVERRIDE_PREFIX):
+            key = k[len(_OVERRIDE_PREFIX):]
+            tokens += [f"--{key}={item}" for item in v] if isinstance(v, list) else [
+                f"--{key}={v}"]
     return tokens + list(getattr(args, "overrides", None) or [])

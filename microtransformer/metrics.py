@@ -77,6 +77,48 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return events
 
 
+def truncate_metrics(path: str | os.PathLike, step: int, *, drop_val_at_step: bool) -> int:
+    """On resume from the checkpoint at `step`: drop the events logged after it (the resumed
+    run logs those steps again), and its val event too when `drop_val_at_step` (the loop
+    evaluates again there). Rewrites the file atomically; returns the number of events
+    dropped (0 leaves the file untouched)."""
+    from microtransformer.checkpoint import atomic_write_bytes
+
+    events = read_metrics(path)
+
+    def keep(e: dict[str, Any]) -> bool:
+        s = int(e.get("step", 0))
+        if s > step:
+            return False
+        return not (s == step and drop_val_at_step and "val_loss" in e)
+
+    kept = [e for e in events if keep(e)]
+    dropped = len(events) - len(kept)
+    if dropped or len(kept) != _line_count(path):
+        text = "".join(json.dumps(e) + "\n" for e in kept)
+        atomic_write_bytes(Path(path), text.encode("utf-8"))
+    return dropped
+
+
+def _line_count(path: str | os.PathLike) -> int:
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    return sum(1 for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def loss_series(events: list[dict[str, Any]], key: str, x: str = "step"
+                ) -> list[tuple[float, float]]:
+    """(x, value) points of `key` in step order, one per step: when a step was logged twice
+    (a log written before resumes cut it), the later event wins, so a curve never doubles
+    back."""
+    by_step: dict[int, tuple[float, float]] = {}
+    for e in events:
+        if e.get(key) is not None and e.get(x) is not None:
+            by_step[int(e["step"])] = (e[x], e[key])
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
                     *, title: str | None = None) -> Path | None:
     """Plot train and val loss against step (bottom axis) and tokens seen (top axis).
@@ -89,8 +131,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike
     import matplotlib.pyplot as plt
 
     events = read_metrics(metrics_path)
-    train = [(e["step"], e["loss"]) for e in events if e.get("loss") is not None]
-    val = [(e["step"], e["val_loss"]) for e in events if e.get("val_loss") is not None]
+    train = loss_series(events, "loss")
+    val = loss_series(events, "val_loss")
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)

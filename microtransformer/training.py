@@ -1,9 +1,17 @@
 """The training loop: `train(cfg, run_dir)`, plus the pure pieces it is made of.
 
-Read `train()` top to bottom: build the runtime, the model, the optimizer and the loaders;
-restore a checkpoint when resuming; then each step evaluates (every `eval_interval`), sets the
-learning rate from the pure `get_lr`, runs the gradient-accumulation micro-steps, checks the
-loss and gradient are finite, clips, steps, logs and checkpoints.
+Read `train()` top to bottom; it calls one function per phase:
+  - `_setup`: check the data, set threads/seed/precision, build the model, the optimizer
+    (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader, then wrap and compile the
+    model (the one place for both);
+  - `_restore` (resume): the newest intact checkpoint into a typed `TrainState`;
+  - `_open_run_dir`: config, tokenizer, metrics.jsonl (cut back to the checkpoint on resume);
+  - `_loop`: each step evaluates (every `eval_interval`), sets the learning rate from the pure
+    `schedule.get_lr(step, cfg, train_time_s)`, runs `train_step` (gradient-accumulation
+    micro-steps, finiteness check, clip, update), logs and checkpoints, until the step budget
+    or the time budget is spent. The time budget counts optimizer steps only (the injectable
+    `clock`); evaluation and checkpoints are timed apart and reported;
+  - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
 
 Distributed seams (defined in `microtransformer.distributed`, re-exported here):
   - `RuntimeContext` carries rank / world_size / device; only `ctx.is_main` logs and saves,
@@ -30,7 +38,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +61,10 @@ from microtransformer.distributed import (  # re-exported: the loop's distribute
     wrap_model,
 )
 from microtransformer.errors import UserError
-from microtransformer.metrics import MetricsLogger, plot_loss_curve
+from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
+from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
+from microtransformer.recipe import cpu_has_native_bf16
+from microtransformer.schedule import budget_spent, get_lr, time_budget_s
 from model import MicroTransformer
 from model.utils import count_parameters
 
@@ -64,49 +75,6 @@ class TrainingError(UserError):
 
 
 # ============================================================================ pure pieces
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at optimizer step `step` (0-based): linear warm-up, then cosine to min_lr.
-
-    Warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps (peak at its last step).
-    Then cosine from lr (at step == warmup_steps) to min_lr (at step == max_steps and after).
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on 2-D matmul weights (nn.Linear) only; none on biases, norms and
-    embeddings (a head tied to the embedding is an embedding). Every parameter is in exactly
-    one group."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    linear_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # unique parameters (tied weight once)
-        if not p.requires_grad:
-            continue
-        if id(p) in linear_weight_ids and id(p) not in embedding_ids and p.dim() >= 2:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grouped = [id(p) for p in decay + no_decay]
-    assert len(grouped) == len(set(grouped)) == len(trainable), "a parameter is in two groups"
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
-                    ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA."""
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
-
-
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     """Bits per UTF-8 byte from a mean loss in nats per token."""
     return loss_nats / math.log(2) / bytes_per_token
@@ -248,24 +216,28 @@ class TrainResult:
     final_val_bpb: float | None
     final_train_loss: float | None
     tokens_per_s: float            # training throughput of this call (eval time excluded)
-    elapsed_s: float
+    elapsed_s: float               # wall time of this call
     num_params: int
     stop_reason: str               # "completed" | "time budget" | "interrupted" | "stop_at"
+    train_time_s: float = 0.0      # training time of the whole run (the time budget's clock)
+    eval_time_s: float = 0.0       # evaluation + checkpoint time of this call (not budgeted)
 
     @property
     def interrupted(self) -> bool:
-        """True when the run stopped before max_steps and can be resumed."""
-        return self.step < self.max_steps
+        """True when the run stopped before its schedule ended (an interrupt or `stop_at`)
+        and can be resumed; a spent step or time budget is a finished run."""
+        return self.stop_reason in ("interrupted", "stop_at")
 
 
 # ============================================================================ data preparation
-def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: bool = False,
-                 progress: bool = True) -> RunConfig:
+def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *,
+                 explicit_vocab: bool | str = False, progress: bool = True) -> RunConfig:
     """Make sure the run has prepared data and the model's vocab matches its tokenizer.
 
     With `cfg.data.data_dir` unset, `cfg.data.sources` (empty = the stdlib corpus) are prepared
     into RUN_DIR/data (reused if already there). `model.vocab_size` is taken from meta.json unless
-    `explicit_vocab` (the user set it), in which case a mismatch is an error.
+    `explicit_vocab` (the user set it: True for `--model.vocab_size`, or a string naming where,
+    e.g. "config file run.toml"), in which case a mismatch is an error.
     Returns the config with `data.data_dir` and `model.vocab_size` resolved.
     """
     from microtransformer.data import load_meta, prepare
@@ -285,6 +257,11 @@ def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: 
     vocab = int(meta["vocab_size"])
     model_cfg = cfg.model
     if vocab != model_cfg.vocab_size:
+        if isinstance(explicit_vocab, str) and explicit_vocab:
+            raise UserError(f"vocab mismatch: {explicit_vocab} sets model.vocab_size="
+                            f"{model_cfg.vocab_size} but the tokenizer of {data_dir} has {vocab} "
+                            f"tokens; remove vocab_size from it (the tokenizer's is used) or "
+                            f"set it to {vocab}")
         if explicit_vocab:
             raise UserError(f"vocab mismatch: --model.vocab_size={model_cfg.vocab_size} but the "
                             f"tokenizer of {data_dir} has {vocab} tokens; drop the override or "
@@ -294,21 +271,132 @@ def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *, explicit_vocab: 
     return cfg.replace(model=model_cfg, data=replace(cfg.data, data_dir=data_dir))
 
 
+# ============================================================================ run state
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped; saved as `state.pt`.
+
+    `to_dict`/`from_dict` are the file's schema. Files written before a field existed read
+    with its default (`bad_steps` 0, `world_size` 1, `train_time_s` 0, `optimizer_name`
+    "adamw").
+    """
+
+    step: int = 0                   # optimizer steps completed
+    tokens_seen: int = 0            # global tokens trained on
+    best_val_loss: float = math.inf
+    bad_steps: int = 0              # consecutive skipped (non-finite) steps
+    train_time_s: float = 0.0       # training time spent: the time budget's clock
+    max_steps: int = 0
+    world_size: int = 1
+    optimizer_name: str = "adamw"   # train.optimizer that wrote `optimizer`
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    loader: dict[str, Any] | list[dict[str, Any]] | None = None
+    rng: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict written to state.pt."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Read a state.pt dict (current or older layout); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        state.step, state.tokens_seen = int(state.step), int(state.tokens_seen)
+        state.best_val_loss, state.bad_steps = float(state.best_val_loss), int(state.bad_steps)
+        state.train_time_s, state.world_size = float(state.train_time_s), int(state.world_size)
+        return state
+
+
+@dataclass
+class _Run:
+    """What `_setup` builds once and every phase of `train()` uses."""
+
+    cfg: RunConfig
+    dir: Path
+    ctx: RuntimeContext
+    data_dir: Path
+    seq_len: int
+    val_bytes_per_token: float
+    raw_model: nn.Module
+    model: nn.Module                  # raw_model wrapped (DDP) and compiled, as configured
+    optimizer: Any                    # torch.optim.AdamW or optim.MuonAdamW
+    scaler: torch.amp.GradScaler | None
+    amp: Callable[[], contextlib.AbstractContextManager]
+    train_loader: Any
+    tokens_per_step: int
+    num_params: int
+    clock: Callable[[], float]
+    logger: MetricsLogger | None = None
+    keep_prev: bool = False           # rotate checkpoint generations only over an intact pair
+    saved_step: int = -1
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+
+@dataclass
+class _Progress:
+    """What the loop learns as it goes (for logs and the result)."""
+
+    start: float                      # clock() when this call started
+    start_tokens: int
+    last_val: tuple[float, float] | None = None   # (loss, bits per byte)
+    best_bpb: float | None = None
+    last_eval_step: int = -1
+    last_loss: float | None = None
+    eval_s: float = 0.0               # evaluation + checkpoint time of this call
+    stop_reason: str = "completed"
+
+
 # ============================================================================ the loop
 def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           progress: bool = True, ctx: RuntimeContext | None = None,
-          stop_at: int | None = None) -> TrainResult:
+          stop_at: int | None = None, clock: Callable[[], float] = time.perf_counter
+          ) -> TrainResult:
     """Train `cfg` into `run_dir`; returns a TrainResult.
 
     `cfg.data.data_dir` must be a prepared directory whose vocab matches `cfg.model` (see
     `prepare_data`). `resume=True` continues from run_dir's checkpoint exactly where it
-    stopped. `ctx` defaults to a single process on `cfg.train.device`. `stop_at` stops (and
-    checkpoints) after that many completed steps, as an interrupt would.
+    stopped (the time budget too: the training time spent is in the state). `ctx` defaults
+    to a single process on `cfg.train.device`. `stop_at` stops (and checkpoints) after that
+    many completed steps, as an interrupt would. `clock` measures training time (injectable
+    for tests).
     """
-    from microtransformer.data import BatchLoader, iter_eval_batches, load_meta
+    prev_threads = torch.get_num_threads()  # train() sets its own; the caller's come back
+    prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        run = _setup(cfg, Path(run_dir), ctx, resume=resume, clock=clock)
+        state = _restore(run) if resume else TrainState(max_steps=cfg.train.max_steps,
+                                                        world_size=run.ctx.world_size,
+                                                        optimizer_name=cfg.train.optimizer)
+        if run.ctx.rank > 0:  # own dropout stream; rank 0 keeps the saved one
+            seed_rank_rng(cfg.train.seed, run.ctx.rank, state.step)
+        _open_run_dir(run, state, resumed=resume)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            prog = _loop(run, state, progress=progress, stop_at=stop_at)
+        except BaseException:
+            if run.logger is not None:
+                run.logger.close()
+            raise
+        return _finish(run, state, prog)
+    finally:
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(prev_deterministic)
+        torch.set_num_threads(prev_threads)
+
+
+def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume: bool,
+           clock: Callable[[], float]) -> _Run:
+    """Check the data, set threads and seeds, build the model, optimizer and loader."""
+    from microtransformer.data import BatchLoader, load_meta
 
     tc = cfg.train
-    run = Path(run_dir)
     if ctx is None:
         ctx = RuntimeContext(device=resolve_device(tc.device))
     device = ctx.device
@@ -320,243 +408,303 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         raise UserError(f"vocab mismatch: the model has vocab_size={cfg.model.vocab_size} but "
                         f"{data_dir} was tokenized with {meta['vocab_size']} tokens; set "
                         f"--model.vocab_size {meta['vocab_size']}")
-    val_bytes_per_token = float(meta["bytes_per_token"]["val"])
-    seq_len = cfg.model.max_seq_len
-    if resume and not ckpt.has_checkpoint(run):
-        raise FileNotFoundError(f"cannot resume: {run / ckpt.STATE_FILE} does not exist; "
+    if resume and not ckpt.has_checkpoint(run_dir):
+        raise FileNotFoundError(f"cannot resume: {run_dir / ckpt.STATE_FILE} does not exist; "
                                 "start the run without --resume")
 
     # --- threads, reproducibility and precision
-    if tc.cpu_threads > 0:
-        torch.set_num_threads(tc.cpu_threads)
+    if device.type == "cpu":
+        torch.set_num_threads(resolve_threads(tc.cpu_threads))
     torch.manual_seed(tc.seed)
-    prev_deterministic = torch.are_deterministic_algorithms_enabled()
-    if tc.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
     compute_dtype = resolve_dtype(tc.dtype, device)
-    if compute_dtype != torch.float32 and device.type == "cpu" and compute_dtype == torch.float16:
+    if device.type == "cpu" and compute_dtype == torch.float16:
         raise UserError("train.dtype='float16' is not supported on CPU; use float32 or bfloat16")
+    if device.type == "cpu" and compute_dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        warnings.warn("train.dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / "
+                      "amx_bf16 flag): autocast emulates it and is usually slower than "
+                      "float32; use --train.dtype float32", stacklevel=2)
     scaler = (torch.amp.GradScaler(device.type)
               if compute_dtype == torch.float16 and device.type == "cuda" else None)
+    if scaler is not None and tc.optimizer == "muon":
+        raise UserError("train.optimizer='muon' does not support float16 with a GradScaler; "
+                        "use --train.dtype bfloat16 (or float32)")
 
     def amp() -> contextlib.AbstractContextManager:
         return autocast_context(device, compute_dtype)
 
-    # --- model, optimizer, data
+    # --- model and optimizer: the one place each is built (compile/wrap below)
     raw_model = MicroTransformer.from_config(cfg.model).to(device)
     raw_model.validate_inputs = False  # ids come from our own tokenizer: checked by vocab match
-    num_params = count_parameters(raw_model)
     optimizer = build_optimizer(raw_model, tc, device)
-    # The loader draws the GLOBAL micro-batch (same seed on every rank); each rank keeps its
-    # rows, so the data order is independent of the world size.
+
+    # --- data: the loader draws the GLOBAL micro-batch (same seed on every rank); each rank
+    # keeps its rows, so the data order is independent of the world size.
+    seq_len = cfg.seq_len
     local_batch = per_rank_batch(tc.batch_size, ctx.world_size)
     train_loader = BatchLoader(data_dir, "train", tc.batch_size, seq_len, seed=tc.seed,
                                device="cpu")
-
-    def next_batch() -> dict[str, torch.Tensor]:
-        return take_shard(train_loader.next_batch(), ctx, device)  # (B / world, T) each
-
     # Fail early (before any training) when val is shorter than one window.
     BatchLoader(data_dir, "val", tc.batch_size, seq_len, device="cpu")
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * seq_len  # global, any world size
 
-    step, tokens_seen, best_val, bad_steps = 0, 0, math.inf, 0
-    keep_prev, saved_step = False, -1  # rotate generations only over a known-intact pair
-    if resume:
-        # newest intact (weights, state) pair, checksums verified; says so when it falls back
-        point = ckpt.find_resume_point(run, cleanup=ctx.is_main)
-        if ctx.is_main:
-            for note in point.notes:
-                print(f"resume: {note}", file=sys.stderr, flush=True)
-        state = point.state
-        ckpt.load_weights_into(raw_model, point.weights_path)
-        keep_prev, saved_step = point.is_current, point.step
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        train_loader.load_state_dict(state["loader"][ctx.rank] if isinstance(
-            state["loader"], list) else state["loader"])
-        ckpt.restore_rng_state(state["rng"])
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        best_val = float(state["best_val_loss"])
-        bad_steps = int(state.get("bad_steps", 0))
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != ctx.world_size and ctx.is_main:
-            print(f"resuming a checkpoint written by {saved_world} process(es) with "
-                  f"{ctx.world_size}: same data order and global batch; not bit-identical "
-                  "(reduction order and dropout streams differ)", flush=True)
-    if ctx.rank > 0:
-        seed_rank_rng(tc.seed, ctx.rank, step)  # own dropout stream; rank 0 keeps the saved one
+    # --- the model the step runs: wrapped for data parallelism, then compiled
     model = wrap_model(raw_model, ctx)
     if tc.compile:
         model = _try_compile(model, local_batch, seq_len, device, amp)
+    return _Run(cfg=cfg, dir=run_dir, ctx=ctx, data_dir=data_dir, seq_len=seq_len,
+                val_bytes_per_token=float(meta["bytes_per_token"]["val"]),
+                raw_model=raw_model, model=model, optimizer=optimizer, scaler=scaler, amp=amp,
+                train_loader=train_loader,
+                tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
+                num_params=count_parameters(raw_model), clock=clock)
 
-    # --- run directory (main rank only)
-    logger = None
+
+def _restore(run: _Run) -> TrainState:
+    """Load the newest intact checkpoint (weights, optimizer, loader, RNG) into `run`."""
+    ctx = run.ctx
+    # newest intact (weights, state) pair, checksums verified; says so when it falls back
+    point = ckpt.find_resume_point(run.dir, cleanup=ctx.is_main)
     if ctx.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        cfg.save_json(run / ckpt.CONFIG_FILE)
-        tok_src = data_dir / "tokenizer.json"
-        if tok_src.is_file() and tok_src.resolve() != (run / ckpt.TOKENIZER_FILE).resolve():
-            shutil.copyfile(tok_src, run / ckpt.TOKENIZER_FILE)
-        # TensorBoard events go to RUN_DIR/tb only when tensorboard is installed.
-        logger = MetricsLogger(run / ckpt.METRICS_FILE, tensorboard_dir=run / "tb")
+        for note in point.notes:
+            print(f"resume: {note}", file=sys.stderr, flush=True)
+    state = TrainState.from_dict(point.state)
+    if state.optimizer_name != run.tc.optimizer:
+        raise UserError(f"cannot resume {run.dir}: its optimizer state is "
+                        f"{state.optimizer_name!r} but train.optimizer={run.tc.optimizer!r}; "
+                        f"resume with --train.optimizer {state.optimizer_name}")
+    ckpt.load_weights_into(run.raw_model, point.weights_path)
+    run.keep_prev, run.saved_step = point.is_current, point.step
+    run.optimizer.load_state_dict(state.optimizer)
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
+    loader = state.loader
+    run.train_loader.load_state_dict(loader[ctx.rank] if isinstance(loader, list) else loader)
+    ckpt.restore_rng_state(state.rng)
+    if state.world_size != ctx.world_size and ctx.is_main:
+        print(f"resuming a checkpoint written by {state.world_size} process(es) with "
+              f"{ctx.world_size}: same data order and global batch; not bit-identical "
+              "(reduction order and dropout streams differ)", flush=True)
+    return state
 
-    def save_checkpoint(best: bool = False) -> None:
-        """Latest weights + full training state (and best weights when `best`), written by the
-        main rank; every rank calls it at the same step and waits until the files are down."""
-        nonlocal keep_prev, saved_step
-        if ctx.is_main:
-            if keep_prev and saved_step != step:
-                ckpt.keep_previous(run)  # the last intact pair survives a crash in this save
-            ckpt.save_weights(raw_model, run / ckpt.LAST_WEIGHTS, step=step)
-            if best:
-                ckpt.save_weights(raw_model, run / ckpt.BEST_WEIGHTS, step=step,
-                                  extra={"val_loss": repr(best_val)})
-            ckpt.save_training_state(run / ckpt.STATE_FILE, {
-                "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
-                "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "loader": train_loader.state_dict(), "rng": ckpt.capture_rng_state(),
-                "max_steps": tc.max_steps, "world_size": ctx.world_size,
-            })
-            keep_prev, saved_step = True, step
-        barrier(ctx)
 
-    def run_eval() -> tuple[float, float]:
-        # the same global windows as one process; each rank evaluates its rows
-        batches = (take_shard(b, ctx, device) for b in iter_eval_batches(
-            data_dir, "val", tc.batch_size, seq_len, tc.eval_steps, device="cpu"))
-        loss = evaluate(raw_model, batches, ctx, amp)
-        return loss, bits_per_byte(loss, val_bytes_per_token)
+def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
+    """Main rank: write config.json and the tokenizer, open metrics.jsonl (on resume, cut the
+    events logged after the checkpoint, which the resumed run logs again)."""
+    if not run.ctx.is_main:
+        return
+    run.dir.mkdir(parents=True, exist_ok=True)
+    run.cfg.save_json(run.dir / ckpt.CONFIG_FILE)
+    tok_src = run.data_dir / "tokenizer.json"
+    if tok_src.is_file() and tok_src.resolve() != (run.dir / ckpt.TOKENIZER_FILE).resolve():
+        shutil.copyfile(tok_src, run.dir / ckpt.TOKENIZER_FILE)
+    metrics = run.dir / ckpt.METRICS_FILE
+    if resumed:
+        # the loop evaluates again at the resumed step when it is an evaluation step
+        truncate_metrics(metrics, state.step,
+                         drop_val_at_step=_evaluates_at(state.step, run.tc, state))
+    # TensorBoard events go to RUN_DIR/tb only when tensorboard is installed.
+    run.logger = MetricsLogger(metrics, tensorboard_dir=run.dir / "tb")
+    if resumed:
+        run.logger.log({"step": state.step, "resumed": True,
+                        "train_time_s": state.train_time_s})
 
-    def record_eval() -> bool:
-        """Evaluate, remember the result (and the best); True when it is the best so far."""
-        nonlocal last_val, best_val, best_bpb
-        last_val = run_eval()
-        improved = last_val[0] < best_val
-        if improved:
-            best_val, best_bpb = last_val
-        return improved
 
-    def log_eval(progress_bar: Any, elapsed: float) -> None:
-        val_loss, val_bpb = last_val
-        _log(logger, progress_bar, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                    "val_ppl": math.exp(min(val_loss, 50.0)),
-                                    "tokens_seen": tokens_seen, "elapsed_s": elapsed})
+def _evaluates_at(step: int, tc: TrainConfig, state: TrainState) -> bool:
+    """True when the loop evaluates before training step `step + 1`."""
+    return step % tc.eval_interval == 0 and not budget_spent(step, tc, state.train_time_s)
 
-    # --- the loop
+
+def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) -> _Progress:
+    """Evaluate, set the lr, step, log and checkpoint until a budget is spent or a stop is
+    asked for. Only the optimizer steps count as training time (the time budget's clock);
+    evaluation and checkpoints do not."""
+    tc, ctx = run.tc, run.ctx
+    prog = _Progress(start=run.clock(), start_tokens=state.tokens_seen)
+    budget = time_budget_s(tc)
     stop = StopRequest()
     stop.install(elastic=ctx.distributed)
-    bar = _progress_bar(step, tc.max_steps, enabled=progress and ctx.is_main)
-    raw_model.train()
-    start_time = time.perf_counter()
-    start_tokens = tokens_seen
-    last_val: tuple[float, float] | None = None
-    last_eval_step = -1
-    last_loss: float | None = None
-    best_bpb: float | None = None
-    window_time, window_tokens = time.perf_counter(), 0
-    eval_total_s = 0.0
-    stop_reason = "completed"
-    try:
-        while step < tc.max_steps:
-            if step % tc.eval_interval == 0:
-                eval_start = time.perf_counter()
-                if record_eval():
-                    save_checkpoint(best=True)
-                last_eval_step = step
-                log_eval(bar, time.perf_counter() - start_time)
-                eval_s = time.perf_counter() - eval_start
-                eval_total_s += eval_s
-                window_time += eval_s  # throughput counts training time only
+    bar = _progress_bar(state.step, None if budget else tc.max_steps,
+                        enabled=progress and ctx.is_main)
+    if ctx.is_main and budget is not None:
+        print(f"time budget: {tc.max_time_minutes:g} min of training (optimizer steps only; "
+              "evaluation and checkpoints are not counted); the LR schedule ends when it is "
+              f"spent or at step {tc.max_steps}, whichever comes first", flush=True)
 
-            lr = get_lr(step, tc)
-            for group in optimizer.param_groups:
+    def next_batch() -> dict[str, torch.Tensor]:
+        return take_shard(run.train_loader.next_batch(), ctx, ctx.device)  # (B / world, T)
+
+    run.raw_model.train()
+    window_time, window_tokens = state.train_time_s, 0
+    try:
+        while not any_rank(budget_spent(state.step, tc, state.train_time_s), ctx):
+            if _evaluates_at(state.step, tc, state):
+                eval_start = run.clock()
+                if _record_eval(run, state, prog):
+                    _save_checkpoint(run, state, best=True)
+                _log_eval(run, state, prog, bar)
+                prog.eval_s += run.clock() - eval_start
+
+            lr = get_lr(state.step, tc, state.train_time_s)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            outcome = train_step(model, raw_model, optimizer, next_batch, tc, ctx, amp, scaler)
-            step += 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            if outcome.skipped:
-                bad_steps += 1
-                if ctx.is_main:
-                    warnings.warn(f"step {step}: non-finite loss ({outcome.loss}) or gradient "
-                                  f"norm ({outcome.grad_norm}); update skipped "
-                                  f"({bad_steps}/{tc.max_bad_steps} in a row)", stacklevel=1)
-                if bad_steps >= tc.max_bad_steps:
-                    raise TrainingError(
-                        f"stopping: {bad_steps} consecutive steps had a non-finite loss or "
-                        f"gradient (train.max_bad_steps={tc.max_bad_steps}); the last good "
-                        f"checkpoint is kept in {run}; lower --train.lr or check the data"
-                    )
-            else:
-                bad_steps = 0
-                last_loss = outcome.loss
+            step_start = run.clock()
+            outcome = train_step(run.model, run.raw_model, run.optimizer, next_batch, tc, ctx,
+                                 run.amp, run.scaler)
+            step_s = run.clock() - step_start
+            if budget is not None and ctx.distributed:
+                step_s = reduce_mean(step_s, ctx)  # one clock for every rank: the same lr
+            state.train_time_s += step_s
+            state.step += 1
+            state.tokens_seen += run.tokens_per_step
+            window_tokens += run.tokens_per_step
+            _count_bad_step(run, state, outcome, prog)
 
             if bar is not None:
                 bar.update(1)
-            if step % tc.log_interval == 0 or step == tc.max_steps:
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_time, 1e-9)
-                window_time, window_tokens = now, 0
-                _log(logger, bar, {"step": step, "loss": outcome.loss, "lr": lr,
-                                   "grad_norm": outcome.grad_norm, "tokens_seen": tokens_seen,
-                                   "tokens_per_s": tps,
-                                   "elapsed_s": now - start_time})
+            done = budget_spent(state.step, tc, state.train_time_s)
+            if state.step % tc.log_interval == 0 or done:
+                tps = window_tokens / max(state.train_time_s - window_time, 1e-9)
+                window_time, window_tokens = state.train_time_s, 0
+                _log(run.logger, bar, {
+                    "step": state.step, "loss": outcome.loss, "lr": lr,
+                    "grad_norm": outcome.grad_norm, "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": tps, "train_time_s": state.train_time_s,
+                    "elapsed_s": run.clock() - prog.start})
                 if bar is not None:
                     bar.set_postfix(loss=f"{outcome.loss:.3f}", tok_s=f"{tps:,.0f}")
-            if step % tc.checkpoint_interval == 0 and step < tc.max_steps:
-                save_checkpoint()
+            if state.step % tc.checkpoint_interval == 0 and not done:
+                save_start = run.clock()
+                _save_checkpoint(run, state)
+                prog.eval_s += run.clock() - save_start
 
-            over_time = (tc.max_time_minutes is not None
-                         and time.perf_counter() - start_time > tc.max_time_minutes * 60)
-            if any_rank(over_time, ctx) and step < tc.max_steps:
-                stop_reason = "time budget"
-                break
             if any_rank(stop.requested, ctx):
-                stop_reason = "interrupted"
+                prog.stop_reason = "interrupted"
                 break
-            if stop_at is not None and step >= stop_at:
-                stop_reason = "stop_at"
+            if stop_at is not None and state.step >= stop_at:
+                prog.stop_reason = "stop_at"
                 break
-    except BaseException:
-        if logger is not None:
-            logger.close()
-        raise
+        else:
+            if state.step < tc.max_steps:
+                prog.stop_reason = "time budget"
     finally:
         stop.restore()
         if bar is not None:
             bar.close()
-        if tc.deterministic:
-            torch.use_deterministic_algorithms(prev_deterministic)
+    return prog
 
-    elapsed = time.perf_counter() - start_time
-    # --- final evaluation (skipped on interrupt, to exit quickly) and checkpoint
-    if stop_reason in ("completed", "time budget") and last_eval_step != step:
-        save_checkpoint(best=record_eval())
-        log_eval(None, elapsed)
+
+def _count_bad_step(run: _Run, state: TrainState, outcome: StepOutcome, prog: _Progress
+                    ) -> None:
+    """Track consecutive skipped updates; give up (TrainingError) after `max_bad_steps`."""
+    tc = run.tc
+    if not outcome.skipped:
+        state.bad_steps = 0
+        prog.last_loss = outcome.loss
+        return
+    state.bad_steps += 1
+    if run.ctx.is_main:
+        warnings.warn(f"step {state.step}: non-finite loss ({outcome.loss}) or gradient norm "
+                      f"({outcome.grad_norm}); update skipped ({state.bad_steps}/"
+                      f"{tc.max_bad_steps} in a row)", stacklevel=1)
+    if state.bad_steps >= tc.max_bad_steps:
+        raise TrainingError(
+            f"stopping: {state.bad_steps} consecutive steps had a non-finite loss or gradient "
+            f"(train.max_bad_steps={tc.max_bad_steps}); the last good checkpoint is kept in "
+            f"{run.dir}; lower --train.lr or check the data")
+
+
+def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
+    """Final evaluation (skipped on interrupt, to exit quickly), checkpoint, plot, result."""
+    final_start = run.clock()
+    if prog.stop_reason in ("completed", "time budget") and prog.last_eval_step != state.step:
+        _save_checkpoint(run, state, best=_record_eval(run, state, prog))
+        _log_eval(run, state, prog, None)
     else:
-        save_checkpoint()
-    if logger is not None:
-        logger.close()
+        _save_checkpoint(run, state)
+    prog.eval_s += run.clock() - final_start
+    elapsed = run.clock() - prog.start
+    if run.logger is not None:
+        run.logger.close()
         try:
-            plot_loss_curve(run / ckpt.METRICS_FILE, run / ckpt.LOSS_PLOT)
+            plot_loss_curve(run.dir / ckpt.METRICS_FILE, run.dir / ckpt.LOSS_PLOT)
         except Exception as exc:  # a plot must never fail a finished run
-            warnings.warn(f"could not write {run / ckpt.LOSS_PLOT}: {exc}", stacklevel=1)
-    if best_bpb is None and math.isfinite(best_val):
-        best_bpb = bits_per_byte(best_val, val_bytes_per_token)
+            warnings.warn(f"could not write {run.dir / ckpt.LOSS_PLOT}: {exc}", stacklevel=1)
+    best = state.best_val_loss
+    if prog.best_bpb is None and math.isfinite(best):
+        prog.best_bpb = bits_per_byte(best, run.val_bytes_per_token)
+    train_s = max(elapsed - prog.eval_s, 1e-9)
     return TrainResult(
-        run_dir=run, step=step, max_steps=tc.max_steps, tokens_seen=tokens_seen,
-        best_val_loss=best_val if math.isfinite(best_val) else None, best_val_bpb=best_bpb,
-        final_val_loss=last_val[0] if last_val else None,
-        final_val_bpb=last_val[1] if last_val else None, final_train_loss=last_loss,
-        tokens_per_s=(tokens_seen - start_tokens) / max(elapsed - eval_total_s, 1e-9),
-        elapsed_s=elapsed,
-        num_params=num_params, stop_reason=stop_reason,
+        run_dir=run.dir, step=state.step, max_steps=run.tc.max_steps,
+        tokens_seen=state.tokens_seen,
+        best_val_loss=best if math.isfinite(best) else None, best_val_bpb=prog.best_bpb,
+        final_val_loss=prog.last_val[0] if prog.last_val else None,
+        final_val_bpb=prog.last_val[1] if prog.last_val else None,
+        final_train_loss=prog.last_loss,
+        tokens_per_s=(state.tokens_seen - prog.start_tokens) / train_s,
+        elapsed_s=elapsed, num_params=run.num_params, stop_reason=prog.stop_reason,
+        train_time_s=state.train_time_s, eval_time_s=prog.eval_s,
     )
 
+
+# ============================================================================ loop pieces
+def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
+    """Latest weights + full training state (and best weights when `best`), written by the
+    main rank; every rank calls it at the same step and waits until the files are down."""
+    if run.ctx.is_main:
+        if run.keep_prev and run.saved_step != state.step:
+            ckpt.keep_previous(run.dir)  # the last intact pair survives a crash in this save
+        ckpt.save_weights(run.raw_model, run.dir / ckpt.LAST_WEIGHTS, step=state.step)
+        if best:
+            ckpt.save_weights(run.raw_model, run.dir / ckpt.BEST_WEIGHTS, step=state.step,
+                              extra={"val_loss": repr(state.best_val_loss)})
+        state.optimizer = run.optimizer.state_dict()
+        state.scaler = run.scaler.state_dict() if run.scaler is not None else None
+        state.loader = run.train_loader.state_dict()
+        state.rng = ckpt.capture_rng_state()
+        state.max_steps, state.world_size = run.tc.max_steps, run.ctx.world_size
+        state.optimizer_name = run.tc.optimizer
+        ckpt.save_training_state(run.dir / ckpt.STATE_FILE, state.to_dict())
+        state.optimizer = state.loader = state.rng = state.scaler = None  # not kept in memory
+        run.keep_prev, run.saved_step = True, state.step
+    barrier(run.ctx)
+
+
+def _record_eval(run: _Run, state: TrainState, prog: _Progress) -> bool:
+    """Evaluate on the val windows, remember the result (and the best); True when it is the
+    best so far."""
+    from microtransformer.data import iter_eval_batches
+
+    tc, ctx = run.tc, run.ctx
+    # the same global windows as one process; each rank evaluates its rows
+    batches = (take_shard(b, ctx, ctx.device) for b in iter_eval_batches(
+        run.data_dir, "val", tc.batch_size, run.seq_len, tc.eval_steps, device="cpu"))
+    loss = evaluate(run.raw_model, batches, ctx, run.amp)
+    prog.last_val = (loss, bits_per_byte(loss, run.val_bytes_per_token))
+    prog.last_eval_step = state.step
+    improved = loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, prog.best_bpb = prog.last_val
+    return improved
+
+
+def _log_eval(run: _Run, state: TrainState, prog: _Progress, bar: Any) -> None:
+    assert prog.last_val is not None
+    val_loss, val_bpb = prog.last_val
+    _log(run.logger, bar, {"step": state.step, "val_loss": val_loss, "val_bpb": val_bpb,
+                           "val_ppl": math.exp(min(val_loss, 50.0)),
+                           "tokens_seen": state.tokens_seen,
+                           "train_time_s": state.train_time_s,
+                           "elapsed_s": run.clock() - prog.start})
+
+
+def resolve_threads(requested: int) -> int:
+    """CPU threads for torch: `requested`, or (0) the number of cores this process may run on
+    (its CPU affinity, which a container or `taskset` may narrow below os.cpu_count())."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 # ============================================================================ helpers
 def _try_compile(model: nn.Module, batch_size: int, seq_len: int, device: torch.device,
@@ -580,7 +728,7 @@ def _try_compile(model: nn.Module, batch_size: int, seq_len: int, device: torch.
         return model
 
 
-def _progress_bar(start: int, total: int, *, enabled: bool) -> Any:
+def _progress_bar(start: int, total: int | None, *, enabled: bool) -> Any:
     """A tqdm bar (loss, tokens/s, ETA) on a TTY; None otherwise (plain log lines instead)."""
     if not enabled or not sys.stderr.isatty():
         return None

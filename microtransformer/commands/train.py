@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.config import (
@@ -13,10 +15,15 @@ from microtransformer.config import (
     collect_overrides,
     load_config,
     override_keys,
+    read_toml,
 )
 from microtransformer.errors import UserError
+from microtransformer.recipe import Recipe, choose_recipe, this_machine
+from microtransformer.schedule import parse_duration
 
 EPILOG = """examples:
+  microtransformer train --data data/shakespeare --out runs/budget --time 15m
+      # no preset: picks one for the data's tokenizer, size and this machine, says why
   microtransformer prepare tinyshakespeare --tokenizer char --val-tail 0.1 --out data/shakespeare
   microtransformer train --data data/shakespeare --out runs/shakespeare --preset balanced \\
       --model.max_seq_len 128 --train.max_steps 500 --train.batch_size 16
@@ -41,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--config", metavar="FILE", help="TOML (or JSON) config file")
     p.add_argument("--preset", metavar="NAME",
                    help="preset from configs/ (wide_shallow, narrow_deep, balanced, ...)")
+    p.add_argument("--time", metavar="DURATION",
+                   help="training-time budget, e.g. 15m, 90s, 1h (= --train.max_time_minutes): "
+                        "the LR schedule ends decayed when it is spent; without --preset or "
+                        "--config a recipe is chosen for the data and the machine")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR's run from its last checkpoint (reuses its config)")
     p.add_argument("--no-progress", action="store_true",
@@ -49,10 +60,27 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.set_defaults(func=run)
 
 
-def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool]:
-    """The run's config from the CLI args -> (config, whether model.vocab_size was explicit)."""
+def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool | str]:
+    """The run's config from the CLI args -> (config, where model.vocab_size was set
+    explicitly: True for the override, the config file's name, or False)."""
     overrides = collect_overrides(args)
+    if getattr(args, "time", None):
+        try:
+            minutes = parse_duration(args.time)
+        except ValueError as exc:
+            raise UserError(f"--time: {exc}") from None
+        overrides.insert(0, f"--train.max_time_minutes={minutes:g}")
+    if getattr(args, "time", None) and not (args.preset or args.config or args.resume):
+        recipe = budget_recipe(args.data, minutes, overrides)
+        if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun worker
+            print(recipe.reason, flush=True)
+        args.preset = recipe.preset
+        overrides = recipe.override_tokens() + overrides  # the user's own overrides win
     explicit = override_keys(overrides)
+    vocab_origin: bool | str = "model.vocab_size" in explicit
+    if not vocab_origin and args.config and "vocab_size" in _file_sections(args.config).get(
+            "model", {}):
+        vocab_origin = f"config file {args.config}"
     run_dir = Path(args.out)
     if args.resume:
         saved = run_dir / ckpt.CONFIG_FILE
@@ -81,7 +109,39 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool]:
         cfg = load_config(args.config, args.preset, overrides)
     if args.data is not None:
         cfg = cfg.replace(data=replace(cfg.data, data_dir=args.data))
-    return cfg, "model.vocab_size" in explicit
+    return cfg, vocab_origin
+
+
+def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Recipe:
+    """The recipe `--time` picks without a preset: from the prepared data's meta.json, or
+    (when the data is prepared by this run) from the requested tokenizer kind."""
+    from microtransformer.data import load_meta
+
+    if data is not None:
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"data directory {data} does not exist; prepare one with "
+                                    f"`microtransformer prepare SOURCE --out {data}`")
+        meta = load_meta(data)
+    else:
+        tokenizer = load_config(None, None, overrides).data.tokenizer
+        meta = {"kind": tokenizer, "tokens": {}}
+    return choose_recipe(meta, minutes, this_machine())
+
+
+def _file_sections(path: str) -> dict[str, Any]:
+    """The sections of a --config file as written (to tell what it sets explicitly)."""
+    p = Path(path)
+    if p.suffix == ".json":
+        import json
+
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # load_config reports the problem
+    try:
+        return read_toml(p)
+    except (OSError, UserError):
+        return {}
 
 
 def restart_resume(args: argparse.Namespace) -> str | None:
@@ -113,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from microtransformer import distributed
     from microtransformer.data import load_meta
     from microtransformer.device import resolve_dtype
-    from microtransformer.training import prepare_data, train
+    from microtransformer.training import prepare_data, resolve_threads, train
     from model.utils import parameter_formula
 
     restart_note = restart_resume(args)
@@ -132,7 +192,12 @@ def run(args: argparse.Namespace) -> int:
         local_batch = distributed.per_rank_batch(tc.batch_size, ctx.world_size)
         device = ctx.device
         dtype = resolve_dtype(tc.dtype, device)
-        tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.max_seq_len
+        tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.seq_len
+        budget = f"{tc.max_steps} steps"
+        if tc.max_time_minutes is not None:
+            budget = f"{tc.max_time_minutes:g} min of training (at most {tc.max_steps} steps)"
+        threads = (f", {resolve_threads(tc.cpu_threads)} threads" if device.type == "cpu"
+                   else "")
         if show:
             procs = f"{ctx.world_size} process" + ("es" if ctx.world_size > 1 else "")
             where = (f"{procs} ({ctx.backend}), {local_batch} sequences per "
@@ -143,10 +208,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{mc.max_seq_len}, vocab {mc.vocab_size})\n"
                 f"data: {cfg.data.data_dir} ({meta['kind']} tokenizer, "
                 f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens)\n"
-                f"train: {tc.max_steps} steps x {tokens_per_step:,} tokens/step (global batch "
+                f"train: {budget} x {tokens_per_step:,} tokens/step (global batch "
                 f"{tc.batch_size} x {tc.grad_accum_steps} accum = "
-                f"{tc.batch_size * tc.grad_accum_steps} sequences; {where}), lr {tc.lr:g}, "
-                f"device {device} ({str(dtype).replace('torch.', '')})"
+                f"{tc.batch_size * tc.grad_accum_steps} sequences of {cfg.seq_len}; {where}), "
+                f"{tc.optimizer} lr {tc.lr:g} ({tc.schedule}), device {device} "
+                f"({str(dtype).replace('torch.', '')}{threads})"
                 + (f", resuming from {run_dir}" if args.resume else ""),
                 flush=True,
             )
@@ -161,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         f"\n{result.stop_reason}: step {result.step}/{result.max_steps}, "
         f"{result.tokens_seen:,} tokens, {result.elapsed_s:.1f}s, "
         f"{result.tokens_per_s:,.0f} tokens/s\n"
+        f"time: {result.train_time_s:.1f}s of training in the run (the budget's clock), "
+        f"{result.eval_time_s:.1f}s of evaluation and checkpoints in this call (not counted)\n"
         f"best val loss {fmt(result.best_val_loss)} (bpb {fmt(result.best_val_bpb)}), "
         f"last val loss {fmt(result.final_val_loss)}\n"
         f"run directory: {run_dir} (model.safetensors, best.safetensors, state.pt, "

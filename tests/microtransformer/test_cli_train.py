@@ -101,6 +101,15 @@ def test_info(trained, capsys) -> None:
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.max_seq_len", "4096"],
      "shorter than one context window"),
     (["train", "--out", "{tmp}/r", "--resume"], "cannot resume"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--config", "{cfgfile}"],
+     "vocab mismatch: config file"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--train.max_steps", "5",
+      "--train.warmup_steps", "9"], "warmup_steps=9 is more than max_steps=5; lower"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.max_seq_len", "16",
+      "--train.seq_len", "64"],
+     "train.seq_len=64 is longer than model.max_seq_len=16"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--time", "soon"],
+     "--time: duration 'soon' is not understood"),
     (["train", "--out", "{run}", "--data", "{data}"], "already holds a training run"),
     (["generate", "{tmp}/missing"], "does not exist"),
     (["generate", "{run}", "--prompt", "x" * 40], "context (max_seq_len) is 16"),
@@ -110,7 +119,10 @@ def test_info(trained, capsys) -> None:
 ])
 def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, argv, message) -> None:
     _, data, run = trained
-    argv = [a.format(tmp=tmp_path, data=data, run=run) for a in argv]
+    cfgfile = tmp_path / "run.toml"  # a vocab_size a file sets is not silently replaced
+    cfgfile.write_text("[model]\nvocab_size = 5000\nmax_seq_len = 16\nembed_dim = 32\n"
+                       "num_heads = 2\nnum_layers = 2\nff_dim = 64\n")
+    argv = [a.format(tmp=tmp_path, data=data, run=run, cfgfile=cfgfile) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -160,3 +172,48 @@ def test_train_without_data_prepares_sources_into_run_dir(tmp_path, capsys) -> N
     assert (run / "data" / "meta.json").is_file() and (run / "model.safetensors").is_file()
     cfg = json.loads((run / "config.json").read_text())
     assert Path(cfg["data"]["data_dir"]) == (run / "data").resolve()
+
+
+def test_data_sources_take_a_list_and_a_file_name_may_hold_a_comma(tmp_path, capsys) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b,c.txt"
+    a.write_text("the cat sat on the mat. " * 200)
+    b.write_text("a dog ran to the hill! " * 200)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", "--data.sources", str(a), str(b),
+                 "--data.tokenizer", "char", "--data.val_tail", "0.1", *TINY,
+                 "--train.max_steps", "2", "--train.eval_interval", "2"]) == 0
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert sorted(Path(s["path"]).name for s in meta["sources"]) == ["a.txt", "b,c.txt"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["sources"] == [str(a), str(b)]
+    run2 = tmp_path / "run2"  # the repeated flag gives the same list
+    assert main(["train", "--out", str(run2), "--no-progress", "--data.sources", str(a),
+                 "--data.sources", str(b), "--data.tokenizer", "char", "--data.val_tail",
+                 "0.1", *TINY, "--train.max_steps", "2", "--train.eval_interval", "2"]) == 0
+    assert json.loads((run2 / "config.json").read_text())["data"]["sources"] == [str(a), str(b)]
+
+
+def test_batch_size_help_says_global_micro_batch(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sequences per micro-batch, global: split across processes" in out
+    assert "per process)" not in out
+
+
+def test_time_without_preset_picks_a_recipe_says_why_and_trains(trained, tmp_path,
+                                                                capsys) -> None:
+    """The budget command: char data -> cpu_char, one line of reason, a time-driven run
+    (tiny overrides win over the recipe so the test is quick)."""
+    _, data, _ = trained
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--no-progress",
+                 "--time", "2s", *TINY, "--train.eval_interval", "1000"]) == 0
+    out = capsys.readouterr().out
+    reason = [line for line in out.splitlines() if line.startswith("budget mode:")]
+    assert len(reason) == 1 and "preset cpu_char (char tokenizer" in reason[0]
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["max_time_minutes"] == pytest.approx(2 / 60)
+    assert config["model"]["embed_dim"] == 32  # the user's override won
+    assert config["train"]["max_steps"] == 100000  # the preset's cap: time drives the run
+    assert "time budget:" in out and "not counted" in out

@@ -56,7 +56,7 @@ def test_dotted_overrides_both_syntaxes_and_types() -> None:
     cfg = load_config(preset="balanced", overrides=[
         "--model.num_layers", "6", "--train.lr=3e-4", "--train.betas", "0.8,0.99",
         "--train.compile", "--train.max_time_minutes", "2.5", "--data.val_tail=0.1",
-        "--data.sources", "a.txt,b.txt", "--train.min_lr", "0",
+        "--data.sources", "a.txt", "--data.sources=b,c.txt", "--train.min_lr", "0",
     ])
     assert cfg.model.num_layers == 6 and cfg.model.embed_dim == 160
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
@@ -64,7 +64,7 @@ def test_dotted_overrides_both_syntaxes_and_types() -> None:
     assert cfg.train.compile is True
     assert cfg.train.max_time_minutes == 2.5
     assert cfg.data.val_tail == 0.1
-    assert cfg.data.sources == ("a.txt", "b.txt")
+    assert cfg.data.sources == ("a.txt", "b,c.txt")  # a list, never split on commas
     assert cfg.train.min_lr == 0.0
 
 

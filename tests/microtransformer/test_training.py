@@ -11,18 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from microtransformer import checkpoint as ckpt
 from microtransformer import training
-from microtransformer.checkpoint import load_training_state, load_weights
+from microtransformer.checkpoint import load_training_state, load_weights, save_training_state
 from microtransformer.config import RunConfig, TrainConfig, load_config
 from microtransformer.device import autocast_context
-from microtransformer.metrics import read_metrics
+from microtransformer.errors import UserError
+from microtransformer.metrics import loss_series, read_metrics
+from microtransformer.optim import MuonAdamW, build_optimizer, split_matrices
 from microtransformer.training import (
     RuntimeContext,
     TrainingError,
+    TrainState,
     get_lr,
     param_groups,
     prepare_data,
     reduce_mean,
+    resolve_threads,
     train,
     train_step,
 )
@@ -39,7 +44,7 @@ def tiny_cfg(data_dir: Path, *extra: str) -> RunConfig:
     cfg = load_config(overrides=[*TINY_MODEL, "--data.data_dir", str(data_dir),
                                  "--train.batch_size", "4", "--train.eval_steps", "2",
                                  "--train.warmup_steps", "3", "--train.log_interval", "2",
-                                 *extra])
+                                 "--train.cpu_threads", "1", *extra])
     return prepare_data(cfg, data_dir.parent)
 
 
@@ -182,7 +187,7 @@ def test_resume_is_bit_identical_to_uninterrupted_run(char_data: Path, tmp_path:
 
 
 def test_resume_without_checkpoint_is_an_error(char_data: Path, tmp_path: Path) -> None:
-    cfg = tiny_cfg(char_data, "--train.max_steps", "2")
+    cfg = tiny_cfg(char_data, "--train.max_steps", "3")
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(cfg, tmp_path / "empty", resume=True, progress=False)
 
@@ -272,3 +277,182 @@ def test_vocab_mismatch_is_an_error(char_data: Path) -> None:
         prepare_data(cfg, char_data.parent, explicit_vocab=True)
     fixed = prepare_data(cfg, char_data.parent, explicit_vocab=False)
     assert fixed.model.vocab_size != 99
+
+
+# ---------------------------------------------------------------- time budget
+class FakeClock:
+    """A clock that advances `tick` seconds at every reading: no sleeping in tests."""
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+TIME_RUN = ("--train.max_steps", "100000", "--train.max_time_minutes", "0.25",  # 15 s
+            "--train.eval_interval", "5", "--train.log_interval", "1", "--train.lr", "3e-3",
+            "--train.checkpoint_interval", "4", "--model.dropout", "0")
+
+
+def test_time_budget_drives_the_schedule_and_ends_decayed(char_data: Path,
+                                                           tmp_path: Path) -> None:
+    """Each step takes 1 s of the fake clock, evaluation ticks it too: the budget counts the
+    15 training steps only, and the lr has decayed to ~min_lr at the last one."""
+    cfg = tiny_cfg(char_data, *TIME_RUN)
+    result = train(cfg, tmp_path / "run", progress=False, clock=FakeClock())
+    assert result.stop_reason == "time budget" and not result.interrupted
+    assert result.step == 15 and result.train_time_s == pytest.approx(15.0)
+    assert result.eval_time_s > 0  # evaluation and checkpoints were timed, and not counted
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    lrs = [e["lr"] for e in events if "lr" in e]
+    tc = cfg.train
+    assert lrs == pytest.approx([get_lr(i, tc, float(i)) for i in range(15)])
+    assert max(lrs) == pytest.approx(tc.lr)  # warm-up completed
+    assert lrs[-1] < tc.min_lr + 0.02 * (tc.lr - tc.min_lr)  # the last update is decayed
+    assert get_lr(15, tc, 15.0) == pytest.approx(tc.min_lr)
+    assert load_training_state(tmp_path / "run" / "state.pt")["train_time_s"] == 15.0
+
+
+def test_resume_keeps_the_remaining_time_budget(char_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(char_data, *TIME_RUN)
+    straight = train(cfg, tmp_path / "a", progress=False, clock=FakeClock())
+    part = train(cfg, tmp_path / "b", progress=False, stop_at=6, clock=FakeClock())
+    assert part.interrupted and part.train_time_s == pytest.approx(6.0)
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False, clock=FakeClock(3.0))
+    # the resumed call's steps tick 3 s: 6 s spent + 3 more steps = 15 s
+    assert resumed.step == 9 and resumed.stop_reason == "time budget"
+    assert straight.step == 15
+    resumed_again = train(cfg, tmp_path / "c", progress=False, stop_at=6, clock=FakeClock())
+    assert resumed_again.step == 6
+    final = train(cfg, tmp_path / "c", resume=True, progress=False, clock=FakeClock())
+    assert final.step == 15
+    a, _ = load_weights(tmp_path / "a" / "model.safetensors")
+    c, _ = load_weights(tmp_path / "c" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+
+
+# ---------------------------------------------------------------- run state
+def test_train_state_reads_state_files_written_before_it(char_data: Path,
+                                                         tmp_path: Path) -> None:
+    """A state.pt with the old literal-dict layout (no train_time_s, no optimizer_name)
+    resumes exactly."""
+    extra = ("--train.max_steps", "10", "--train.eval_interval", "5",
+             "--train.checkpoint_interval", "4", "--model.dropout", "0")
+    cfg = tiny_cfg(char_data, *extra)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False, stop_at=6)
+    path = tmp_path / "b" / "state.pt"
+    new = load_training_state(path)
+    old_keys = ("step", "tokens_seen", "best_val_loss", "bad_steps", "optimizer", "scaler",
+                "loader", "rng", "max_steps", "world_size")
+    old = {k: new[k] for k in old_keys}
+    save_training_state(path, old)
+    state = TrainState.from_dict(load_training_state(path))
+    assert (state.step, state.train_time_s, state.optimizer_name) == (6, 0.0, "adamw")
+    assert TrainState.from_dict(state.to_dict()) == state
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert resumed.step == straight.step == 10
+    a, _ = load_weights(tmp_path / "a" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_metrics_hold_each_step_once_after_resuming_from_an_older_checkpoint(
+        char_data: Path, tmp_path: Path) -> None:
+    """A crash after the step-8 checkpoint at step 10: the log holds steps 9-10 too. The
+    resumed run cuts them and logs them again, once."""
+    extra = ("--train.max_steps", "14", "--train.eval_interval", "4", "--train.log_interval",
+             "1", "--train.checkpoint_interval", "4")
+    cfg = tiny_cfg(char_data, *extra)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_at=10)
+    (run / ckpt.STATE_FILE).unlink()  # the step-10 save never happened: step 8 is the newest
+    (run / ckpt.LAST_WEIGHTS).unlink()
+    before = read_metrics(run / "metrics.jsonl")
+    assert max(e["step"] for e in before) == 10
+    result = train(cfg, run, resume=True, progress=False)
+    assert result.step == 14
+    events = read_metrics(run / "metrics.jsonl")
+    train_steps = [e["step"] for e in events if "loss" in e]
+    val_steps = [e["step"] for e in events if "val_loss" in e]
+    assert train_steps == list(range(1, 15))
+    assert val_steps == [0, 4, 8, 12, 14]
+    assert [e["step"] for e in events if e.get("resumed")] == [8]
+    xs = [x for x, _ in loss_series(events, "loss")]
+    assert xs == sorted(xs) and len(xs) == len(set(xs))  # the plot never doubles back
+
+
+def test_loss_series_keeps_the_latest_event_of_a_step_logged_twice() -> None:
+    events = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.0},
+              {"step": 2, "loss": 2.4}, {"step": 3, "loss": 1.9}, {"step": 4, "loss": 1.8}]
+    assert loss_series(events, "loss") == [(1, 3.0), (2, 2.4), (3, 1.9), (4, 1.8)]
+
+
+# ---------------------------------------------------------------- Muon
+def test_muon_groups_hold_every_parameter_exactly_once() -> None:
+    model = MicroTransformer.from_config(tiny_model_cfg())
+    matrices, others = split_matrices(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(matrices) + len(others) == len(list(model.parameters()))
+    assert {id(p) for p in matrices}.isdisjoint({id(p) for p in others})
+    assert all(p.dim() == 2 and names[id(p)].startswith("blocks.") for p in matrices)
+    assert len(matrices) == 4 * 4  # 4 blocks x (qkv, attention proj, ff fc, ff proj)
+    assert any("embedding" in names[id(p)] for p in others)  # the tied head: AdamW
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    assert {id(p) for p in opt.muon.param_groups[0]["params"]} == {id(p) for p in matrices}
+
+
+def test_muon_trains_and_resumes_bit_identically(char_data: Path, tmp_path: Path) -> None:
+    extra = ("--train.max_steps", "10", "--train.eval_interval", "5", "--train.optimizer",
+             "muon", "--train.checkpoint_interval", "4", "--model.dropout", "0",
+             "--train.lr", "3e-3")
+    cfg = tiny_cfg(char_data, *extra)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    assert straight.final_val_loss < math.log(char_vocab(cfg)) - 0.25  # it learns
+    train(cfg, tmp_path / "b", progress=False, stop_at=6)
+    assert load_training_state(tmp_path / "b" / "state.pt")["optimizer_name"] == "muon"
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    a, _ = load_weights(tmp_path / "a" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    adamw = tiny_cfg(char_data, *extra[:-6], "--train.optimizer", "adamw")
+    with pytest.raises(UserError, match=r"resume with --train\.optimizer muon"):
+        train(adamw, tmp_path / "b", resume=True, progress=False)
+
+
+def char_vocab(cfg: RunConfig) -> int:
+    return cfg.model.vocab_size
+
+
+def tiny_model_cfg():
+    from model import ModelConfig
+
+    return ModelConfig(vocab_size=40, max_seq_len=16, embed_dim=32, num_heads=2, num_layers=4,
+                       ff_dim=64)
+
+
+# ---------------------------------------------------------------- windows and threads
+def test_train_seq_len_trains_on_shorter_windows(char_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(char_data, "--train.max_steps", "4", "--train.seq_len", "8")
+    assert cfg.model.max_seq_len == 16 and cfg.seq_len == 8
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.tokens_seen == 4 * 4 * 8
+    with pytest.raises(UserError, match=r"train.seq_len=32 is longer than model.max_seq_len=16"):
+        tiny_cfg(char_data, "--train.seq_len", "32")
+
+
+def test_threads_default_to_the_cores_this_process_may_use(char_data: Path,
+                                                          tmp_path: Path) -> None:
+    assert resolve_threads(0) == len(os.sched_getaffinity(0))
+    assert resolve_threads(3) == 3
+    before = torch.get_num_threads()
+    train(tiny_cfg(char_data, "--train.max_steps", "3"), tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == before  # the caller's setting comes back

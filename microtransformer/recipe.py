@@ -1,0 +1,98 @@
+"""The budget command's choice: which preset and schedule suit this data, budget and machine.
+
+`train --data D --out R --time 15m` with no preset calls `choose_recipe`, prints its reason in
+one line and trains. The choice is a pure function of what it is given (the data's meta.json,
+the budget, the machine's facts), so it is tested without a machine or a clock.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Measured training throughput of the recipes on a 2-core AMD EPYC, 2 threads (docs/RESULTS.md,
+# "The best model per minute"): used only to say how many passes over the data a budget buys.
+MEASURED_TOKENS_PER_S = {"cpu_char": 9000.0, "cpu_bpe": 8000.0}
+# Above this many passes over the training text a small corpus is being memorised: dropout on.
+MANY_EPOCHS = 30.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the choice needs to know about where it runs."""
+
+    cores: int                 # cores this process may use
+    cuda: bool = False
+    native_bf16: bool = False  # CPU with AVX-512 BF16 or AMX
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A preset, the overrides applied on top of it, and the one-line reason."""
+
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def override_tokens(self) -> list[str]:
+        """The overrides as `--section.key=value` tokens (config.load_config's form)."""
+        return [f"--{k}={v}" for k, v in self.overrides.items()]
+
+
+def this_machine() -> Machine:
+    """The facts about the machine this process runs on."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return Machine(cores=max(1, cores), cuda=torch.cuda.is_available(),
+                   native_bf16=cpu_has_native_bf16())
+
+
+def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """True when the CPU advertises native bf16 arithmetic (avx512_bf16 or amx_bf16 flags);
+    False where the flags cannot be read (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:
+    """Pick the preset and schedule for a prepared data dir's `meta` (meta.json), a budget of
+    `minutes` of training and `machine`.
+
+    - tokenizer: char text -> `cpu_char`; BPE text -> `cpu_bpe` (both time-budget recipes);
+    - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
+      model would memorise the text, so dropout 0.1 is switched on;
+    - machine: every core this process may use (a GPU, when present, runs the same preset in
+      bf16 autocast, the loop's default there).
+    """
+    kind = str(meta.get("kind", "bpe"))
+    preset = "cpu_char" if kind == "char" else "cpu_bpe"
+    train_tokens = int(meta.get("tokens", {}).get("train", 0))
+    overrides: dict[str, Any] = {"train.max_time_minutes": minutes}
+    speed = MEASURED_TOKENS_PER_S[preset] * min(machine.cores, 2) / 2
+    epochs = speed * minutes * 60 / max(train_tokens, 1)
+    size = f"{train_tokens:,} train tokens"
+    if machine.cuda:
+        where = "a CUDA GPU"
+        regime = f"{size}"
+    else:
+        where = f"{machine.cores} CPU core" + ("s" if machine.cores != 1 else "")
+        regime = f"{size}, ~{epochs:.0f} passes in {minutes:g} min"
+        if epochs > MANY_EPOCHS:
+            overrides["model.dropout"] = 0.1
+            regime += f" > {MANY_EPOCHS:g}: dropout 0.1 against memorising"
+    reason = (f"budget mode: preset {preset} ({kind} tokenizer; {regime}; {where}); LR "
+              f"schedule over {minutes:g} min of training time, ending decayed")
+    return Recipe(preset=preset, overrides=overrides, reason=reason)

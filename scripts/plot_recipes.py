@@ -1,0 +1,68 @@
+"""Plot validation loss against training time for several runs (docs/RESULTS.md's figures).
+
+    python scripts/plot_recipes.py OUT.png "label=RUN_DIR" ["label=RUN_DIR" ...] [--title T]
+        [--ref "label=VALUE"] [--key val_loss|val_bpb]
+
+Reads each run's metrics.jsonl; the x axis is `train_time_s` (the time budget's clock:
+optimizer steps only) where the log has it, else `elapsed_s` (older logs: wall time of the
+call, evaluation included).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from microtransformer.metrics import loss_series, read_metrics
+
+
+def main() -> None:
+    """Parse the arguments and write the figure."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="PNG to write")
+    p.add_argument("runs", nargs="+", help="label=RUN_DIR")
+    p.add_argument("--title", default="")
+    p.add_argument("--ylabel", default="val loss (nats/token)")
+    p.add_argument("--key", default="val_loss", help="metric to plot (val_loss or val_bpb)")
+    p.add_argument("--points", action="append", default=[],
+                   help="label=SECONDS:VALUE,...: a curve from a published table")
+    p.add_argument("--ref", action="append", default=[],
+                   help="label=VALUE: a horizontal reference line (e.g. an earlier result)")
+    args = p.parse_args()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    for item in args.runs:
+        label, _, run = item.partition("=")
+        events = read_metrics(Path(run) / "metrics.jsonl")
+        x = "train_time_s" if any("train_time_s" in e for e in events) else "elapsed_s"
+        points = loss_series(events, args.key, x=x)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot([t / 60 for t in xs], ys, "o-", markersize=3, label=label)
+    for item in args.points:
+        label, _, pairs = item.partition("=")
+        xs, ys = zip(*((float(a) / 60, float(b)) for a, b in
+                       (pair.split(":") for pair in pairs.split(","))), strict=True)
+        ax.plot(xs, ys, "s--", markersize=3, label=label)
+    for item in args.ref:
+        label, _, value = item.partition("=")
+        ax.axhline(float(value), linestyle="--", color="grey", linewidth=1)
+        ax.annotate(label, (0, float(value)), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(4, 3), fontsize=7, color="dimgrey")
+    ax.set_xlabel("training time (min)")
+    ax.set_ylabel(args.ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if args.title:
+        ax.set_title(args.title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

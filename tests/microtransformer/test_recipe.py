@@ -1,0 +1,61 @@
+"""The budget command's choice of preset and schedule, and the CPU bf16 check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from microtransformer.config import load_config
+from microtransformer.recipe import (
+    MANY_EPOCHS,
+    Machine,
+    choose_recipe,
+    cpu_has_native_bf16,
+)
+
+TWO_CORES = Machine(cores=2)
+
+
+def test_char_data_gets_cpu_char_and_bpe_data_gets_cpu_bpe() -> None:
+    char = choose_recipe({"kind": "char", "tokens": {"train": 1_003_854}}, 15, TWO_CORES)
+    bpe = choose_recipe({"kind": "bpe", "tokens": {"train": 297_000}}, 15, TWO_CORES)
+    assert char.preset == "cpu_char" and bpe.preset == "cpu_bpe"
+    assert char.overrides["train.max_time_minutes"] == 15
+    for recipe in (char, bpe):
+        assert "\n" not in recipe.reason and recipe.preset in recipe.reason
+        assert "2 CPU cores" in recipe.reason and "15 min" in recipe.reason
+        cfg = load_config(preset=recipe.preset, overrides=recipe.override_tokens())
+        assert cfg.train.max_time_minutes == 15  # a time-driven run
+        assert cfg.train.max_steps >= 10_000  # max_steps is only a cap
+
+
+def test_a_small_corpus_repeated_many_times_gets_dropout() -> None:
+    small = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 15, TWO_CORES)
+    large = choose_recipe({"kind": "bpe", "tokens": {"train": 50_000_000}}, 15, TWO_CORES)
+    assert small.overrides.get("model.dropout") == 0.1
+    assert f"> {MANY_EPOCHS:g}" in small.reason
+    assert "model.dropout" not in large.overrides
+    # a shorter budget sees the same small corpus fewer times
+    short = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 0.5, TWO_CORES)
+    assert "model.dropout" not in short.overrides
+
+
+def test_the_machine_is_named_and_a_gpu_keeps_the_preset() -> None:
+    one = choose_recipe({"kind": "char", "tokens": {"train": 10**6}}, 5, Machine(cores=1))
+    assert "1 CPU core)" in one.reason
+    gpu = choose_recipe({"kind": "char", "tokens": {"train": 10**6}}, 5,
+                        Machine(cores=16, cuda=True))
+    assert gpu.preset == "cpu_char" and "CUDA" in gpu.reason
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu sse avx2 amx_tile amx_bf16", True),
+    ("fpu sse avx2 avx512f", False),
+])
+def test_cpu_native_bf16_from_cpuinfo_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(info) is native
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
