@@ -113,8 +113,8 @@ def test_toml_file_unknown_key_and_wrong_type(tmp_path) -> None:
     with pytest.raises(UserError, match=r"unknown key\(s\) train\.learning_rate.*valid keys"):
         load_config(bad)
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text('[train]\nbatch_size = "big"\n')
-    with pytest.raises(UserError, match=r"train\.batch_size='big'"):
+    wrong.write_text('[train]\ngrad_accum_steps = "big"\n')
+    with pytest.raises(UserError, match=r"train\.grad_accum_steps='big'"):
         load_config(wrong)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")
