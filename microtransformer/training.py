@@ -72,6 +72,10 @@ from microtransformer.throughput.mfu import compute_mfu, device_name
 from model import MicroTransformer
 from model.utils import count_parameters
 
+# Device types where `train.fast_path` prefetches batches with a BatchFeeder (a test adds "cpu"
+# to run the feeder's resume path without a GPU).
+FEEDER_DEVICES: tuple[str, ...] = ("cuda",)
+
 
 class TrainingError(UserError):
     """Training cannot continue (e.g. too many consecutive non-finite steps); the message says
@@ -577,7 +581,7 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
     cpu = torch.device("cpu")
     run.feeder = feeder = (BatchFeeder(run.train_loader, ctx.device,
                                        transform=lambda b: take_shard(b, ctx, cpu))
-                           if tc.fast_path and ctx.device.type == "cuda" else None)
+                           if tc.fast_path and ctx.device.type in FEEDER_DEVICES else None)
 
     def next_batch() -> dict[str, torch.Tensor]:
         if feeder is not None:
