@@ -485,9 +485,10 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
 
 def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
     """`cfg` with `train.batch_size = "auto"` resolved for `ctx.device` (a CUDA device:
-    the largest micro-batch its free memory fits, per rank, times the world size, and the
+    the largest micro-batch rank 0's free memory fits, times the world size, and the
     accumulation steps that reach `train.target_tokens_per_step`); unchanged for a number.
-    A non-CUDA device is a UserError naming the fix. Prints the choice on the main rank."""
+    A non-CUDA device is a UserError naming the fix. Rank 0 chooses (printed) and every rank
+    takes its numbers."""
     tc = cfg.train
     if tc.batch_size != AUTO:
         return cfg
@@ -498,8 +499,11 @@ def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
                                 loss=tc.loss)
     if ctx.is_main:
         print(choice.describe(), flush=True)
-    return cfg.replace(train=replace(tc, batch_size=choice.micro_batch * ctx.world_size,
-                                     grad_accum_steps=choice.grad_accum_steps))
+    # every rank takes rank 0's numbers (the cards' free memory may differ)
+    micro, accum = (int(v) for v in reduce_sum(
+        [choice.micro_batch, choice.grad_accum_steps] if ctx.is_main else [0, 0], ctx))
+    return cfg.replace(train=replace(tc, batch_size=micro * ctx.world_size,
+                                     grad_accum_steps=accum))
 
 
 def _restore(run: _Run) -> TrainState:
