@@ -1,16 +1,19 @@
 """The training loop: `train(cfg, run_dir)`, plus the pure pieces it is made of.
 
 Read `train()` top to bottom; it calls one function per phase:
-  - `_setup`: check the data, set threads/seed/precision, build the model, the optimizer
-    (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader, then wrap and compile the
-    model (the one place for both);
+  - `_setup`: check the data, set threads/seed/precision, resolve `batch_size = "auto"` (CUDA),
+    build the model, the optimizer (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader,
+    then the module the step runs: `throughput.prepare_for_gpu` (loss head, DDP wrap, compile
+    on CUDA with `fast_path` or anywhere with `compile`; the one place for wrap and compile);
   - `_restore` (resume): the newest intact checkpoint into a typed `TrainState`;
   - `_open_run_dir`: config, tokenizer, metrics.jsonl (cut back to the checkpoint on resume);
-  - `_loop`: each step evaluates (every `eval_interval`), sets the learning rate from the pure
-    `schedule.get_lr(step, cfg, train_time_s)`, runs `train_step` (gradient-accumulation
-    micro-steps, finiteness check, clip, update), logs and checkpoints, until the step budget
-    or the time budget is spent. The time budget counts optimizer steps only (the injectable
-    `clock`); evaluation and checkpoints are timed apart and reported;
+  - `_loop`: on CUDA with `fast_path` a `BatchFeeder` prefetches the batches (checkpoints save
+    the state of the batches trained on); each step evaluates (every `eval_interval`), sets
+    the learning rate from the pure `schedule.get_lr(step, cfg, train_time_s)`, runs
+    `train_step` (gradient-accumulation micro-steps, finiteness check, clip, update), logs
+    (loss, tokens/s, MFU) and checkpoints, until the step budget or the time budget is spent.
+    The time budget counts optimizer steps only (the injectable `clock`); evaluation and
+    checkpoints are timed apart and reported;
   - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
 
 Distributed seams (defined in `microtransformer.distributed`, re-exported here):
@@ -439,9 +442,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
         warnings.warn("train.dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / "
                       "amx_bf16 flag): autocast emulates it and is usually slower than "
                       "float32; use --train.dtype float32", stacklevel=2)
-    if tc.batch_size == AUTO:
-        cfg = resolve_batch_size(cfg, ctx)
-        tc = cfg.train
+    cfg = resolve_batch_size(cfg, ctx)  # batch_size "auto": sized to the CUDA card
+    tc = cfg.train
     scaler = (torch.amp.GradScaler(device.type)
               if compute_dtype == torch.float16 and device.type == "cuda" else None)
     if scaler is not None and tc.optimizer == "muon":
@@ -466,7 +468,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     # (on CUDA by default with fast_path; elsewhere only with train.compile)
     prepared = prepare_for_gpu(raw_model, device, FastPathSettings(
         dtype=tc.dtype, compile=True if tc.compile else (None if tc.fast_path else False),
-        cuda_graphs=tc.cuda_graphs, loss=tc.loss, chunk_size=tc.loss_chunk),
+        cuda_graphs=tc.cuda_graphs, loss=tc.loss, chunk_size=tc.loss_chunk,
+        tf32=tc.fast_path),  # fast_path false: the fp32 matmuls keep full precision
         example_shape=(local_batch, seq_len), wrap=lambda m: wrap_model(m, ctx))
     if ctx.is_main and (prepared.compiled or device.type == "cuda"):
         print(prepared.describe(), flush=True)
