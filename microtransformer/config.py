@@ -12,6 +12,7 @@ Each field's `help` metadata is its documentation and the `--help` text of its o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,8 +49,10 @@ def _help(text: str, **kwargs: Any) -> Any:
 class TrainConfig:
     """Optimisation, schedule, logging and runtime settings of a training run."""
 
-    batch_size: int = _help("sequences per micro-batch, global: split across processes when "
-                            "data-parallel", default=32)
+    batch_size: int | str = _help("sequences per micro-batch, global: split across processes "
+                                  "when data-parallel; or \"auto\": the largest that fits the "
+                                  "CUDA device's memory (resolved at the start of a fresh run)",
+                                  default=32)
     seq_len: int | None = _help("training window in tokens (none = model.max_seq_len; at most "
                                 "model.max_seq_len)", default=None)
     grad_accum_steps: int = _help("micro-batches accumulated per optimizer step", default=1)
@@ -95,11 +98,28 @@ class TrainConfig:
                                            "not counted): the LR schedule completes when it is "
                                            "spent, or at max_steps if sooner; none = steps only",
                                            default=None)
+    fast_path: bool = _help("on CUDA: torch.compile the training step and prefetch batches to "
+                            "the device on a side thread (docs/GPU.md); false = the plain "
+                            "eager path. No effect on CPU/MPS", default=True)
+    loss: str = _help("training loss head: chunked (head + cross-entropy in row chunks, no "
+                      "(B, T, V) logits) | logits (full logits, fused by torch.compile)",
+                      default="chunked")
+    loss_chunk: int = _help("rows per chunk of the chunked loss", default=128)
+    cuda_graphs: bool = _help("CUDA: compile mode reduce-overhead (replays the step as CUDA "
+                              "graphs)", default=False)
+    target_tokens_per_step: int = _help("with batch_size auto: gradient-accumulation steps "
+                                        "reach at least this many tokens per optimizer step "
+                                        "(0 = one micro-batch per step)", default=0)
 
     def __post_init__(self) -> None:
+        from microtransformer.throughput.batch_size import batch_size_problem
+        from microtransformer.throughput.fast_path import LOSS_KINDS
+
         _coerce_fields(self)
         problems: list[str] = []
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+        if (problem := batch_size_problem(self.batch_size)) is not None:
+            problems.append(problem)
+        for name in ("grad_accum_steps", "max_steps", "eval_interval",
                      "eval_steps", "log_interval", "checkpoint_interval", "max_bad_steps"):
             _check_int(problems, name, getattr(self, name), minimum=1)
         if self.warmup_steps is not None:
@@ -119,7 +139,9 @@ class TrainConfig:
             problems.append(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
-        for name in ("compile", "deterministic"):
+        _check_int(problems, "loss_chunk", self.loss_chunk, minimum=1)
+        _check_int(problems, "target_tokens_per_step", self.target_tokens_per_step, minimum=0)
+        for name in ("compile", "deterministic", "fast_path", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if self.max_time_minutes is not None:
@@ -127,7 +149,8 @@ class TrainConfig:
                          low_open=True)
         if self.seq_len is not None:
             _check_int(problems, "seq_len", self.seq_len, minimum=2)
-        for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+        for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
+                              ("loss", LOSS_KINDS)):
             if getattr(self, name) not in choices:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of "
                                 f"{', '.join(choices)}")
@@ -441,6 +464,12 @@ def _from_string(typ: Any, raw: str) -> Any:
         if raw.strip().lower() in ("none", "null", "") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if str in inner:  # e.g. int | str: the first other type that parses, else the string
+            for typ_ in inner:
+                if typ_ is not str:
+                    with contextlib.suppress(ValueError):
+                        return _from_string(typ_, raw)
+            return raw
         return _from_string(inner[0], raw)
     if typ is bool:
         low = raw.strip().lower()
@@ -517,6 +546,8 @@ def _coerce_to(typ: Any, value: Any, key: str) -> Any:
         except ValueError as exc:
             raise UserError(f"{key}={value!r}: {exc}") from None
     if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and str in args:
+            return value  # e.g. batch_size "auto"; the field's validation judges it
         inner = [a for a in args if a is not type(None)]
         return _coerce_to(inner[0], value, key)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):

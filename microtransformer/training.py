@@ -1,16 +1,19 @@
 """The training loop: `train(cfg, run_dir)`, plus the pure pieces it is made of.
 
 Read `train()` top to bottom; it calls one function per phase:
-  - `_setup`: check the data, set threads/seed/precision, build the model, the optimizer
-    (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader, then wrap and compile the
-    model (the one place for both);
+  - `_setup`: check the data, set threads/seed/precision, resolve `batch_size = "auto"` (CUDA),
+    build the model, the optimizer (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader,
+    then the module the step runs: `throughput.prepare_for_gpu` (loss head, DDP wrap, compile
+    on CUDA with `fast_path` or anywhere with `compile`; the one place for wrap and compile);
   - `_restore` (resume): the newest intact checkpoint into a typed `TrainState`;
   - `_open_run_dir`: config, tokenizer, metrics.jsonl (cut back to the checkpoint on resume);
-  - `_loop`: each step evaluates (every `eval_interval`), sets the learning rate from the pure
-    `schedule.get_lr(step, cfg, train_time_s)`, runs `train_step` (gradient-accumulation
-    micro-steps, finiteness check, clip, update), logs and checkpoints, until the step budget
-    or the time budget is spent. The time budget counts optimizer steps only (the injectable
-    `clock`); evaluation and checkpoints are timed apart and reported;
+  - `_loop`: on CUDA with `fast_path` a `BatchFeeder` prefetches the batches (checkpoints save
+    the state of the batches trained on); each step evaluates (every `eval_interval`), sets
+    the learning rate from the pure `schedule.get_lr(step, cfg, train_time_s)`, runs
+    `train_step` (gradient-accumulation micro-steps, finiteness check, clip, update), logs
+    (loss, tokens/s, MFU) and checkpoints, until the step budget or the time budget is spent.
+    The time budget counts optimizer steps only (the injectable `clock`); evaluation and
+    checkpoints are timed apart and reported;
   - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
 
 Distributed seams (defined in `microtransformer.distributed`, re-exported here):
@@ -47,7 +50,7 @@ from torch import nn
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.config import RunConfig, TrainConfig
-from microtransformer.device import autocast_context, resolve_device, resolve_dtype
+from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
     any_rank,
@@ -65,8 +68,16 @@ from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_me
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
 from microtransformer.recipe import cpu_has_native_bf16
 from microtransformer.schedule import budget_spent, get_lr, time_budget_s
+from microtransformer.throughput.batch_size import AUTO, resolve_auto_batch
+from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
+from microtransformer.throughput.feeder import BatchFeeder
+from microtransformer.throughput.mfu import compute_mfu, device_name
 from model import MicroTransformer
 from model.utils import count_parameters
+
+# Device types where `train.fast_path` prefetches batches with a BatchFeeder (a test adds "cpu"
+# to run the feeder's resume path without a GPU).
+FEEDER_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 class TrainingError(UserError):
@@ -122,17 +133,20 @@ class StepOutcome:
 def train_step(model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[], dict[str, torch.Tensor]], cfg: TrainConfig,
                ctx: RuntimeContext, amp: Callable[[], contextlib.AbstractContextManager],
-               scaler: torch.amp.GradScaler | None = None) -> StepOutcome:
+               scaler: torch.amp.GradScaler | None = None,
+               step_begin: Callable[[], None] = lambda: None) -> StepOutcome:
     """One optimizer step: `grad_accum_steps` micro-batches, finiteness check, clip, update.
 
     A non-finite loss or gradient skips the update (the gradients are dropped) and reports
     `skipped=True`; the caller decides when to give up. With fp16, `scaler` owns inf handling.
+    `step_begin` runs before each micro-step's forward (CUDA graphs: `Prepared.step_begin`).
     """
     accum = cfg.grad_accum_steps
     loss_sum = torch.zeros((), device=ctx.device)
     for micro in range(accum):
         batch = next_batch()
         with micro_step_sync(model, ctx, last=micro == accum - 1):
+            step_begin()
             with amp():
                 # Loader windows are unpadded (all-ones mask), so the mask is not passed: that
                 # skips the model's mask check, a host sync and a torch.compile graph break.
@@ -221,6 +235,7 @@ class TrainResult:
     stop_reason: str               # "completed" | "time budget" | "interrupted" | "stop_at"
     train_time_s: float = 0.0      # training time of the whole run (the time budget's clock)
     eval_time_s: float = 0.0       # evaluation + checkpoint time of this call (not budgeted)
+    mfu: float | None = None       # model FLOPs utilisation of tokens_per_s; None off CUDA
 
     @property
     def interrupted(self) -> bool:
@@ -320,7 +335,7 @@ class _Run:
     seq_len: int
     val_bytes_per_token: float
     raw_model: nn.Module
-    model: nn.Module                  # raw_model wrapped (DDP) and compiled, as configured
+    model: nn.Module                  # raw_model's loss head, wrapped (DDP) and compiled
     optimizer: Any                    # torch.optim.AdamW or optim.MuonAdamW
     scaler: torch.amp.GradScaler | None
     amp: Callable[[], contextlib.AbstractContextManager]
@@ -328,6 +343,10 @@ class _Run:
     tokens_per_step: int
     num_params: int
     clock: Callable[[], float]
+    step_begin: Callable[[], None]    # before each micro-step (CUDA graphs mark a new step)
+    compile_s: float | None           # warm-up step incl. compile, when compiled
+    mfu_device: str                   # device name for the MFU peak lookup
+    feeder: BatchFeeder | None = None  # CUDA fast path: prefetches batches (built by _loop)
     logger: MetricsLogger | None = None
     keep_prev: bool = False           # rotate checkpoint generations only over an intact pair
     saved_step: int = -1
@@ -423,14 +442,13 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
         warnings.warn("train.dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / "
                       "amx_bf16 flag): autocast emulates it and is usually slower than "
                       "float32; use --train.dtype float32", stacklevel=2)
+    cfg = resolve_batch_size(cfg, ctx)  # batch_size "auto": sized to the CUDA card
+    tc = cfg.train
     scaler = (torch.amp.GradScaler(device.type)
               if compute_dtype == torch.float16 and device.type == "cuda" else None)
     if scaler is not None and tc.optimizer == "muon":
         raise UserError("train.optimizer='muon' does not support float16 with a GradScaler; "
                         "use --train.dtype bfloat16 (or float32)")
-
-    def amp() -> contextlib.AbstractContextManager:
-        return autocast_context(device, compute_dtype)
 
     # --- model and optimizer: the one place each is built (compile/wrap below)
     raw_model = MicroTransformer.from_config(cfg.model).to(device)
@@ -446,16 +464,49 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     # Fail early (before any training) when val is shorter than one window.
     BatchLoader(data_dir, "val", tc.batch_size, seq_len, device="cpu")
 
-    # --- the model the step runs: wrapped for data parallelism, then compiled
-    model = wrap_model(raw_model, ctx)
-    if tc.compile:
-        model = _try_compile(model, local_batch, seq_len, device, amp)
+    # --- the module the step runs: the loss head, wrapped for data parallelism, then compiled
+    # (on CUDA by default with fast_path; elsewhere only with train.compile)
+    prepared = prepare_for_gpu(raw_model, device, FastPathSettings(
+        dtype=tc.dtype, compile=True if tc.compile else (None if tc.fast_path else False),
+        cuda_graphs=tc.cuda_graphs, loss=tc.loss, chunk_size=tc.loss_chunk,
+        tf32=tc.fast_path),  # fast_path false: the fp32 matmuls keep full precision
+        example_shape=(local_batch, seq_len), wrap=lambda m: wrap_model(m, ctx))
+    if ctx.is_main and (prepared.compiled or device.type == "cuda"):
+        print(prepared.describe(), flush=True)
+    for note in prepared.notes:
+        if note.startswith("torch.compile failed"):
+            warnings.warn(note, stacklevel=2)
     return _Run(cfg=cfg, dir=run_dir, ctx=ctx, data_dir=data_dir, seq_len=seq_len,
                 val_bytes_per_token=float(meta["bytes_per_token"]["val"]),
-                raw_model=raw_model, model=model, optimizer=optimizer, scaler=scaler, amp=amp,
-                train_loader=train_loader,
+                raw_model=raw_model, model=prepared.model, optimizer=optimizer, scaler=scaler,
+                amp=prepared.amp, train_loader=train_loader,
                 tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
-                num_params=count_parameters(raw_model), clock=clock)
+                num_params=count_parameters(raw_model), clock=clock,
+                step_begin=prepared.step_begin, compile_s=prepared.compile_seconds,
+                mfu_device=device_name(device))
+
+
+def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
+    """`cfg` with `train.batch_size = "auto"` resolved for `ctx.device` (a CUDA device:
+    the largest micro-batch rank 0's free memory fits, times the world size, and the
+    accumulation steps that reach `train.target_tokens_per_step`); unchanged for a number.
+    A non-CUDA device is a UserError naming the fix. Rank 0 chooses (printed) and every rank
+    takes its numbers."""
+    tc = cfg.train
+    if tc.batch_size != AUTO:
+        return cfg
+    compute_dtype = resolve_dtype(tc.dtype, ctx.device)
+    choice = resolve_auto_batch(cfg.model, cfg.seq_len, ctx.device, world_size=ctx.world_size,
+                                target_tokens_per_step=tc.target_tokens_per_step or None,
+                                compute_bytes=4 if compute_dtype == torch.float32 else 2,
+                                loss=tc.loss)
+    if ctx.is_main:
+        print(choice.describe(), flush=True)
+    # every rank takes rank 0's numbers (the cards' free memory may differ)
+    micro, accum = (int(v) for v in reduce_sum(
+        [choice.micro_batch, choice.grad_accum_steps] if ctx.is_main else [0, 0], ctx))
+    return cfg.replace(train=replace(tc, batch_size=micro * ctx.world_size,
+                                     grad_accum_steps=accum))
 
 
 def _restore(run: _Run) -> TrainState:
@@ -506,6 +557,8 @@ def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
     if resumed:
         run.logger.log({"step": state.step, "resumed": True,
                         "train_time_s": state.train_time_s})
+    if run.compile_s is not None:
+        run.logger.log({"step": state.step, "compile_s": run.compile_s})
 
 
 def _evaluates_at(step: int, tc: TrainConfig, state: TrainState) -> bool:
@@ -529,7 +582,17 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
               "evaluation and checkpoints are not counted); the LR schedule ends when it is "
               f"spent or at step {tc.max_steps}, whichever comes first", flush=True)
 
+    # CUDA fast path: a side thread draws (and shards) the next batches and copies them to the
+    # card while this step computes. Built after the restore: it starts drawing at once. Its
+    # state_dict counts only the batches handed out, so a checkpoint resumes exactly.
+    cpu = torch.device("cpu")
+    run.feeder = feeder = (BatchFeeder(run.train_loader, ctx.device,
+                                       transform=lambda b: take_shard(b, ctx, cpu))
+                           if tc.fast_path and ctx.device.type in FEEDER_DEVICES else None)
+
     def next_batch() -> dict[str, torch.Tensor]:
+        if feeder is not None:
+            return feeder.next_batch()  # (B / world, T)
         return take_shard(run.train_loader.next_batch(), ctx, ctx.device)  # (B / world, T)
 
     run.raw_model.train()
@@ -548,7 +611,7 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
                 group["lr"] = lr
             step_start = run.clock()
             outcome = train_step(run.model, run.raw_model, run.optimizer, next_batch, tc, ctx,
-                                 run.amp, run.scaler)
+                                 run.amp, run.scaler, run.step_begin)
             step_s = run.clock() - step_start
             if budget is not None and ctx.distributed:
                 step_s = reduce_mean(step_s, ctx)  # one clock for every rank: the same lr
@@ -567,7 +630,8 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
                 _log(run.logger, bar, {
                     "step": state.step, "loss": outcome.loss, "lr": lr,
                     "grad_norm": outcome.grad_norm, "tokens_seen": state.tokens_seen,
-                    "tokens_per_s": tps, "train_time_s": state.train_time_s,
+                    "tokens_per_s": tps, "mfu": _mfu(run, tps),
+                    "train_time_s": state.train_time_s,
                     "elapsed_s": run.clock() - prog.start})
                 if bar is not None:
                     bar.set_postfix(loss=f"{outcome.loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -587,6 +651,8 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
                 prog.stop_reason = "time budget"
     finally:
         stop.restore()
+        if feeder is not None:
+            feeder.close()  # its state_dict (the batches trained on) stays valid for _finish
         if bar is not None:
             bar.close()
     return prog
@@ -632,6 +698,7 @@ def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
     if prog.best_bpb is None and math.isfinite(best):
         prog.best_bpb = bits_per_byte(best, run.val_bytes_per_token)
     train_s = max(elapsed - prog.eval_s, 1e-9)
+    tokens_per_s = (state.tokens_seen - prog.start_tokens) / train_s
     return TrainResult(
         run_dir=run.dir, step=state.step, max_steps=run.tc.max_steps,
         tokens_seen=state.tokens_seen,
@@ -639,10 +706,16 @@ def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
         final_val_loss=prog.last_val[0] if prog.last_val else None,
         final_val_bpb=prog.last_val[1] if prog.last_val else None,
         final_train_loss=prog.last_loss,
-        tokens_per_s=(state.tokens_seen - prog.start_tokens) / train_s,
+        tokens_per_s=tokens_per_s,
         elapsed_s=elapsed, num_params=run.num_params, stop_reason=prog.stop_reason,
-        train_time_s=state.train_time_s, eval_time_s=prog.eval_s,
+        train_time_s=state.train_time_s, eval_time_s=prog.eval_s, mfu=_mfu(run, tokens_per_s),
     )
+
+
+def _mfu(run: _Run, tokens_per_s: float) -> float | None:
+    """MFU of one rank at a global `tokens_per_s` (None off CUDA or for an unknown card)."""
+    return compute_mfu(tokens_per_s / run.ctx.world_size, run.cfg.model, run.seq_len,
+                       run.mfu_device).mfu
 
 
 # ============================================================================ loop pieces
@@ -658,7 +731,7 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
                               extra={"val_loss": repr(state.best_val_loss)})
         state.optimizer = run.optimizer.state_dict()
         state.scaler = run.scaler.state_dict() if run.scaler is not None else None
-        state.loader = run.train_loader.state_dict()
+        state.loader = (run.feeder or run.train_loader).state_dict()
         state.rng = ckpt.capture_rng_state()
         state.max_steps, state.world_size = run.tc.max_steps, run.ctx.world_size
         state.optimizer_name = run.tc.optimizer
@@ -707,27 +780,6 @@ def resolve_threads(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 # ============================================================================ helpers
-def _try_compile(model: nn.Module, batch_size: int, seq_len: int, device: torch.device,
-                 amp: Callable[[], Any]) -> nn.Module:
-    """torch.compile the model and test it once on a dummy batch (forward + backward, RNG
-    untouched); fall back to the eager model with a warning if anything fails."""
-    try:
-        compiled = torch.compile(model)
-        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)  # (B, T)
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            with amp():
-                loss = compiled(ids, labels=ids)  # the same call the training step makes
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        return compiled
-    except Exception as exc:
-        model.zero_grad(set_to_none=True)
-        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly",
-                      stacklevel=1)
-        return model
-
-
 def _progress_bar(start: int, total: int | None, *, enabled: bool) -> Any:
     """A tqdm bar (loss, tokens/s, ETA) on a TTY; None otherwise (plain log lines instead)."""
     if not enabled or not sys.stderr.isatty():
@@ -748,6 +800,8 @@ def _log(logger: MetricsLogger | None, bar: Any, event: dict[str, Any]) -> None:
     else:
         line = (f"step {event['step']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
                 f"{event['tokens_per_s']:,.0f} tok/s")
+        if event.get("mfu") is not None:
+            line += f", MFU {100 * event['mfu']:.1f}%"
     if bar is not None:
         bar.write(line)
     else:

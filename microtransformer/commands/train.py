@@ -173,7 +173,13 @@ def run(args: argparse.Namespace) -> int:
     from microtransformer import distributed
     from microtransformer.data import load_meta
     from microtransformer.device import resolve_dtype
-    from microtransformer.training import prepare_data, resolve_threads, train
+    from microtransformer.throughput.mfu import compute_mfu, device_name, format_mfu
+    from microtransformer.training import (
+        prepare_data,
+        resolve_batch_size,
+        resolve_threads,
+        train,
+    )
     from model.utils import parameter_formula
 
     restart_note = restart_resume(args)
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = distributed.in_turns(lambda: prepare_data(
             cfg, run_dir, explicit_vocab=explicit_vocab, progress=progress), ctx)
         meta = load_meta(cfg.data.data_dir)
+        cfg = resolve_batch_size(cfg, ctx)  # "auto": sized to the CUDA card (else an error)
         tc, mc = cfg.train, cfg.model
         local_batch = distributed.per_rank_batch(tc.batch_size, ctx.world_size)
         device = ctx.device
@@ -217,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx)
+        mfu = compute_mfu(result.tokens_per_s / ctx.world_size, cfg.model, cfg.seq_len,
+                          device_name(device))
     if not show:
         return 0
 
@@ -231,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result.eval_time_s:.1f}s of evaluation and checkpoints in this call (not counted)\n"
         f"best val loss {fmt(result.best_val_loss)} (bpb {fmt(result.best_val_bpb)}), "
         f"last val loss {fmt(result.final_val_loss)}\n"
+        f"{format_mfu(mfu)}\n"
         f"run directory: {run_dir} (model.safetensors, best.safetensors, state.pt, "
         "metrics.jsonl, loss.png)"
     )

@@ -129,7 +129,7 @@ CASES = [
     ("configs --heads x", "--heads='x'"),
     # --- out-of-range values
     ("train --out {O} " + D + " --train.lr -1", "lr=-1.0 must be > 0"),
-    ("train --out {O} " + D + " --train.batch_size 0", "batch_size=0 must be >= 1"),
+    ("train --out {O} " + D + " --train.batch_size 0", "batch_size=0 must be an integer >= 1"),
     ("train --out {O} " + D + " --model.dropout 1.5", "dropout=1.5 must be in [0, 1)"),
     ("train --out {O} " + D + " --model.embed_dim 33", "embed_dim=33 is not divisible"),
     ("train --out {O} " + D + " --train.lr 0", "lr=0.0 must be > 0"),

@@ -50,6 +50,8 @@ def test_resume_extends_a_finished_run(trained, capsys) -> None:
                  "--train.max_steps", "14"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "step 14/14" in out
+    # the MFU line: on CPU it says in one line why there is none
+    assert "MFU n/a (" in out and "no bf16 peak for CPU/MPS devices" in out
     assert main(["train", "--out", str(run), "--resume", "--model.num_layers", "3"]) == 2
     assert "different model" in capsys.readouterr().err
 
@@ -110,6 +112,10 @@ def test_info(trained, capsys) -> None:
      "train.seq_len=64 is longer than model.max_seq_len=16"),
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--time", "soon"],
      "--time: duration 'soon' is not understood"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--train.device", "cpu",
+      "--train.batch_size", "auto"], "set a number, e.g. --train.batch_size 32"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--train.loss", "full"],
+     "loss='full' must be one of chunked, logits"),
     (["train", "--out", "{run}", "--data", "{data}"], "already holds a training run"),
     (["generate", "{tmp}/missing"], "does not exist"),
     (["generate", "{run}", "--prompt", "x" * 40], "context (max_seq_len) is 16"),

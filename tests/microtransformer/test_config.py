@@ -113,8 +113,8 @@ def test_toml_file_unknown_key_and_wrong_type(tmp_path) -> None:
     with pytest.raises(UserError, match=r"unknown key\(s\) train\.learning_rate.*valid keys"):
         load_config(bad)
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text('[train]\nbatch_size = "big"\n')
-    with pytest.raises(UserError, match=r"train\.batch_size='big'"):
+    wrong.write_text('[train]\ngrad_accum_steps = "big"\n')
+    with pytest.raises(UserError, match=r"train\.grad_accum_steps='big'"):
         load_config(wrong)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")
@@ -170,3 +170,57 @@ def test_parse_overrides_negative_value() -> None:
     assert parse_overrides(["--train.seed", "-1"]) == {"train.seed": "-1"}
     with pytest.raises(UserError, match="seed=-1"):
         load_config(overrides=["--train.seed", "-1"])
+
+
+# ---------------------------------------------------------------- GPU fast-path fields
+@pytest.mark.parametrize("tokens, expected", [
+    (["--train.batch_size", "auto"], "auto"),
+    (["--train.batch_size=auto"], "auto"),
+    (["--train.batch_size", "32"], 32),
+    (["--train.batch_size=7"], 7),
+])
+def test_batch_size_override_takes_a_number_or_auto(tokens: list[str], expected: object) -> None:
+    value = load_config(overrides=tokens).train.batch_size
+    assert value == expected and type(value) is type(expected)
+
+
+def test_batch_size_auto_from_toml_and_json_round_trip(tmp_path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nbatch_size = "auto"\ntarget_tokens_per_step = 65536\n')
+    cfg = load_config(f)
+    assert cfg.train.batch_size == "auto" and cfg.train.target_tokens_per_step == 65536
+    cfg.save_json(tmp_path / "config.json")
+    assert RunConfig.load_json(tmp_path / "config.json") == cfg
+    f.write_text("[train]\nbatch_size = 8\n")
+    assert load_config(f).train.batch_size == 8
+
+
+@pytest.mark.parametrize("tokens", [
+    ["--train.batch_size", "big"], ["--train.batch_size", "0"], ["--train.batch_size", "-3"],
+    ["--train.batch_size", "2.5"], ["--train.batch_size", "AUTO"],
+])
+def test_batch_size_refuses_other_values_naming_the_choices(tokens: list[str]) -> None:
+    with pytest.raises(UserError, match=r"batch_size=.* must be an integer >= 1 or \"auto\""):
+        load_config(overrides=tokens)
+
+
+def test_fast_path_fields_defaults_and_overrides() -> None:
+    tc = load_config().train
+    assert (tc.fast_path, tc.loss, tc.loss_chunk, tc.cuda_graphs,
+            tc.target_tokens_per_step) == (True, "chunked", 128, False, 0)
+    tc = load_config(overrides=["--train.fast_path", "false", "--train.loss", "logits",
+                                "--train.loss_chunk", "64", "--train.cuda_graphs",
+                                "--train.target_tokens_per_step", "4096"]).train
+    assert (tc.fast_path, tc.loss, tc.loss_chunk, tc.cuda_graphs,
+            tc.target_tokens_per_step) == (False, "logits", 64, True, 4096)
+
+
+def test_fast_path_fields_are_validated_together() -> None:
+    with pytest.raises(UserError) as exc:
+        TrainConfig(loss="fancy", loss_chunk=0, target_tokens_per_step=-1,
+                    fast_path="yes", cuda_graphs=1)  # type: ignore[arg-type]
+    msg = str(exc.value)
+    for part in ("loss='fancy' must be one of chunked, logits", "loss_chunk=0 must be >= 1",
+                 "target_tokens_per_step=-1 must be >= 0", "fast_path='yes' must be true",
+                 "cuda_graphs=1 must be true"):
+        assert part in msg, part

@@ -456,3 +456,139 @@ def test_threads_default_to_the_cores_this_process_may_use(char_data: Path,
     before = torch.get_num_threads()
     train(tiny_cfg(char_data, "--train.max_steps", "3"), tmp_path / "run", progress=False)
     assert torch.get_num_threads() == before  # the caller's setting comes back
+
+
+# ---------------------------------------------------------------- GPU fast path wiring (CPU side)
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_weights(path / "model.safetensors")[0]
+
+
+def test_fast_path_on_cpu_trains_exactly_as_the_plain_path(char_data: Path,
+                                                            tmp_path: Path) -> None:
+    """On CPU `train.fast_path` changes nothing (no compile, no feeder): same final weights;
+    MFU is logged as null (no peak for a CPU) and TrainResult.mfu is None."""
+    extra = ("--train.max_steps", "6", "--train.eval_interval", "3",
+             "--train.grad_accum_steps", "2", "--model.dropout", "0.1")
+    fast = train(tiny_cfg(char_data, *extra), tmp_path / "fast", progress=False)
+    plain = train(tiny_cfg(char_data, *extra, "--train.fast_path", "false"),
+                  tmp_path / "plain", progress=False)
+    a, b = _weights(tmp_path / "fast"), _weights(tmp_path / "plain")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert fast.mfu is None and plain.mfu is None
+    logs = [e for e in read_metrics(tmp_path / "fast" / "metrics.jsonl") if "loss" in e]
+    assert logs and all("mfu" in e and e["mfu"] is None for e in logs)
+    assert not any("compile_s" in e for e in read_metrics(tmp_path / "fast" / "metrics.jsonl"))
+
+
+def test_feeder_resume_is_bit_identical(char_data: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BatchFeeder path (CUDA-only in use; enabled on CPU here) prefetches batches ahead of
+    the step: the checkpoint must hold the loader state of the batches trained on, so a
+    resumed run equals an uninterrupted one (and the plain path) bit for bit."""
+    extra = ("--train.max_steps", "9", "--train.eval_interval", "4",
+             "--train.grad_accum_steps", "2", "--model.dropout", "0.1",
+             "--train.checkpoint_interval", "3")
+    cfg = tiny_cfg(char_data, *extra)
+    plain = train(cfg, tmp_path / "plain", progress=False)
+    monkeypatch.setattr(training, "FEEDER_DEVICES", ("cuda", "cpu"))
+    built: list[object] = []
+    real = training.BatchFeeder
+
+    def spy(*args, **kwargs):
+        built.append(feeder := real(*args, **kwargs))
+        return feeder
+
+    monkeypatch.setattr(training, "BatchFeeder", spy)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    part = train(cfg, tmp_path / "b", progress=False, stop_at=5)
+    assert part.step == 5 and part.interrupted
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert len(built) == 3 and all(f._thread is None for f in built)  # each one closed
+    assert straight.step == resumed.step == plain.step == 9
+    a, b, c = (_weights(tmp_path / d) for d in ("a", "b", "plain"))
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    sa = load_training_state(tmp_path / "a" / "state.pt")
+    sb = load_training_state(tmp_path / "b" / "state.pt")
+    sp = load_training_state(tmp_path / "plain" / "state.pt")
+    for other in (sb, sp):  # the draws trained on (9 steps x 2 micro-batches), not prefetched
+        assert other["loader"]["batches_drawn"] == sa["loader"]["batches_drawn"] == 18
+        assert torch.equal(other["loader"]["generator"], sa["loader"]["generator"])
+
+
+def test_train_step_calls_step_begin_before_every_micro_step() -> None:
+    torch.manual_seed(0)
+    model = MicroTransformer(vocab_size=32, max_seq_len=8, embed_dim=16, num_heads=2,
+                             num_layers=1, ff_dim=32)
+    tc = TrainConfig(batch_size=2, grad_accum_steps=3)
+    ctx = RuntimeContext(device=torch.device("cpu"))
+    events: list[str] = []
+    ids = torch.randint(0, 32, (2, 8))  # (B, T)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        events.append("batch")
+        return {"input_ids": ids, "labels": ids}
+
+    optimizer = build_optimizer(model, tc, ctx.device)
+    train_step(model, model, optimizer, next_batch, tc, ctx,
+               lambda: autocast_context(ctx.device, torch.float32),
+               step_begin=lambda: events.append("begin"))
+    assert events == ["batch", "begin"] * 3
+
+
+def test_batch_size_auto_off_cuda_is_a_user_error_naming_the_fix(char_data: Path,
+                                                                 tmp_path: Path) -> None:
+    cfg = tiny_cfg(char_data, "--train.batch_size", "auto", "--train.device", "cpu")
+    assert cfg.train.batch_size == "auto"
+    with pytest.raises(UserError, match=r"batch_size='auto'.*device is cpu.*"
+                                        r"--train\.batch_size 32"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+    numbered = tiny_cfg(char_data)
+    ctx = RuntimeContext(device=torch.device("cpu"))
+    assert training.resolve_batch_size(numbered, ctx) is numbered  # a number is kept
+
+
+@pytest.mark.slow
+def test_compile_flag_on_cpu_trains_and_logs_the_compile_time(char_data: Path,
+                                                              tmp_path: Path) -> None:
+    """`--train.compile` on CPU goes through prepare_for_gpu: it compiles (or falls back to
+    eager with a warning), and the weights track the eager run's."""
+    extra = ("--train.max_steps", "3", "--train.eval_interval", "3", "--model.dropout", "0")
+    train(tiny_cfg(char_data, *extra), tmp_path / "eager", progress=False)
+    train(tiny_cfg(char_data, *extra, "--train.compile"), tmp_path / "compiled",
+          progress=False)
+    events = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
+    assert [e["compile_s"] > 0 for e in events if "compile_s" in e] in ([True], [])
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_path_auto_batch_feeder_and_mfu(char_data: Path, tmp_path: Path) -> None:
+    """On a GPU: batch_size auto resolves to numbers saved in config.json, the feeder path
+    resumes with the same loader state, and MFU is logged (for a card in the peak table)."""
+    from microtransformer.throughput.mfu import device_name, peak_bf16_flops
+
+    extra = ("--train.batch_size", "auto", "--train.device", "cuda", "--train.max_steps", "6",
+             "--train.eval_interval", "3", "--train.checkpoint_interval", "2")
+    cfg = tiny_cfg(char_data, *extra)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    saved = RunConfig.load_json(tmp_path / "a" / "config.json")
+    assert isinstance(saved.train.batch_size, int) and saved.train.batch_size >= 1
+    part = train(cfg, tmp_path / "b", progress=False, stop_at=3)
+    assert part.step == 3
+    resumed = train(saved, tmp_path / "b", resume=True, progress=False)
+    assert straight.step == resumed.step == 6
+    sa = load_training_state(tmp_path / "a" / "state.pt")
+    sb = load_training_state(tmp_path / "b" / "state.pt")
+    assert sa["loader"]["batches_drawn"] == sb["loader"]["batches_drawn"] == 6
+    assert torch.equal(sa["loader"]["generator"], sb["loader"]["generator"])
+    logs = [e for e in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in e]
+    known = peak_bf16_flops(device_name("cuda")) is not None
+    assert all((e["mfu"] is not None) == known for e in logs)
+    assert (straight.mfu is not None) == known
