@@ -548,17 +548,18 @@ class FastGenerator:
     rounding between the two steps flips a draw. Sequences longer than the context (sliding
     window) and `use_cache=False` always take the eager path. Decoders are kept per
     (batch, cache length) for later calls. `threads`: torch intra-op threads while generating
-    on CPU (default 1, measured fastest for one-token steps; None leaves torch's setting).
+    on CPU (default None: torch's setting, which was fastest on an idle machine; 1 is faster
+    only when another process holds a core: see docs/PERFORMANCE.md).
     `expected_calls`: how many requests of this shape will follow (e.g. `--num-samples`); the
     rule weighs the compile against all of their steps.
     """
 
     def __init__(self, model: MicroTransformer, *, precision: str = "fp32",
                  compile: bool = True, costs: DecodeCosts = CPU_COSTS,
-                 threads: int | None = 1, expected_calls: int = 1) -> None:
+                 threads: int | None = None, expected_calls: int = 1) -> None:
         self.device = next(model.parameters()).device
-        # one-token steps are ~60 tiny ops: on CPU, splitting each over threads costs more in
-        # fork/join than it saves (see "Batch-8 decoding" in docs/PERFORMANCE.md)
+        # one-token steps are ~60 tiny ops: 1 thread wins when a core is busy elsewhere (each op
+        # waits for the slow thread), 2 threads win on an idle 2-core machine (PERFORMANCE.md)
         self.threads = threads if self.device.type == "cpu" else None
         check_precision(precision, self.device)
         self.precision = precision

@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="never torch.compile the decode step (by default it is compiled when "
                         "enough tokens are generated to repay the compile; see "
                         "docs/PERFORMANCE.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads while decoding (default: torch's, all cores; 1 is faster "
+                        "when other jobs keep a core busy)")
     p.set_defaults(func=run)
 
 
@@ -94,6 +97,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
     if args.num_samples < 1:
         problems.append(f"--num-samples={args.num_samples} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads={args.threads} must be >= 1 (or left out: all cores)")
     try:
         validate_sampling_args(args.temperature, args.top_k, args.top_p,
                                args.repetition_penalty)
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     start = prompt_ids or [tokenizer.eos_token_id]
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
     fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile,
-                         expected_calls=args.num_samples)
+                         threads=args.threads, expected_calls=args.num_samples)
     # the serve engine reproduces --seed S with exactly this generator
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
