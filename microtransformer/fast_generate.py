@@ -437,11 +437,14 @@ class DecodeStep:
     compiles the step with torch.compile on its first call (inductor C++ on CPU, frozen
     weights, explicit attention; one compile per DecodeStep, cached on disk across processes;
     an error falls back to the eager step, see `compile_error`). Compiling pays off for a
-    long-lived decoder such as a server's (see `choose_decode_path`).
+    long-lived decoder such as a server's (see `choose_decode_path`). `cache`: decode over an
+    existing cache of exactly this shape and dtype (e.g. a `KVCache.view` of a larger one)
+    instead of allocating one.
     """
 
     def __init__(self, model: MicroTransformer, batch_size: int, max_len: int, *,
-                 dtype: torch.dtype | str | None = None, compile: bool = False) -> None:
+                 dtype: torch.dtype | str | None = None, compile: bool = False,
+                 cache: KVCache | None = None) -> None:
         if not 1 <= max_len <= model.max_seq_len:
             raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={model.max_seq_len}]")
         if batch_size < 1:
@@ -458,8 +461,14 @@ class DecodeStep:
         self.model.eval()
         cfg = self.model.config
         self.batch_size, self.max_len = batch_size, max_len
-        self.cache = KVCache(cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim,
-                             dtype=self.dtype, device=self.device)
+        if cache is None:
+            cache = KVCache(cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim,
+                            dtype=self.dtype, device=self.device)
+        elif (cache.k.size(1), cache.max_len, cache.k.dtype) != (batch_size, max_len, self.dtype):
+            raise ValueError(
+                f"cache has {cache.k.size(1)} rows x {cache.max_len} columns of "
+                f"{cache.k.dtype}; this decoder needs {batch_size} x {max_len} of {self.dtype}")
+        self.cache = cache
         self.columns = torch.arange(max_len, device=self.device)  # (S,)
         self._not_compiled: str | None = None
         if compile and dtype == "int8":  # packed int8 weights: dynamo cannot trace the op

@@ -174,3 +174,13 @@ class KVCache:
         view.max_len = self.max_len
         view.layers = [(k[start:stop], v[start:stop]) for k, v in self.layers]
         return view
+
+    def view(self, rows: int, cols: int) -> KVCache:
+        """A view of rows 0..rows-1 and columns 0..cols-1 of every layer, sharing this cache's
+        storage: a smaller fixed-shape decoder over the same slots (continuous batching runs
+        few or short sequences over such a view instead of masking the whole buffer)."""
+        view = self.rows(0, rows)
+        view.k, view.v = view.k[:, :, :, :cols], view.v[:, :, :, :cols]  # (L, b, nh, c, hs)
+        view.max_len = cols
+        view.layers = [(k[:, :, :cols], v[:, :, :cols]) for k, v in view.layers]  # (b, nh, c, hs)
+        return view

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import torch
 
 from microtransformer.fast_generate import DecodeStep
-from model.attention import KVCache
 from model.sampling import apply_repetition_penalty, sample_next_token
 
 MIN_COLUMNS = 64  # the smallest column bucket of a step
@@ -150,9 +149,8 @@ class Engine:
                 if (rows, cols) == (max_batch, ctx):
                     self._steps[rows, cols] = self.decoder
                 else:
-                    step = DecodeStep(self.model, rows, cols)
-                    step.cache = _cache_view(self.decoder.cache, rows, cols)
-                    self._steps[rows, cols] = step
+                    self._steps[rows, cols] = DecodeStep(
+                        self.model, rows, cols, cache=self.decoder.cache.view(rows, cols))
         self.device = self.decoder.device
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
@@ -421,15 +419,6 @@ def _buckets(limit: int) -> list[int]:
     """Bucket sizes: the powers of two below `limit`, then `limit` (ascending)."""
     sizes = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
     return [*sizes, limit]
-
-
-def _cache_view(cache: KVCache, rows: int, cols: int) -> KVCache:
-    """Rows 0..rows-1 and columns 0..cols-1 of every layer of `cache`, sharing its storage."""
-    view = cache.rows(0, rows)
-    view.k, view.v = view.k[:, :, :, :cols], view.v[:, :, :, :cols]  # (L, b, nh, c, hs)
-    view.max_len = cols
-    view.layers = [(k[:, :, :cols], v[:, :, :cols]) for k, v in view.layers]  # (b, nh, c, hs)
-    return view
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> str:

@@ -437,3 +437,21 @@ def test_fast_generator_compiled_path_equals_generate() -> None:
         ref_step.prefill(row, prompt[row, -n:])
     torch.testing.assert_close(got, ref_step.step(prompt[:, -1], cols, cols), atol=1e-4,
                                rtol=1e-4)
+
+
+def test_decode_step_over_a_cache_view_writes_the_shared_cache() -> None:
+    """A smaller DecodeStep over `KVCache.view` fills the big cache's first rows and columns,
+    and a cache of the wrong shape is refused by name."""
+    from microtransformer.fast_generate import DecodeStep
+
+    model = _model(7)
+    big = DecodeStep(model, batch_size=4, max_len=16)
+    small = DecodeStep(model, batch_size=2, max_len=8, cache=big.cache.view(2, 8))
+    prompt = torch.randint(0, SMALL["vocab_size"], (5,))
+    torch.testing.assert_close(small.prefill(1, prompt), big.prefill(1, prompt))
+    k_small, _ = small.cache.layer(0)
+    k_big, _ = big.cache.layer(0)
+    assert k_small.data_ptr() == k_big.data_ptr()  # the same storage, not a copy
+    assert k_big[1, :, :5].abs().sum() > 0 and k_big[2:].abs().sum() == 0
+    with pytest.raises(ValueError, match="2 rows x 8 columns"):
+        DecodeStep(model, batch_size=2, max_len=16, cache=big.cache.view(2, 8))
