@@ -89,7 +89,7 @@ def hf_config(config: ModelConfig, *, eos_token_id: int | None = None,
         "activation_function": "gelu",  # exact erf GELU ("gelu_new" is the tanh approximation)
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
+        "attn_pdrop": config.attention_dropout,
         "layer_norm_epsilon": LAYER_NORM_EPS,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
@@ -231,12 +231,14 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
     pdrops = {k: float(cfg.get(k, 0.1)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if problems:
         raise UserError(f"cannot import {source}: " + "; ".join(problems))
-    if len(set(pdrops.values())) > 1:
+    if pdrops["embd_pdrop"] != pdrops["resid_pdrop"]:
         warnings.warn(
-            f"{source}: dropouts differ ({pdrops}); MicroTransformer has one dropout, using "
-            f"resid_pdrop={pdrops['resid_pdrop']} (dropout only matters for further training)",
+            f"{source}: dropouts differ ({pdrops}); MicroTransformer has one dropout for "
+            f"embeddings and residuals, using resid_pdrop={pdrops['resid_pdrop']} (dropout only "
+            "matters for further training)",
             stacklevel=2,
         )
+    attn = pdrops["attn_pdrop"]
     try:
         return ModelConfig(
             vocab_size=cfg.get("vocab_size", 50257),
@@ -247,6 +249,7 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
             ff_dim=4 * n_embd if n_inner is None else n_inner,  # GPT-2: None means 4 * n_embd
             dropout=pdrops["resid_pdrop"],
             init="gpt2",
+            attn_dropout=None if attn == pdrops["resid_pdrop"] else attn,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot import {source}: {exc}") from exc

@@ -15,7 +15,8 @@ class MultiHeadAttention(nn.Module):
     `is_causal` fast path when there is no padding, an explicit boolean mask otherwise.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0,
+                 attn_dropout: float | None = None) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(
@@ -25,7 +26,8 @@ class MultiHeadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.dropout = dropout
+        # dropout on the attention probabilities (the residual dropout below uses `dropout`)
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.resid_dropout = nn.Dropout(dropout)

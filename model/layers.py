@@ -72,10 +72,11 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + Attn(LN(x)), then x + FF(LN(x))."""
 
-    def __init__(self, embed_dim: int, num_heads: int, ff_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, ff_dim: int, dropout: float = 0.0,
+                 attn_dropout: float | None = None) -> None:
         super().__init__()
         self.ln1 = LayerNorm(embed_dim)
-        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout)
+        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout, attn_dropout=attn_dropout)
         self.ln2 = LayerNorm(embed_dim)
         self.ff = FeedForward(embed_dim, ff_dim, dropout)
 

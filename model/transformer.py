@@ -30,6 +30,10 @@ class ModelConfig:
         num_layers: number of transformer blocks.
         ff_dim: hidden width of each feed-forward network.
         dropout: dropout probability in [0, 1) for embeddings, attention and residual paths.
+        attn_dropout: dropout on the attention probabilities alone; None (the default, the
+            seed's model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU,
+            attention with dropout falls back to the unfused path and a training step costs
+            ~1.6-1.8x (docs/RESULTS.md, section 5).
         init: weight initialisation, "kaiming" (the seed's) or "gpt2" (normal 0.02,
             residual projections scaled by 1/sqrt(2 * num_layers)).
     """
@@ -42,6 +46,7 @@ class ModelConfig:
     ff_dim: int = 512
     dropout: float = 0.1
     init: str = "kaiming"
+    attn_dropout: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -61,6 +66,14 @@ class ModelConfig:
             or not 0.0 <= self.dropout < 1.0
         ):
             problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.attn_dropout is not None and (
+            isinstance(self.attn_dropout, bool)
+            or not isinstance(self.attn_dropout, (int, float))
+            or not 0.0 <= self.attn_dropout < 1.0
+        ):
+            problems.append(
+                f"attn_dropout={self.attn_dropout!r} must be in [0, 1), or None to use dropout"
+            )
         if self.init not in INIT_SCHEMES:
             problems.append(f"init={self.init!r} must be one of {', '.join(INIT_SCHEMES)}")
         if problems:
@@ -70,6 +83,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Size of each attention head."""
         return self.embed_dim // self.num_heads
+
+    @property
+    def attention_dropout(self) -> float:
+        """The dropout applied to attention probabilities (attn_dropout, else dropout)."""
+        return self.dropout if self.attn_dropout is None else float(self.attn_dropout)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready) of every field."""
@@ -104,12 +122,13 @@ class MicroTransformer(nn.Module):
         ff_dim: int = 512,
         dropout: float = 0.1,
         init: str = "kaiming",
+        attn_dropout: float | None = None,
     ) -> None:
         super().__init__()
         cfg = ModelConfig(
             vocab_size=vocab_size, max_seq_len=max_seq_len, embed_dim=embed_dim,
             num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,
-            init=init,
+            init=init, attn_dropout=attn_dropout,
         )
         self.config = cfg
         self.vocab_size = cfg.vocab_size
@@ -123,7 +142,8 @@ class MicroTransformer(nn.Module):
         self.position_embedding = PositionEmbedding(cfg.max_seq_len, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.ff_dim, cfg.dropout)
+            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.ff_dim, cfg.dropout,
+                             attn_dropout=cfg.attention_dropout)
             for _ in range(cfg.num_layers)
         )
         self.ln_f = LayerNorm(cfg.embed_dim)

@@ -357,3 +357,14 @@ def test_onnx_dynamo_exporter(tmp_path: Path) -> None:
     out = export.export_onnx(model, tmp_path / "m.onnx", dynamo=True)
     for B, T, seed in ((1, 3, 0), (3, 24, 1)):
         assert onnx_max_diff(out, model, B, T, True, seed) <= ATOL
+
+
+def test_attention_dropout_maps_to_attn_pdrop_and_back() -> None:
+    cfg = make_model(50, dropout=0.1).config
+    apart = dataclasses.replace(cfg, attn_dropout=0.0)
+    hf = export.hf_config(apart)
+    assert (hf["resid_pdrop"], hf["embd_pdrop"], hf["attn_pdrop"]) == (0.1, 0.1, 0.0)
+    back = export.model_config_from_hf(hf)
+    assert (back.dropout, back.attn_dropout, back.attention_dropout) == (0.1, 0.0, 0.0)
+    same = export.model_config_from_hf(export.hf_config(cfg))  # one dropout everywhere
+    assert (same.dropout, same.attn_dropout) == (0.1, None)

@@ -155,3 +155,47 @@ def test_labels_shape_must_match_input(tiny_model):
     ids, _ = get_sample_data(2, 8, TINY["vocab_size"], seed=1)
     with pytest.raises(ValueError, match="labels has shape"):
         tiny_model(ids, labels=ids[:, :4])
+
+
+# ---------------------------------------------------------------- attention dropout
+def test_attn_dropout_defaults_to_dropout_and_can_be_set_apart() -> None:
+    seed_model = MicroTransformer(**TINY, dropout=0.1)
+    assert seed_model.config.attn_dropout is None
+    assert all(b.attn.dropout == 0.1 for b in seed_model.blocks)  # the seed's model
+    apart = MicroTransformer(**TINY, dropout=0.1, attn_dropout=0.0)
+    assert all(b.attn.dropout == 0.0 for b in apart.blocks)
+    assert all(b.attn.resid_dropout.p == 0.1 and b.ff.dropout.p == 0.1 for b in apart.blocks)
+    assert apart.dropout.p == 0.1
+    assert apart.config.attention_dropout == 0.0
+    assert seed_model.config.attention_dropout == 0.1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's "kernel not used" notes
+def test_attn_dropout_zero_keeps_training_on_the_fused_cpu_kernel() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ids, _ = get_sample_data(2, 16, TINY["vocab_size"], seed=3)
+    apart = MicroTransformer(**TINY, dropout=0.1, attn_dropout=0.0).train()
+    seed_model = MicroTransformer(**TINY, dropout=0.1).train()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # only the fused kernel allowed
+        apart(ids, labels=ids).backward()  # residual dropout still on, attention fused
+        with pytest.raises(RuntimeError):  # attention-probability dropout needs the math path
+            seed_model(ids, labels=ids)
+    # residual/embedding dropout is still active in training mode
+    torch.manual_seed(0)
+    a = apart(ids)
+    torch.manual_seed(1)
+    b = apart(ids)
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, "0.1"])
+def test_attn_dropout_out_of_range_is_refused_by_name(bad) -> None:
+    with pytest.raises(ValueError, match="attn_dropout"):
+        MicroTransformer(**TINY, attn_dropout=bad)
+
+
+def test_attn_dropout_survives_the_config_file(tmp_path) -> None:
+    model = MicroTransformer(**TINY, dropout=0.1, attn_dropout=0.0)
+    save_model_config(model.config, tmp_path / "config.json")
+    assert load_model_config(tmp_path / "config.json").attn_dropout == 0.0
