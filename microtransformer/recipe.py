@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Measured training throughput of the recipes on a 2-core AMD EPYC, 2 threads (docs/RESULTS.md,
-# "The best model per minute"): used only to say how many passes over the data a budget buys.
-MEASURED_TOKENS_PER_S = {"cpu_char": 9000.0, "cpu_bpe": 8000.0}
-# Above this many passes over the training text a small corpus is being memorised: dropout on.
-MANY_EPOCHS = 30.0
+# Measured training throughput of the recipes on the idle 2-core AMD EPYC, 2 threads
+# (docs/RESULTS.md, section 5): used only to say how many passes over the data a budget buys.
+MEASURED_TOKENS_PER_S = {"cpu_char": 7300.0, "cpu_bpe": 6800.0}
+# Above this many passes over the training text a 2-3M model memorises it (TinyStories' subset at
+# ~20 passes: held-out loss bottoms out half-way and rises after); regularise.
+MANY_EPOCHS = 10.0
+# What regularises, as measured there: dropout on embeddings and residual paths only (dropout on
+# the attention probabilities takes attention off the fused CPU kernel and costs ~1.8-1.9x a step)
+# and weight decay on the blocks' matrices. torch's Muon shrinks them by lr x weight_decay per
+# step; 2e-3 per step (weight decay 1.0 at lr 2e-3) was measured, so 0.5 at the presets' 4e-3.
+REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 0.0,
+                                    "train.weight_decay": 0.5}
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,8 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
 
     - tokenizer: char text -> `cpu_char`; BPE text -> `cpu_bpe` (both time-budget recipes);
     - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
-      model would memorise the text, so dropout 0.1 is switched on;
+      model would memorise the text, so REGULARISATION (residual dropout 0.1, weight decay
+      0.5) is switched on;
     - machine: every core this process may use (a GPU, when present, runs the same preset in
       bf16 autocast, the loop's default there).
     """
@@ -91,8 +99,10 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
         where = f"{machine.cores} CPU core" + ("s" if machine.cores != 1 else "")
         regime = f"{size}, ~{epochs:.0f} passes in {minutes:g} min"
         if epochs > MANY_EPOCHS:
-            overrides["model.dropout"] = 0.1
-            regime += f" > {MANY_EPOCHS:g}: dropout 0.1 against memorising"
+            overrides.update(REGULARISATION)
+            regime += (f" > {MANY_EPOCHS:g}: against memorising, dropout "
+                       f"{REGULARISATION['model.dropout']:g} (attention kept fused) and weight "
+                       f"decay {REGULARISATION['train.weight_decay']:g}")
     reason = (f"budget mode: preset {preset} ({kind} tokenizer; {regime}; {where}); LR "
               f"schedule over {minutes:g} min of training time, ending decayed")
     return Recipe(preset=preset, overrides=overrides, reason=reason)

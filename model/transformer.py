@@ -33,7 +33,7 @@ class ModelConfig:
         attn_dropout: dropout on the attention probabilities alone; None (the default, the
             seed's model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU,
             attention with dropout falls back to the unfused path and a training step costs
-            ~1.6-1.8x (docs/RESULTS.md, section 5).
+            ~1.8-1.9x (docs/RESULTS.md, section 5).
         init: weight initialisation, "kaiming" (the seed's) or "gpt2" (normal 0.02,
             residual projections scaled by 1/sqrt(2 * num_layers)).
     """

@@ -1,7 +1,7 @@
 """Plot validation loss against training time for several runs (docs/RESULTS.md's figures).
 
     python scripts/plot_recipes.py OUT.png "label=RUN_DIR" ["label=RUN_DIR" ...] [--title T]
-        [--ref "label=VALUE"] [--key val_loss|val_bpb]
+        [--ref "label=VALUE"] [--key val_loss|val_bpb] [--ylim LOW,HIGH]
 
 Reads each run's metrics.jsonl; the x axis is `train_time_s` (the time budget's clock:
 optimizer steps only) where the log has it, else `elapsed_s` (older logs: wall time of the
@@ -33,6 +33,7 @@ def main() -> None:
                    help="label=SECONDS:VALUE,...: a curve from a published table")
     p.add_argument("--ref", action="append", default=[],
                    help="label=VALUE: a horizontal reference line (e.g. an earlier result)")
+    p.add_argument("--ylim", default=None, help="LOW,HIGH: the y range (e.g. to cut step 0)")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
     for item in args.runs:
@@ -53,6 +54,9 @@ def main() -> None:
         ax.axhline(float(value), linestyle="--", color="grey", linewidth=1)
         ax.annotate(label, (0, float(value)), xycoords=("axes fraction", "data"),
                     textcoords="offset points", xytext=(4, 3), fontsize=7, color="dimgrey")
+    if args.ylim:
+        low, high = (float(v) for v in args.ylim.split(","))
+        ax.set_ylim(low, high)
     ax.set_xlabel("training time (min)")
     ax.set_ylabel(args.ylabel)
     ax.grid(alpha=0.3)

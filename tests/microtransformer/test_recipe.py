@@ -9,6 +9,8 @@ import pytest
 from microtransformer.config import load_config
 from microtransformer.recipe import (
     MANY_EPOCHS,
+    MEASURED_TOKENS_PER_S,
+    REGULARISATION,
     Machine,
     choose_recipe,
     cpu_has_native_bf16,
@@ -30,14 +32,18 @@ def test_char_data_gets_cpu_char_and_bpe_data_gets_cpu_bpe() -> None:
         assert cfg.train.max_steps >= 10_000  # max_steps is only a cap
 
 
-def test_a_small_corpus_repeated_many_times_gets_dropout() -> None:
+def test_a_small_corpus_repeated_many_times_gets_regularised() -> None:
     small = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 15, TWO_CORES)
     large = choose_recipe({"kind": "bpe", "tokens": {"train": 50_000_000}}, 15, TWO_CORES)
-    assert small.overrides.get("model.dropout") == 0.1
+    assert {k: small.overrides[k] for k in REGULARISATION} == REGULARISATION
     assert f"> {MANY_EPOCHS:g}" in small.reason
     assert "model.dropout" not in large.overrides
+    assert "train.weight_decay" not in large.overrides
+    cfg = load_config(preset=small.preset, overrides=small.override_tokens())
+    assert (cfg.model.dropout, cfg.model.attention_dropout, cfg.train.weight_decay) == \
+        (0.1, 0.0, 0.5)
     # a shorter budget sees the same small corpus fewer times
-    short = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 0.5, TWO_CORES)
+    short = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 0.25, TWO_CORES)
     assert "model.dropout" not in short.overrides
 
 
@@ -59,3 +65,16 @@ def test_cpu_native_bf16_from_cpuinfo_flags(tmp_path: Path, flags: str, native: 
     info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     assert cpu_has_native_bf16(info) is native
     assert cpu_has_native_bf16(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_the_passes_threshold_is_where_the_rule_switches(kind: str) -> None:
+    """Just under MANY_EPOCHS passes: no regularisation; just over: regularised."""
+    preset = "cpu_char" if kind == "char" else "cpu_bpe"
+    tokens_in_budget = MEASURED_TOKENS_PER_S[preset] * 15 * 60  # 2 cores
+    under = int(tokens_in_budget / (MANY_EPOCHS * 0.95))
+    over = int(tokens_in_budget / (MANY_EPOCHS * 1.05))
+    assert "model.dropout" not in choose_recipe(
+        {"kind": kind, "tokens": {"train": under}}, 15, TWO_CORES).overrides
+    assert "model.dropout" in choose_recipe(
+        {"kind": kind, "tokens": {"train": over}}, 15, TWO_CORES).overrides
