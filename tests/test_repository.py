@@ -167,9 +167,9 @@ def test_model_imports_nothing_from_the_toolkit() -> None:
 
 
 # ---------------------------------------------------------------- machine paths
-# An absolute path of a development machine: /work/<something>, /root/<something>, /home/<user>/,
-# /Users/<user>/ -- at the start of a token (not inside a relative path such as
-# ../shared/work/x or a URL path such as https://host/work/...).
+# An absolute path of a development machine: a name under the root-level `work` or `root`
+# directory, or a user's directory under `home` or `Users` -- at the start of a token (not inside
+# a relative path or a URL path; test_machine_path_pattern has examples of both kinds).
 MACHINE_PATH = re.compile(r"(?<![\w.~/:-])/(?:work|root)/[\w.-]+|(?<![\w.~/:-])/(?:home|Users)/"
                           r"[\w.-]+/")
 
@@ -181,8 +181,8 @@ def test_machine_path_pattern() -> None:
     for bad in (f"data at {work}/shared/data", f"`{root}/.cache/x`", f"({home}/alice/corpus)",
                 f"--out={work}/runs/a", f"'{users}/bob/'"):
         assert MACHINE_PATH.search(bad), bad
-    for ok in ("../shared/data/tinystories", "https://example.org/work/x", "~/.cache/x",
-               "a/work/b", "workflows/root/x", "/workspace", "$HOME/data", "C:/work"):
+    for ok in ("../shared/data/tinystories", f"https://example.org{work}/x", "~/.cache/x",
+               f"a{work}/b", f"workflows{root}/x", "/workspace", "$HOME/data", "C:/work"):
         assert not MACHINE_PATH.search(ok), ok
 
 
