@@ -80,8 +80,8 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
 
     - tokenizer: char text -> `cpu_char`; BPE text -> `cpu_bpe` (both time-budget recipes);
     - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
-      model would memorise the text, so REGULARISATION (residual dropout 0.1, weight decay
-      0.5) is switched on;
+      model would memorise the text, so REGULARISATION (residual dropout, weight decay) is
+      switched on;
     - machine: every core this process may use (a GPU, when present, runs the same preset in
       bf16 autocast, the loop's default there).
     """

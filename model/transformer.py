@@ -18,6 +18,12 @@ from .sampling import apply_repetition_penalty, sample_next_token, validate_samp
 INIT_SCHEMES = ("kaiming", "gpt2")
 
 
+def _is_dropout_probability(value: object) -> bool:
+    """True for a real number (not a bool) in [0, 1)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and 0.0 <= value < 1.0)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every hyper-parameter of a MicroTransformer; the single source of truth to rebuild one.
@@ -60,17 +66,9 @@ class ModelConfig:
                 f"use a num_heads that divides {self.embed_dim} or an embed_dim that is a "
                 f"multiple of {self.num_heads}"
             )
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0.0 <= self.dropout < 1.0
-        ):
+        if not _is_dropout_probability(self.dropout):
             problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
-        if self.attn_dropout is not None and (
-            isinstance(self.attn_dropout, bool)
-            or not isinstance(self.attn_dropout, (int, float))
-            or not 0.0 <= self.attn_dropout < 1.0
-        ):
+        if self.attn_dropout is not None and not _is_dropout_probability(self.attn_dropout):
             problems.append(
                 f"attn_dropout={self.attn_dropout!r} must be in [0, 1), or None to use dropout"
             )
