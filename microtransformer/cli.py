@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -81,6 +81,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = previous_format
+
+
+# Options whose value may start with "-" (a negative duration is still a value to judge, not
+# another option): "--time -5m" becomes "--time=-5m" so the command can say what is wrong.
+_VALUE_OPTIONS = ("--time",)
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """Join `--opt -value` into `--opt=-value` for the options in `_VALUE_OPTIONS`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,

@@ -1,8 +1,9 @@
 """Run configuration: one typed `RunConfig` (model / train / data), TOML presets, dotted overrides.
 
 A run is fully described by a `RunConfig`; it is saved as `config.json` in every run directory
-and used to rebuild the model. Presets are TOML data files in `<repo>/configs/<name>.toml`
-with the same three sections. Command-line overrides use dotted keys:
+and used to rebuild the model. Presets are TOML data files in the package,
+`microtransformer/configs/<name>.toml`, with the same three sections. Command-line overrides
+use dotted keys:
 
     microtransformer train --preset balanced --model.num_layers 6 --train.lr=3e-4
 
@@ -20,7 +21,7 @@ import os
 import sys
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,10 +289,9 @@ _SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig,
 
 # ============================================================================ presets / files
 def configs_dir() -> Path:
-    """The directory holding the TOML presets (`<repo>/configs`)."""
-    import microtransformer
-
-    return Path(microtransformer.__file__).resolve().parents[1] / "configs"
+    """The directory holding the TOML presets: `microtransformer/configs`, inside the package,
+    so an installed wheel finds them from any working directory."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def available_presets() -> list[str]:
@@ -321,37 +321,80 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def load_config(
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a --config file (.json, else TOML) into a nested dict, as written."""
+    p = Path(path)
+    if p.suffix != ".json":
+        return read_toml(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {p} is not valid JSON: {exc}") from None
+
+
+# ============================================================================ resolution
+DEFAULT_ORIGIN = "default"
+UNBOUNDED_STEPS = 1_000_000  # max_steps when a typed time budget meets a max_steps not typed
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A RunConfig with where each value came from and what was adapted on the way.
+
+    The rule (docs/CONFIG.md): a value the user typed (a flag or a `--section.key` override) is
+    never changed, and two typed values that contradict each other are refused with the fix; a
+    value from a default, a preset, a config file or a saved run adapts to the data and to the
+    run, and `notes` says, one line each, what changed and why.
+    """
+
+    config: RunConfig
+    origins: dict[str, str]          # "section.key" -> "--train.lr", "preset 'balanced'", ...
+    typed: frozenset[str]            # the "section.key" names the user typed
+    notes: tuple[str, ...] = ()
+
+    def origin(self, key: str) -> str:
+        """Where `key` ("section.name") came from ("default" when nothing set it)."""
+        return self.origins.get(key, DEFAULT_ORIGIN)
+
+    def with_notes(self, config: RunConfig, notes: list[str]) -> ResolvedConfig:
+        """A copy with a new config and more notes."""
+        return dataclasses.replace(self, config=config, notes=(*self.notes, *notes))
+
+
+def resolve_config(
     path: str | os.PathLike | None = None,
     preset: str | None = None,
     overrides: list[str] | None = None,
     *,
     base: RunConfig | None = None,
-) -> RunConfig:
-    """Resolve a RunConfig: defaults (or `base`) <- preset <- config file <- dotted overrides.
+    base_origin: str = "the saved run config",
+    layers: list[tuple[str, dict[str, Any]]] | None = None,
+) -> ResolvedConfig:
+    """Resolve a config: defaults (or `base`) <- preset <- config file <- `layers` <- typed
+    `overrides`, then adapt the values nobody typed to the run (`adapt_to_run`).
 
-    `path` may be a .toml or .json file with [model]/[train]/[data] sections; `preset` is a name
-    in `configs/`; `overrides` are command-line tokens like `--model.num_layers 6` or
-    `--train.lr=3e-4`. Every layer is validated; errors name the key, value and fix.
+    `path` is a .toml or .json file with [model]/[train]/[data] sections; `preset` a name in
+    `configs_dir()`; `layers` more (origin, sections) pairs that are not typed (the budget
+    recipe's choices); `overrides` are the user's command-line tokens like `--model.num_layers 6`
+    or `--train.lr=3e-4`. Every layer is validated; errors name the key, value and fix.
     """
     merged: dict[str, dict[str, Any]] = (
         base.to_dict() if base is not None else {name: {} for name in SECTIONS}
     )
-    layers: list[tuple[str, dict[str, Any]]] = []
+    origins = ({f"{s}.{k}": base_origin for s in SECTIONS for k in merged[s]}
+               if base is not None else {})
+    stack: list[tuple[str, dict[str, Any]]] = []
     if preset is not None:
-        layers.append((f"preset {preset!r}", read_toml(preset_path(preset))))
+        stack.append((f"preset {preset!r}", read_toml(preset_path(preset))))
     if path is not None:
-        p = Path(path)
-        if p.suffix == ".json":
-            if not p.is_file():
-                raise FileNotFoundError(f"config file {p} does not exist")
-            try:
-                layers.append((str(p), json.loads(p.read_text(encoding="utf-8"))))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"config file {p} is not valid JSON: {exc}") from None
-        else:
-            layers.append((str(p), read_toml(p)))
-    for origin, layer in layers:
+        stack.append((f"config file {path}", read_config_file(path)))
+    stack += layers or []
+    for origin, layer in stack:
+        if not isinstance(layer, dict):
+            raise UserError(f"{origin}: must be a mapping of sections, got "
+                            f"{type(layer).__name__}")
         unknown = sorted(set(layer) - set(SECTIONS))
         if unknown:
             raise UserError(f"{origin}: unknown section(s) {unknown}; valid sections are "
@@ -361,10 +404,121 @@ def load_config(
                 raise UserError(f"{origin}: [{section}] must be a table of keys")
             _reject_unknown(section, values, origin)
             merged[section].update(values)
+            origins.update({f"{section}.{k}": origin for k in values})
+    typed = set()
     for key, raw in parse_overrides(overrides or []).items():
         section, name = key.split(".", 1)
         merged[section][name] = coerce_override(section, name, raw)
-    return RunConfig.from_dict(merged)
+        origins[key] = f"--{key}"
+        typed.add(key)
+    for section in SECTIONS:  # TOML/JSON values to field types before the rules compare them
+        merged[section] = {k: _coerce_value(section, k, v) for k, v in merged[section].items()}
+    notes = adapt_to_run(merged, origins, frozenset(typed))
+    return ResolvedConfig(RunConfig.from_dict(merged), origins, frozenset(typed), tuple(notes))
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """The RunConfig of `resolve_config` (same arguments), without its notes."""
+    return resolve_config(path, preset, overrides, base=base).config
+
+
+def adapt_to_run(merged: dict[str, dict[str, Any]], origins: dict[str, str],
+                 typed: frozenset[str]) -> list[str]:
+    """Adapt, in place, the values nobody typed that contradict the run; one note each.
+
+    Pure: `merged` is {section: {name: typed value}} before validation, `origins` says where
+    each value came from. Rules: a warm-up longer than the run shrinks to a tenth of it; a
+    min_lr above lr drops to lr / 10; a training window longer than the position table is cut
+    to it; a step cap under a typed time budget is lifted so the time is the budget. Where
+    the contradicting values are all typed nothing changes and validation refuses them.
+    """
+    notes: list[str] = []
+
+    def get(section: str, name: str) -> Any:
+        sec = merged[section]
+        return sec[name] if name in sec else _default(section, name)
+
+    def change(section: str, name: str, value: Any, why: str) -> None:
+        key = f"{section}.{name}"
+        notes.append(f"{key}: {get(section, name)!r} ({origins.get(key, DEFAULT_ORIGIN)}) -> "
+                     f"{value!r}: {why}")
+        merged[section][name] = value
+        origins[key] = f"adapted from {origins.get(key, DEFAULT_ORIGIN)}"
+
+    if ("train.max_time_minutes" in typed and get("train", "max_time_minutes") is not None
+            and "train.max_steps" not in typed and get("train", "max_steps") < UNBOUNDED_STEPS):
+        change("train", "max_steps", UNBOUNDED_STEPS,
+               "the typed time budget ends the run, not a step count nobody typed")
+    max_steps, warmup = get("train", "max_steps"), get("train", "warmup_steps")
+    if (_plain_int(max_steps) and _plain_int(warmup) and warmup > max_steps
+            and "train.warmup_steps" not in typed):
+        change("train", "warmup_steps", max(1, max_steps // 10),
+               f"longer than the run's max_steps={max_steps}, so a tenth of it")
+    lr, min_lr = get("train", "lr"), get("train", "min_lr")
+    if (_is_number(lr) and _is_number(min_lr) and min_lr > lr > 0
+            and "train.min_lr" not in typed):
+        change("train", "min_lr", lr / 10, f"above lr={lr:g}, so lr / 10")
+    seq_len, context = get("train", "seq_len"), get("model", "max_seq_len")
+    if (_plain_int(seq_len) and _plain_int(context) and seq_len > context
+            and "train.seq_len" not in typed):
+        change("train", "seq_len", context,
+               f"longer than model.max_seq_len={context} (the position table)")
+    return notes
+
+
+def adapt_to_data(resolved: ResolvedConfig, *, vocab_size: int, data_dir: str,
+                  min_split_tokens: int) -> ResolvedConfig:
+    """Adapt the values nobody typed to a prepared dataset, by the same rule as `adapt_to_run`.
+
+    `model.vocab_size` follows the tokenizer's; the training window shrinks to what the smaller
+    split holds (`min_split_tokens` - 1 tokens). A typed value that contradicts the data is
+    refused with the fix. Pure: the caller reads the numbers from the dataset's meta.json.
+    """
+    cfg = resolved.config
+    notes: list[str] = []
+    model_cfg, train_cfg = cfg.model, cfg.train
+    if vocab_size != model_cfg.vocab_size:
+        origin = resolved.origin("model.vocab_size")
+        if "model.vocab_size" in resolved.typed:
+            raise UserError(f"vocab mismatch: --model.vocab_size={model_cfg.vocab_size} but the "
+                            f"tokenizer of {data_dir} has {vocab_size} tokens; drop the "
+                            f"override or set it to {vocab_size}")
+        notes.append(f"model.vocab_size: {model_cfg.vocab_size} ({origin}) -> {vocab_size}: "
+                     f"the tokenizer of {data_dir} has {vocab_size} tokens")
+        model_cfg = replace(model_cfg, vocab_size=vocab_size)
+    window = cfg.seq_len
+    fits = max(2, min_split_tokens - 1)  # a window needs window + 1 tokens (inputs and targets)
+    if window > fits:
+        typed = [k for k in ("train.seq_len", "model.max_seq_len") if k in resolved.typed]
+        if "train.seq_len" in resolved.typed or (
+                train_cfg.seq_len is None and "model.max_seq_len" in resolved.typed):
+            raise UserError(f"the training window {typed[0]}={window} needs {window + 1} "
+                            f"tokens but the smaller split of {data_dir} has "
+                            f"{min_split_tokens}; use --train.seq_len {fits} or less, or "
+                            "prepare more text")
+        key = "train.seq_len" if train_cfg.seq_len is not None else "model.max_seq_len"
+        notes.append(f"train.seq_len: {window} ({resolved.origin(key)}) -> {fits}: the smaller "
+                     f"split of {data_dir} has {min_split_tokens} tokens")
+        train_cfg = replace(train_cfg, seq_len=fits)
+    if not notes:
+        return resolved
+    return resolved.with_notes(cfg.replace(model=model_cfg, train=train_cfg), notes)
+
+
+def _default(section: str, name: str) -> Any:
+    """The dataclass default of one field."""
+    f = next(f for f in fields(_SECTION_CLASSES[section]) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _plain_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ============================================================================ overrides

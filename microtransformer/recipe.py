@@ -47,6 +47,16 @@ class Recipe:
         """The overrides as `--section.key=value` tokens (config.load_config's form)."""
         return [f"--{k}={v}" for k, v in self.overrides.items()]
 
+    def sections(self) -> dict[str, dict[str, Any]]:
+        """The overrides as a config layer {section: {name: value}} (`resolve_config`'s
+        `layers`: the recipe's choices are not typed by the user, so they adapt like a
+        preset's)."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in self.overrides.items():
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+        return out
+
 
 def this_machine() -> Machine:
     """The facts about the machine this process runs on."""

@@ -78,6 +78,8 @@ def parse_duration(text: str) -> float:
     Raises ValueError naming the value and the accepted forms.
     """
     raw = text.strip().lower()
+    if raw.startswith("-"):
+        raise ValueError(f"duration {text!r} must be positive, e.g. 15m")
     try:
         minutes = float(raw)
     except ValueError:

@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from microtransformer import checkpoint as ckpt
-from microtransformer.config import RunConfig, TrainConfig
+from microtransformer.config import ResolvedConfig, RunConfig, TrainConfig, adapt_to_data
 from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
@@ -245,23 +245,25 @@ class TrainResult:
 
 
 # ============================================================================ data preparation
-def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *,
-                 explicit_vocab: bool | str = False, progress: bool = True) -> RunConfig:
-    """Make sure the run has prepared data and the model's vocab matches its tokenizer.
+def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
+                 progress: bool = True) -> ResolvedConfig:
+    """Make sure the run has prepared data, and adapt the config to it.
 
-    With `cfg.data.data_dir` unset, `cfg.data.sources` (empty = the stdlib corpus) are prepared
-    into RUN_DIR/data (reused if already there). `model.vocab_size` is taken from meta.json unless
-    `explicit_vocab` (the user set it: True for `--model.vocab_size`, or a string naming where,
-    e.g. "config file run.toml"), in which case a mismatch is an error.
-    Returns the config with `data.data_dir` and `model.vocab_size` resolved.
+    With `data.data_dir` unset, `data.sources` (empty = the stdlib corpus) are prepared into
+    RUN_DIR/data (reused if already there). Then `config.adapt_to_data` applies the one rule:
+    `model.vocab_size` follows the tokenizer and the training window fits the smaller split,
+    unless the user typed them (a typed value that contradicts the data is an error); in a plain
+    `RunConfig` nothing counts as typed. Returns the resolved config, `data.data_dir`
+    absolute, with a note per adapted value.
     """
     from microtransformer.data import load_meta, prepare
 
-    data_dir = cfg.data.data_dir
+    resolved = cfg if isinstance(cfg, ResolvedConfig) else ResolvedConfig(cfg, {}, frozenset())
+    data_dir = resolved.config.data.data_dir
     if data_dir is None:
         target = Path(run_dir) / "data"
         if not (target / "meta.json").is_file():
-            d = cfg.data
+            d = resolved.config.data
             prepare(list(d.sources), target, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                     val_fraction=d.val_fraction, val_tail=d.val_tail, progress=progress)
         data_dir = str(target)
@@ -269,21 +271,11 @@ def prepare_data(cfg: RunConfig, run_dir: str | os.PathLike, *,
         raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one with "
                                 f"`microtransformer prepare SOURCE --out {data_dir}`")
     meta = load_meta(data_dir)
-    vocab = int(meta["vocab_size"])
-    model_cfg = cfg.model
-    if vocab != model_cfg.vocab_size:
-        if isinstance(explicit_vocab, str) and explicit_vocab:
-            raise UserError(f"vocab mismatch: {explicit_vocab} sets model.vocab_size="
-                            f"{model_cfg.vocab_size} but the tokenizer of {data_dir} has {vocab} "
-                            f"tokens; remove vocab_size from it (the tokenizer's is used) or "
-                            f"set it to {vocab}")
-        if explicit_vocab:
-            raise UserError(f"vocab mismatch: --model.vocab_size={model_cfg.vocab_size} but the "
-                            f"tokenizer of {data_dir} has {vocab} tokens; drop the override or "
-                            f"set it to {vocab}")
-        model_cfg = replace(model_cfg, vocab_size=vocab)
+    resolved = adapt_to_data(resolved, vocab_size=int(meta["vocab_size"]), data_dir=data_dir,
+                             min_split_tokens=min(int(n) for n in meta["tokens"].values()))
+    cfg = resolved.config
     data_dir = str(Path(data_dir).resolve())  # absolute: resume works from any directory
-    return cfg.replace(model=model_cfg, data=replace(cfg.data, data_dir=data_dir))
+    return resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=data_dir)), [])
 
 
 # ============================================================================ run state
@@ -373,8 +365,8 @@ class _Progress:
 # ============================================================================ the loop
 def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           progress: bool = True, ctx: RuntimeContext | None = None,
-          stop_at: int | None = None, clock: Callable[[], float] = time.perf_counter
-          ) -> TrainResult:
+          stop_at: int | None = None, clock: Callable[[], float] = time.perf_counter,
+          notes: Sequence[str] = ()) -> TrainResult:
     """Train `cfg` into `run_dir`; returns a TrainResult.
 
     `cfg.data.data_dir` must be a prepared directory whose vocab matches `cfg.model` (see
@@ -382,7 +374,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     stopped (the time budget too: the training time spent is in the state). `ctx` defaults
     to a single process on `cfg.train.device`. `stop_at` stops (and checkpoints) after that
     many completed steps, as an interrupt would. `clock` measures training time (injectable
-    for tests).
+    for tests). `notes` (what config resolution adapted, `ResolvedConfig.notes`) are logged to
+    metrics.jsonl, where `info` shows them.
     """
     prev_threads = torch.get_num_threads()  # train() sets its own; the caller's come back
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -394,6 +387,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         if run.ctx.rank > 0:  # own dropout stream; rank 0 keeps the saved one
             seed_rank_rng(cfg.train.seed, run.ctx.rank, state.step)
         _open_run_dir(run, state, resumed=resume)
+        if notes and run.logger is not None:
+            run.logger.log({"step": state.step, "config_notes": list(notes)})
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -67,6 +67,8 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
     if trains:
         summary["last_train"] = trains[-1]
     info["training"] = summary
+    # what config resolution adapted (defaults, presets and files yield to the data and run)
+    info["adapted"] = [n for e in events for n in e.get("config_notes", [])]
     info["files"] = {p.name: p.stat().st_size for p in sorted(run.iterdir()) if p.is_file()
                      and not p.name.startswith(".")}
     return info
@@ -88,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {info['parameters']:,} parameters, {info['size_mb']:.2f} MB (fp32)")
     print("  " + ", ".join(f"{k}={v}" for k, v in m.items()))
     print("train: " + ", ".join(f"{k}={t[k]}" for k in (
-        "max_steps", "batch_size", "grad_accum_steps", "lr", "min_lr", "warmup_steps",
-        "weight_decay", "seed")))
+        "max_steps", "max_time_minutes", "batch_size", "grad_accum_steps", "seq_len",
+        "optimizer", "lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "seed")))
+    for note in info["adapted"]:
+        print(f"  adapted: {note}")
     print(f"data: {info['config']['data']['data_dir']}")
     if info["weights"]:
         print("weights: " + ", ".join(

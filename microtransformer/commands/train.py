@@ -10,12 +10,12 @@ from typing import Any
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.config import (
+    ResolvedConfig,
     RunConfig,
     add_override_arguments,
     collect_overrides,
     load_config,
-    override_keys,
-    read_toml,
+    resolve_config,
 )
 from microtransformer.errors import UserError
 from microtransformer.recipe import Recipe, choose_recipe, this_machine
@@ -60,27 +60,28 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.set_defaults(func=run)
 
 
-def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool | str]:
-    """The run's config from the CLI args -> (config, where model.vocab_size was set
-    explicitly: True for the override, the config file's name, or False)."""
+def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
+    """The run's config from the CLI args, with where each value came from.
+
+    Typed: `--section.key` overrides, `--time` (= train.max_time_minutes) and `--data`. Not
+    typed, so adapted to the run and the data with a note: defaults, `--preset`, `--config`,
+    the budget recipe's choices, and on `--resume` the run's saved config.
+    """
     overrides = collect_overrides(args)
-    if getattr(args, "time", None):
+    minutes = None
+    if args.time is not None:
         try:
             minutes = parse_duration(args.time)
         except ValueError as exc:
             raise UserError(f"--time: {exc}") from None
         overrides.insert(0, f"--train.max_time_minutes={minutes:g}")
-    if getattr(args, "time", None) and not (args.preset or args.config or args.resume):
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if minutes is not None and not (args.preset or args.config or args.resume):
         recipe = budget_recipe(args.data, minutes, overrides)
         if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun worker
             print(recipe.reason, flush=True)
         args.preset = recipe.preset
-        overrides = recipe.override_tokens() + overrides  # the user's own overrides win
-    explicit = override_keys(overrides)
-    vocab_origin: bool | str = "model.vocab_size" in explicit
-    if not vocab_origin and args.config and "vocab_size" in _file_sections(args.config).get(
-            "model", {}):
-        vocab_origin = f"config file {args.config}"
+        layers.append(("the budget recipe", recipe.sections()))
     run_dir = Path(args.out)
     if args.resume:
         saved = run_dir / ckpt.CONFIG_FILE
@@ -89,27 +90,30 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, bool | str]
                                     "without --resume")
         base = RunConfig.load_json(saved)
         if args.config or args.preset:
-            cfg = load_config(args.config, args.preset, overrides)
+            resolved = resolve_config(args.config, args.preset, overrides, layers=layers)
         else:
-            cfg = load_config(None, None, overrides, base=base)
+            resolved = resolve_config(None, None, overrides, base=base)
+        cfg = resolved.config
         if args.data is None:
             cfg = cfg.replace(data=replace(cfg.data, data_dir=base.data.data_dir))
-        model_cfg = cfg.model if "model.vocab_size" in explicit else replace(
+        model_cfg = cfg.model if "model.vocab_size" in resolved.typed else replace(
             cfg.model, vocab_size=base.model.vocab_size)
         if model_cfg != base.model:
             raise UserError(
                 f"cannot resume {run_dir} with a different model: saved {base.model}, "
                 f"requested {model_cfg}; drop the --model.* overrides or use a new --out"
             )
-        cfg = cfg.replace(model=model_cfg)
+        resolved = resolved.with_notes(cfg.replace(model=model_cfg), [])
     else:
         if (run_dir / ckpt.STATE_FILE).is_file():
             raise UserError(f"{run_dir} already holds a training run; add --resume to continue "
                             "it or choose another --out")
-        cfg = load_config(args.config, args.preset, overrides)
+        resolved = resolve_config(args.config, args.preset, overrides, layers=layers)
     if args.data is not None:
-        cfg = cfg.replace(data=replace(cfg.data, data_dir=args.data))
-    return cfg, vocab_origin
+        cfg = resolved.config
+        resolved = resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=args.data)),
+                                       [])
+    return resolved
 
 
 def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Recipe:
@@ -128,20 +132,23 @@ def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Rec
     return choose_recipe(meta, minutes, this_machine())
 
 
-def _file_sections(path: str) -> dict[str, Any]:
-    """The sections of a --config file as written (to tell what it sets explicitly)."""
-    p = Path(path)
-    if p.suffix == ".json":
-        import json
+def finished_note(run_dir: Path, cfg: RunConfig) -> str | None:
+    """The line `train --resume` prints, instead of training, when the run in `run_dir` has
+    already spent its budget under `cfg` (None when there is training left to do)."""
+    from microtransformer.schedule import budget_spent
 
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}  # load_config reports the problem
-    try:
-        return read_toml(p)
-    except (OSError, UserError):
-        return {}
+    state_path = run_dir / ckpt.STATE_FILE
+    if not state_path.is_file():
+        return None
+    state = ckpt.load_training_state(state_path)
+    step, spent = int(state["step"]), float(state.get("train_time_s", 0.0))
+    if not budget_spent(step, cfg.train, spent):
+        return None
+    return (f"{run_dir} has already finished: step {step} of max_steps="
+            f"{cfg.train.max_steps}" + (f", {spent / 60:.1f} of {cfg.train.max_time_minutes:g} "
+                                        "min of training" if cfg.train.max_time_minutes else "")
+            + "; nothing to resume. To train longer, raise the budget: --resume "
+              "--train.max_steps N or --resume --time DURATION")
 
 
 def restart_resume(args: argparse.Namespace) -> str | None:
@@ -183,16 +190,24 @@ def run(args: argparse.Namespace) -> int:
     from model.utils import parameter_formula
 
     restart_note = restart_resume(args)
-    cfg, explicit_vocab = resolve_run_config(args)
+    resolved = resolve_run_config(args)
     run_dir = Path(args.out)
-    with distributed.runtime(cfg.train.device) as ctx:
+    if args.resume and (done := finished_note(run_dir, resolved.config)) is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(done, flush=True)
+        return 0
+    with distributed.runtime(resolved.config.train.device) as ctx:
         show = ctx.is_main
         progress = not args.no_progress and show
         if restart_note and show:
             print(restart_note, flush=True)
         # rank 0 prepares (when sources are given), the others then find the data ready
-        cfg = distributed.in_turns(lambda: prepare_data(
-            cfg, run_dir, explicit_vocab=explicit_vocab, progress=progress), ctx)
+        resolved = distributed.in_turns(lambda: prepare_data(
+            resolved, run_dir, progress=progress), ctx)
+        cfg = resolved.config
+        if show:
+            for note in resolved.notes:
+                print(f"note: {note}", flush=True)
         meta = load_meta(cfg.data.data_dir)
         cfg = resolve_batch_size(cfg, ctx)  # "auto": sized to the CUDA card (else an error)
         tc, mc = cfg.train, cfg.model
@@ -223,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
                 + (f", resuming from {run_dir}" if args.resume else ""),
                 flush=True,
             )
-        result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx)
+        result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx,
+                       notes=resolved.notes)
         mfu = compute_mfu(result.tokens_per_s / ctx.world_size, cfg.model, cfg.seq_len,
                           device_name(device))
     if not show:

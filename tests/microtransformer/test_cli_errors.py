@@ -95,8 +95,8 @@ CASES = [
     ("train --out {O} --data.sources {T}/bin.dat --data.tokenizer char " + " ".join(TINY),
      "binary file"),
     ("train --out {O} --data.sources {T}/short.txt --data.tokenizer char " +
-     " ".join(TINY), "shorter than one context window"),
-    ("train --out {O} " + D + " --model.max_seq_len 512", "shorter than one context window"),
+     " ".join(TINY), "tokens but the smaller split"),
+    ("train --out {O} " + D + " --model.max_seq_len 512", "tokens but the smaller split"),
     ("prepare {T}/empty.txt --out {T}/d", "the corpus is empty"),
     ("prepare {T}/bin.dat --out {T}/d", "binary file"),
     ("eval {T}/run --data {T}/empty.txt", "0 token(s)"),

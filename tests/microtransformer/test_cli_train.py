@@ -101,10 +101,10 @@ def test_info(trained, capsys) -> None:
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.vocab_size", "7"],
      "vocab mismatch"),
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.max_seq_len", "4096"],
-     "shorter than one context window"),
+     "tokens but the smaller split"),
     (["train", "--out", "{tmp}/r", "--resume"], "cannot resume"),
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--config", "{cfgfile}"],
-     "vocab mismatch: config file"),
+     "config file"),
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--train.max_steps", "5",
       "--train.warmup_steps", "9"], "warmup_steps=9 is more than max_steps=5; lower"),
     (["train", "--out", "{tmp}/r", "--data", "{data}", "--model.max_seq_len", "16",
@@ -125,9 +125,9 @@ def test_info(trained, capsys) -> None:
 ])
 def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, argv, message) -> None:
     _, data, run = trained
-    cfgfile = tmp_path / "run.toml"  # a vocab_size a file sets is not silently replaced
+    cfgfile = tmp_path / "run.toml"  # a bad value in a file is refused naming the file
     cfgfile.write_text("[model]\nvocab_size = 5000\nmax_seq_len = 16\nembed_dim = 32\n"
-                       "num_heads = 2\nnum_layers = 2\nff_dim = 64\n")
+                       "num_heads = 2\nnum_layers = 2\nff_dim = 64\n[train]\nlr = -1\n")
     argv = [a.format(tmp=tmp_path, data=data, run=run, cfgfile=cfgfile) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -228,7 +228,7 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(
 
     # resume with another world size: 1 process stops at 5, 2 processes finish
     cfg = prepare_data(load_config(overrides=[*SHORT[1:], "--data.data_dir", str(char_data)]),
-                       mixed)
+                       mixed).config
     with distributed.runtime("cpu", environ={}) as ctx:
         assert train(cfg, mixed, progress=False, ctx=ctx, stop_at=5).step == 5
     out = run_torchrun(standalone(2, *train_cli(char_data, mixed, "--resume", *SHORT)))
@@ -241,7 +241,7 @@ def test_odd_global_batch_is_rejected_before_training(char_data: Path, tmp_path:
     """A global batch that does not split evenly fails before any collective or file write
     (the same check runs in every rank under torchrun)."""
     cfg = prepare_data(load_config(overrides=[*SHORT[1:], "--data.data_dir", str(char_data),
-                                              "--train.batch_size", "3"]), tmp_path)
+                                              "--train.batch_size", "3"]), tmp_path).config
     with pytest.raises(UserError, match=r"train\.batch_size=3 is the global micro-batch "
                                         r"and must be divisible by the world size 2"):
         train(cfg, tmp_path / "odd", progress=False, ctx=RuntimeContext(rank=0, world_size=2))

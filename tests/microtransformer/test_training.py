@@ -14,7 +14,7 @@ import torch
 from microtransformer import checkpoint as ckpt
 from microtransformer import training
 from microtransformer.checkpoint import load_training_state, load_weights, save_training_state
-from microtransformer.config import RunConfig, TrainConfig, load_config
+from microtransformer.config import RunConfig, TrainConfig, load_config, resolve_config
 from microtransformer.device import autocast_context
 from microtransformer.errors import UserError
 from microtransformer.metrics import loss_series, read_metrics
@@ -45,7 +45,7 @@ def tiny_cfg(data_dir: Path, *extra: str) -> RunConfig:
                                  "--train.batch_size", "4", "--train.eval_steps", "2",
                                  "--train.warmup_steps", "3", "--train.log_interval", "2",
                                  "--train.cpu_threads", "1", *extra])
-    return prepare_data(cfg, data_dir.parent)
+    return prepare_data(cfg, data_dir.parent).config
 
 
 # ---------------------------------------------------------------- optimizer groups
@@ -271,12 +271,12 @@ def test_reduce_mean_is_identity_in_one_process() -> None:
 
 
 def test_vocab_mismatch_is_an_error(char_data: Path) -> None:
-    cfg = load_config(overrides=[*TINY_MODEL, "--model.vocab_size", "99",
-                                 "--data.data_dir", str(char_data)])
-    with pytest.raises(ValueError, match="vocab mismatch"):
-        prepare_data(cfg, char_data.parent, explicit_vocab=True)
-    fixed = prepare_data(cfg, char_data.parent, explicit_vocab=False)
-    assert fixed.model.vocab_size != 99
+    overrides = [*TINY_MODEL, "--model.vocab_size", "99", "--data.data_dir", str(char_data)]
+    with pytest.raises(ValueError, match=r"vocab mismatch: --model\.vocab_size=99"):
+        prepare_data(resolve_config(overrides=overrides), char_data.parent)
+    fixed = prepare_data(load_config(overrides=overrides), char_data.parent)  # nothing typed
+    assert fixed.config.model.vocab_size != 99
+    assert fixed.notes and fixed.notes[0].startswith("model.vocab_size: 99 ")
 
 
 # ---------------------------------------------------------------- time budget
