@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from microtransformer import search as S
 from microtransformer.errors import UserError
@@ -80,11 +81,54 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--sort", default="params", choices=S.SORT_KEYS, help="sort key")
     p.add_argument("--limit", default=None, help="print at most N configurations")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.add_argument("--presets", action="store_true",
+                   help="list the presets `train --preset NAME` knows (shape, parameters, "
+                        "file, what each is for) instead of searching")
     p.set_defaults(func=run)
 
 
+def preset_rows() -> list[dict[str, object]]:
+    """One row per preset: name, shape, context, vocab, parameter count, its file and the
+    first line of its comment."""
+    from microtransformer.config import available_presets, load_config, preset_path
+    from model.utils import parameter_formula
+
+    rows = []
+    for name in available_presets():
+        path = preset_path(name)
+        m = load_config(preset=name).model
+        comment = next((line.lstrip("# ").strip() for line in
+                        path.read_text(encoding="utf-8").splitlines()
+                        if line.startswith("#")), "")
+        rows.append({"name": name, "embed_dim": m.embed_dim, "num_heads": m.num_heads,
+                     "num_layers": m.num_layers, "ff_dim": m.ff_dim,
+                     "max_seq_len": m.max_seq_len, "vocab_size": m.vocab_size,
+                     "params": parameter_formula(m), "file": str(path), "about": comment})
+    return rows
+
+
+def print_presets(as_json: bool) -> int:
+    """`configs --presets`: the preset table (or JSON)."""
+    rows = preset_rows()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'preset':<14}{'embed':>6}{'heads':>6}{'layers':>7}{'ff':>6}{'context':>8}"
+          f"{'vocab':>7}{'params':>12}  about")
+    for r in rows:
+        print(f"{r['name']:<14}{r['embed_dim']:>6}{r['num_heads']:>6}{r['num_layers']:>7}"
+              f"{r['ff_dim']:>6}{r['max_seq_len']:>8}{r['vocab_size']:>7}{r['params']:>12,}"
+              f"  {str(r['about'])[:70]}")
+    where = Path(str(rows[0]["file"])).parent if rows else "(none found)"
+    print(f"\n{len(rows)} presets in {where}; use one with `train --preset NAME`; a "
+          "preset's values adapt to the data and the run, typed flags never do (docs/CONFIG.md)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """List the in-budget configurations as a table (or JSON)."""
+    """List the in-budget configurations as a table (or JSON), or the presets."""
+    if args.presets:
+        return print_presets(args.json)
     vocab = parse_count(args.vocab_size, "--vocab-size")
     max_seq_len = parse_count(args.max_seq_len, "--max-seq-len")
     ratios = []
@@ -124,4 +168,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{shown} configurations with {lo:,} <= params <= {hi:,} "
           f"(vocab {vocab}, max_seq_len {max_seq_len}); counts from the closed-form formula, "
           "spot-checked by instantiating models.")
+    from microtransformer.config import available_presets
+
+    print(f"presets (train --preset NAME; details: configs --presets): "
+          f"{', '.join(available_presets()) or '(none found)'}")
     return 0
