@@ -58,8 +58,13 @@ def run(args: argparse.Namespace) -> int:
         stdlib_max_bytes=args.stdlib_max_bytes or None,
     )
     n_files = len(meta["sources"])
+    split = meta["split"]
     print(f"prepared {args.out}: {meta['kind']} tokenizer, vocab {meta['vocab_size']}, "
-          f"{meta['dtype']}, {n_files} file(s), split by {meta['split']['method']}")
+          f"{meta['dtype']}, {n_files} file(s)\n"
+          f"split by {split['method']} {split[split['method']]:g}: "
+          f"{split['documents_whole_in_val']:,} document(s) whole in val, "
+          f"{split['documents_cut']:,} cut (their tail in val); val holds "
+          f"{split['val_share_of_chars']:.1%} of the characters")
     for split in ("train", "val"):
         print(f"  {split:5s} {meta['tokens'][split]:>12,} tokens  "
               f"{meta['documents'][split]:>7,} docs  "

@@ -14,7 +14,13 @@ Every public name is importable from `microtransformer.data` itself.
 """
 
 from microtransformer.data.loader import BatchLoader, derive_seed, iter_eval_batches
-from microtransformer.data.preparation import META_VERSION, TOKENIZER_SAMPLE_CHARS, prepare
+from microtransformer.data.preparation import (
+    META_VERSION,
+    TOKENIZER_SAMPLE_CHARS,
+    plan_fraction_split,
+    plan_tail_split,
+    prepare,
+)
 from microtransformer.data.sources import (
     DATASETS,
     JSONL_SUFFIXES,
@@ -55,6 +61,8 @@ __all__ = [
     "iter_eval_batches",
     "load_meta",
     "load_tokens",
+    "plan_fraction_split",
+    "plan_tail_split",
     "prepare",
     "resolve_sources",
     "stdlib_sources",

@@ -93,6 +93,7 @@ def _safe_cut(prev_line: str, next_line: str) -> bool:
 class Scan:
     sources: list[Source]            # readable sources, in order
     doc_keys: array                  # per document: 64-bit content hash (for val_fraction)
+    doc_chars: array                 # per document: its characters
     chars: int                       # total characters of all documents
     records: list[dict[str, Any]]    # meta.json's per-file entries
 
@@ -110,6 +111,7 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
     """First pass: check every file, count characters, hash documents and files."""
     kept: list[Source] = []
     doc_keys = array("Q")  # 8 bytes per document, even for millions of documents
+    doc_chars = array("Q")
     records: list[dict[str, Any]] = []
     chars = 0
     for source in tqdm(sources, desc="scan", unit="file", disable=None if progress else True):
@@ -117,6 +119,7 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
         if _is_binary(source.path):
             problem = "is a binary file (it contains NUL bytes)"
         docs: list[int] = []
+        sizes: list[int] = []
         n_chars = 0
         if problem is None:
             try:
@@ -126,8 +129,10 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
                         if h is not None:
                             docs.append(int.from_bytes(h.digest()[:8], "little"))
                         h = hashlib.sha256()
+                        sizes.append(0)
                     h.update(text.encode("utf-8", "surrogatepass"))
                     n_chars += len(text)
+                    sizes[-1] += len(text)
                 if h is not None:
                     docs.append(int.from_bytes(h.digest()[:8], "little"))
             except UnicodeDecodeError as exc:
@@ -140,10 +145,11 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
             continue
         kept.append(source)
         doc_keys.extend(docs)  # duplicates share a key; ties are broken by document index
+        doc_chars.extend(sizes)
         chars += n_chars
         records.append({"path": str(source.path), "origin": source.origin,
                         "format": source.format, "bytes": source.path.stat().st_size,
                         "sha256": file_sha256(source.path), "documents": len(docs)})
-    return Scan(kept, doc_keys, chars, records)
+    return Scan(kept, doc_keys, doc_chars, chars, records)
 
 

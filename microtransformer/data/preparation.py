@@ -1,12 +1,21 @@
 """Corpus preparation: text -> train.bin / val.bin, tokenizer.json and meta.json.
 
-Split (`prepare`)
-  - `val_fraction=f` (default 0.1): whole documents go to val: the round(f * N) documents (at least
-    1) whose content hash is smallest. Deterministic, independent of file order, exact in count.
-    With a single document it falls back to the tail split below with `val_tail=f`.
+Split (`prepare`): every document (a text file, a `<|endoftext|>`-separated part of one, or a
+JSONL record) either goes to one split whole or is cut in two, its tail going to val. So val
+is a fraction of the text as the user means it, whatever the sizes of the files.
+  - `val_fraction=f` (default 0.1): a document larger than a tenth of f of the corpus ("large")
+    is cut: its last f of characters go to val. The other ("small") documents go to val whole,
+    in the order of their content hash, until f of their characters are in val. Val thus holds
+    f of the characters, within a tenth of f, and a corpus of a few files of very different
+    sizes gives val a tail of each; a corpus of many small documents (stories, records, source
+    files) gives whole documents. Deterministic and independent of file order.
   - `val_tail=f`: the last f of the corpus characters go to val: with n characters in all
     (documents concatenated, separators not counted), val = chars[int(n * (1 - f)):], which is
-    nanoGPT's split of tinyshakespeare for f=0.1 (`val = text[int(n * 0.9):]`).
+    nanoGPT's split of tinyshakespeare for f=0.1 (`val = text[int(n * 0.9):]`). With several
+    files this is the end of the last file(s); `prepare` warns when a file that is most of val
+    is all in val (none of it trained on).
+`meta.json`'s "split" records what was done (documents whole and cut, the val share of
+characters); `prepare` prints it and warns when the share is lopsided (outside [f/2, 2f]).
 
 In the token stream, documents of the same split are separated by one EOS token
 (`<|endoftext|>`); there is no EOS before the first document or after the last one, so a
@@ -20,9 +29,9 @@ loss_in_nats / ln(2) / bytes_per_token.
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,22 +91,19 @@ def prepare(
             f"the corpus is empty: {len(resolved)} file(s) gave no text; pass sources with text"
         )
 
-    # --- split plan: val documents (by smallest content hash) or a character cut
-    val_docs: set[int] = set()
-    cut = None  # character offset where val starts (tail split)
-    if split_mode == "val_fraction" and n_docs == 1:
-        split_mode = "val_tail (one document: fallback from val_fraction)"
+    # --- split plan: where val starts inside each document that contributes to val
     if split_mode == "val_fraction":
-        k = min(n_docs - 1, max(1, round(fraction * n_docs)))
-        order = heapq.nsmallest(k, range(n_docs), key=lambda i: (scan.doc_keys[i], i))
-        val_docs = set(order)
+        val_from = plan_fraction_split(scan.doc_chars, scan.doc_keys, fraction)
     else:
-        cut = int(scan.chars * (1 - fraction))
-        if cut <= 0 or cut >= scan.chars:
-            raise UserError(
-                f"the corpus is too small to split: {scan.chars} characters with a val tail of "
-                f"{fraction} leaves an empty split; use a larger corpus or another fraction"
-            )
+        val_from = plan_tail_split(scan.doc_chars, fraction)
+    val_chars = sum(scan.doc_chars[d] - start for d, start in val_from.items())
+    if val_chars in (0, scan.chars):
+        raise UserError(
+            f"the corpus is too small to split: {scan.chars} characters with a val "
+            f"{'tail' if val_tail is not None else 'fraction'} of {fraction} leaves an empty "
+            "split; use a larger corpus or another fraction"
+        )
+    split_note = _describe_split(scan, val_from, val_chars, split_mode, fraction)
 
     # --- tokenizer: reuse or train (streaming, on a bounded sample)
     if tokenizer_path is not None:
@@ -115,14 +121,16 @@ def prepare(
     docs_in = dict.fromkeys(SPLITS, 0)  # documents (or parts of one) per split
     last_doc: dict[str, int | None] = dict.fromkeys(SPLITS)
     try:
-        pos = 0  # character offset of the current piece in the concatenated corpus
+        pos, current = 0, -1  # character offset of the current piece in its document
         batch: list[tuple[str, int, str]] = []
         batch_chars = 0
         bar = tqdm(total=scan.chars, unit="char", unit_scale=True, desc="tokenize",
                    disable=None if progress else True)
         with bar:
             for doc, text in iter_pieces(scan.sources, text_field):
-                for split, part in _route(doc, text, pos, cut, val_docs):
+                if doc != current:
+                    pos, current = 0, doc
+                for split, part in _route(text, pos, val_from.get(doc)):
                     batch.append((split, doc, part))
                     batch_chars += len(part)
                 pos += len(text)
@@ -161,8 +169,7 @@ def prepare(
         "bytes_per_token": {s: text_bytes[s] / writers[s].count for s in SPLITS},
         "documents": docs_in,
         "characters": scan.chars,
-        "split": {"method": split_mode, "val_fraction": val_fraction if val_tail is None else None,
-                  "val_tail": fraction if cut is not None else None, "val_start_char": cut},
+        "split": {"method": split_mode, **split_note},
         "text_field": text_field,
         "sources": scan.records,
     }
@@ -187,16 +194,76 @@ def _take_chars(texts: Iterator[str], limit: int) -> Iterator[str]:
         left -= len(text)
 
 
-def _route(doc: int, text: str, pos: int, cut: int | None,
-           val_docs: set[int]) -> list[tuple[str, str]]:
-    """Which split(s) a piece goes to; the tail split cuts the piece holding the cut point."""
-    if cut is None:
-        return [("val" if doc in val_docs else "train", text)]
-    if pos + len(text) <= cut:
+def plan_fraction_split(doc_chars: Sequence[int], doc_keys: Sequence[int],
+                        fraction: float) -> dict[int, int]:
+    """{document: character offset where its val part starts} for `val_fraction` (see the
+    module docstring): large documents are cut at their last `fraction`, small ones go whole
+    (offset 0) by content hash until `fraction` of the small documents' characters. Pure."""
+    total = sum(doc_chars)
+    large = fraction * total / 10  # above this a document is cut, not held out whole
+    val_from: dict[int, int] = {}
+    small: list[int] = []
+    for d, n in enumerate(doc_chars):
+        if n > large:
+            val_from[d] = int(n * (1 - fraction))
+        else:
+            small.append(d)
+    goal = fraction * sum(doc_chars[d] for d in small)
+    taken = 0
+    for d in sorted(small, key=lambda d: (doc_keys[d], d)):
+        if taken >= goal:
+            break
+        val_from[d] = 0
+        taken += doc_chars[d]
+    return val_from
+
+
+def plan_tail_split(doc_chars: Sequence[int], fraction: float) -> dict[int, int]:
+    """{document: offset where its val part starts} for `val_tail`: the corpus' last
+    `fraction` of characters, documents concatenated in order. Pure."""
+    cut = int(sum(doc_chars) * (1 - fraction))
+    val_from: dict[int, int] = {}
+    start = 0
+    for d, n in enumerate(doc_chars):
+        if start + n > cut:
+            val_from[d] = max(0, cut - start)
+        start += n
+    return val_from
+
+
+def _describe_split(scan: Any, val_from: dict[int, int], val_chars: int, mode: str,
+                    fraction: float) -> dict[str, Any]:
+    """meta.json's account of the split, and a warning when it is lopsided."""
+    whole = sum(1 for start in val_from.values() if start == 0)
+    share = val_chars / scan.chars
+    note = {"val_fraction" if mode == "val_fraction" else "val_tail": fraction,
+            "documents_whole_in_val": whole, "documents_cut": len(val_from) - whole,
+            "val_share_of_chars": round(share, 6)}
+    problems = []
+    if not fraction / 2 <= share <= 2 * fraction:
+        problems.append(f"val holds {share:.1%} of the characters, asked for {fraction:.1%}")
+    first = 0  # documents of each source, in order: a source that is most of val, none trained
+    for record in scan.records:
+        docs = range(first, first + record["documents"])
+        first += record["documents"]
+        size = sum(scan.doc_chars[d] for d in docs)
+        if size > val_chars / 2 and all(val_from.get(d) == 0 for d in docs):
+            problems.append(f"all of {record['path']} ({size / val_chars:.0%} of val) is "
+                            "validation text, none of it trained on")
+    if problems:
+        warnings.warn("lopsided split: " + "; ".join(problems) + "; the default "
+                      "--val-fraction holds out a part of every large file", stacklevel=3)
+    return note
+
+
+def _route(text: str, pos: int, val_start: int | None) -> list[tuple[str, str]]:
+    """Which split(s) a piece at character `pos` of its document goes to, given where val
+    starts in that document (None: nowhere)."""
+    if val_start is None or pos + len(text) <= val_start:
         return [("train", text)]
-    if pos >= cut:
+    if pos >= val_start:
         return [("val", text)]
-    return [("train", text[: cut - pos]), ("val", text[cut - pos:])]
+    return [("train", text[: val_start - pos]), ("val", text[val_start - pos:])]
 
 
 def _flush(tok: Tokenizer, batch: list[tuple[str, int, str]], writers: dict[str, TokenWriter],

@@ -21,6 +21,7 @@ from microtransformer.data import (
     iter_eval_batches,
     load_meta,
     load_tokens,
+    plan_fraction_split,
     prepare,
     resolve_sources,
     stdlib_sources,
@@ -142,8 +143,11 @@ def test_prepare_counts_separators_and_files(tiny_corpus_dir: Path, tmp_path: Pa
     tok = Tokenizer.load(out / "tokenizer.json")
     assert meta["vocab_size"] == tok.vocab_size and meta["kind"] == kind
     assert meta["dtype"] == "uint16"
-    assert meta["documents"] == {"train": 4, "val": 1}
+    # five short files, each over a tenth of the val fraction: each is cut, its tail in val
+    assert meta["documents"] == {"train": 5, "val": 5}
+    assert meta["split"]["documents_cut"] == 5
     docs = [(tiny_corpus_dir / f"doc{i}.txt").read_text() for i in range(5)]
+    parts = {}
     for split in ("train", "val"):
         ids = _ids(out, split)
         assert len(ids) == meta["tokens"][split]
@@ -152,10 +156,13 @@ def test_prepare_counts_separators_and_files(tiny_corpus_dir: Path, tmp_path: Pa
         assert ids.count(tok.eos_token_id) == meta["documents"][split] - 1
         assert ids[0] != tok.eos_token_id and ids[-1] != tok.eos_token_id
         pieces = tok.decode(ids, skip_special_tokens=False).split("<|endoftext|>")
-        assert all(p in docs for p in pieces)
+        parts[split] = pieces
         n_bytes = sum(len(p.encode()) for p in pieces)
         assert meta["bytes"][split] == n_bytes
         assert meta["bytes_per_token"][split] == pytest.approx(n_bytes / len(ids))
+    assert [a + b for a, b in zip(parts["train"], parts["val"], strict=True)] == docs
+    for doc, tail in zip(docs, parts["val"], strict=True):  # the last 20% of each
+        assert len(tail) == len(doc) - int(len(doc) * 0.8)
     assert {s["sha256"] for s in meta["sources"]} == {_sha(d.encode()) for d in docs}
 
 
@@ -177,15 +184,53 @@ def test_val_tail_reproduces_char_split(tmp_path: Path) -> None:
     assert tok.decode(_ids(tmp_path / "out", "val")) == text[int(n * 0.9):]
     assert tok.decode(_ids(tmp_path / "out", "train")) == text[: int(n * 0.9)]
     assert meta["tokens"] == {"train": int(n * 0.9), "val": n - int(n * 0.9)}
-    assert meta["split"]["val_start_char"] == int(n * 0.9)
+    assert meta["split"]["documents_cut"] == 1
 
 
-def test_val_fraction_with_one_document_falls_back_to_tail(tmp_path: Path) -> None:
+def test_val_fraction_cuts_one_document_at_its_tail(tmp_path: Path) -> None:
     src = tmp_path / "one.txt"
     src.write_text("abcdefghij" * 20)
     meta = prepare([str(src)], tmp_path / "out", tokenizer="char", progress=False)
-    assert meta["split"]["method"].startswith("val_tail")
+    assert meta["split"]["method"] == "val_fraction" and meta["split"]["documents_cut"] == 1
     assert meta["tokens"] == {"train": 180, "val": 20}
+
+
+def test_files_of_very_different_sizes_each_give_val_their_tail(tmp_path: Path) -> None:
+    """The README's `prepare input.txt more_texts/`: a large file and a short one must not make
+    either all validation (by whole files one of the two would be)."""
+    big, short = tmp_path / "input.txt", tmp_path / "more" / "book.txt"
+    short.parent.mkdir()
+    big.write_text("".join(f"line {i} of the big play.\n" for i in range(4000)))
+    short.write_text("".join(f"a short book, line {i}.\n" for i in range(500)))
+    meta = prepare([str(big), str(short.parent)], tmp_path / "out", tokenizer="char",
+                   progress=False)
+    assert meta["split"]["documents_cut"] == 2
+    assert meta["split"]["val_share_of_chars"] == pytest.approx(0.1, abs=0.001)
+    assert meta["documents"] == {"train": 2, "val": 2}
+
+
+def test_many_small_documents_go_to_val_whole_near_the_fraction() -> None:
+    sizes = [50 + (i * 37) % 400 for i in range(2000)]
+    keys = [(i * 2654435761) % (1 << 64) for i in range(2000)]
+    plan = plan_fraction_split(sizes, keys, 0.1)
+    assert set(plan.values()) == {0}  # whole documents only
+    share = sum(sizes[d] for d in plan) / sum(sizes)
+    assert 0.1 <= share <= 0.11  # f, within a tenth of f
+    order = list(reversed(range(2000)))  # independent of the order of the files
+    again = plan_fraction_split([sizes[i] for i in order], [keys[i] for i in order], 0.1)
+    assert {order[d] for d in again} == set(plan)
+    # a large document among small ones is cut, the small ones still go whole
+    mixed = plan_fraction_split([*sizes, 200_000], [*keys, 7], 0.1)
+    assert mixed[2000] == 180_000 and {mixed[d] for d in mixed if d < 2000} == {0}
+
+
+def test_lopsided_tail_split_warns(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x" * 1000)
+    (tmp_path / "b.txt").write_text("y" * 300)
+    with pytest.warns(UserWarning, match=r"lopsided split: all of .*b\.txt \(77% of val\) is "
+                                         r"validation text, none of it trained on"):
+        prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out",
+                tokenizer="char", val_tail=0.3, progress=False)
 
 
 def test_tinyshakespeare_char_matches_nanogpt_split(shared_data: Path, tmp_path: Path) -> None:
@@ -209,13 +254,13 @@ def test_jsonl_text_field_and_eos_marker_lines(tmp_path: Path) -> None:
     out = tmp_path / "out"
     meta = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], out, tokenizer="char",
                    text_field="body", val_fraction=0.2, progress=False)
-    assert sum(meta["documents"].values()) == 5  # empty record dropped, markers split b.txt
+    # empty record dropped, markers split b.txt: 5 short documents, each cut in two
+    assert meta["documents"] == {"train": 5, "val": 5}
     tok = Tokenizer.load(out)
-    texts = []
-    for split in ("train", "val"):
-        texts += tok.decode(_ids(out, split), skip_special_tokens=False).split("<|endoftext|>")
-    assert sorted(texts) == sorted(["first story", "second one", "third tale here",
-                                    "story four\n", "story five\n"])
+    train, val = (tok.decode(_ids(out, split), skip_special_tokens=False).split("<|endoftext|>")
+                  for split in ("train", "val"))
+    assert [a + b for a, b in zip(train, val, strict=True)] == [
+        "first story", "second one", "third tale here", "story four\n", "story five\n"]
     with pytest.raises(UserError, match=r"no 'text' field.*--text-field"):
         prepare([str(tmp_path / "a.jsonl")], tmp_path / "o2", progress=False)
 
