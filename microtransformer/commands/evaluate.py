@@ -22,15 +22,18 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     """Add the `eval` subcommand."""
     p = subparsers.add_parser(
         name, help=help_text,
-        description=help_text + ". Windows of max_seq_len tokens overlapping by one token cover "
-        "the whole text, so every token after the first is predicted exactly once (--stride N: "
-        "sliding windows, each prediction with at least max_seq_len - N tokens of context); "
-        "bits per byte = total nats / ln 2 / UTF-8 bytes of the text.",
+        description=help_text + ". Windows of W tokens (the run's training window by default) "
+        "overlapping by one token cover the whole text, so every token after the first is "
+        "predicted exactly once (--stride N: sliding windows, each prediction with at least "
+        "W - N tokens of context); bits per byte = total nats / ln 2 / UTF-8 bytes of the text.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="text file(s), or a prepared data directory (its val.bin is used)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="tokens per window: default the length the run was trained on "
+                        "(train.seq_len), at most the model's max_seq_len")
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help="sliding-window evaluation: windows advance N tokens and only their "
                         "last N predictions are scored, so each has at least max_seq_len - N "
@@ -75,10 +78,11 @@ def window_plan(n_tokens: int, window: int, stride: int | None = None
 
 @torch.no_grad()
 def score_tokens(model: nn.Module, tokens: np.ndarray, batch_size: int,
-                 device: torch.device, stride: int | None = None) -> tuple[float, int]:
+                 device: torch.device, stride: int | None = None,
+                 window: int | None = None) -> tuple[float, int]:
     """Sum of next-token losses (nats) over `tokens` and the number of predictions
-    (windows from `window_plan`)."""
-    window = model.max_seq_len
+    (windows of `window` tokens, default the model's max_seq_len, from `window_plan`)."""
+    window = model.max_seq_len if window is None else window
     plan = window_plan(len(tokens), window, stride)
     total, count = 0.0, 0
     # full-length windows are batched; a shorter (final) window runs alone
@@ -159,12 +163,17 @@ def run(args: argparse.Namespace) -> int:
         check_precision(args.dtype, device)
     except ValueError as exc:
         raise UserError(str(exc).replace("dtype=", "--dtype=")) from None
-    model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
-                                   device=device)
-    if args.stride is not None and not 1 <= args.stride <= model.max_seq_len:
-        raise UserError(f"--stride={args.stride} must be in [1, max_seq_len="
-                        f"{model.max_seq_len}]; smaller strides give each prediction more "
-                        "context but cost max_seq_len / stride forward passes per window")
+    model, tokenizer, run_cfg = load_run(args.run_dir, which="best" if args.best else "last",
+                                         device=device)
+    trained = run_cfg.seq_len if run_cfg is not None else model.max_seq_len
+    window = trained if args.window is None else args.window
+    if not 2 <= window <= model.max_seq_len:
+        raise UserError(f"--window={window} must be in [2, max_seq_len={model.max_seq_len}] "
+                        f"(the run was trained on windows of {trained})")
+    if args.stride is not None and not 1 <= args.stride <= window:
+        raise UserError(f"--stride={args.stride} must be in [1, window={window}]; smaller "
+                        "strides give each prediction more context but cost window / stride "
+                        "forward passes per window")
     model = prepare_model(model, args.dtype)
     tokens, n_bytes, desc = load_eval_tokens(args.data, tokenizer, args.max_tokens)
     if len(tokens) < 2:
@@ -173,17 +182,15 @@ def run(args: argparse.Namespace) -> int:
     if int(tokens.max()) >= model.vocab_size:
         raise UserError(f"token id {int(tokens.max())} is outside the model's vocab "
                         f"({model.vocab_size}); the data was made with another tokenizer")
-    total, count = score_tokens(model, tokens, args.batch_size, device, args.stride)
+    total, count = score_tokens(model, tokens, args.batch_size, device, args.stride, window)
     loss = total / count
-    stride = args.stride if args.stride is not None and args.stride < model.max_seq_len - 1 \
-        else None
-    windows = (f"sliding windows of {model.max_seq_len}, stride {stride} (context >= "
-               f"{model.max_seq_len - stride})" if stride else
-               f"non-overlapping windows of {model.max_seq_len}")
+    stride = args.stride if args.stride is not None and args.stride < window - 1 else None
+    windows = (f"sliding windows of {window}, stride {stride} (context >= "
+               f"{window - stride})" if stride else f"non-overlapping windows of {window}")
     result = {
         "run_dir": os.fspath(args.run_dir), "data": desc, "tokens": len(tokens),
         "predicted_tokens": count, "bytes": n_bytes, "loss": loss,
-        "windows": windows, "stride": stride, "dtype": args.dtype,
+        "windows": windows, "window": window, "stride": stride, "dtype": args.dtype,
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
     }

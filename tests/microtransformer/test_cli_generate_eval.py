@@ -3,6 +3,7 @@ the seeded generator, the fast path's tokens, and sliding-window evaluation (`--
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,4 +135,23 @@ def test_eval_rejects_a_stride_outside_the_context(run_dir: Path, char_data: Pat
                                                    capsys) -> None:
     corpus = str(char_data.parent / "corpus.txt")
     assert main(["eval", str(run_dir), "--data", corpus, "--stride", "17"]) == 2
-    assert "--stride=17 must be in [1, max_seq_len=16]" in capsys.readouterr().err
+    assert "--stride=17 must be in [1, window=16]" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--data", corpus, "--window", "17"]) == 2
+    assert "--window=17 must be in [2, max_seq_len=16]" in capsys.readouterr().err
+
+
+def test_eval_scores_windows_of_the_trained_length_by_default(char_data: Path, tmp_path: Path,
+                                                               capsys) -> None:
+    """A run trained on 8-token windows of a 16-position model is scored on 8-token windows
+    unless --window says otherwise."""
+    run = tmp_path / "short"
+    assert main(["train", "--data", str(char_data), "--out", str(run), *TINY,
+                 "--train.seq_len", "8", "--train.max_steps", "4"]) == 0
+    capsys.readouterr()
+    corpus = str(char_data.parent / "corpus.txt")
+    assert main(["eval", str(run), "--data", corpus, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["window"] == 8 and default["windows"] == "non-overlapping windows of 8"
+    assert main(["eval", str(run), "--data", corpus, "--window", "16", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["window"] == 16 and full["loss"] != default["loss"]
