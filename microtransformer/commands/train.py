@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="continue RUN_DIR's run from its last checkpoint (reuses its config)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (plain log lines instead)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check everything (config, data, what adapts and why) and "
+                        "print the plan; train nothing, write nothing")
     add_override_arguments(p)
     p.set_defaults(func=run)
 
@@ -132,6 +135,79 @@ def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Rec
     return choose_recipe(meta, minutes, this_machine())
 
 
+def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
+                resuming: Path | None = None) -> str:
+    """The three lines `train` prints before training: model, data, and the step plan.
+    `meta` None: the data is still to be prepared into the run."""
+    from microtransformer import distributed
+    from microtransformer.device import resolve_dtype
+    from microtransformer.training import resolve_threads
+    from model.utils import parameter_formula
+
+    tc, mc = cfg.train, cfg.model
+    device = ctx.device
+    dtype = resolve_dtype(tc.dtype, device)
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.seq_len
+    budget = f"{tc.max_steps} steps"
+    if tc.max_time_minutes is not None:
+        budget = f"{tc.max_time_minutes:g} min of training (at most {tc.max_steps} steps)"
+    threads = f", {resolve_threads(tc.cpu_threads)} threads" if device.type == "cpu" else ""
+    local_batch = distributed.per_rank_batch(tc.batch_size, ctx.world_size)
+    procs = f"{ctx.world_size} process" + ("es" if ctx.world_size > 1 else "")
+    where = (f"{procs} ({ctx.backend}), {local_batch} sequences per process per micro-step"
+             if ctx.backend else "1 process")
+    d = cfg.data
+    data = (f"data: {d.data_dir} ({meta['kind']} tokenizer, {meta['tokens']['train']:,} train "
+            f"/ {meta['tokens']['val']:,} val tokens)" if meta is not None else
+            f"data: to be prepared from {', '.join(d.sources) or 'the Python stdlib corpus'} "
+            f"({d.tokenizer} tokenizer, vocab {d.vocab_size}); model.vocab_size and the "
+            "window then follow it")
+    return (f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "
+            f"{mc.num_layers} layers, {mc.num_heads} heads, ff {mc.ff_dim}, context "
+            f"{mc.max_seq_len}, vocab {mc.vocab_size})\n{data}\n"
+            f"train: {budget} x {tokens_per_step:,} tokens/step (global batch "
+            f"{tc.batch_size} x {tc.grad_accum_steps} accum = "
+            f"{tc.batch_size * tc.grad_accum_steps} sequences of {cfg.seq_len}; {where}), "
+            f"{tc.optimizer} lr {tc.lr:g} ({tc.schedule}), warm-up {tc.warmup} steps, device "
+            f"{device} ({str(dtype).replace('torch.', '')}{threads})"
+            + (f", resuming from {resuming}" if resuming else ""))
+
+
+def dry_run(resolved: ResolvedConfig, run_dir: Path, *, resuming: bool = False) -> int:
+    """`train --dry-run`: resolve the config against the data (without preparing any), check
+    it, print what would be adapted and the plan. Nothing is trained or written."""
+    from microtransformer.config import adapt_to_data
+    from microtransformer.data import load_meta
+    from microtransformer.device import resolve_device
+    from microtransformer.distributed import RuntimeContext
+    from microtransformer.training import resolve_batch_size
+
+    data_dir = resolved.config.data.data_dir
+    if data_dir is None and (run_dir / "data" / "meta.json").is_file():
+        data_dir = str(run_dir / "data")  # prepared by an earlier call of this run
+    meta = None
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one "
+                                    f"with `microtransformer prepare SOURCE --out {data_dir}`")
+        meta = load_meta(data_dir)
+        resolved = adapt_to_data(resolved, vocab_size=int(meta["vocab_size"]),
+                                 data_dir=data_dir,
+                                 min_split_tokens=min(int(n) for n in meta["tokens"].values()))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: check the batch split
+    ctx = RuntimeContext(world_size=world, device=resolve_device(resolved.config.train.device),
+                         backend="torchrun" if world > 1 else None)
+    cfg = resolve_batch_size(resolved.config, ctx)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    for note in resolved.notes:
+        print(f"note: {note}")
+    print(plan_text(cfg, meta, ctx, resuming=run_dir if resuming else None))
+    print("dry run: config resolved and checked; nothing trained or written (drop --dry-run "
+          "to train)")
+    return 0
+
+
 def finished_note(run_dir: Path, cfg: RunConfig) -> str | None:
     """The line `train --resume` prints, instead of training, when the run in `run_dir` has
     already spent its budget under `cfg` (None when there is training left to do)."""
@@ -179,15 +255,8 @@ def run(args: argparse.Namespace) -> int:
     """
     from microtransformer import distributed
     from microtransformer.data import load_meta
-    from microtransformer.device import resolve_dtype
     from microtransformer.throughput.mfu import compute_mfu, device_name, format_mfu
-    from microtransformer.training import (
-        prepare_data,
-        resolve_batch_size,
-        resolve_threads,
-        train,
-    )
-    from model.utils import parameter_formula
+    from microtransformer.training import prepare_data, resolve_batch_size, train
 
     restart_note = restart_resume(args)
     resolved = resolve_run_config(args)
@@ -196,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(done, flush=True)
         return 0
+    if args.dry_run:
+        return dry_run(resolved, run_dir, resuming=args.resume)
     with distributed.runtime(resolved.config.train.device) as ctx:
         show = ctx.is_main
         progress = not args.no_progress and show
@@ -210,38 +281,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: {note}", flush=True)
         meta = load_meta(cfg.data.data_dir)
         cfg = resolve_batch_size(cfg, ctx)  # "auto": sized to the CUDA card (else an error)
-        tc, mc = cfg.train, cfg.model
-        local_batch = distributed.per_rank_batch(tc.batch_size, ctx.world_size)
-        device = ctx.device
-        dtype = resolve_dtype(tc.dtype, device)
-        tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.seq_len
-        budget = f"{tc.max_steps} steps"
-        if tc.max_time_minutes is not None:
-            budget = f"{tc.max_time_minutes:g} min of training (at most {tc.max_steps} steps)"
-        threads = (f", {resolve_threads(tc.cpu_threads)} threads" if device.type == "cpu"
-                   else "")
         if show:
-            procs = f"{ctx.world_size} process" + ("es" if ctx.world_size > 1 else "")
-            where = (f"{procs} ({ctx.backend}), {local_batch} sequences per "
-                     f"process per micro-step" if ctx.backend else "1 process")
-            print(
-                f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "
-                f"{mc.num_layers} layers, {mc.num_heads} heads, ff {mc.ff_dim}, context "
-                f"{mc.max_seq_len}, vocab {mc.vocab_size})\n"
-                f"data: {cfg.data.data_dir} ({meta['kind']} tokenizer, "
-                f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens)\n"
-                f"train: {budget} x {tokens_per_step:,} tokens/step (global batch "
-                f"{tc.batch_size} x {tc.grad_accum_steps} accum = "
-                f"{tc.batch_size * tc.grad_accum_steps} sequences of {cfg.seq_len}; {where}), "
-                f"{tc.optimizer} lr {tc.lr:g} ({tc.schedule}), device {device} "
-                f"({str(dtype).replace('torch.', '')}{threads})"
-                + (f", resuming from {run_dir}" if args.resume else ""),
-                flush=True,
-            )
+            print(plan_text(cfg, meta, ctx, resuming=run_dir if args.resume else None),
+                  flush=True)
         result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx,
                        notes=resolved.notes)
         mfu = compute_mfu(result.tokens_per_s / ctx.world_size, cfg.model, cfg.seq_len,
-                          device_name(device))
+                          device_name(ctx.device))
     if not show:
         return 0
 

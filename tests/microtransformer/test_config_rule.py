@@ -168,3 +168,25 @@ def test_resolved_config_with_notes_keeps_origins() -> None:
     more = r.with_notes(r.config, ["x"])
     assert isinstance(more, ResolvedConfig) and more.notes == ("x",)
     assert more.typed == {"train.lr"}
+
+
+def test_dry_run_resolves_checks_and_writes_nothing(char_data: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in char_data.iterdir())
+    run = tmp_path / "planned"
+    assert main(["train", "--data", str(char_data), "--out", str(run), "--preset", "balanced",
+                 "--train.max_steps", "20", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "note: train.warmup_steps: 100 (preset 'balanced') -> 2" in out
+    assert "note: model.vocab_size: 5000 (preset 'balanced')" in out
+    assert "train: 20 steps x" in out and "warm-up 2 steps" in out and "dry run:" in out
+    assert not run.exists()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in char_data.iterdir()) == before
+    # the same checks as a real run: a typed contradiction is refused, one line
+    assert main(["train", "--data", str(char_data), "--out", str(run), "--preset", "balanced",
+                 "--train.max_steps", "20", "--train.warmup_steps", "30", "--dry-run"]) == 2
+    assert "warmup_steps=30 is more than max_steps=20" in capsys.readouterr().err
+    # data the run would prepare itself: the plan says so, nothing is prepared
+    assert main(["train", "--out", str(run), "--data.sources", str(char_data.parent /
+                 "corpus.txt"), "--data.tokenizer", "char", "--dry-run"]) == 0
+    assert "data: to be prepared from" in capsys.readouterr().out and not run.exists()

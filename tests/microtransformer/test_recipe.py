@@ -78,3 +78,11 @@ def test_the_passes_threshold_is_where_the_rule_switches(kind: str) -> None:
         {"kind": kind, "tokens": {"train": under}}, 15, TWO_CORES).overrides
     assert "model.dropout" in choose_recipe(
         {"kind": kind, "tokens": {"train": over}}, 15, TWO_CORES).overrides
+
+
+def test_unprepared_data_is_not_taken_for_an_empty_corpus() -> None:
+    """`train --out R --time 15m` without --data prepares the text after the choice: its size
+    is unknown then, and must not read as 0 tokens (which would mean endless passes)."""
+    recipe = choose_recipe({"kind": "bpe", "tokens": {}}, 15, Machine(cores=2))
+    assert "model.dropout" not in recipe.overrides
+    assert "not known before it is prepared" in recipe.reason
