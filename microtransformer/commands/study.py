@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from microtransformer.errors import UserError
 
@@ -72,7 +73,34 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--eval-windows", default="128", help="val windows for the final eval")
     p.add_argument("--out", default="study_report", help="report directory (resumable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the settings and the corpora's sources and list the planned "
+                        "runs; prepare, calibrate and train nothing")
     p.set_defaults(func=run)
+
+
+def dry_run(settings: Any) -> int:
+    """`study --dry-run`: the settings are valid (checked when built), every corpus resolves
+    to text here, and this is the list of runs; run sizes come from the calibration."""
+    from microtransformer.data import DATASETS
+    from microtransformer.study import corpus_sources, plan_runs
+
+    for corpus in settings.corpora:
+        sources, _ = corpus_sources(corpus, int(settings.corpus_max_mb * 2**20),
+                                    settings.corpus_paths)
+        named = [s for s in sources if s in DATASETS]
+        print(f"corpus {corpus}: {', '.join(sources[:3])}"
+              + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+              + (" (named dataset: downloaded once into the cache)" if named else ""))
+    tokens = settings.tokens or 0
+    runs = plan_runs(settings, tokens, settings.minutes or 0.0,
+                     dict.fromkeys(settings.configs, 1.0))
+    sizes = (f"{tokens:,} tokens per equal-token run" if settings.tokens else
+             "run sizes from the calibration" + (f" within {settings.budget_minutes:g} min"
+                                                 if settings.budget_minutes else ""))
+    print(f"plan: {len(runs)} runs ({sizes}): " + ", ".join(r.run_id for r in runs))
+    print("dry run: settings and corpora checked; nothing prepared, calibrated or trained")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         eval_windows=_number(args.eval_windows, "--eval-windows", int),
         device=args.device,
     )
+    if args.dry_run:
+        return dry_run(settings)
     # The exact command, every option spelled out (so it reruns the same study).
     argv = []
     for key, value in sorted(vars(args).items()):
