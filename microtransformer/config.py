@@ -523,19 +523,43 @@ def _plain_int(v: Any) -> bool:
 
 # ============================================================================ overrides
 def field_help(section: str) -> dict[str, str]:
-    """{field name: help text} of one section (ModelConfig's come from its docstring)."""
+    """{field name: help text} of one section (ModelConfig's come from its docstring's
+    Attributes, continuation lines included)."""
     cls = _SECTION_CLASSES[section]
     out = {}
     for f in fields(cls):
         out[f.name] = f.metadata.get("help", "") if f.metadata else ""
     if section == "model":
-        doc = ModelConfig.__doc__ or ""
-        for f in fields(ModelConfig):
-            marker = f"{f.name}: "
-            for line in doc.splitlines():
-                if line.strip().startswith(marker):
-                    out[f.name] = line.strip()[len(marker):]
+        current = None
+        for line in (ModelConfig.__doc__ or "").splitlines():
+            name, sep, text = line.strip().partition(": ")
+            if sep and name in out and line.startswith(" " * 8) and not line.startswith(" " * 9):
+                current = name
+                out[name] = text
+            elif current and line.startswith(" " * 12):
+                out[current] += " " + line.strip()
+            else:
+                current = None
     return out
+
+
+def config_reference() -> str:
+    """The config reference as Markdown tables, one per section: key, type, default and help,
+    from the dataclasses themselves (docs/CONFIG.md holds this text; a test keeps it equal)."""
+    defaults = RunConfig().to_dict()
+    out = []
+    for section in SECTIONS:
+        out += [f"### [{section}]", "", "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |"]
+        types_ = _field_types(section)
+        for name, text in field_help(section).items():
+            typ = str(types_[name]).replace("typing.", "").replace("<class '", "").replace(
+                "'>", "").replace(" | ", " or ")
+            default = json.dumps(defaults[section][name])
+            out.append(f"| `{section}.{name}` | {typ} | `{default}` | "
+                       f"{text.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str | list[str]]:

@@ -27,7 +27,7 @@ from model import MicroTransformer, ModelConfig
 from model.utils import count_parameters, flops_per_token, parameter_formula
 
 # The seed spec's three configurations (section 3), by the names the project uses for them.
-# Their one source is the TOML presets configs/<name>.toml.
+# Their one source is the TOML presets microtransformer/configs/<name>.toml.
 SEED_PRESET_NAMES = ("wide_shallow", "narrow_deep", "balanced")
 SHAPE_FIELDS = ("embed_dim", "num_heads", "num_layers", "ff_dim")
 

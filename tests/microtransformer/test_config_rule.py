@@ -190,3 +190,12 @@ def test_dry_run_resolves_checks_and_writes_nothing(char_data: Path, tmp_path: P
     assert main(["train", "--out", str(run), "--data.sources", str(char_data.parent /
                  "corpus.txt"), "--data.tokenizer", "char", "--dry-run"]) == 0
     assert "data: to be prepared from" in capsys.readouterr().out and not run.exists()
+
+
+def test_config_reference_in_docs_is_generated_from_the_dataclasses() -> None:
+    from microtransformer.config import config_reference
+    from tests.conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    section = text.split("<!-- reference: generated -->\n", 1)[1].split("<!-- /reference -->")[0]
+    assert section == config_reference(), "regenerate docs/CONFIG.md's reference section"
