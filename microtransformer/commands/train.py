@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="run directory for config, checkpoints, metrics and plots")
     p.add_argument("--config", metavar="FILE", help="TOML (or JSON) config file")
     p.add_argument("--preset", metavar="NAME",
-                   help="preset shipped in the package (wide_shallow, narrow_deep, balanced, cpu_char, cpu_bpe; `microtransformer configs --presets` lists them)")
+                   help="preset shipped in the package (wide_shallow, narrow_deep, balanced, "
+                        "cpu_char, cpu_bpe; `microtransformer configs --presets` lists them)")
     p.add_argument("--time", metavar="DURATION",
                    help="training-time budget, e.g. 15m, 90s, 1h (= --train.max_time_minutes): "
                         "the LR schedule ends decayed when it is spent; without --preset or "

@@ -11,9 +11,9 @@ With only `--tokens N`, the equal-time length is what the balanced config needs 
 with only `--minutes M`, the token count is what balanced trains in M minutes; with only
 `--budget-minutes B`, both are sized so that all planned runs fit in B.
 
-Every run trains the seed's exact configuration (its preset, microtransformer/configs/: vocab 5000 and
-max_seq_len 512 give 2,443,904 / 2,290,176 / 2,428,640 parameters) on windows of `seq_len`
-tokens; only the vocabulary follows the corpus's tokenizer.
+Every run trains the seed's exact configuration (its preset in microtransformer/configs/:
+vocab 5000 and max_seq_len 512 give 2,443,904 / 2,290,176 / 2,428,640 parameters) on windows
+of `seq_len` tokens; only the vocabulary follows the corpus's tokenizer.
 """
 
 from __future__ import annotations
