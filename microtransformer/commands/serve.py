@@ -17,6 +17,7 @@ import sys
 from microtransformer.errors import UserError
 
 API_KEY_ENV = "MICROTRANSFORMER_API_KEY"
+MAX_BODY_BYTES = 1 << 20  # the default of --max-body-bytes (serve.app.DEFAULT_MAX_BODY_BYTES)
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="sequences that may wait for a slot before 429 (default 256)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
                    help="refuse requests asking for more than N new tokens")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="N",
+                   help=f"refuse request bodies over N bytes with 413, before parsing them "
+                        f"(default {MAX_BODY_BYTES}, 1 MiB)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
@@ -59,6 +63,9 @@ def _check(args: argparse.Namespace) -> None:
         problems.append(f"--max-queue={args.max_queue} must be >= 1")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         problems.append(f"--max-tokens-limit={args.max_tokens_limit} must be >= 1")
+    if args.max_body_bytes < 1:
+        problems.append(f"--max-body-bytes={args.max_body_bytes} must be >= 1 (default "
+                        f"{MAX_BODY_BYTES})")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads={args.threads} must be >= 1")
     names = args.model_name
@@ -106,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
               for run_dir, name in zip(args.run_dirs, names, strict=True)]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(models, api_key=api_key, cors=args.cors, ui=not args.no_ui,
-                     max_tokens_limit=args.max_tokens_limit)
+                     max_tokens_limit=args.max_tokens_limit,
+                     max_body_bytes=args.max_body_bytes)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host

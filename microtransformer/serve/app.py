@@ -12,7 +12,13 @@ models. Routes:
     GET  /, /static/...          the playground page (unless ui=False)
 
 Errors have the OpenAI shape; invalid input is a 400 (not FastAPI's 422), a missing or wrong API
-key a 401, an unknown model a 404, a full queue a 429 with Retry-After, draining a 503.
+key a 401, an unknown model a 404, a body over the size limit a 413 (before it is parsed), a full
+queue a 429 with Retry-After, draining a 503.
+
+One request's cost is bounded before it reaches the engine: the body's size (`max_body_bytes`,
+checked on Content-Length and on the bytes of a chunked body as they arrive), a text prompt's
+length in characters (one that cannot fit the context is refused before it is tokenized), and
+tokenization runs in a worker thread, so a long prompt never holds up the event loop.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microtransformer.serve.chat import CHAT_STOP, render_chat
@@ -51,6 +58,7 @@ from microtransformer.serve.protocol import (
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any request a 512-token context can use
 GUARDED = ("/v1/", "/tokenize", "/detokenize")  # refused while draining
 ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
              "/detokenize", "/metrics", "/")
@@ -65,9 +73,24 @@ class ServedModel:
     tokenizer: Any
     card: dict[str, Any] = field(default_factory=dict)
 
+    max_token_chars: int = 0  # the longest token of the vocabulary, in characters (computed)
+
+    def __post_init__(self) -> None:
+        if not self.max_token_chars:
+            self.max_token_chars = max(
+                1, *(len(self.tokenizer.decode([i], skip_special_tokens=False))
+                     for i in range(self.tokenizer.vocab_size)))
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest text prompt that can fit the context: every token covers at most
+        `max_token_chars` characters of the text, so a prompt of more characters than
+        (context - 1) x that has at least a context's worth of tokens, with no room left."""
+        return (self.max_model_len - 1) * self.max_token_chars
 
 
 class _Mailbox:
@@ -103,6 +126,7 @@ class ServerState:
     api_key: str | None = None
     max_tokens_limit: int | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES  # None: no limit
     draining: bool = False
     inflight: int = 0  # guarded requests whose response has not finished
     _mailbox: _Mailbox | None = None
@@ -143,9 +167,54 @@ def load_served_model(run_dir: str | Path, *, name: str | None = None, which: st
 
 
 # ---------------------------------------------------------------------------- middleware
+class _BodyTooLarge(Exception):
+    """A chunked request body grew past the limit while it was read."""
+
+
+def _content_length(scope: dict) -> int | None:
+    """The request's Content-Length header as an int (None when absent or not a number: the
+    HTTP server has already refused a malformed one)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _read_body(receive: Callable, limit: int) -> list[dict]:
+    """The body messages of a request without Content-Length (chunked), counted as they come:
+    raises _BodyTooLarge as soon as more than `limit` bytes have arrived."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages  # the client went away
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise _BodyTooLarge
+        if not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[dict], receive: Callable) -> Callable:
+    """A receive callable that hands out `messages` first, then reads on."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
 class _Gate:
-    """Pure ASGI middleware: refuses guarded routes with 503 while draining, counts requests in
-    flight (for the drain) and by endpoint and status (for /metrics)."""
+    """Pure ASGI middleware: refuses guarded routes with 503 while draining, refuses a body over
+    `max_body_bytes` with 413 before anything parses it, counts requests in flight (for the
+    drain) and by endpoint and status (for /metrics)."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -163,6 +232,28 @@ class _Gate:
             await response(scope, receive, send)
             self._count(path, 503)
             return
+        limit = self.state.max_body_bytes
+        if limit is not None:
+            declared = _content_length(scope)
+            too_large = None
+            if declared is not None and declared > limit:
+                too_large = (f"the request body has {declared} bytes (Content-Length), over "
+                             f"this server's limit of {limit} bytes")
+            elif declared is None:  # chunked (or no body): count the bytes as they arrive
+                try:
+                    receive = _replay(await _read_body(receive, limit), receive)
+                except _BodyTooLarge:
+                    too_large = (f"the request body (chunked) grew past this server's "
+                                 f"limit of {limit} bytes")
+            if too_large is not None:
+                response = JSONResponse(error_body(
+                    f"{too_large} (--max-body-bytes); send a smaller body (a prompt that fits "
+                    "the model's context is far smaller) or start the server with a larger "
+                    "--max-body-bytes", "invalid_request_error", code=413), status_code=413,
+                    headers={"Connection": "close"})
+                await response(scope, receive, send)
+                self._count(path, 413)
+                return
         status = 500
 
         async def send_status(message: dict) -> None:
@@ -258,13 +349,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(models: list[ServedModel], *, api_key: str | None = None,
                cors: list[str] | None = None, ui: bool = True,
                max_tokens_limit: int | None = None,
-               metrics: ServeMetrics | None = None) -> FastAPI:
-    """The server app for `models` (their engines start with the app and stop with it)."""
+               metrics: ServeMetrics | None = None,
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The server app for `models` (their engines start with the app and stop with it).
+
+    `max_body_bytes`: request bodies over this size are refused with 413 before they are
+    parsed (None: no limit)."""
     names = [m.name for m in models]
     if not models or len(set(names)) != len(names):
         raise ValueError(f"models need distinct names, got {names}; use --model-name")
+    if max_body_bytes is not None and max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes={max_body_bytes} must be >= 1 (or None: no limit)")
     state = ServerState({m.name: m for m in models}, api_key or None, max_tokens_limit,
-                        metrics or ServeMetrics())
+                        metrics or ServeMetrics(), max_body_bytes)
     for m in models:
         m.engine.observer = state.metrics.observer(m.name)
 
@@ -317,7 +414,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         served = _pick(state, body.model)
-        prompts = _encode_prompts(served, body.prompt)
+        prompts = await run_in_threadpool(_encode_prompts, served, body.prompt)
         params = []
         for ids in prompts:
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
@@ -331,7 +428,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         served = _pick(state, body.model)
-        ids = _encode_text(served, render_chat(body.messages), "messages")
+        ids = await run_in_threadpool(_encode_chat, served, body.messages)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = asked if asked is not None else min(
             state.max_tokens_limit or served.max_model_len, served.max_model_len - len(ids))
@@ -349,7 +446,8 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
             raise APIError(400, "send exactly one of prompt (text) or messages (chat)",
                            param="prompt")
         text = body.prompt if body.prompt is not None else render_chat(body.messages)
-        ids = _encode_text(served, text, "prompt", empty_is_eos=False)
+        ids = await run_in_threadpool(_encode_text, served, text, "prompt", empty_is_eos=False,
+                                      must_fit=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
 
     @app.post("/detokenize")
@@ -389,8 +487,13 @@ def _pick(state: ServerState, name: str | None) -> ServedModel:
     return state.models[name]
 
 
-def _encode_text(served: ServedModel, text: str, param: str, *, empty_is_eos: bool = True
-                 ) -> list[int]:
+def _encode_text(served: ServedModel, text: str, param: str, *, empty_is_eos: bool = True,
+                 must_fit: bool = True) -> list[int]:
+    """`text` -> token ids (run it in a worker thread: a long text takes a while). With
+    `must_fit`, a text too long in characters to fit the context is refused before it is
+    tokenized."""
+    if must_fit:
+        _check_chars(served, text, param)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -400,6 +503,22 @@ def _encode_text(served: ServedModel, text: str, param: str, *, empty_is_eos: bo
     if not ids and empty_is_eos:  # an empty prompt starts a document, as `generate` does
         ids = [served.tokenizer.eos_token_id]
     return ids
+
+
+def _check_chars(served: ServedModel, text: str, param: str) -> None:
+    """Refuse a text whose length in characters alone shows that it cannot fit the context."""
+    limit = served.max_prompt_chars
+    if len(text) > limit:
+        raise APIError(400, f"{param} has {len(text)} characters, but model {served.name!r} "
+                       f"has a context of {served.max_model_len} tokens and no token of its "
+                       f"vocabulary is longer than {served.max_token_chars} characters, so a "
+                       f"prompt over {limit} characters cannot fit (refused before "
+                       f"tokenizing); shorten the {param}", param=param)
+
+
+def _encode_chat(served: ServedModel, messages: list[Any]) -> list[int]:
+    """Chat messages -> the template's token ids (in a worker thread, as `_encode_text`)."""
+    return _encode_text(served, render_chat(messages), "messages")
 
 
 def _check_ids(served: ServedModel, ids: list[int], param: str) -> None:
@@ -415,6 +534,8 @@ def _encode_prompts(served: ServedModel, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         return [_encode_text(served, prompt, "prompt")]
     if all(isinstance(p, str) for p in prompt):
+        for p in prompt:  # every length first: tokenize nothing if one cannot fit
+            _check_chars(served, p, "prompt")
         return [_encode_text(served, p, "prompt") for p in prompt]
     rows = [prompt] if all(isinstance(p, int) for p in prompt) else prompt
     for row in rows:

@@ -3,6 +3,10 @@
 Field limits live here, on the fields, so a bad value is rejected with a message naming the
 field, the value and the limit; the app turns every rejection into a 400 with the OpenAI error
 shape `{"error": {"message", "type", "param", "code"}}` (never FastAPI's default 422).
+
+Types are strict, as in OpenAI's API: an integer field refuses `"5"`, `true` and `5.0`, a number
+field refuses strings and booleans (an integer such as `1` is a number), a boolean field refuses
+`1` and `"true"`, a string field refuses numbers.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ def error_body(message: str, type: str, param: str | None = None,
 
 
 class _Body(BaseModel):
-    # unknown fields are ignored (clients send extras such as `user`); known ones are checked
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields are ignored (clients send extras such as `user`); known ones are checked,
+    # strictly: no coercion of "5" or true to an integer, of "0.5" to a number, of 1 to true
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
