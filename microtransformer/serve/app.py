@@ -52,6 +52,7 @@ from microtransformer.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     TokenizeRequest,
     error_body,
 )
@@ -345,6 +346,45 @@ def _install_error_handlers(app: FastAPI) -> None:
                                        "server_error", code=500), status_code=500)
 
 
+# ---------------------------------------------------------------------------- OpenAPI
+_ERRORS = {400: "invalid input (a body that is not JSON, wrong types, out-of-range values, "
+                "unknown token ids, too long for the context)",
+           401: "missing or wrong API key", 404: "unknown model or route",
+           413: "request body over --max-body-bytes", 429: "queue full (see Retry-After)",
+           500: "a failure inside the engine", 503: "draining (shutting down)"}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error responses of a route (all in the OpenAI error shape)."""
+    return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in codes}
+
+
+_GENERATE = {**_errors(400, 401, 404, 413, 429, 500, 503),
+             200: {"content": {"text/event-stream": {"schema": {
+                 "type": "object", "properties": {"data": {"type": "string"}}}}},
+                   "description": "JSON, or server-sent events (each `data: {json}`, the "
+                                  "last `data: [DONE]`) with stream: true"}}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """The OpenAPI schema says what the server does: invalid input is a 400 with the OpenAI
+    error shape, never FastAPI's 422 (its entries and their schemas are removed)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------------------- the app
 def create_app(models: list[ServedModel], *, api_key: str | None = None,
                cors: list[str] | None = None, ui: bool = True,
@@ -379,6 +419,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
                   redoc_url=None)
     app.state.serve = state
     _install_error_handlers(app)
+    _document_errors(app)
     if cors:
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -397,21 +438,25 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
 
     auth = [Depends(authorize)]
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(413, 503))
     async def health() -> JSONResponse:
         if state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse({**error_body("the server is shutting down (draining); send "
+                                              "new requests to another instance",
+                                              "service_unavailable", code=503),
+                                 "status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok", "models": list(state.models)})
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=_errors(401, 413, 503))
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [m.card for m in state.models.values()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.get("/v1/models/{model_id:path}", dependencies=auth,
+             responses=_errors(401, 404, 413, 503))
     async def get_model(model_id: str) -> dict[str, Any]:
         return _pick(state, model_id).card
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, responses=_GENERATE)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         served = _pick(state, body.model)
         prompts = await run_in_threadpool(_encode_prompts, served, body.prompt)
@@ -425,7 +470,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
         return await _generate(request, state, served, prompts, params, body,
                                _CompletionFormat(served.name, body.logprobs is not None))
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, responses=_GENERATE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         served = _pick(state, body.model)
         ids = await run_in_threadpool(_encode_chat, served, body.messages)
@@ -439,7 +484,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
         return await _generate(request, state, served, [ids], params, body,
                                _ChatFormat(served.name, body.logprobs))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_errors(400, 404, 413, 503))
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         served = _pick(state, body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -450,13 +495,15 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
                                       must_fit=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_errors(400, 404, 413, 503))
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         served = _pick(state, body.model)
         _check_ids(served, body.tokens, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={**_errors(413),
+                                     200: {"content": {"text/plain": {}},
+                                           "description": "Prometheus text format"}})
     async def metrics_text() -> Response:
         body = state.metrics.render((m.name, m.engine) for m in state.models.values())
         return Response(body, media_type=CONTENT_TYPE)

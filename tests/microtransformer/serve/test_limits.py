@@ -182,3 +182,15 @@ def test_tokenizing_runs_off_the_event_loop(small):
         served.tokenizer = wrapper.inner
     assert result["status"] == 200
     assert wrapper.thread is not None and wrapper.thread is not small.thread
+
+
+@pytest.mark.parametrize("field, value, limit", [
+    ("temperature", 1e-300, "1e-06"), ("repetition_penalty", 5e-324, "0.01")])
+def test_settings_that_overflow_the_logits_are_refused(server, field, value, limit):
+    """Found by the schemathesis fuzz: a subnormal temperature or repetition penalty divided the
+    logits into inf and the engine answered 500; now a 400 names the field and the limit."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    err = _error(httpx.post(server.url + "/v1/chat/completions", json=body), 400)
+    assert err["param"] == field and limit in err["message"]
+    ok = {"prompt": "the", "max_tokens": 2, "temperature": 1e-6, "repetition_penalty": 0.01}
+    assert httpx.post(server.url + "/v1/completions", json=ok).status_code == 200
