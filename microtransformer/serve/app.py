@@ -233,28 +233,6 @@ class _Gate:
             await response(scope, receive, send)
             self._count(path, 503)
             return
-        limit = self.state.max_body_bytes
-        if limit is not None:
-            declared = _content_length(scope)
-            too_large = None
-            if declared is not None and declared > limit:
-                too_large = (f"the request body has {declared} bytes (Content-Length), over "
-                             f"this server's limit of {limit} bytes")
-            elif declared is None:  # chunked (or no body): count the bytes as they arrive
-                try:
-                    receive = _replay(await _read_body(receive, limit), receive)
-                except _BodyTooLarge:
-                    too_large = (f"the request body (chunked) grew past this server's "
-                                 f"limit of {limit} bytes")
-            if too_large is not None:
-                response = JSONResponse(error_body(
-                    f"{too_large} (--max-body-bytes); send a smaller body (a prompt that fits "
-                    "the model's context is far smaller) or start the server with a larger "
-                    "--max-body-bytes", "invalid_request_error", code=413), status_code=413,
-                    headers={"Connection": "close"})
-                await response(scope, receive, send)
-                self._count(path, 413)
-                return
         status = 500
 
         async def send_status(message: dict) -> None:
@@ -263,12 +241,41 @@ class _Gate:
                 status = message["status"]
             await send(message)
 
-        self.state.inflight += guarded
+        self.state.inflight += guarded  # from here on, a drain waits for this request
         try:
-            await self.app(scope, receive, send_status)
+            receive, too_large = await self._limit_body(scope, receive)
+            if too_large is not None:
+                await JSONResponse(error_body(too_large, "invalid_request_error", code=413),
+                                   status_code=413, headers={"Connection": "close"}
+                                   )(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             self.state.inflight -= guarded
             self._count(path, status)
+
+    async def _limit_body(self, scope: dict, receive: Callable
+                          ) -> tuple[Callable, str | None]:
+        """(the receive callable to use, None) or (_, why the body is too large): a declared
+        Content-Length over the limit is refused unread; a chunked body is read here, counted
+        as it arrives, and replayed to the app."""
+        limit = self.state.max_body_bytes
+        if limit is None:
+            return receive, None
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            why = (f"the request body has {declared} bytes (Content-Length), over this "
+                   f"server's limit of {limit} bytes")
+        elif declared is None:  # chunked (or no body): count the bytes as they arrive
+            try:
+                return _replay(await _read_body(receive, limit), receive), None
+            except _BodyTooLarge:
+                why = f"the request body (chunked) grew past this server's limit of {limit} bytes"
+        else:
+            return receive, None
+        return receive, (f"{why} (--max-body-bytes); send a smaller body (a prompt that fits "
+                         "the model's context is far smaller) or start the server with a "
+                         "larger --max-body-bytes")
 
     def _count(self, path: str, status: int) -> None:
         if path.startswith("/v1/models/"):
@@ -505,7 +512,8 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
                                      200: {"content": {"text/plain": {}},
                                            "description": "Prometheus text format"}})
     async def metrics_text() -> Response:
-        body = state.metrics.render((m.name, m.engine) for m in state.models.values())
+        body = state.metrics.render(((m.name, m.engine) for m in state.models.values()),
+                                    state.inflight)
         return Response(body, media_type=CONTENT_TYPE)
 
     if ui:
