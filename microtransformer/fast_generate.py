@@ -152,7 +152,9 @@ def prepare_model(model: MicroTransformer, precision: str) -> MicroTransformer:
     elif precision == "int8":
         from torch.ao.quantization import quantize_dynamic
 
-        with warnings.catch_warnings():  # the eager quantization API warns it will move
+        # The eager quantization API warns it will move to torchao; it stays because torchao's
+        # int8 linear is about 5x slower eagerly on CPU (docs/PERFORMANCE.md, "Precision").
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear},
                                    dtype=torch.qint8)

@@ -1,9 +1,9 @@
 """`microtransformer serve`: an OpenAI-compatible HTTP server (and playground) for trained runs.
 
 The app and the engine live in `microtransformer.serve`; this module parses the options, loads
-the runs, binds the socket and runs uvicorn with a graceful drain: on SIGTERM (or Ctrl+C) new
-requests get 503 while the ones in flight finish, then the process exits 0. A second signal
-stops at once.
+the runs, binds the socket and runs uvicorn with a graceful drain: on SIGTERM (or Ctrl+C) the
+socket stays open, /health and new requests get 503 while the ones in flight finish (and for at
+least --drain-grace seconds), then the process exits 0. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from microtransformer.errors import UserError
 
 API_KEY_ENV = "MICROTRANSFORMER_API_KEY"
+MAX_BODY_BYTES = 1 << 20  # the default of --max-body-bytes (serve.app.DEFAULT_MAX_BODY_BYTES)
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -40,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="sequences that may wait for a slot before 429 (default 256)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
                    help="refuse requests asking for more than N new tokens")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="N",
+                   help=f"refuse request bodies over N bytes with 413, before parsing them "
+                        f"(default {MAX_BODY_BYTES}, 1 MiB)")
+    p.add_argument("--drain-grace", type=float, default=0.0, metavar="SECONDS",
+                   help="after SIGTERM keep answering (/health and new requests: 503) for at "
+                        "least this long, even with nothing in flight, so a load balancer's "
+                        "health checks see the 503 before the port closes (default 0)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
@@ -59,6 +67,11 @@ def _check(args: argparse.Namespace) -> None:
         problems.append(f"--max-queue={args.max_queue} must be >= 1")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         problems.append(f"--max-tokens-limit={args.max_tokens_limit} must be >= 1")
+    if args.max_body_bytes < 1:
+        problems.append(f"--max-body-bytes={args.max_body_bytes} must be >= 1 (default "
+                        f"{MAX_BODY_BYTES})")
+    if not 0 <= args.drain_grace <= 3600:  # also refuses nan
+        problems.append(f"--drain-grace={args.drain_grace} must be in [0, 3600] seconds")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads={args.threads} must be >= 1")
     names = args.model_name
@@ -106,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
               for run_dir, name in zip(args.run_dirs, names, strict=True)]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(models, api_key=api_key, cors=args.cors, ui=not args.no_ui,
-                     max_tokens_limit=args.max_tokens_limit)
+                     max_tokens_limit=args.max_tokens_limit,
+                     max_body_bytes=args.max_body_bytes)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
@@ -121,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
     if not api_key and not ipaddress.ip_address(host).is_loopback:
         print("microtransformer: warning: listening beyond loopback without --api-key",
               file=sys.stderr)
-    serve_until_drained(app, sock)
+    serve_until_drained(app, sock, drain_grace=args.drain_grace)
     return 0
 

@@ -12,7 +12,13 @@ models. Routes:
     GET  /, /static/...          the playground page (unless ui=False)
 
 Errors have the OpenAI shape; invalid input is a 400 (not FastAPI's 422), a missing or wrong API
-key a 401, an unknown model a 404, a full queue a 429 with Retry-After, draining a 503.
+key a 401, an unknown model a 404, a body over the size limit a 413 (before it is parsed), a full
+queue a 429 with Retry-After, draining a 503.
+
+One request's cost is bounded before it reaches the engine: the body's size (`max_body_bytes`,
+checked on Content-Length and on the bytes of a chunked body as they arrive), a text prompt's
+length in characters (one that cannot fit the context is refused before it is tokenized), and
+tokenization runs in a worker thread, so a long prompt never holds up the event loop.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from microtransformer.serve.chat import CHAT_STOP, render_chat
@@ -45,12 +52,14 @@ from microtransformer.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     TokenizeRequest,
     error_body,
 )
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any request a 512-token context can use
 GUARDED = ("/v1/", "/tokenize", "/detokenize")  # refused while draining
 ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
              "/detokenize", "/metrics", "/")
@@ -65,9 +74,24 @@ class ServedModel:
     tokenizer: Any
     card: dict[str, Any] = field(default_factory=dict)
 
+    max_token_chars: int = 0  # the longest token of the vocabulary, in characters (computed)
+
+    def __post_init__(self) -> None:
+        if not self.max_token_chars:
+            self.max_token_chars = max(
+                1, *(len(self.tokenizer.decode([i], skip_special_tokens=False))
+                     for i in range(self.tokenizer.vocab_size)))
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest text prompt that can fit the context: every token covers at most
+        `max_token_chars` characters of the text, so a prompt of more characters than
+        (context - 1) x that has at least a context's worth of tokens, with no room left."""
+        return (self.max_model_len - 1) * self.max_token_chars
 
 
 class _Mailbox:
@@ -103,6 +127,7 @@ class ServerState:
     api_key: str | None = None
     max_tokens_limit: int | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES  # None: no limit
     draining: bool = False
     inflight: int = 0  # guarded requests whose response has not finished
     _mailbox: _Mailbox | None = None
@@ -143,9 +168,54 @@ def load_served_model(run_dir: str | Path, *, name: str | None = None, which: st
 
 
 # ---------------------------------------------------------------------------- middleware
+class _BodyTooLarge(Exception):
+    """A chunked request body grew past the limit while it was read."""
+
+
+def _content_length(scope: dict) -> int | None:
+    """The request's Content-Length header as an int (None when absent or not a number: the
+    HTTP server has already refused a malformed one)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _read_body(receive: Callable, limit: int) -> list[dict]:
+    """The body messages of a request without Content-Length (chunked), counted as they come:
+    raises _BodyTooLarge as soon as more than `limit` bytes have arrived."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages  # the client went away
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise _BodyTooLarge
+        if not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[dict], receive: Callable) -> Callable:
+    """A receive callable that hands out `messages` first, then reads on."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
 class _Gate:
-    """Pure ASGI middleware: refuses guarded routes with 503 while draining, counts requests in
-    flight (for the drain) and by endpoint and status (for /metrics)."""
+    """Pure ASGI middleware: refuses guarded routes with 503 while draining, refuses a body over
+    `max_body_bytes` with 413 before anything parses it, counts requests in flight (for the
+    drain) and by endpoint and status (for /metrics)."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -171,12 +241,41 @@ class _Gate:
                 status = message["status"]
             await send(message)
 
-        self.state.inflight += guarded
+        self.state.inflight += guarded  # from here on, a drain waits for this request
         try:
-            await self.app(scope, receive, send_status)
+            receive, too_large = await self._limit_body(scope, receive)
+            if too_large is not None:
+                await JSONResponse(error_body(too_large, "invalid_request_error", code=413),
+                                   status_code=413, headers={"Connection": "close"}
+                                   )(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             self.state.inflight -= guarded
             self._count(path, status)
+
+    async def _limit_body(self, scope: dict, receive: Callable
+                          ) -> tuple[Callable, str | None]:
+        """(the receive callable to use, None) or (_, why the body is too large): a declared
+        Content-Length over the limit is refused unread; a chunked body is read here, counted
+        as it arrives, and replayed to the app."""
+        limit = self.state.max_body_bytes
+        if limit is None:
+            return receive, None
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            why = (f"the request body has {declared} bytes (Content-Length), over this "
+                   f"server's limit of {limit} bytes")
+        elif declared is None:  # chunked (or no body): count the bytes as they arrive
+            try:
+                return _replay(await _read_body(receive, limit), receive), None
+            except _BodyTooLarge:
+                why = f"the request body (chunked) grew past this server's limit of {limit} bytes"
+        else:
+            return receive, None
+        return receive, (f"{why} (--max-body-bytes); send a smaller body (a prompt that fits "
+                         "the model's context is far smaller) or start the server with a "
+                         "larger --max-body-bytes")
 
     def _count(self, path: str, status: int) -> None:
         if path.startswith("/v1/models/"):
@@ -254,17 +353,62 @@ def _install_error_handlers(app: FastAPI) -> None:
                                        "server_error", code=500), status_code=500)
 
 
+# ---------------------------------------------------------------------------- OpenAPI
+_ERRORS = {400: "invalid input (a body that is not JSON, wrong types, out-of-range values, "
+                "unknown token ids, too long for the context)",
+           401: "missing or wrong API key", 404: "unknown model or route",
+           413: "request body over --max-body-bytes", 429: "queue full (see Retry-After)",
+           500: "a failure inside the engine", 503: "draining (shutting down)"}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error responses of a route (all in the OpenAI error shape)."""
+    return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in codes}
+
+
+_GENERATE = {**_errors(400, 401, 404, 413, 429, 500, 503),
+             200: {"content": {"text/event-stream": {"schema": {
+                 "type": "object", "properties": {"data": {"type": "string"}}}}},
+                   "description": "JSON, or server-sent events (each `data: {json}`, the "
+                                  "last `data: [DONE]`) with stream: true"}}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """The OpenAPI schema says what the server does: invalid input is a 400 with the OpenAI
+    error shape, never FastAPI's 422 (its entries and their schemas are removed)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------------------- the app
 def create_app(models: list[ServedModel], *, api_key: str | None = None,
                cors: list[str] | None = None, ui: bool = True,
                max_tokens_limit: int | None = None,
-               metrics: ServeMetrics | None = None) -> FastAPI:
-    """The server app for `models` (their engines start with the app and stop with it)."""
+               metrics: ServeMetrics | None = None,
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The server app for `models` (their engines start with the app and stop with it).
+
+    `max_body_bytes`: request bodies over this size are refused with 413 before they are
+    parsed (None: no limit)."""
     names = [m.name for m in models]
     if not models or len(set(names)) != len(names):
         raise ValueError(f"models need distinct names, got {names}; use --model-name")
+    if max_body_bytes is not None and max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes={max_body_bytes} must be >= 1 (or None: no limit)")
     state = ServerState({m.name: m for m in models}, api_key or None, max_tokens_limit,
-                        metrics or ServeMetrics())
+                        metrics or ServeMetrics(), max_body_bytes)
     for m in models:
         m.engine.observer = state.metrics.observer(m.name)
 
@@ -282,6 +426,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
                   redoc_url=None)
     app.state.serve = state
     _install_error_handlers(app)
+    _document_errors(app)
     if cors:
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -300,24 +445,28 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
 
     auth = [Depends(authorize)]
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(413, 503))
     async def health() -> JSONResponse:
         if state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse({**error_body("the server is shutting down (draining); send "
+                                              "new requests to another instance",
+                                              "service_unavailable", code=503),
+                                 "status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok", "models": list(state.models)})
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=_errors(401, 413, 503))
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [m.card for m in state.models.values()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.get("/v1/models/{model_id:path}", dependencies=auth,
+             responses=_errors(401, 404, 413, 503))
     async def get_model(model_id: str) -> dict[str, Any]:
         return _pick(state, model_id).card
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, responses=_GENERATE)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         served = _pick(state, body.model)
-        prompts = _encode_prompts(served, body.prompt)
+        prompts = await run_in_threadpool(_encode_prompts, served, body.prompt)
         params = []
         for ids in prompts:
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
@@ -328,10 +477,10 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
         return await _generate(request, state, served, prompts, params, body,
                                _CompletionFormat(served.name, body.logprobs is not None))
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, responses=_GENERATE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         served = _pick(state, body.model)
-        ids = _encode_text(served, render_chat(body.messages), "messages")
+        ids = await run_in_threadpool(_encode_chat, served, body.messages)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = asked if asked is not None else min(
             state.max_tokens_limit or served.max_model_len, served.max_model_len - len(ids))
@@ -342,25 +491,29 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None,
         return await _generate(request, state, served, [ids], params, body,
                                _ChatFormat(served.name, body.logprobs))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_errors(400, 404, 413, 503))
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         served = _pick(state, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt (text) or messages (chat)",
                            param="prompt")
         text = body.prompt if body.prompt is not None else render_chat(body.messages)
-        ids = _encode_text(served, text, "prompt", empty_is_eos=False)
+        ids = await run_in_threadpool(_encode_text, served, text, "prompt", empty_is_eos=False,
+                                      must_fit=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_errors(400, 404, 413, 503))
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         served = _pick(state, body.model)
         _check_ids(served, body.tokens, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={**_errors(413),
+                                     200: {"content": {"text/plain": {}},
+                                           "description": "Prometheus text format"}})
     async def metrics_text() -> Response:
-        body = state.metrics.render((m.name, m.engine) for m in state.models.values())
+        body = state.metrics.render(((m.name, m.engine) for m in state.models.values()),
+                                    state.inflight)
         return Response(body, media_type=CONTENT_TYPE)
 
     if ui:
@@ -389,8 +542,13 @@ def _pick(state: ServerState, name: str | None) -> ServedModel:
     return state.models[name]
 
 
-def _encode_text(served: ServedModel, text: str, param: str, *, empty_is_eos: bool = True
-                 ) -> list[int]:
+def _encode_text(served: ServedModel, text: str, param: str, *, empty_is_eos: bool = True,
+                 must_fit: bool = True) -> list[int]:
+    """`text` -> token ids (run it in a worker thread: a long text takes a while). With
+    `must_fit`, a text too long in characters to fit the context is refused before it is
+    tokenized."""
+    if must_fit:
+        _check_chars(served, text, param)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -400,6 +558,22 @@ def _encode_text(served: ServedModel, text: str, param: str, *, empty_is_eos: bo
     if not ids and empty_is_eos:  # an empty prompt starts a document, as `generate` does
         ids = [served.tokenizer.eos_token_id]
     return ids
+
+
+def _check_chars(served: ServedModel, text: str, param: str) -> None:
+    """Refuse a text whose length in characters alone shows that it cannot fit the context."""
+    limit = served.max_prompt_chars
+    if len(text) > limit:
+        raise APIError(400, f"{param} has {len(text)} characters, but model {served.name!r} "
+                       f"has a context of {served.max_model_len} tokens and no token of its "
+                       f"vocabulary is longer than {served.max_token_chars} characters, so a "
+                       f"prompt over {limit} characters cannot fit (refused before "
+                       f"tokenizing); shorten the {param}", param=param)
+
+
+def _encode_chat(served: ServedModel, messages: list[Any]) -> list[int]:
+    """Chat messages -> the template's token ids (in a worker thread, as `_encode_text`)."""
+    return _encode_text(served, render_chat(messages), "messages")
 
 
 def _check_ids(served: ServedModel, ids: list[int], param: str) -> None:
@@ -415,6 +589,8 @@ def _encode_prompts(served: ServedModel, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         return [_encode_text(served, prompt, "prompt")]
     if all(isinstance(p, str) for p in prompt):
+        for p in prompt:  # every length first: tokenize nothing if one cannot fit
+            _check_chars(served, p, "prompt")
         return [_encode_text(served, p, "prompt") for p in prompt]
     rows = [prompt] if all(isinstance(p, int) for p in prompt) else prompt
     for row in rows:

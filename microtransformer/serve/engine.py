@@ -21,7 +21,7 @@ import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -169,6 +169,7 @@ class Engine:
         self._tokens = [0] * max_batch
         self._cols = [0] * max_batch
         self._stopping = False
+        self._paused = False  # admission paused: submitted sequences wait (admission_paused)
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and metrics)
 
@@ -210,6 +211,21 @@ class Engine:
             self._waiting.extend(seqs)
             self._wake.notify()
 
+    @contextlib.contextmanager
+    def admission_paused(self) -> Iterator[None]:
+        """Inside, submitted sequences wait in the queue and none takes a slot (running ones go
+        on); on exit they are admitted in submission order. A step's batch composition changes
+        the float rounding of each row's logits (see docs/SERVING.md, "Seeds"), so this is how
+        a test pins it: the same requests, in the same order, give the same tokens."""
+        with self._wake:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._paused = False
+                self._wake.notify()
+
     def cancel(self, seqs: list[Sequence]) -> None:
         """Cancel sequences: waiting ones leave the queue now, running ones free their slot
         at the engine's next step."""
@@ -226,11 +242,12 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._running:
+                    while not self._stopping and not self._running and (
+                            self._paused or not self._waiting):
                         self._wake.wait()
                     if self._stopping:
                         break
-                    admitted = self._take_waiting()
+                    admitted = [] if self._paused else self._take_waiting()
                 for seq in admitted:
                     self._start(seq)
                 if self._running:

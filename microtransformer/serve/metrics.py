@@ -40,8 +40,8 @@ class _ModelObserver:
 
 
 class ServeMetrics:
-    """Requests by endpoint and status, tokens in/out, queue depth, running batch size, time to
-    first token and time per output token, per model."""
+    """Requests by endpoint and status, requests in flight, tokens in/out, queue depth, running
+    batch size, time to first token and time per output token, per model."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -54,6 +54,9 @@ class ServeMetrics:
                                          "tokens of finished sequences", ["model"], registry=r)
         self.queue_depth = Gauge("microtransformer_queue_depth", "sequences waiting for a "
                                  "batch slot", ["model"], registry=r)
+        self.in_flight = Gauge("microtransformer_requests_in_flight", "API requests "
+                               "accepted whose response has not finished (what a drain "
+                               "waits for)", registry=r)
         self.running = Gauge("microtransformer_running_sequences", "sequences in the running "
                              "batch", ["model"], registry=r)
         self.ttft = Histogram("microtransformer_time_to_first_token_seconds", "from "
@@ -67,8 +70,10 @@ class ServeMetrics:
         """The engine observer for `model`."""
         return _ModelObserver(self, model)
 
-    def render(self, engines: Iterable[tuple[str, Any]]) -> bytes:
-        """The text exposition, with the gauges read from the engines now."""
+    def render(self, engines: Iterable[tuple[str, Any]], in_flight: int = 0) -> bytes:
+        """The text exposition, with the gauges read from the engines (and the server's count
+        of requests in flight) now."""
+        self.in_flight.set(in_flight)
         for name, engine in engines:
             self.queue_depth.labels(name).set(engine.queue_depth)
             self.running.labels(name).set(engine.running)

@@ -3,22 +3,38 @@
 Field limits live here, on the fields, so a bad value is rejected with a message naming the
 field, the value and the limit; the app turns every rejection into a 400 with the OpenAI error
 shape `{"error": {"message", "type", "param", "code"}}` (never FastAPI's default 422).
+
+Types are strict, as in OpenAI's API: an integer field refuses `"5"`, `true` and `5.0`, a number
+field refuses strings and booleans (an integer such as `1` is a number), a boolean field refuses
+`1` and `"true"`, a string field refuses numbers.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_LOGPROBS = 5  # top alternatives per token (OpenAI's legacy completions limit)
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_N = 16  # choices per prompt
 MAX_SEED = 2**63 - 1
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+MIN_TEMPERATURE = 1e-6  # below it (but above 0, greedy) logits / temperature can overflow
+MIN_PENALTY = 0.01  # a repetition penalty p multiplies some logits by 1/p
+
+
+def _greedy_or_at_least(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}: dividing the "
+                         "logits by a smaller temperature overflows them")
+    return value
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False),
+                        AfterValidator(_greedy_or_at_least)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-Penalty = Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=MIN_PENALTY, le=10.0, allow_inf_nan=False)]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -44,9 +60,25 @@ def error_body(message: str, type: str, param: str | None = None,
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+class ErrorInfo(BaseModel):
+    """The inside of an error response (for the OpenAPI schema; `error_body` builds it)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer of the server: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorInfo
+
+
 class _Body(BaseModel):
-    # unknown fields are ignored (clients send extras such as `user`); known ones are checked
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields are ignored (clients send extras such as `user`); known ones are checked,
+    # strictly: no coercion of "5" or true to an integer, of "0.5" to a number, of 1 to true
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):

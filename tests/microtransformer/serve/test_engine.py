@@ -60,18 +60,27 @@ def test_staggered_joins_match_generate(loaded):
     """Sequences that join a running batch at different steps (and outnumber the slots), and
     leave it at different steps (their rows are repacked: the last busy row moves into a freed
     one, cache included), each draw exactly the tokens model.generate draws with the same
-    seed."""
+    seed. Deterministic: sequence i+1 is submitted from the engine thread when sequence i
+    has drawn its second token, so every run has the same joins at the same steps (a step's
+    batch composition changes float rounding, so it must not depend on timing)."""
     model, tok = loaded
     engine = Engine(model, tok, max_batch=3, max_queue=16).start()
+    prompts = [tok.encode(p) for p in ("the cat", "a", "the dog ran to", "owl", "hill",
+                                       "the mat")]
+    sink = Collector()
+
+    def submit(i: int) -> None:
+        params = SamplingParams(max_tokens=15 - 2 * (i % 3), temperature=0.9, top_k=8,
+                                repetition_penalty=1.2, ignore_eos=True)
+        engine.submit([Sequence(i, prompts[i], params, chain, seed=100 + i)])
+
+    def chain(event: Event) -> None:  # in the engine thread, between two steps
+        sink(event)
+        if event.completion_tokens == 2 and event.index + 1 < len(prompts):
+            submit(event.index + 1)  # joins at the next step, mid-generation of the others
+
     try:
-        sink = Collector()
-        prompts = [tok.encode(p) for p in ("the cat", "a", "the dog ran to", "owl", "hill",
-                                           "the mat")]
-        for i, ids in enumerate(prompts):
-            params = SamplingParams(max_tokens=15 - 2 * (i % 3), temperature=0.9, top_k=8,
-                                    repetition_penalty=1.2, ignore_eos=True)
-            engine.submit([Sequence(i, ids, params, sink, seed=100 + i)])
-            time.sleep(0.003 * i)  # join while others are mid-generation
+        submit(0)
         events = sink.wait(len(prompts))
     finally:
         engine.shutdown()
