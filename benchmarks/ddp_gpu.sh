@@ -18,7 +18,7 @@ common=(--data "$out/data" --preset cpu_char --train.device cuda --train.cpu_thr
 rm -rf "$out/1p" "$out/tr"
 nvidia-smi --query-gpu=name --format=csv,noheader
 "$py" -m microtransformer train --out "$out/1p" "${common[@]}" | grep -E '^train:|^completed'
-torchrun --standalone --nproc_per_node 1 -m microtransformer train --out "$out/tr" \
+"$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m microtransformer train --out "$out/tr" \
     "${common[@]}" | grep -E '^train:|^completed'
 "$py" -c "import sys; from microtransformer.checkpoint import load_run; \
 m, t, c = load_run(sys.argv[1]); print('loaded', c.train.max_steps, 'steps')" "$out/tr"
