@@ -22,7 +22,9 @@ def test_prepare_happy_path(tiny_corpus_dir: Path, tmp_path: Path, capsys) -> No
     assert f"{meta['tokens']['train']:,} tokens" in printed
     assert f"{meta['tokens']['val']:,} tokens" in printed
     assert "bytes/token" in printed and f"vocab {meta['vocab_size']}" in printed
-    assert meta["kind"] == "char" and meta["documents"] == {"train": 4, "val": 1}
+    # five short files: each is cut, its last 20% in val, and the output says so
+    assert meta["kind"] == "char" and meta["documents"] == {"train": 5, "val": 5}
+    assert "0 document(s) whole in val, 5 cut (their tail in val)" in printed
 
 
 def test_prepare_val_tail_and_tokenizer_reuse(tiny_corpus_dir: Path, tmp_path: Path) -> None:
