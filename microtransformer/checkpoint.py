@@ -416,6 +416,16 @@ def load_model(directory: str | os.PathLike, which: str = "last",
     return model, tokenizer
 
 
+def check_finite_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """UserError when a loaded model has NaN or infinite weights (a diverged run): sampling
+    from it cannot work, and the fix is to train again."""
+    for name, param in model.state_dict().items():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CheckpointError(f"the weights in {directory} are not finite ({name} holds NaN "
+                                  "or inf): the run diverged in training; train it again with "
+                                  "a lower --train.lr")
+
+
 def load_run(run_dir: str | os.PathLike, which: str = "last",
              device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
     """Rebuild a trained model from a run directory -> (model in eval mode, tokenizer, RunConfig).
@@ -426,6 +436,9 @@ def load_run(run_dir: str | os.PathLike, which: str = "last",
     from microtransformer.config import RunConfig
 
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run} is a file, not a run directory; pass the directory "
+                        "`microtransformer train --out RUN_DIR` wrote")
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist; train one with "
                                 f"`microtransformer train --out {run}`")

@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         "--config a recipe is chosen for the data and the machine")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR's run from its last checkpoint (reuses its config)")
+    p.add_argument("--switch-data", action="store_true",  # checked in training.train
+                   help="with --resume: continue on another dataset (same tokenizer); recorded")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (plain log lines instead)")
     add_override_arguments(p)
@@ -223,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
                 + (f", resuming from {run_dir}" if args.resume else ""),
                 flush=True,
             )
-        result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx)
+        result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx,
+                       switch_data=args.switch_data)
         mfu = compute_mfu(result.tokens_per_s / ctx.world_size, cfg.model, cfg.seq_len,
                           device_name(device))
     if not show:
