@@ -120,7 +120,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def check_output(path: str | os.PathLike, *, command: str, makes: str,
                  inputs: Iterable[str | os.PathLike] = (), replace: bool = False,
-                 replace_flag: str = "--force") -> str:
+                 replace_flag: str = "--force", suffix: str | None = None) -> str:
     """Check that `command` may write its output (of kind `makes`) at `path`; returns the
     path's current kind.
 
@@ -128,7 +128,8 @@ def check_output(path: str | os.PathLike, *, command: str, makes: str,
     (the command's own permission, named `replace_flag` in the message). Refused, whatever the
     flags: one of the command's `inputs` (or a directory holding one), a directory inside an
     input, an artifact of another kind, a non-empty directory of other files. For `makes=FILE`
-    the parent directory must not be an input or an artifact (a file would be added to it).
+    the parent directory must not be an input or an artifact (a file would be added to it), and
+    only a file ending in `suffix` (the format's own, e.g. ".onnx") is ever replaced.
     Raises UserError naming the path, what it is and the fix.
     """
     out = Path(path)
@@ -136,23 +137,33 @@ def check_output(path: str | os.PathLike, *, command: str, makes: str,
         s = Path(src)
         if s.exists() and (_inside(s, out) or _inside(out, s)):
             raise UserError(
-                f"{command}: the output {out} is {'' if _same(out, s) else 'inside or around '}"
+                f"the output {out} is {'' if _same(out, s) else 'inside or around '}"
                 f"its own input {s}; writing there would destroy what it reads; choose "
                 "another output path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent} is a file, so {out} cannot be created "
+                                "under it; choose an output path whose parents are directories")
+            break
     kind = classify(out)
     if makes == FILE:
         parent_kind = classify(out.parent) if str(out.parent) else MISSING
         if parent_kind in (DATASET, RUN, MODEL, HF):
-            raise UserError(f"{command}: the output {out} would be written into {out.parent}, "
+            raise UserError(f"the output {out} would be written into {out.parent}, "
                             f"which is {DESCRIPTIONS[parent_kind]}; write the file somewhere "
                             "else")
         if kind == MISSING:
             return kind
         if kind != FILE:
-            raise UserError(f"{command}: the output {out} is {DESCRIPTIONS.get(kind, kind)}, "
+            raise UserError(f"the output {out} is {DESCRIPTIONS.get(kind, kind)}, "
                             "not a file; pass a file path, e.g. model.onnx")
+        if suffix is not None and out.suffix != suffix:
+            raise UserError(f"the output {out} is an existing file that is not a "
+                            f"{suffix} file; {command} replaces only its own {suffix} files, "
+                            f"even with {replace_flag}; choose a new path ending in {suffix}")
         if not replace:
-            raise UserError(f"{command}: the output {out} already exists; pass {replace_flag} "
+            raise UserError(f"the output {out} already exists; pass {replace_flag} "
                             "to replace it or choose another path")
         return kind
     if kind in (MISSING, EMPTY):
@@ -160,13 +171,13 @@ def check_output(path: str | os.PathLike, *, command: str, makes: str,
     if kind == makes:
         if replace:
             return kind
-        raise UserError(f"{command}: {out} already holds {DESCRIPTIONS[kind]}; pass "
+        raise UserError(f"{out} already holds {DESCRIPTIONS[kind]}; pass "
                         f"{replace_flag} to replace it or choose another output directory")
     what = DESCRIPTIONS.get(kind, kind)
     if kind == OTHER:
         shown = sorted(os.listdir(out))[:3]
         what += f" ({', '.join(shown)}{', ...' if len(os.listdir(out)) > 3 else ''})"
-    raise UserError(f"{command}: the output {out} is {what}, not {_article(makes)}; "
+    raise UserError(f"the output {out} is {what}, not {_article(makes)}; "
                     f"{command} never writes into another kind of directory, even with "
                     f"{replace_flag}; choose a new or empty directory")
 

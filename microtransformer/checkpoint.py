@@ -391,6 +391,30 @@ def load_tokenizer(directory: str | os.PathLike, vocab_size: int | None = None) 
     return tokenizer
 
 
+def check_weights_tokenizer(directory: str | os.PathLike, which: str = "last") -> None:
+    """UserError when the weights record the content hash of the tokenizer they were trained
+    with (runs since format v2 of meta.json) and `directory`/tokenizer.json is another one,
+    even of the same size: the ids would decode to other text."""
+    from microtransformer.data.tokens import tokenizer_sha256
+
+    directory = Path(directory)
+    weights = directory / model_io.WEIGHT_FILES.get(which, LAST_WEIGHTS)
+    if not weights.is_file():
+        weights = directory / PREV_WEIGHTS
+    try:
+        recorded = read_safetensors_metadata(weights).get("tokenizer_sha256")
+    except (OSError, UserError):
+        return  # the loader reports a damaged weights file
+    if not recorded:
+        return
+    have = tokenizer_sha256(directory / TOKENIZER_FILE)
+    if have != recorded:
+        raise UserError(f"{directory / TOKENIZER_FILE} is not the tokenizer the weights in "
+                        f"{directory} were trained with (content hash {have[:12]}, the weights "
+                        f"record {recorded[:12]}): it would turn the ids into other text; copy "
+                        "the tokenizer.json of the run's data directory back")
+
+
 def load_model(directory: str | os.PathLike, which: str = "last",
                device: str | torch.device = "cpu", *, cls: type | None = None,
                config: Any = None, require_tokenizer: bool = False) -> tuple[Any, Any]:
@@ -410,6 +434,8 @@ def load_model(directory: str | os.PathLike, which: str = "last",
         config = read_model_config(directory)
     has_tokenizer = require_tokenizer or (directory / TOKENIZER_FILE).is_file()
     tokenizer = load_tokenizer(directory, config.vocab_size) if has_tokenizer else None
+    if tokenizer is not None:
+        check_weights_tokenizer(directory, which)
     with user_errors():
         model = model_io.load_pretrained(directory, cls or MicroTransformer, config, device,
                                          which=which)

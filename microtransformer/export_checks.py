@@ -36,7 +36,7 @@ def check_export_output(run_dir: str | os.PathLike, fmt: str, out: str | os.Path
     """`export` writes a new file or directory, or (with --force) replaces an export of the
     same kind; never its own run directory, a file in it, or another kind of artifact."""
     check_output(out, command="export", makes=FILE if fmt == "onnx" else HF,
-                 inputs=[run_dir], replace=force)
+                 inputs=[run_dir], replace=force, suffix=".onnx" if fmt == "onnx" else None)
 
 
 def check_import_output(hf_dir: str | os.PathLike, out: str | os.PathLike, *,

@@ -303,7 +303,8 @@ def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | N
         own = (run / "data").resolve() == Path(data_dir).resolve()
         if not own:
             inputs.append(data_dir)
-    check_output(run, command="train", makes=RUN, inputs=inputs, replace=True)
+    check_output(run, command="train", makes=RUN, inputs=inputs, replace=True,
+                 replace_flag="--resume")
 
 
 def dataset_identity(data_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
@@ -324,6 +325,17 @@ def dataset_identity(data_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
         path = d / f"{split}.bin"
         h.update(f"{split}:{path.stat().st_size if path.is_file() else -1}".encode())
     return "legacy-" + h.hexdigest()
+
+
+def _data_tokenizer_sha256(data_dir: Path, meta: dict[str, Any]) -> str:
+    """The content hash of a dataset's tokenizer ("" when it has no tokenizer.json)."""
+    from microtransformer.data import tokenizer_sha256
+
+    identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    if identity.get("tokenizer_sha256"):
+        return str(identity["tokenizer_sha256"])
+    tok = data_dir / ckpt.TOKENIZER_FILE
+    return tokenizer_sha256(tok) if tok.is_file() else ""
 
 
 def check_tokenizer_match(run_dir: Path, data_dir: Path, meta: dict[str, Any], what: str
@@ -413,6 +425,7 @@ class _Run:
     compile_s: float | None           # warm-up step incl. compile, when compiled
     mfu_device: str                   # device name for the MFU peak lookup
     dataset_id: str = ""              # `dataset_identity` of data_dir
+    tokenizer_sha256: str = ""        # content hash of the data's tokenizer (in the weights)
     switch_data: bool = False         # --switch-data: a resume may change the dataset
     feeder: BatchFeeder | None = None  # CUDA fast path: prefetches batches (built by _loop)
     logger: MetricsLogger | None = None
@@ -567,7 +580,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                 tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
                 num_params=count_parameters(raw_model), clock=clock,
                 step_begin=prepared.step_begin, compile_s=prepared.compile_seconds,
-                mfu_device=device_name(device), dataset_id=dataset_identity(data_dir, meta))
+                mfu_device=device_name(device), dataset_id=dataset_identity(data_dir, meta),
+                tokenizer_sha256=_data_tokenizer_sha256(data_dir, meta))
 
 
 def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
@@ -853,10 +867,12 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
     if run.ctx.is_main:
         if run.keep_prev and run.saved_step != state.step:
             ckpt.keep_previous(run.dir)  # the last intact pair survives a crash in this save
-        ckpt.save_weights(run.raw_model, run.dir / ckpt.LAST_WEIGHTS, step=state.step)
+        tok = {"tokenizer_sha256": run.tokenizer_sha256} if run.tokenizer_sha256 else {}
+        ckpt.save_weights(run.raw_model, run.dir / ckpt.LAST_WEIGHTS, step=state.step,
+                          extra=tok)
         if best:
             ckpt.save_weights(run.raw_model, run.dir / ckpt.BEST_WEIGHTS, step=state.step,
-                              extra={"val_loss": repr(state.best_val_loss)})
+                              extra={"val_loss": repr(state.best_val_loss), **tok})
         state.optimizer = run.optimizer.state_dict()
         state.scaler = run.scaler.state_dict() if run.scaler is not None else None
         state.loader = (run.feeder or run.train_loader).state_dict()

@@ -89,7 +89,7 @@ def prepare(
     check_unknown_limit(max_unknown)
     check_output(target, command="prepare", makes=DATASET, replace=force)
     resolved = resolve_sources(sources, stdlib_max_bytes=stdlib_max_bytes)
-    inputs = [s.path for s in resolved] + ([tokenizer_path] if tokenizer_path else [])
+    inputs = [s.path for s in resolved]  # tokenizer_path may lie in `target`: read up front
     check_output(target, command="prepare", makes=DATASET, replace=force, inputs=inputs)
     scan = scan_sources(resolved, text_field, progress)
     n_docs = len(scan.doc_keys)
