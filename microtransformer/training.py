@@ -817,7 +817,8 @@ def _count_bad_step(run: _Run, state: TrainState, outcome: StepOutcome, prog: _P
         raise TrainingError(
             f"stopping: {state.bad_steps} consecutive steps had a non-finite loss or gradient "
             f"(train.max_bad_steps={tc.max_bad_steps}); the last good checkpoint is kept in "
-            f"{run.dir}; lower --train.lr or check the data")
+            f"{run.dir}; the likely cause is the learning rate (train.lr={tc.lr:g}): lower "
+            "--train.lr, or check the data")
 
 
 def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
