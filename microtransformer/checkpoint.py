@@ -442,14 +442,24 @@ def load_model(directory: str | os.PathLike, which: str = "last",
     return model, tokenizer
 
 
-def check_finite_weights(model: nn.Module, directory: str | os.PathLike) -> None:
-    """UserError when a loaded model has NaN or infinite weights (a diverged run): sampling
-    from it cannot work, and the fix is to train again."""
+def check_finite_weights(model: nn.Module, directory: str | os.PathLike,
+                         probe_ids: list[int] | None = None) -> None:
+    """UserError when a loaded model cannot give finite predictions (a diverged run): a weight
+    is NaN or infinite, or (with `probe_ids`) one forward pass over them gives non-finite
+    logits (weights so large they overflow). Sampling from it cannot work; retrain."""
     for name, param in model.state_dict().items():
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
             raise CheckpointError(f"the weights in {directory} are not finite ({name} holds NaN "
                                   "or inf): the run diverged in training; train it again with "
                                   "a lower --train.lr")
+    if probe_ids:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(torch.tensor([probe_ids], dtype=torch.long, device=device))
+        if not bool(torch.isfinite(logits).all()):
+            raise CheckpointError(f"the weights in {directory} give predictions that are not "
+                                  "finite (their values overflow): the run diverged in "
+                                  "training; train it again with a lower --train.lr")
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "last",

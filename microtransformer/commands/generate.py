@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc).replace("dtype=", "--dtype=")) from None
     model, tokenizer, _ = load_run(args.run_dir, which="best" if args.best else "last",
                                    device=device)
-    check_finite_weights(model, args.run_dir)
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else []
     if len(prompt_ids) > model.max_seq_len:
         raise UserError(
@@ -139,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     check_generation_fits(args.num_samples, len(prompt_ids), args.max_new_tokens, device)
     start = prompt_ids or [tokenizer.eos_token_id]
+    check_finite_weights(model, args.run_dir, probe_ids=start)
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
     fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile,
                          threads=args.threads, expected_calls=args.num_samples)
