@@ -382,3 +382,17 @@ def test_token_files_match_their_recorded_sizes(pristine: Path) -> None:
         assert len(ids) == meta["tokens"][split]
         record = meta["identity"]["files"][f"{split}.bin"]
         assert record["sha256"] == hashlib.sha256(ids.tobytes()).hexdigest()
+
+
+def test_raw_os_errors_become_path_problem_and_fix() -> None:
+    import errno
+
+    from microtransformer.cli import error_line
+
+    line = error_line(NotADirectoryError(errno.ENOTDIR, "Not a directory", "a/file/x"))
+    assert line is not None and line.startswith("a/file/x: a part of the path is a file")
+    assert "[Errno" not in line and "choose" in line
+    line = error_line(FileExistsError(errno.EEXIST, "File exists", "out"))
+    assert line is not None and "[Errno" not in line and "already exists" in line
+    assert "out of memory" in (error_line(MemoryError()) or "")
+    assert error_line(RuntimeError("a bug")) is None  # not a user error: keeps its traceback
