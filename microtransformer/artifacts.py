@@ -239,13 +239,18 @@ def recover_directory(target: str | os.PathLike) -> None:
 def begin_stage(target: str | os.PathLike) -> Path:
     """A new hidden sibling directory of `target` to build it in (`publish` moves it into
     place, `discard` deletes it); what an earlier crash left there is cleaned up first."""
-    t = Path(target)
+    t = _real(Path(target))
     parent = t.parent if str(t.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     recover_directory(t)
     stage = Path(tempfile.mkdtemp(prefix=f".{t.name}{STAGE_TAG}", dir=parent))
     os.chmod(stage, 0o755)
     return stage
+
+
+def _real(path: Path) -> Path:
+    """A symlinked target is replaced where it points (the link stays a link)."""
+    return path.resolve() if path.is_symlink() else path
 
 
 def discard(stage: str | os.PathLike) -> None:
@@ -269,7 +274,7 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 def publish(stage: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the complete `stage` to `target` (replacing it in one step) and sync the parent."""
-    stage, target = Path(stage), Path(target)
+    stage, target = Path(stage), _real(Path(target))
     parent = target.parent if str(target.parent) else Path(".")
     fsync_dir(stage)
     if not target.exists():

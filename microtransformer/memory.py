@@ -45,13 +45,27 @@ def training_activation_bytes(model_cfg: Any, micro_batch: int, seq_len: int) ->
     return int(micro_batch) * int(seq_len) * per_token * 4
 
 
+def training_state_bytes(model_cfg: Any) -> int:
+    """Weights, gradients and two AdamW moments in float32: 16 bytes per parameter."""
+    from model.utils import parameter_formula
+
+    return 16 * int(parameter_formula(model_cfg))
+
+
 def check_training_fits(model_cfg: Any, batch_size: int, world_size: int, seq_len: int,
                         device: torch.device | str) -> None:
-    """UserError when one micro-step of `train.batch_size` cannot fit in `device`'s memory,
-    naming the request, the limit and the largest batch size that could."""
+    """UserError when the model's training state, or one micro-step of `train.batch_size`,
+    cannot fit in `device`'s memory, naming the request, the limit and the fix."""
     micro = max(1, -(-int(batch_size) // max(1, world_size)))
-    need = training_activation_bytes(model_cfg, micro, seq_len)
     limit, where = memory_limit(device)
+    state = training_state_bytes(model_cfg)
+    if state > limit:
+        raise UserError(f"the model ({state // 16:,} parameters) needs at least {_gib(state)} "
+                        f"to train (weights, gradients and optimizer moments) but {where} is "
+                        "the limit; use a smaller model (--model.embed_dim, "
+                        "--model.num_layers, --model.ff_dim, --model.vocab_size)")
+    need = training_activation_bytes(model_cfg, micro, seq_len)
+    limit -= state
     if need > limit:
         per_row = max(1, training_activation_bytes(model_cfg, 1, seq_len))
         largest = max(1, limit // per_row) * max(1, world_size)

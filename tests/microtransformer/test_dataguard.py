@@ -396,3 +396,25 @@ def test_raw_os_errors_become_path_problem_and_fix() -> None:
     assert line is not None and "[Errno" not in line and "already exists" in line
     assert "out of memory" in (error_line(MemoryError()) or "")
     assert error_line(RuntimeError("a bug")) is None  # not a user error: keeps its traceback
+
+
+def test_a_symlinked_dataset_is_replaced_where_it_points(datasets: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    real = _copy(datasets["old"], tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    prepare([str(datasets["root"] / "new.txt")], link, tokenizer="char", vocab_size=64,
+            val_tail=0.1, progress=False, force=True)
+    assert link.is_symlink() and tree(real) == tree(datasets["new"])
+    assert leftovers(real) == [] and leftovers(link) == []
+
+
+def test_a_model_too_large_to_train_is_refused_up_front(datasets: dict[str, Path],
+                                                        tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    rc = main(["train", "--data", str(datasets["old"]), "--out", str(tmp_path / "r"),
+               "--model.embed_dim", "65536", "--model.num_heads", "2", "--model.ff_dim", "64",
+               "--model.max_seq_len", "16", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "to train (weights, gradients and optimizer moments)" in err, err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
