@@ -93,6 +93,9 @@ class TokenWriter:
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Read `data_dir`/meta.json (as written by `prepare`)."""
     path = Path(data_dir) / "meta.json"
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is a directory, not a file: {data_dir} is not a prepared data "
+                        f"directory; run `microtransformer prepare SOURCE... --out DATA_DIR`")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {data_dir} is not a prepared data directory; "
@@ -107,7 +110,33 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or not {"dtype", "vocab_size"} <= set(meta):
         raise UserError(f"{path} is not a meta.json written by `microtransformer prepare`; "
                         "prepare the data directory again")
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise UserError(f"{path} is corrupted ({problem}); prepare the data directory again "
+                        f"with `microtransformer prepare SOURCE... --out {data_dir} --force`")
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the fields readers rely on, or None."""
+    vocab = meta.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        return f"vocab_size={vocab!r} is not a positive integer"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype={meta.get('dtype')!r} is not uint16 or uint32"
+    if token_dtype(vocab).name != meta["dtype"] and meta["dtype"] == "uint16":
+        return f"dtype uint16 cannot hold the ids of a {vocab}-token vocabulary"
+    tokens = meta.get("tokens")
+    if tokens is not None and not (isinstance(tokens, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for v in tokens.values())):
+        return f"tokens={tokens!r} is not a map of split to a token count"
+    bpt = meta.get("bytes_per_token")
+    if bpt is not None and not (isinstance(bpt, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+            for v in bpt.values())):
+        return f"bytes_per_token={bpt!r} is not a map of split to a positive number"
+    return None
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str) -> np.memmap:
@@ -116,6 +145,9 @@ def load_tokens(data_dir: str | os.PathLike, split: str) -> np.memmap:
         raise UserError(f"split={split!r} is not one of {SPLITS}")
     meta = load_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is a directory, not a token file; prepare the data directory "
+                        "again")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `microtransformer prepare` again")
     dtype = np.dtype(meta["dtype"])

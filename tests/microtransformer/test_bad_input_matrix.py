@@ -102,6 +102,10 @@ MATRIX: list[tuple[str, str, str]] = [
      "a dataset whose meta.json was deleted"),
     ("train --out {O} --data {T}/d_nobin " + TINY, "val.bin not found",
      "a dataset missing val.bin"),
+    ("train --out {O} --data {T}/d_baddtype " + TINY, "dtype='float99' is not uint16",
+     "a meta.json naming an unknown dtype"),
+    ("eval {T}/run --data {T}/d_badvocab", "vocab_size='big' is not a positive integer",
+     "a meta.json whose vocab_size is not a number"),
     ("train --out {O} --data {T}/corpus.txt", "is a file, not a prepared data directory",
      "a text file passed as --data"),
     ("train --out {T}/run --resume --data {T}/d_foreign", "another tokenizer",
@@ -251,8 +255,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(T / "corpus.txt", T / "srcdata" / "corpus.txt")
     # damaged copies of the dataset
     for name in ("d_trunc", "d_flip", "d_badid", "d_v1_trunc", "d_tokswap", "d_nometa",
-                 "d_nobin", "d_valtrunc", "d_valflip"):
+                 "d_nobin", "d_valtrunc", "d_valflip", "d_baddtype", "d_badvocab"):
         shutil.copytree(T / "data", T / name)
+    for name, key, value in (("d_baddtype", "dtype", "float99"),
+                             ("d_badvocab", "vocab_size", "big")):
+        meta = json.loads((T / name / "meta.json").read_text())
+        meta[key] = value
+        (T / name / "meta.json").write_text(json.dumps(meta))
     with open(T / "d_trunc" / "train.bin", "r+b") as f:
         f.truncate(1000)
     _flip_bit(T / "d_flip" / "train.bin", 101)
