@@ -89,3 +89,17 @@ def check_generation_fits(num_samples: int, prompt_tokens: int, max_new_tokens: 
         raise UserError(f"--max-new-tokens={max_new_tokens} needs at least {_gib(need)} to "
                         f"hold the generated tokens but {where} is the limit; use "
                         f"--max-new-tokens {largest:,} or less")
+
+
+def check_eval_fits(batch_size: int, windows: int, window: int, vocab_size: int,
+                    device: torch.device | str) -> None:
+    """UserError when one `eval` forward pass (its logits, in float32, plus the per-token
+    losses) cannot fit in memory; the batch is at most the number of windows."""
+    rows = max(1, min(int(batch_size), int(windows)))
+    need = rows * int(window) * int(vocab_size) * 4 * 2
+    limit, where = memory_limit(device)
+    if need > limit:
+        largest = max(1, limit // max(1, int(window) * int(vocab_size) * 8))
+        raise UserError(f"--batch-size={batch_size} needs at least {_gib(need)} for the logits "
+                        f"of {rows} windows of {window} tokens over {vocab_size:,} ids but "
+                        f"{where} is the limit; use --batch-size {largest:,} or less")

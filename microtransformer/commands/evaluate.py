@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from microtransformer.checkpoint import load_run
     from microtransformer.device import resolve_device
     from microtransformer.fast_generate import check_precision, prepare_model
+    from microtransformer.memory import check_eval_fits
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
@@ -212,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
     if int(tokens.max()) >= model.vocab_size:
         raise UserError(f"token id {int(tokens.max())} is outside the model's vocab "
                         f"({model.vocab_size}); the data was made with another tokenizer")
+    check_eval_fits(args.batch_size, len(window_plan(len(tokens), model.max_seq_len,
+                                                     args.stride)),
+                    model.max_seq_len, model.vocab_size, device)
     total, count = score_tokens(model, tokens, args.batch_size, device, args.stride)
     loss = total / count
     stride = args.stride if args.stride is not None and args.stride < model.max_seq_len - 1 \

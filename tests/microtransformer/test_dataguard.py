@@ -418,3 +418,25 @@ def test_a_model_too_large_to_train_is_refused_up_front(datasets: dict[str, Path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "to train (weights, gradients and optimizer moments)" in err, err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_memory_checks_name_the_request_and_the_limit() -> None:
+    from microtransformer.memory import (
+        check_eval_fits,
+        check_generation_fits,
+        check_training_fits,
+        memory_limit,
+    )
+    from model import ModelConfig
+
+    limit, _ = memory_limit("cpu")
+    with pytest.raises(UserError, match=r"--batch-size=100000000 needs .* is the limit"):
+        check_eval_fits(10**8, 10**8, 512, 50_000, "cpu")
+    check_eval_fits(10**8, 3, 16, 64, "cpu")  # the batch is at most the windows there are
+    with pytest.raises(UserError, match="--max-new-tokens"):
+        check_generation_fits(1, 0, limit, "cpu")
+    cfg = ModelConfig(vocab_size=64, max_seq_len=16, embed_dim=32, num_heads=2, num_layers=2,
+                      ff_dim=64)
+    check_training_fits(cfg, 4, 1, 16, "cpu")
+    with pytest.raises(UserError, match=r"train.batch_size=.* --train.grad_accum_steps"):
+        check_training_fits(cfg, limit, 1, 16, "cpu")
