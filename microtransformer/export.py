@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtransformer.artifacts import staged_directory
+from microtransformer.artifacts import HF, MODEL, check_output, staged_directory
 from microtransformer.checkpoint import load_model, load_weights
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_json
@@ -172,6 +172,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
     """
     m = unwrap_model(model)
+    check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
     target = prepare_output(out_dir, force=force, kind="dir")
     with staged_directory(target) as out:  # all files appear at once (artifacts.py)
         _write_hf(m, out, tokenizer)
@@ -379,6 +380,7 @@ def import_hf_to_run(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if tokenizer is None and require_tokenizer:
         raise UserError(f"{Path(hf_dir) / TOKENIZER_NAME} not found; a run directory needs a "
                         "tokenizer (pass --no-tokenizer to import the weights only)")
+    check_output(out_dir, command="import", makes=MODEL, inputs=[hf_dir], replace=force)
     out = prepare_output(out_dir, force=force, kind="dir")
     with staged_directory(out) as stage:  # all files appear at once (artifacts.py)
         save_pretrained(model, stage, tokenizer, metadata={"imported_from": str(hf_dir)})
