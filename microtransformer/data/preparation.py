@@ -166,31 +166,12 @@ def prepare(
         for w in writers.values():
             w.commit()
         tok.save(out / "tokenizer.json")
-        tok_hash = tokenizer_text_sha256(tok.to_json())
-        files = {f"{s}.bin": {"bytes": writers[s].count * writers[s].dtype.itemsize,
-                              "sha256": writers[s].sha256.hexdigest()} for s in SPLITS}
-        meta = _meta(tok, writers, text_bytes, docs_in, scan, split_mode, val_fraction,
-                     val_tail, fraction, cut, text_field)
-        meta["identity"] = {
-            "tokenizer_sha256": tok_hash, "files": files,
-            "dataset_id": dataset_id(tok_hash, {k: v["sha256"] for k, v in files.items()})}
-        meta["unknown"] = {"tokens": unknown, "fraction": unknown / max(scan.chars, 1),
-                           "limit": max_unknown}
-        atomic_write_json(out / "meta.json", meta, sort_keys=True)
-        publish(out, target)
     except BaseException:
         for w in writers.values():
             w.abort()
         discard(out)
         raise
-    return meta
 
-
-def _meta(tok: Tokenizer, writers: dict[str, TokenWriter], text_bytes: dict[str, int],
-          docs_in: dict[str, int], scan: Any, split_mode: str, val_fraction: float,
-          val_tail: float | None, fraction: float, cut: int | None, text_field: str
-          ) -> dict[str, Any]:
-    """meta.json's description of the prepared data (identity and unknowns are added after)."""
     meta = {
         "format_version": META_VERSION,
         "created_by": f"microtransformer {__version__}",
@@ -210,7 +191,28 @@ def _meta(tok: Tokenizer, writers: dict[str, TokenWriter], text_bytes: dict[str,
         "text_field": text_field,
         "sources": scan.records,
     }
+    _publish_dataset(out, target, meta, tok, writers, unknown, max_unknown)
     return meta
+
+
+def _publish_dataset(out: Path, target: Path, meta: dict[str, Any], tok: Tokenizer,
+                     writers: dict[str, TokenWriter], unknown: int, max_unknown: float) -> None:
+    """Add the identity and unknown share to `meta`, write meta.json into the stage `out` and
+    move it over `target`: all four files appear at once (the stage is deleted on failure)."""
+    try:
+        tok_hash = tokenizer_text_sha256(tok.to_json())
+        files = {f"{s}.bin": {"bytes": writers[s].count * writers[s].dtype.itemsize,
+                              "sha256": writers[s].sha256.hexdigest()} for s in SPLITS}
+        meta["identity"] = {
+            "tokenizer_sha256": tok_hash, "files": files,
+            "dataset_id": dataset_id(tok_hash, {k: v["sha256"] for k, v in files.items()})}
+        meta["unknown"] = {"tokens": unknown, "fraction": unknown / max(meta["characters"], 1),
+                           "limit": max_unknown}
+        atomic_write_json(out / "meta.json", meta, sort_keys=True)
+        publish(out, target)
+    except BaseException:
+        discard(out)
+        raise
 
 
 def check_unknown_limit(value: float, flag: str = "--max-unknown") -> None:
