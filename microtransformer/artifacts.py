@@ -286,6 +286,10 @@ def publish(stage: str | os.PathLike, target: str | os.PathLike) -> None:
     else:
         aside = parent / f".{target.name}{OLD_TAG}{os.getpid()}-{stage.name[-8:]}"
         os.rename(target, aside)  # recover_directory puts it back if a crash comes now
-        os.rename(stage, target)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
         shutil.rmtree(aside, ignore_errors=True)
     fsync_dir(parent)

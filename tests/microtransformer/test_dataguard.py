@@ -440,3 +440,27 @@ def test_memory_checks_name_the_request_and_the_limit() -> None:
     check_training_fits(cfg, 4, 1, 16, "cpu")
     with pytest.raises(UserError, match=r"train.batch_size=.* --train.grad_accum_steps"):
         check_training_fits(cfg, limit, 1, 16, "cpu")
+
+
+def test_publish_without_an_atomic_exchange(datasets: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)  # not Linux
+    target = _copy(datasets["old"], tmp_path / "d")
+    args = ([str(datasets["root"] / "new.txt")], target)
+    kwargs = {"tokenizer": "char", "vocab_size": 64, "val_tail": 0.1, "progress": False,
+              "force": True}
+    real_rename, calls = os.rename, []
+
+    def failing_rename(src, dst):  # the stage's rename fails after the old one went aside
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        prepare(*args, **kwargs)
+    assert tree(target) == tree(datasets["old"]) and leftovers(target) == []
+    monkeypatch.setattr(os, "rename", real_rename)
+    prepare(*args, **kwargs)
+    assert tree(target) == tree(datasets["new"]) and leftovers(target) == []
