@@ -328,13 +328,17 @@ def test_bad_input_changes_nothing(env: Path, tmp_path: Path, capsys: pytest.Cap
     assert "Traceback" not in err and err.startswith("microtransformer"), err
     assert fragment.format(T=env) in err, err
     assert _tree_hashes(env) == before, "an input or an existing output was modified"
+    made = [p for p in tmp_path.iterdir() if p.name != "o" or any(p.iterdir())] \
+        if tmp_path.is_dir() else []
+    assert made == [], f"a refused command left output behind: {made}"
 
 
 # ------------------------------------------------------------------------ RELIABILITY.md
 def render_matrix() -> str:
     """The markdown table RELIABILITY.md shows between the markers."""
     lines = [BEGIN, "", f"{len(MATRIX)} cases (`tests/microtransformer/test_bad_input_matrix.py`,"
-             " `MATRIX`); each exits 2 with one line and leaves every file unchanged.", "",
+             " `MATRIX`); each exits 2 with one line, leaves every file unchanged and creates "
+             "no output.", "",
              "| command | what the user did | the message says |", "| --- | --- | --- |"]
     for case, fragment, what in MATRIX:
         cmd = case.split()[0]
