@@ -467,6 +467,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     `switch_data`; the switch is then logged to metrics.jsonl and the best val loss restarts.
     A run whose final loss is not finite raises TrainingError (after its checkpoint is saved).
     """
+    if switch_data and not resume:
+        raise UserError("--switch-data only applies with --resume (a new run takes any "
+                        "--data); drop it, or add --resume to continue a run on new data")
     prev_threads = torch.get_num_threads()  # train() sets its own; the caller's come back
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
     try:

@@ -114,6 +114,8 @@ MATRIX: list[tuple[str, str, str]] = [
      "the same with --switch-data (a model cannot change tokenizers)"),
     ("train --out {T}/run --resume --data {T}/data2", "cannot resume {T}/run on other data",
      "resume on another dataset without --switch-data"),
+    ("train --out {O} " + D + " --switch-data", "--switch-data only applies with --resume",
+     "--switch-data on a new run"),
     ("train --out {T}/run --resume --train.max_steps 1", "at step 2 but train.max_steps=1",
      "resume with max_steps below the current step"),
     ("train --out {T}/data --resume", "cannot resume", "resume a dataset"),

@@ -464,3 +464,27 @@ def test_publish_without_an_atomic_exchange(datasets: dict[str, Path], tmp_path:
     monkeypatch.setattr(os, "rename", real_rename)
     prepare(*args, **kwargs)
     assert tree(target) == tree(datasets["new"]) and leftovers(target) == []
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=40),
+                      st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+       chunk=st.integers(1, 7))
+def test_text_rule_agrees_with_the_decoder_at_the_exact_byte(tmp_path: Path, data: bytes,
+                                                             chunk: int) -> None:
+    from microtransformer.data.documents import text_problem
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(data)
+    problem = text_problem(path, chunk=chunk)  # small chunks: characters cut between reads
+    if b"\x00" in data:
+        assert problem is not None and f"at byte {data.index(0):,})" in problem
+        return
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        assert problem is not None and f"at byte {exc.start:,}, line {line}," in problem
+    else:
+        assert problem is None
