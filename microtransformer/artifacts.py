@@ -5,11 +5,12 @@ Kinds (`classify`):
 
     missing   nothing there
     empty     an empty directory
-    dataset   a prepared data directory (meta.json; `prepare`)
+    dataset   a prepared data directory (meta.json and a token file or tokenizer; `prepare`)
     run       a training run (config.json with "model", "train" and "data", or only the files
               a run starts with: its own data/ directory, temp files)
-    model     a model directory (`save_pretrained`, `import`: config.json with "model" only)
-    hf        a Hugging Face export (config.json with "model_type")
+    model     a model directory (`save_pretrained`, `import`: config.json with "model" only,
+              and model.safetensors)
+    hf        a Hugging Face export (config.json with "model_type", and weights or tokenizer)
     file      a regular file (or anything that is not a directory)
     other     a non-empty directory of none of the kinds above
 
@@ -40,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from microtransformer.errors import UserError
-from microtransformer.fileio import fsync_dir
+from microtransformer.fileio import fsync_dir, write_error
 
 MISSING, EMPTY, DATASET, RUN, MODEL, HF, FILE, OTHER = (
     "missing", "empty", "dataset", "run", "model", "hf", "file", "other")
@@ -60,6 +61,9 @@ RUN_FILES = frozenset({
     "model.prev.safetensors", "state.pt", "state.prev.pt", "metrics.jsonl", "loss.png",
     "data", "tb", "dataset.json",
 })
+DATASET_FILES = frozenset({"train.bin", "val.bin", "tokenizer.json"})  # besides meta.json
+HF_FILES = frozenset({"model.safetensors", "pytorch_model.bin", "tokenizer.json",
+                      "generation_config.json"})  # besides a config.json with model_type
 STAGE_TAG = ".staging-"
 OLD_TAG = ".old-"
 
@@ -94,14 +98,16 @@ def classify(path: str | os.PathLike) -> str:
         return OTHER
     if not names:
         return EMPTY
-    if "meta.json" in names:
+    if "meta.json" in names and names & DATASET_FILES:
         return DATASET
     if "config.json" in names:
         kind = _config_kind(p / "config.json")
         if kind == RUN or (kind is None and names <= RUN_FILES):
             return RUN
-        if kind is not None:
-            return kind
+        if kind == HF and names & HF_FILES:
+            return HF
+        if kind == MODEL and "model.safetensors" in names:
+            return MODEL
         return OTHER
     if names <= RUN_FILES and ("state.pt" in names or "data" in names
                                or "model.safetensors" in names or "metrics.jsonl" in names):
@@ -145,14 +151,17 @@ def check_output(path: str | os.PathLike, *, command: str, makes: str,
             if not parent.is_dir():
                 raise UserError(f"{parent} is a file, so {out} cannot be created "
                                 "under it; choose an output path whose parents are directories")
+            holder = classify(parent)
+            # a run's data/ directory is part of the run's layout (train prepares it there)
+            run_slot = holder == RUN and makes == DATASET and out.parent == parent \
+                and out.name == "data"
+            if holder in (DATASET, RUN, MODEL, HF) and not run_slot:
+                raise UserError(f"the output {out} would be written into {parent}, which is "
+                                f"{DESCRIPTIONS[holder]}; {command} never writes inside "
+                                "another artifact; choose a path outside it")
             break
     kind = classify(out)
     if makes == FILE:
-        parent_kind = classify(out.parent) if str(out.parent) else MISSING
-        if parent_kind in (DATASET, RUN, MODEL, HF):
-            raise UserError(f"the output {out} would be written into {out.parent}, "
-                            f"which is {DESCRIPTIONS[parent_kind]}; write the file somewhere "
-                            "else")
         if kind == MISSING:
             return kind
         if kind != FILE:
@@ -243,8 +252,11 @@ def begin_stage(target: str | os.PathLike) -> Path:
     parent = t.parent if str(t.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     recover_directory(t)
-    stage = Path(tempfile.mkdtemp(prefix=f".{t.name}{STAGE_TAG}", dir=parent))
-    os.chmod(stage, 0o755)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{t.name}{STAGE_TAG}", dir=parent))
+        os.chmod(stage, 0o755)
+    except OSError as exc:
+        raise write_error(t, exc) from None
     return stage
 
 

@@ -121,9 +121,10 @@ def error_line(exc: BaseException) -> str | None:
                 "device with more memory")
     if isinstance(exc, RuntimeError):
         return None
-    if isinstance(exc, OSError) and exc.errno in _ERRNO_TEXT and text.startswith("[Errno"):
-        what, fix = _ERRNO_TEXT[exc.errno]
-        path = exc.filename if exc.filename is not None else "a path"
+    if isinstance(exc, OSError) and text.startswith("[Errno"):
+        what, fix = _ERRNO_TEXT.get(exc.errno, (str(exc.strerror or "failed").lower(),
+                                                "check the path and the device, then retry"))
+        path = exc.filename if exc.filename is not None else "a file"
         return f"{path}: {what} ({exc.strerror}); {fix}"
     return text.splitlines()[0] if text else type(exc).__name__
 

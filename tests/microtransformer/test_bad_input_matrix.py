@@ -57,6 +57,8 @@ MATRIX: list[tuple[str, str, str]] = [
      "prepare under a path whose parent is a file"),
     ("prepare {T}/srcdata/corpus.txt --out {T}/srcdata --force", "its own input",
      "prepare a dataset from a text file inside it"),
+    ("prepare {T}/corpus.txt --out {T}/run/extra", "never writes inside another artifact",
+     "prepare into a new directory inside a run"),
     # ---------------------------------------------------------------- prepare: text
     ("prepare {T}/latin1.txt --out {O}", "at byte 1,234, line 2",
      "a Latin-1 file: invalid UTF-8 named at its exact byte"),
@@ -171,6 +173,8 @@ MATRIX: list[tuple[str, str, str]] = [
      "export into a directory of unrelated files"),
     ("export {T}/run --format hf --out {T}/hf", "already holds a Hugging Face export",
      "export over an export without --force"),
+    ("export {T}/run --format hf --out {T}/data/hf", "never writes inside another artifact",
+     "export into a new directory inside a dataset"),
     ("export {T}/run --format onnx --out {T}/run/model.onnx", "its own input",
      "an ONNX file inside the run"),
     ("export {T}/run --format onnx --out {T}/data/model.onnx", "is a prepared dataset",

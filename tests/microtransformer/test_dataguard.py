@@ -488,3 +488,25 @@ def test_text_rule_agrees_with_the_decoder_at_the_exact_byte(tmp_path: Path, dat
         assert problem is not None and f"at byte {exc.start:,}, line {line}," in problem
     else:
         assert problem is None
+
+
+def test_outputs_inside_an_artifact_are_refused_but_a_runs_data_slot_is_not(
+        datasets: dict[str, Path], tmp_path: Path) -> None:
+    from microtransformer.artifacts import DATASET, HF, RUN, check_output
+
+    with pytest.raises(UserError, match="never writes inside another artifact"):
+        check_output(datasets["old"] / "sub", command="export", makes=HF)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.pt").write_bytes(b"")
+    check_output(run / "data", command="prepare", makes=DATASET)  # train's own layout
+    with pytest.raises(UserError, match="never writes inside another artifact"):
+        check_output(run / "other", command="prepare", makes=DATASET)
+    with pytest.raises(UserError, match="never writes inside another artifact"):
+        check_output(run / "data", command="train", makes=RUN)
+    # an ordinary project directory with a meta.json or a config.json is not an artifact
+    proj = tmp_path / "project"
+    proj.mkdir()
+    (proj / "meta.json").write_text("{}")
+    (proj / "config.json").write_text('{"model": "mine"}')
+    check_output(proj / "data", command="prepare", makes=DATASET)
