@@ -84,11 +84,11 @@ def check_generation_fits(num_samples: int, prompt_tokens: int, max_new_tokens: 
     limit, where = memory_limit("cpu")
     limit = min(limit, memory_limit(device)[0])
     if need > limit:
-        largest = max(0, limit // GENERATE_BYTES_PER_TOKEN // max(1, num_samples)
-                      - prompt_tokens)
-        raise UserError(f"--max-new-tokens={max_new_tokens} needs at least {_gib(need)} to "
-                        f"hold the generated tokens but {where} is the limit; use "
-                        f"--max-new-tokens {largest:,} or less")
+        most = limit // GENERATE_BYTES_PER_TOKEN
+        raise UserError(f"--num-samples={num_samples} x (prompt {prompt_tokens} + "
+                        f"--max-new-tokens={max_new_tokens}) = {tokens:,} tokens need at least "
+                        f"{_gib(need)} but {where} is the limit; ask for at most {most:,} "
+                        "tokens in all (fewer samples or new tokens)")
 
 
 def check_eval_fits(batch_size: int, windows: int, window: int, vocab_size: int,
