@@ -391,6 +391,30 @@ def load_tokenizer(directory: str | os.PathLike, vocab_size: int | None = None) 
     return tokenizer
 
 
+def check_weights_tokenizer(directory: str | os.PathLike, which: str = "last") -> None:
+    """UserError when the weights record the content hash of the tokenizer they were trained
+    with (runs since format v2 of meta.json) and `directory`/tokenizer.json is another one,
+    even of the same size: the ids would decode to other text."""
+    from microtransformer.data.tokens import tokenizer_sha256
+
+    directory = Path(directory)
+    weights = directory / model_io.WEIGHT_FILES.get(which, LAST_WEIGHTS)
+    if not weights.is_file():
+        weights = directory / PREV_WEIGHTS
+    try:
+        recorded = read_safetensors_metadata(weights).get("tokenizer_sha256")
+    except (OSError, UserError):
+        return  # the loader reports a damaged weights file
+    if not recorded:
+        return
+    have = tokenizer_sha256(directory / TOKENIZER_FILE)
+    if have != recorded:
+        raise UserError(f"{directory / TOKENIZER_FILE} is not the tokenizer the weights in "
+                        f"{directory} were trained with (content hash {have[:12]}, the weights "
+                        f"record {recorded[:12]}): it would turn the ids into other text; copy "
+                        "the tokenizer.json of the run's data directory back")
+
+
 def load_model(directory: str | os.PathLike, which: str = "last",
                device: str | torch.device = "cpu", *, cls: type | None = None,
                config: Any = None, require_tokenizer: bool = False) -> tuple[Any, Any]:
@@ -410,10 +434,32 @@ def load_model(directory: str | os.PathLike, which: str = "last",
         config = read_model_config(directory)
     has_tokenizer = require_tokenizer or (directory / TOKENIZER_FILE).is_file()
     tokenizer = load_tokenizer(directory, config.vocab_size) if has_tokenizer else None
+    if tokenizer is not None:
+        check_weights_tokenizer(directory, which)
     with user_errors():
         model = model_io.load_pretrained(directory, cls or MicroTransformer, config, device,
                                          which=which)
     return model, tokenizer
+
+
+def check_finite_weights(model: nn.Module, directory: str | os.PathLike,
+                         probe_ids: list[int] | None = None) -> None:
+    """UserError when a loaded model cannot give finite predictions (a diverged run): a weight
+    is NaN or infinite, or (with `probe_ids`) one forward pass over them gives non-finite
+    logits (weights so large they overflow). Sampling from it cannot work; retrain."""
+    for name, param in model.state_dict().items():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CheckpointError(f"the weights in {directory} are not finite ({name} holds NaN "
+                                  "or inf): the run diverged in training; train it again with "
+                                  "a lower --train.lr")
+    if probe_ids:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(torch.tensor([probe_ids], dtype=torch.long, device=device))
+        if not bool(torch.isfinite(logits).all()):
+            raise CheckpointError(f"the weights in {directory} give predictions that are not "
+                                  "finite (their values overflow): the run diverged in "
+                                  "training; train it again with a lower --train.lr")
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "last",
@@ -426,6 +472,9 @@ def load_run(run_dir: str | os.PathLike, which: str = "last",
     from microtransformer.config import RunConfig
 
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run} is a file, not a run directory; pass the directory "
+                        "`microtransformer train --out RUN_DIR` wrote")
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist; train one with "
                                 f"`microtransformer train --out {run}`")

@@ -12,6 +12,8 @@ stderr with exit code 2 -- never a traceback. Set MICROTRANSFORMER_DEBUG=1 to se
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -72,11 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head`): not an error; stop writing quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, OSError) as exc:
+            PermissionError, OSError, MemoryError, RuntimeError) as exc:
         if os.environ.get("MICROTRANSFORMER_DEBUG"):
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = error_line(exc)
+        if msg is None:
+            raise  # a RuntimeError that is not about memory: a bug, keep its traceback
         sys.stderr.write(f"microtransformer {args.command}: error: {msg}\n")
         return 2
     finally:
@@ -102,6 +111,43 @@ def _attach_dash_values(argv: list[str]) -> list[str]:
         out.append(tok)
         i += 1
     return out
+
+
+_ERRNO_TEXT = {
+    errno.ENOTDIR: ("a part of the path is a file, not a directory",
+                    "choose a path whose parents are directories"),
+    errno.EEXIST: ("it already exists", "choose another path"),
+    errno.EISDIR: ("it is a directory where a file is expected", "pass a file path"),
+    errno.ENOENT: ("it does not exist", "check the path"),
+    errno.EACCES: ("permission denied", "choose a path you may read and write"),
+    errno.EPERM: ("operation not permitted", "choose a path you may read and write"),
+    errno.ENOSPC: ("no space left on the device", "free some disk space or write elsewhere"),
+    errno.EROFS: ("the file system is read-only", "write somewhere else"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+}
+_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory",
+                 "cannot allocate memory")
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line the CLI prints for `exc` (None: not a user-facing error).
+
+    Raw OS errors ("[Errno 20] Not a directory: 'x'") are rewritten as the path, what is wrong
+    and the fix; allocation failures name the limit that was hit and what to lower."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+            w in text.lower() for w in _MEMORY_WORDS)):
+        return ("out of memory: the request needs more memory than this machine (or card) "
+                "has; lower --train.batch_size / --max-new-tokens / --batch-size, or use a "
+                "device with more memory")
+    if isinstance(exc, RuntimeError):
+        return None
+    if isinstance(exc, OSError) and text.startswith("[Errno"):
+        what, fix = _ERRNO_TEXT.get(exc.errno, (str(exc.strerror or "failed").lower(),
+                                                "check the path and the device, then retry"))
+        path = exc.filename if exc.filename is not None else "a file"
+        return f"{path}: {what} ({exc.strerror}); {fix}"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from microtransformer.artifacts import HF, MODEL, check_output, staged_directory
 from microtransformer.checkpoint import load_model, load_weights
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_json
@@ -171,7 +172,15 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
     """
     m = unwrap_model(model)
-    out = prepare_output(out_dir, force=force, kind="dir")
+    check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
+    target = prepare_output(out_dir, force=force, kind="dir")
+    with staged_directory(target) as out:  # all files appear at once (artifacts.py)
+        _write_hf(m, out, tokenizer)
+    return target
+
+
+def _write_hf(m: MicroTransformer, out: Path, tokenizer: Any) -> None:
+    """The files of a Hugging Face GPT-2 directory, written into `out`."""
     eos = pad = None
     if tokenizer is not None:
         if tokenizer.vocab_size > m.config.vocab_size:
@@ -190,7 +199,6 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
             atomic_write_json(out / name, data)
     atomic_write_json(out / "config.json", hf_config(m.config, eos_token_id=eos,
                                                      pad_token_id=pad))
-    return out
 
 
 # ---------------------------------------------------------------------------- import
@@ -372,8 +380,11 @@ def import_hf_to_run(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if tokenizer is None and require_tokenizer:
         raise UserError(f"{Path(hf_dir) / TOKENIZER_NAME} not found; a run directory needs a "
                         "tokenizer (pass --no-tokenizer to import the weights only)")
+    check_output(out_dir, command="import", makes=MODEL, inputs=[hf_dir], replace=force)
     out = prepare_output(out_dir, force=force, kind="dir")
-    return save_pretrained(model, out, tokenizer, metadata={"imported_from": str(hf_dir)})
+    with staged_directory(out) as stage:  # all files appear at once (artifacts.py)
+        save_pretrained(model, stage, tokenizer, metadata={"imported_from": str(hf_dir)})
+    return out
 
 
 # ============================================================================ ONNX

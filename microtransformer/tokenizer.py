@@ -87,6 +87,21 @@ class Tokenizer:
         return self.vocab_size
 
     @property
+    def unknown_token_id(self) -> int | None:
+        """The id text the tokenizer cannot represent becomes (the char tokenizer's U+FFFD);
+        None when every input is representable (byte-level BPE)."""
+        unk = json.loads(self._tok.to_str())["model"].get("unk_token")
+        return None if unk is None else self._tok.token_to_id(unk)
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """Characters of `text` that become the unknown token, each once in order of first
+        appearance (always empty for byte-level BPE)."""
+        if self.unknown_token_id is None:
+            return []
+        vocab = self._tok.get_vocab()
+        return list(dict.fromkeys(c for c in text if c not in vocab))
+
+    @property
     def backend(self) -> _HFTokenizer:
         """The underlying `tokenizers.Tokenizer` (shared, not a copy)."""
         return self._tok

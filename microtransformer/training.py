@@ -32,9 +32,9 @@ Distributed seams (defined in `microtransformer.distributed`, re-exported here):
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from microtransformer import checkpoint as ckpt
+from microtransformer.artifacts import RUN, check_output
 from microtransformer.config import ResolvedConfig, RunConfig, TrainConfig, adapt_to_data
 from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
@@ -64,6 +65,8 @@ from microtransformer.distributed import (  # re-exported: the loop's distribute
     wrap_model,
 )
 from microtransformer.errors import UserError
+from microtransformer.fileio import atomic_write_bytes
+from microtransformer.memory import check_training_fits
 from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
 from microtransformer.recipe import cpu_has_native_bf16
@@ -261,12 +264,17 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
     resolved = cfg if isinstance(cfg, ResolvedConfig) else ResolvedConfig(cfg, {}, frozenset())
     data_dir = resolved.config.data.data_dir
     if data_dir is None:
+        check_run_output(run_dir, None)  # RUN_DIR/data is about to be written
         target = Path(run_dir) / "data"
         if not (target / "meta.json").is_file():
             d = resolved.config.data
             prepare(list(d.sources), target, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                     val_fraction=d.val_fraction, val_tail=d.val_tail, progress=progress)
         data_dir = str(target)
+    elif Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise UserError(f"--data {data_dir} is a file, not a prepared data directory; prepare "
+                        f"it first: `microtransformer prepare {data_dir} --out DATA_DIR`, then "
+                        "pass --data DATA_DIR")
     elif not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one with "
                                 f"`microtransformer prepare SOURCE --out {data_dir}`")
@@ -276,6 +284,74 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
     cfg = resolved.config
     data_dir = str(Path(data_dir).resolve())  # absolute: resume works from any directory
     return resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=data_dir)), [])
+
+
+def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None) -> None:
+    """`train` writes only into a new or empty directory or a training run (artifacts.py),
+    never into its data directory or around it (its own RUN_DIR/data excepted)."""
+    run = Path(run_dir)
+    inputs = []
+    if data_dir is not None and Path(data_dir).exists():
+        own = (run / "data").resolve() == Path(data_dir).resolve()
+        if not own:
+            inputs.append(data_dir)
+    check_output(run, command="train", makes=RUN, inputs=inputs, replace=True,
+                 replace_flag="--resume")
+
+
+def dataset_identity(data_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """What a run records as its data: meta.json's dataset_id, or for directories prepared
+    before identities existed a hash of their tokenizer and the .bin files' sizes."""
+    import hashlib
+
+    identity = meta.get("identity")
+    if isinstance(identity, dict) and identity.get("dataset_id"):
+        return str(identity["dataset_id"])
+    from microtransformer.data import tokenizer_sha256
+
+    d = Path(data_dir)
+    h = hashlib.sha256(b"legacy")
+    tok = d / ckpt.TOKENIZER_FILE
+    h.update((tokenizer_sha256(tok) if tok.is_file() else "").encode())
+    for split in ("train", "val"):
+        path = d / f"{split}.bin"
+        h.update(f"{split}:{path.stat().st_size if path.is_file() else -1}".encode())
+    return "legacy-" + h.hexdigest()
+
+
+def _data_tokenizer_sha256(data_dir: Path, meta: dict[str, Any]) -> str:
+    """The content hash of a dataset's tokenizer ("" when it has no tokenizer.json)."""
+    from microtransformer.data import tokenizer_sha256
+
+    identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    if identity.get("tokenizer_sha256"):
+        return str(identity["tokenizer_sha256"])
+    tok = data_dir / ckpt.TOKENIZER_FILE
+    return tokenizer_sha256(tok) if tok.is_file() else ""
+
+
+def check_tokenizer_match(run_dir: Path, data_dir: Path, meta: dict[str, Any], what: str
+                          ) -> None:
+    """UserError unless the run's tokenizer.json has the content of the data's tokenizer
+    (the ids would mean other characters: a model cannot switch tokenizers)."""
+    from microtransformer.data import tokenizer_sha256
+
+    run_tok = run_dir / ckpt.TOKENIZER_FILE
+    if not run_tok.is_file():
+        return
+    identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    data_hash = identity.get("tokenizer_sha256")
+    if data_hash is None:
+        data_tok = data_dir / ckpt.TOKENIZER_FILE
+        if not data_tok.is_file():
+            return
+        data_hash = tokenizer_sha256(data_tok)
+    run_hash = tokenizer_sha256(run_tok)
+    if run_hash != data_hash:
+        raise UserError(f"{what}: {data_dir} was tokenized by another tokenizer than the one "
+                        f"{run_dir} was trained with (content hash {data_hash[:12]} vs "
+                        f"{run_hash[:12]}, even if the sizes agree); use data prepared with "
+                        f"`microtransformer prepare ... --tokenizer-path {run_tok}`")
 
 
 # ============================================================================ run state
@@ -296,6 +372,8 @@ class TrainState:
     max_steps: int = 0
     world_size: int = 1
     optimizer_name: str = "adamw"   # train.optimizer that wrote `optimizer`
+    dataset_id: str | None = None   # the data trained on (`dataset_identity`); None: older file
+    data_dir: str | None = None     # where that data was
     optimizer: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     loader: dict[str, Any] | list[dict[str, Any]] | None = None
@@ -338,6 +416,9 @@ class _Run:
     step_begin: Callable[[], None]    # before each micro-step (CUDA graphs mark a new step)
     compile_s: float | None           # warm-up step incl. compile, when compiled
     mfu_device: str                   # device name for the MFU peak lookup
+    dataset_id: str = ""              # `dataset_identity` of data_dir
+    tokenizer_sha256: str = ""        # content hash of the data's tokenizer (in the weights)
+    switch_data: bool = False         # --switch-data: a resume may change the dataset
     feeder: BatchFeeder | None = None  # CUDA fast path: prefetches batches (built by _loop)
     logger: MetricsLogger | None = None
     keep_prev: bool = False           # rotate checkpoint generations only over an intact pair
@@ -366,7 +447,7 @@ class _Progress:
 def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           progress: bool = True, ctx: RuntimeContext | None = None,
           stop_at: int | None = None, clock: Callable[[], float] = time.perf_counter,
-          notes: Sequence[str] = ()) -> TrainResult:
+          notes: Sequence[str] = (), switch_data: bool = False) -> TrainResult:
     """Train `cfg` into `run_dir`; returns a TrainResult.
 
     `cfg.data.data_dir` must be a prepared directory whose vocab matches `cfg.model` (see
@@ -375,20 +456,31 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     to a single process on `cfg.train.device`. `stop_at` stops (and checkpoints) after that
     many completed steps, as an interrupt would. `clock` measures training time (injectable
     for tests). `notes` (what config resolution adapted, `ResolvedConfig.notes`) are logged to
-    metrics.jsonl, where `info` shows them.
+    metrics.jsonl, where `info` shows them. A resume refuses data other than the run's (by
+    identity, not by path) unless `switch_data`; the switch is then logged to metrics.jsonl and
+    the best val loss restarts. A run whose final loss is not finite raises TrainingError
+    (after its checkpoint is saved).
     """
+    if switch_data and not resume:
+        raise UserError("--switch-data only applies with --resume (a new run takes any "
+                        "--data); drop it, or add --resume to continue a run on new data")
     prev_threads = torch.get_num_threads()  # train() sets its own; the caller's come back
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         run = _setup(cfg, Path(run_dir), ctx, resume=resume, clock=clock)
+        run.switch_data = switch_data
         state = _restore(run) if resume else TrainState(max_steps=cfg.train.max_steps,
                                                         world_size=run.ctx.world_size,
                                                         optimizer_name=cfg.train.optimizer)
+        switched = _check_data_switch(run, state) if resume else None
         if run.ctx.rank > 0:  # own dropout stream; rank 0 keeps the saved one
             seed_rank_rng(cfg.train.seed, run.ctx.rank, state.step)
         _open_run_dir(run, state, resumed=resume)
         if notes and run.logger is not None:
             run.logger.log({"step": state.step, "config_notes": list(notes)})
+        if switched is not None and run.logger is not None:
+            run.logger.log({"step": state.step, "data_switch": switched})
+        state.dataset_id, state.data_dir = run.dataset_id, str(run.data_dir)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -398,7 +490,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             if run.logger is not None:
                 run.logger.close()
             raise
-        return _finish(run, state, prog)
+        result = _finish(run, state, prog)
+        _check_finite_result(run, result)
+        return result
     finally:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(prev_deterministic)
@@ -408,7 +502,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume: bool,
            clock: Callable[[], float]) -> _Run:
     """Check the data, set threads and seeds, build the model, optimizer and loader."""
-    from microtransformer.data import BatchLoader, load_meta
+    from microtransformer.data import BatchLoader, verify_dataset
 
     tc = cfg.train
     if ctx is None:
@@ -417,7 +511,11 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     if cfg.data.data_dir is None:
         raise UserError("cfg.data.data_dir is not set; call prepare_data(cfg, run_dir) first")
     data_dir = Path(cfg.data.data_dir)
-    meta = load_meta(data_dir)
+    check_run_output(run_dir, data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one with "
+                                f"`microtransformer prepare SOURCE --out {data_dir}`")
+    meta = verify_dataset(data_dir)  # sizes, checksums, tokenizer hash and id range
     if int(meta["vocab_size"]) != cfg.model.vocab_size:
         raise UserError(f"vocab mismatch: the model has vocab_size={cfg.model.vocab_size} but "
                         f"{data_dir} was tokenized with {meta['vocab_size']} tokens; set "
@@ -425,6 +523,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     if resume and not ckpt.has_checkpoint(run_dir):
         raise FileNotFoundError(f"cannot resume: {run_dir / ckpt.STATE_FILE} does not exist; "
                                 "start the run without --resume")
+    if resume:
+        check_tokenizer_match(run_dir, data_dir, meta, f"cannot resume {run_dir}")
 
     # --- threads, reproducibility and precision
     if device.type == "cpu":
@@ -439,6 +539,7 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                       "float32; use --train.dtype float32", stacklevel=2)
     cfg = resolve_batch_size(cfg, ctx)  # batch_size "auto": sized to the CUDA card
     tc = cfg.train
+    check_training_fits(cfg.model, tc.batch_size, ctx.world_size, cfg.seq_len, device)
     scaler = (torch.amp.GradScaler(device.type)
               if compute_dtype == torch.float16 and device.type == "cuda" else None)
     if scaler is not None and tc.optimizer == "muon":
@@ -478,7 +579,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                 tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
                 num_params=count_parameters(raw_model), clock=clock,
                 step_begin=prepared.step_begin, compile_s=prepared.compile_seconds,
-                mfu_device=device_name(device))
+                mfu_device=device_name(device), dataset_id=dataset_identity(data_dir, meta),
+                tokenizer_sha256=_data_tokenizer_sha256(data_dir, meta))
 
 
 def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
@@ -513,6 +615,10 @@ def _restore(run: _Run) -> TrainState:
         for note in point.notes:
             print(f"resume: {note}", file=sys.stderr, flush=True)
     state = TrainState.from_dict(point.state)
+    if state.step > run.tc.max_steps:
+        raise UserError(f"cannot resume {run.dir}: it is at step {state.step} but "
+                        f"train.max_steps={run.tc.max_steps}; pass --train.max_steps above "
+                        f"{state.step} to train further (the finished run is unchanged)")
     if state.optimizer_name != run.tc.optimizer:
         raise UserError(f"cannot resume {run.dir}: its optimizer state is "
                         f"{state.optimizer_name!r} but train.optimizer={run.tc.optimizer!r}; "
@@ -532,6 +638,46 @@ def _restore(run: _Run) -> TrainState:
     return state
 
 
+def _check_data_switch(run: _Run, state: TrainState) -> dict[str, Any] | None:
+    """On resume: None when the data is the run's own; the switch to record when it differs
+    and `--switch-data` allows it (the best val loss restarts: losses on two datasets are not
+    comparable); else UserError."""
+    old_dir = state.data_dir
+    if old_dir is None:  # a checkpoint from before identities: the config names the data
+        try:
+            saved = json.loads((run.dir / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+            old_dir = saved["data"]["data_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            old_dir = None
+    if state.dataset_id is not None:
+        same = state.dataset_id == run.dataset_id
+    else:
+        same = old_dir is None or Path(old_dir).resolve() == run.data_dir.resolve()
+    if same:
+        return None
+    if not run.switch_data:
+        raise UserError(f"cannot resume {run.dir} on other data: it was trained on {old_dir} "
+                        f"and {run.data_dir} is another dataset (or that one was prepared "
+                        "again); resume without --data, or pass --switch-data to continue on "
+                        "the new data (the run records the switch and restarts its best val "
+                        "loss)")
+    state.best_val_loss = math.inf
+    return {"from": old_dir, "to": str(run.data_dir), "from_id": state.dataset_id,
+            "to_id": run.dataset_id}
+
+
+def _check_finite_result(run: _Run, result: TrainResult) -> None:
+    """TrainingError when the run ended with a non-finite loss: it diverged."""
+    for name, value in (("validation loss", result.final_val_loss),
+                        ("training loss", result.final_train_loss)):
+        if value is not None and not math.isfinite(value):
+            raise TrainingError(
+                f"training ended with a non-finite {name} ({value}) at step {result.step}: "
+                f"the model diverged, most likely because train.lr={run.tc.lr:g} is too high; "
+                f"train again into a new --out with a lower --train.lr (e.g. "
+                f"{min(run.tc.lr / 10, 3e-3):g})")
+
+
 def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
     """Main rank: write config.json and the tokenizer, open metrics.jsonl (on resume, cut the
     events logged after the checkpoint, which the resumed run logs again)."""
@@ -541,7 +687,7 @@ def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
     run.cfg.save_json(run.dir / ckpt.CONFIG_FILE)
     tok_src = run.data_dir / "tokenizer.json"
     if tok_src.is_file() and tok_src.resolve() != (run.dir / ckpt.TOKENIZER_FILE).resolve():
-        shutil.copyfile(tok_src, run.dir / ckpt.TOKENIZER_FILE)
+        atomic_write_bytes(run.dir / ckpt.TOKENIZER_FILE, tok_src.read_bytes())
     metrics = run.dir / ckpt.METRICS_FILE
     if resumed:
         # the loop evaluates again at the resumed step when it is an evaluation step
@@ -670,7 +816,8 @@ def _count_bad_step(run: _Run, state: TrainState, outcome: StepOutcome, prog: _P
         raise TrainingError(
             f"stopping: {state.bad_steps} consecutive steps had a non-finite loss or gradient "
             f"(train.max_bad_steps={tc.max_bad_steps}); the last good checkpoint is kept in "
-            f"{run.dir}; lower --train.lr or check the data")
+            f"{run.dir}; the likely cause is the learning rate (train.lr={tc.lr:g}): lower "
+            "--train.lr, or check the data")
 
 
 def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
@@ -720,10 +867,12 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
     if run.ctx.is_main:
         if run.keep_prev and run.saved_step != state.step:
             ckpt.keep_previous(run.dir)  # the last intact pair survives a crash in this save
-        ckpt.save_weights(run.raw_model, run.dir / ckpt.LAST_WEIGHTS, step=state.step)
+        tok = {"tokenizer_sha256": run.tokenizer_sha256} if run.tokenizer_sha256 else {}
+        ckpt.save_weights(run.raw_model, run.dir / ckpt.LAST_WEIGHTS, step=state.step,
+                          extra=tok)
         if best:
             ckpt.save_weights(run.raw_model, run.dir / ckpt.BEST_WEIGHTS, step=state.step,
-                              extra={"val_loss": repr(state.best_val_loss)})
+                              extra={"val_loss": repr(state.best_val_loss), **tok})
         state.optimizer = run.optimizer.state_dict()
         state.scaler = run.scaler.state_dict() if run.scaler is not None else None
         state.loader = (run.feeder or run.train_loader).state_dict()

@@ -6,12 +6,12 @@ Example: `microtransformer configs --min-params 2e6 --max-params 3e6 --heads 4,6
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from microtransformer import search as S
 from microtransformer.errors import UserError
+from microtransformer.jsonout import json_dumps
 
 
 def parse_count(text: str, name: str) -> int:
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         cands = cands[: parse_count(args.limit, "--limit")]
     if args.json:
-        print(json.dumps([c.to_dict() for c in cands], indent=1))
+        print(json_dumps([c.to_dict() for c in cands], indent=1))
         return 0
     print(S.format_table(cands))
     shown = f"{len(cands)} of {total}" if len(cands) < total else f"{total}"

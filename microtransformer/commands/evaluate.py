@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from microtransformer.errors import UserError
 from microtransformer.fast_generate import PRECISIONS
+from microtransformer.jsonout import json_dumps
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -47,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--best", action="store_true", help="use best.safetensors")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--max-unknown", type=float, default=0.01, metavar="SHARE",
+                   help="refuse text when more than this share of its characters would become "
+                   "the unknown token (default 0.01 = 1%%, the same rule as prepare)")
     p.set_defaults(func=run)
 
 
@@ -101,51 +105,84 @@ def score_tokens(model: nn.Module, tokens: np.ndarray, batch_size: int,
     return total, count
 
 
-def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None
-                     ) -> tuple[np.ndarray, float, str]:
-    """Tokens of the text(s) -> (tokens, UTF-8 bytes they cover, description).
+def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
+                     run_dir: str | os.PathLike | None = None,
+                     max_unknown: float = 0.01) -> tuple[np.ndarray, float, str, dict[str, Any]]:
+    """Tokens of the text(s) -> (tokens, UTF-8 bytes they cover, description, unknowns).
 
-    A prepared data dir gives its val.bin, with bytes from meta.json's bytes_per_token.
-    Several text files are joined with the end-of-text token between them.
+    A prepared data dir gives its val.bin, checked first (`verify_dataset`: sizes, checksum,
+    id range) and refused when it was made by another tokenizer than the run's (compared by
+    content); its bytes come from meta.json's bytes_per_token. Text files are validated whole
+    with `prepare`'s rule (`data.documents.text_problem`) and joined with the end-of-text token
+    between them. `unknowns` = {"tokens", "characters", "fraction"}: the share of characters the
+    tokenizer cannot represent, refused above `max_unknown`.
     """
+    from microtransformer.data.preparation import check_unknown_limit, unknown_message
+
+    check_unknown_limit(max_unknown)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        from microtransformer.data import load_meta, load_tokens
+        from microtransformer.data import verify_dataset
 
         d = Path(paths[0])
-        meta = load_meta(d)
+        meta = verify_dataset(d, splits=("val",))
         if int(meta["vocab_size"]) != tokenizer.vocab_size:
             raise UserError(f"vocab mismatch: {d} was tokenized with {meta['vocab_size']} "
                             f"tokens but the run's tokenizer has {tokenizer.vocab_size}; "
                             "evaluate on text files or on data prepared with the run's tokenizer")
-        tokens = np.asarray(load_tokens(d, "val"))
+        if run_dir is not None:
+            from microtransformer.training import check_tokenizer_match
+
+            check_tokenizer_match(Path(run_dir), d, meta, f"cannot evaluate on {d}")
+        tokens = np.asarray(load_tokens_of(d))
         if max_tokens is not None:
             tokens = tokens[:max_tokens]
-        return tokens, len(tokens) * float(meta["bytes_per_token"]["val"]), f"{d} (val split)"
+        recorded = meta.get("unknown") or {}
+        unknowns = {"tokens": recorded.get("tokens"), "characters": meta.get("characters"),
+                    "fraction": recorded.get("fraction")}
+        return (tokens, len(tokens) * float(meta["bytes_per_token"]["val"]), f"{d} (val split)",
+                unknowns)
+    from microtransformer.data.documents import read_text
+
     ids: list[int] = []
     n_bytes = 0
+    n_chars = 0
+    unk_id = tokenizer.unknown_token_id
+    texts: list[str] = []
     for i, p in enumerate(paths):
         path = Path(p)
         if path.is_dir():
             raise UserError(f"{path} is a directory; pass one prepared data dir alone, or "
                             "text files")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        raw = path.read_bytes()
-        if b"\x00" in raw[:8192]:
-            raise UserError(f"{path} is a binary file (it contains NUL bytes); pass UTF-8 "
-                            "text files or a prepared data directory")
-        text = raw.decode("utf-8", errors="replace")
+        text = read_text(path)  # every byte checked: binary or invalid UTF-8 is refused
+        texts.append(text)
         if i and ids:
             ids.append(tokenizer.eos_token_id)
         ids.extend(tokenizer.encode(text))
         n_bytes += len(text.encode("utf-8"))
+        n_chars += len(text)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
+    unknown = 0 if unk_id is None else sum(1 for t in ids if t == unk_id)
+    unknowns = {"tokens": unknown, "characters": n_chars,
+                "fraction": unknown / n_chars if n_chars else 0.0}
+    if n_chars and unknown > max_unknown * n_chars:
+        raise UserError(unknown_message(", ".join(paths), unknown, n_chars, max_unknown,
+                                        tokenizer, "".join(texts)[: 1 << 20], "--max-unknown")
+                        .replace("prepare with a larger --vocab-size",
+                                 "evaluate on text the run's data covers; a char tokenizer "
+                                 "needs a run trained with a larger --vocab-size"))
     if max_tokens is not None and len(ids) > max_tokens:
         # Bytes scale with the kept fraction of tokens (exact for char tokenizers).
         n_bytes = n_bytes * max_tokens / len(ids)
         ids = ids[:max_tokens]
-    return np.asarray(ids, dtype=np.int64), float(n_bytes), ", ".join(paths)
+    return np.asarray(ids, dtype=np.int64), float(n_bytes), ", ".join(paths), unknowns
+
+
+def load_tokens_of(data_dir: Path) -> np.ndarray:
+    """The val split of a verified data directory."""
+    from microtransformer.data import load_tokens
+
+    return load_tokens(data_dir, "val")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     from microtransformer.checkpoint import load_run
     from microtransformer.device import resolve_device
     from microtransformer.fast_generate import check_precision, prepare_model
+    from microtransformer.memory import check_eval_fits
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")
@@ -175,13 +213,17 @@ def run(args: argparse.Namespace) -> int:
                         "strides give each prediction more context but cost window / stride "
                         "forward passes per window")
     model = prepare_model(model, args.dtype)
-    tokens, n_bytes, desc = load_eval_tokens(args.data, tokenizer, args.max_tokens)
+    tokens, n_bytes, desc, unknowns = load_eval_tokens(
+        args.data, tokenizer, args.max_tokens, run_dir=args.run_dir,
+        max_unknown=args.max_unknown)
     if len(tokens) < 2:
         raise UserError(f"{desc} has {len(tokens)} token(s); at least 2 are needed to score "
                         "a prediction")
     if int(tokens.max()) >= model.vocab_size:
         raise UserError(f"token id {int(tokens.max())} is outside the model's vocab "
                         f"({model.vocab_size}); the data was made with another tokenizer")
+    check_eval_fits(args.batch_size, len(window_plan(len(tokens), window, args.stride)),
+                    window, model.vocab_size, device)
     total, count = score_tokens(model, tokens, args.batch_size, device, args.stride, window)
     loss = total / count
     stride = args.stride if args.stride is not None and args.stride < window - 1 else None
@@ -193,13 +235,21 @@ def run(args: argparse.Namespace) -> int:
         "windows": windows, "window": window, "stride": stride, "dtype": args.dtype,
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
+        "unknown_tokens": unknowns["tokens"], "unknown_fraction": unknowns["fraction"],
     }
+    if not math.isfinite(loss):
+        warnings.warn(f"the loss of {args.run_dir} on {desc} is {loss} (not finite; null in "
+                      "--json): its weights diverged in training; retrain it with a lower "
+                      "--train.lr", stacklevel=1)
     if args.json:
-        print(json.dumps(result))
+        print(json_dumps(result))
     else:
         print(f"{'tokens':>10} {'loss':>8} {'ppl':>10} {'bpb':>7}  data")
         bpb = result["bits_per_byte"]
         print(f"{count:>10,} {loss:>8.4f} {result['perplexity']:>10.2f} "
               f"{(f'{bpb:.4f}' if bpb is not None else 'n/a'):>7}  {desc}")
         print(f"scored with {windows}, {args.dtype}")
+        if unknowns["tokens"]:
+            print(f"unknown: {unknowns['tokens']:,} characters "
+                  f"({100 * (unknowns['fraction'] or 0):.3f}%) became the unknown token")
     return 0

@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
                         f"--format {fmt}")
 
     from microtransformer import export
+    from microtransformer.export_checks import check_export_output, check_opset
 
+    check_export_output(args.run_dir, fmt, args.out, force=args.force)
+    if fmt == "onnx":
+        check_opset(DEFAULT_OPSET if args.opset is None else args.opset, dynamo=args.dynamo,
+                    default=DEFAULT_OPSET)
     model, tokenizer = export.load_for_export(args.run_dir, best=args.best)
     which = "best" if args.best else "latest"
     if fmt == "hf":

@@ -111,9 +111,10 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate everything, load the run, encode the prompt, then sample `--num-samples`
     continuations through the fastest exact path (`fast_generate.FastGenerator`)."""
-    from microtransformer.checkpoint import load_run
+    from microtransformer.checkpoint import check_finite_weights, load_run
     from microtransformer.device import resolve_device
     from microtransformer.fast_generate import FastGenerator, check_precision
+    from microtransformer.memory import check_generation_fits
 
     check_args(args)
     device = resolve_device(args.device, option="device")
@@ -135,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {count} character(s) of the prompt are not in the char tokenizer's "
               f"vocabulary and become the unknown token: {', '.join(map(repr, unknown))}",
               file=sys.stderr)
+    check_generation_fits(args.num_samples, len(prompt_ids), args.max_new_tokens, device)
     start = prompt_ids or [tokenizer.eos_token_id]
+    check_finite_weights(model, args.run_dir, probe_ids=start)
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
     fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile,
                          threads=args.threads, expected_calls=args.num_samples)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from microtransformer import checkpoint as ckpt
+from microtransformer.errors import UserError
+from microtransformer.jsonout import json_dumps
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -27,6 +28,9 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
     from model.utils import count_parameters, get_model_size_mb
 
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run} is a file, not a run directory; pass the directory "
+                        "`microtransformer train --out RUN_DIR` wrote")
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
     cfg_path = run / ckpt.CONFIG_FILE
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the run summary (or JSON)."""
     info = run_info(args.run_dir)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json_dumps(info, indent=2))
         return 0
     m = info["config"]["model"]
     t = info["config"]["train"]

@@ -8,6 +8,7 @@ import argparse
 # tests/microtransformer/test_cli_prepare.py checks they match the data module.
 DATASET_NAMES = ("tinyshakespeare", "tinystories", "tinystories-train")
 STDLIB_DEFAULT_MAX_BYTES = 8_000_000
+MAX_UNKNOWN = 0.01
 
 
 def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -39,6 +40,12 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     p.add_argument("--stdlib-max-bytes", type=int, default=STDLIB_DEFAULT_MAX_BYTES,
                    help="cap on the standard library corpus, in bytes of whole files "
                    f"(default: {STDLIB_DEFAULT_MAX_BYTES:,}; 0 = no cap)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DATA_DIR when it already holds a prepared dataset (never any "
+                   "other directory); the old one stays until the new one is complete")
+    p.add_argument("--max-unknown", type=float, default=MAX_UNKNOWN, metavar="SHARE",
+                   help="refuse the corpus when more than this share of its characters would "
+                   f"become the unknown token (default {MAX_UNKNOWN:g} = {100 * MAX_UNKNOWN:g}%%)")
     p.set_defaults(func=run)
 
 
@@ -56,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_path=args.tokenizer_path,
         text_field=args.text_field,
         stdlib_max_bytes=args.stdlib_max_bytes or None,
+        force=args.force,
+        max_unknown=args.max_unknown,
     )
     n_files = len(meta["sources"])
     split = meta["split"]
@@ -69,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {split:5s} {meta['tokens'][split]:>12,} tokens  "
               f"{meta['documents'][split]:>7,} docs  "
               f"{meta['bytes_per_token'][split]:.3f} bytes/token")
+    unknown = meta["unknown"]
+    if unknown["tokens"]:
+        print(f"  unknown: {unknown['tokens']:,} characters ({100 * unknown['fraction']:.3f}%) "
+              "became the unknown token")
     return 0

@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         "--config a recipe is chosen for the data and the machine")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR's run from its last checkpoint (reuses its config)")
+    p.add_argument("--switch-data", action="store_true",  # checked in training.train
+                   help="with --resume: continue on another dataset (same tokenizer); recorded")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (plain log lines instead)")
     p.add_argument("--dry-run", action="store_true",
@@ -286,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             print(plan_text(cfg, meta, ctx, resuming=run_dir if args.resume else None),
                   flush=True)
         result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx,
-                       notes=resolved.notes)
+                       notes=resolved.notes, switch_data=args.switch_data)
         mfu = compute_mfu(result.tokens_per_s / ctx.world_size, cfg.model, cfg.seq_len,
                           device_name(ctx.device))
     if not show:

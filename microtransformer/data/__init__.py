@@ -15,6 +15,7 @@ Every public name is importable from `microtransformer.data` itself.
 
 from microtransformer.data.loader import BatchLoader, derive_seed, iter_eval_batches
 from microtransformer.data.preparation import (
+    MAX_UNKNOWN,
     META_VERSION,
     TOKENIZER_SAMPLE_CHARS,
     plan_fraction_split,
@@ -37,11 +38,22 @@ from microtransformer.data.sources import (
     resolve_sources,
     stdlib_sources,
 )
-from microtransformer.data.tokens import SPLITS, TokenWriter, load_meta, load_tokens, token_dtype
+from microtransformer.data.tokens import (
+    SPLITS,
+    TokenWriter,
+    dataset_id,
+    load_meta,
+    load_tokens,
+    token_dtype,
+    tokenizer_sha256,
+    tokenizer_text_sha256,
+    verify_dataset,
+)
 
 __all__ = [
     "DATASETS",
     "JSONL_SUFFIXES",
+    "MAX_UNKNOWN",
     "META_VERSION",
     "SPLITS",
     "STDLIB_DEFAULT_MAX_BYTES",
@@ -54,6 +66,7 @@ __all__ = [
     "Source",
     "TokenWriter",
     "cache_dir",
+    "dataset_id",
     "derive_seed",
     "download_file",
     "fetch_dataset",
@@ -67,4 +80,7 @@ __all__ = [
     "resolve_sources",
     "stdlib_sources",
     "token_dtype",
+    "tokenizer_sha256",
+    "tokenizer_text_sha256",
+    "verify_dataset",
 ]

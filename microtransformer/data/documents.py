@@ -8,8 +8,10 @@ anyway, so the tokens do not depend on the piece size.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import os
 import warnings
 from array import array
 from collections.abc import Iterator, Sequence
@@ -30,6 +32,61 @@ _BINARY_SNIFF_BYTES = 8192
 def _is_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\x00" in f.read(_BINARY_SNIFF_BYTES)
+
+
+def text_problem(path: str | os.PathLike, chunk: int = 1 << 20) -> str | None:
+    """What makes a file unfit as UTF-8 text, or None: the one rule `prepare` and `eval` share.
+
+    Every byte is read (in chunks): a NUL byte anywhere makes it binary; the first invalid
+    UTF-8 sequence is named with its exact byte offset (from the start of the file), line and
+    column. The message completes "FILE ..." (e.g. "is not UTF-8 text (...)").
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0  # bytes of the file passed to the decoder so far
+    line, line_start = 1, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            final = not block
+            nul = block.find(b"\x00")
+            if nul >= 0:
+                at = offset + nul
+                return (f"is a binary file (it contains NUL bytes: the first at byte {at:,}); "
+                        "pass UTF-8 text")
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block, final=final)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                bad = exc.object[exc.start:exc.end]
+                head = exc.object[:exc.start]
+                line += head.count(b"\n")
+                nl = head.rfind(b"\n")
+                col_start = offset - pending + nl + 1 if nl >= 0 else line_start
+                return (f"is not UTF-8 text ({exc.reason}: byte(s) {bad.hex(' ')} at byte "
+                        f"{at:,}, line {line}, column {at - col_start + 1}); convert it to "
+                        "UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+            line += block.count(b"\n")
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                line_start = offset + nl + 1
+            offset += len(block)
+            if final:
+                return None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole text of a UTF-8 file, checked by `text_problem` (UserError naming the file and
+    the first bad byte); FileNotFoundError / UserError for a missing path or a directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p} is a directory, not a text file; pass text files")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist; pass an existing UTF-8 text file")
+    problem = text_problem(p)
+    if problem is not None:
+        raise UserError(f"{p} {problem}")
+    return p.read_text(encoding="utf-8")
 
 
 def _iter_file_pieces(source: Source, text_field: str) -> Iterator[tuple[bool, str]]:
@@ -117,7 +174,7 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
     for source in tqdm(sources, desc="scan", unit="file", disable=None if progress else True):
         problem = None
         if _is_binary(source.path):
-            problem = "is a binary file (it contains NUL bytes)"
+            problem = text_problem(source.path)
         docs: list[int] = []
         sizes: list[int] = []
         n_chars = 0
@@ -130,17 +187,20 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
                             docs.append(int.from_bytes(h.digest()[:8], "little"))
                         h = hashlib.sha256()
                         sizes.append(0)
+                    if "\x00" in text:
+                        problem = (text_problem(source.path)
+                                   or "holds a NUL character (\\u0000) in its text")
+                        break
                     h.update(text.encode("utf-8", "surrogatepass"))
                     n_chars += len(text)
                     sizes[-1] += len(text)
                 if h is not None:
                     docs.append(int.from_bytes(h.digest()[:8], "little"))
-            except UnicodeDecodeError as exc:
-                problem = f"is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            except UnicodeDecodeError:
+                problem = text_problem(source.path) or "is not UTF-8 text"
         if problem is not None:
             if source.strict:
-                raise UserError(f"{source.path} {problem}; pass UTF-8 text files "
-                                "(.txt/.md/.py or .jsonl)")
+                raise UserError(f"{source.path} {problem}")
             warnings.warn(f"skipping {source.path}: it {problem}", stacklevel=2)
             continue
         kept.append(source)

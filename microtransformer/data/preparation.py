@@ -21,10 +21,15 @@ In the token stream, documents of the same split are separated by one EOS token
 (`<|endoftext|>`); there is no EOS before the first document or after the last one, so a
 one-document corpus is exactly the tokens of its text.
 
-Output (`out_dir`): `train.bin`, `val.bin`, `tokenizer.json` and `meta.json`, each written
-atomically, so a crash never leaves a file that looks complete. `bytes_per_token[split]` = UTF-8
-bytes of the split's text / tokens in its .bin (EOS separators included); bits per byte =
-loss_in_nats / ln(2) / bytes_per_token.
+Output (`out_dir`): `train.bin`, `val.bin`, `tokenizer.json` and `meta.json`, built together in
+a hidden sibling directory and renamed into place when all four are complete
+(`artifacts.begin_stage` / `publish`), so a crash leaves the old directory or the new one, never
+a mix. `out_dir` must be new, empty, or (with `force`) a prepared dataset; never a run or any
+other directory, nor one of the inputs (`artifacts.check_output`). meta.json records the
+dataset's identity (tokenizer content hash, each .bin file's size and sha256: `data.tokens`) and
+the share of characters the tokenizer cannot represent (refused above `max_unknown`).
+`bytes_per_token[split]` = UTF-8 bytes of the split's text / tokens in its .bin (EOS
+separators included); bits per byte = loss_in_nats / ln(2) / bytes_per_token.
 """
 
 from __future__ import annotations
@@ -39,15 +44,22 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from microtransformer import __version__
+from microtransformer.artifacts import DATASET, begin_stage, check_output, discard, publish
 from microtransformer.data.documents import iter_pieces, scan_sources
 from microtransformer.data.sources import STDLIB_DEFAULT_MAX_BYTES, resolve_sources
-from microtransformer.data.tokens import SPLITS, TokenWriter
+from microtransformer.data.tokens import (
+    SPLITS,
+    TokenWriter,
+    dataset_id,
+    tokenizer_text_sha256,
+)
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_json
 from microtransformer.tokenizer import KINDS, Tokenizer, min_vocab_size, train_tokenizer
 
 TOKENIZER_SAMPLE_CHARS = 200_000_000  # train the tokenizer on at most this many characters
-META_VERSION = 1
+META_VERSION = 2  # 2: "identity" and "unknown" (version 1 directories are still read)
+MAX_UNKNOWN = 0.01  # refuse a corpus when more than this share of characters is unknown
 BATCH_CHARS = 1 << 19  # characters per multithreaded encode_batch call (~200 B/token transient)
 
 
@@ -64,6 +76,8 @@ def prepare(
     stdlib_max_bytes: int | None = STDLIB_DEFAULT_MAX_BYTES,
     tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS,
     progress: bool = True,
+    force: bool = False,
+    max_unknown: float = MAX_UNKNOWN,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out_dir`/{train.bin, val.bin, tokenizer.json, meta.json}.
 
@@ -80,10 +94,12 @@ def prepare(
         tokenizer not in KINDS or vocab_size < min_vocab_size(tokenizer)
     ):  # fail before reading the corpus: this call raises the argument's UserError
         train_tokenizer([], kind=tokenizer, vocab_size=vocab_size)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose a directory path")
+    target = Path(out_dir)
+    check_unknown_limit(max_unknown)
+    check_output(target, command="prepare", makes=DATASET, replace=force)
     resolved = resolve_sources(sources, stdlib_max_bytes=stdlib_max_bytes)
+    inputs = [s.path for s in resolved]  # tokenizer_path may lie in `target`: read up front
+    check_output(target, command="prepare", makes=DATASET, replace=force, inputs=inputs)
     scan = scan_sources(resolved, text_field, progress)
     n_docs = len(scan.doc_keys)
     if scan.chars == 0:
@@ -114,9 +130,11 @@ def prepare(
         tok = train_tokenizer(sample, kind=tokenizer, vocab_size=vocab_size,
                               show_progress=False)
 
-    # --- encode and write
-    out.mkdir(parents=True, exist_ok=True)
+    # --- encode and write, into a hidden sibling that replaces `target` when complete
+    out = begin_stage(target)
     writers = {s: TokenWriter(out / f"{s}.bin", tok.vocab_size) for s in SPLITS}
+    for w in writers.values():
+        w.unknown_id = tok.unknown_token_id
     text_bytes = dict.fromkeys(SPLITS, 0)
     docs_in = dict.fromkeys(SPLITS, 0)  # documents (or parts of one) per split
     last_doc: dict[str, int | None] = dict.fromkeys(SPLITS)
@@ -147,14 +165,21 @@ def prepare(
                     f"({n_docs} document(s), {scan.chars} characters); use a larger corpus "
                     "or change --val-fraction / --val-tail"
                 )
+        unknown = sum(w.unknown for w in writers.values())
+        if unknown > max_unknown * scan.chars:
+            raise UserError(unknown_message(
+                f"the corpus ({', '.join(str(s.path) for s in scan.sources[:2])}"
+                f"{', ...' if len(scan.sources) > 2 else ''})", unknown, scan.chars,
+                max_unknown, tok, _sample_text(scan, text_field), "--max-unknown"))
         for w in writers.values():
             w.commit()
+        tok.save(out / "tokenizer.json")
     except BaseException:
         for w in writers.values():
             w.abort()
+        discard(out)
         raise
 
-    tok.save(out / "tokenizer.json")
     meta = {
         "format_version": META_VERSION,
         "created_by": f"microtransformer {__version__}",
@@ -173,8 +198,52 @@ def prepare(
         "text_field": text_field,
         "sources": scan.records,
     }
-    atomic_write_json(out / "meta.json", meta, sort_keys=True)
+    _publish_dataset(out, target, meta, tok, writers, unknown, max_unknown)
     return meta
+
+
+def _publish_dataset(out: Path, target: Path, meta: dict[str, Any], tok: Tokenizer,
+                     writers: dict[str, TokenWriter], unknown: int, max_unknown: float) -> None:
+    """Add the identity and unknown share to `meta`, write meta.json into the stage `out` and
+    move it over `target`: all four files appear at once (the stage is deleted on failure)."""
+    try:
+        tok_hash = tokenizer_text_sha256(tok.to_json())
+        files = {f"{s}.bin": {"bytes": writers[s].count * writers[s].dtype.itemsize,
+                              "sha256": writers[s].sha256.hexdigest()} for s in SPLITS}
+        meta["identity"] = {
+            "tokenizer_sha256": tok_hash, "files": files,
+            "dataset_id": dataset_id(tok_hash, {k: v["sha256"] for k, v in files.items()})}
+        meta["unknown"] = {"tokens": unknown, "fraction": unknown / max(meta["characters"], 1),
+                           "limit": max_unknown}
+        atomic_write_json(out / "meta.json", meta, sort_keys=True)
+        publish(out, target)
+    except BaseException:
+        discard(out)
+        raise
+
+
+def check_unknown_limit(value: float, flag: str = "--max-unknown") -> None:
+    """UserError unless `value` is a share in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{flag}={value} must be a share between 0 and 1, e.g. 0.01 (1%)")
+
+
+def unknown_message(what: str, unknown: int, total: int, limit: float, tok: Tokenizer,
+                    sample: str, flag: str) -> str:
+    """The one-line refusal for text the tokenizer cannot represent (shared with `eval`)."""
+    examples = tok.unknown_characters(sample)[:8]
+    shown = ", ".join(repr(c) for c in examples) if examples else "see the text"
+    fix = (f"prepare with a larger --vocab-size (at least {tok.vocab_size + len(examples)})"
+           if tok.kind == "char" else "use a tokenizer that covers this text")
+    return (f"{unknown:,} of {total:,} characters of {what} ({100 * unknown / max(total, 1):.2f}%)"
+            f" are not in the {tok.kind} tokenizer's vocabulary of {tok.vocab_size} and would "
+            f"become the unknown token (limit {100 * limit:g}%): {shown}; {fix}, or raise "
+            f"{flag} to accept the loss")
+
+
+def _sample_text(scan: Any, text_field: str, limit: int = 1 << 20) -> str:
+    """The first `limit` characters of the corpus (to name the unknown characters)."""
+    return "".join(_take_chars((t for _, t in iter_pieces(scan.sources, text_field)), limit))
 
 
 def _check_split_args(val_fraction: float, val_tail: float | None) -> tuple[str, float]:

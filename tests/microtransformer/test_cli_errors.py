@@ -70,7 +70,7 @@ def env(tmp_path_factory) -> Path:
 CASES = [
     # --- missing / unreadable paths
     ("train --out {O} --data {T}/missing", "data directory {T}/missing does not exist"),
-    ("train --out {O} --data {T}/corpus.txt", "does not exist; prepare one"),
+    ("train --out {O} --data {T}/corpus.txt", "is a file, not a prepared data directory"),
     ("train --out {O} --data.sources {T}/missing.txt --data.tokenizer char",
      "source not found"),
     ("train --out {O} --data.sources {T}/emptydir --data.tokenizer char",

@@ -32,9 +32,14 @@ def test_prepare_val_tail_and_tokenizer_reuse(tiny_corpus_dir: Path, tmp_path: P
                  "--tokenizer", "char", "--val-tail", "0.25"]) == 0
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["split"]["method"] == "val_tail" and meta["split"]["val_tail"] == 0.25
-    assert main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "b"),
-                 "--tokenizer-path", str(tmp_path / "a" / "tokenizer.json")]) == 0
-    assert json.loads((tmp_path / "b" / "meta.json").read_text())["kind"] == "char"
+    # the other documents have characters doc0 lacks: refused at the default limit (1%),
+    # accepted when the user raises it, and the share is recorded
+    argv = ["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "b"),
+            "--tokenizer-path", str(tmp_path / "a" / "tokenizer.json")]
+    assert main(argv) == 2 and not (tmp_path / "b").exists()
+    assert main([*argv, "--max-unknown", "0.5"]) == 0
+    meta_b = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta_b["kind"] == "char" and 0.01 < meta_b["unknown"]["fraction"] < 0.5
 
 
 def test_default_corpus_is_stdlib(tmp_path: Path, capsys) -> None:
@@ -70,3 +75,4 @@ def test_cli_constants_match_data_module() -> None:
     # the command keeps them literal so `--help` does not import torch
     assert prepare_cmd.DATASET_NAMES == tuple(data.DATASETS)
     assert prepare_cmd.STDLIB_DEFAULT_MAX_BYTES == data.STDLIB_DEFAULT_MAX_BYTES
+    assert prepare_cmd.MAX_UNKNOWN == data.MAX_UNKNOWN
