@@ -111,7 +111,7 @@ def print_presets(as_json: bool) -> int:
     """`configs --presets`: the preset table (or JSON)."""
     rows = preset_rows()
     if as_json:
-        print(json.dumps(rows, indent=1))
+        print(json_dumps(rows, indent=1))
         return 0
     print(f"{'preset':<14}{'embed':>6}{'heads':>6}{'layers':>7}{'ff':>6}{'context':>8}"
           f"{'vocab':>7}{'params':>12}  about")
