@@ -159,9 +159,10 @@ def test_llama_cpp_q8_0_and_f16_agreement(trained, files, tmp_path: Path) -> Non
         for prompt, ids, got in zip(PROMPTS, res["tokens"], res["greedy"], strict=True):
             assert ids == tok.encode(prompt)  # the tokenizer is not quantized
             ours = greedy_ours(model, ids, GREEDY_TOKENS)
-            prefix = next((i for i, (a, b) in enumerate(zip(got, ours, strict=True)) if a != b), len(ours))
+            pairs = list(zip(got, ours, strict=True))
+            prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(ours))
             same_prefix.append(prefix)
-            same_tokens += sum(a == b for a, b in zip(got, ours, strict=True))
+            same_tokens += sum(a == b for a, b in pairs)
         total = GREEDY_TOKENS * len(PROMPTS)
         print(f"{quant}: identical greedy prefix {same_prefix} of {GREEDY_TOKENS} tokens; "
               f"{same_tokens}/{total} positions equal")
