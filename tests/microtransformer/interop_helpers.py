@@ -32,11 +32,11 @@ PROMPTS = ["Once upon a time", "The bear said: \"Hello", "  two  spaces\nand a n
            "at 5 o'clock they'll", "Ünïcödé 世界 🎉", "fox!", "the end<|endoftext|>One day"]
 
 
-def train_tiny(seed: int = 0, steps: int = 120, **shape: int) -> tuple[MicroTransformer,
-                                                                         Tokenizer]:
+def train_tiny(seed: int = 0, steps: int = 120, kind: str = "bpe",
+               **shape: int) -> tuple[MicroTransformer, Tokenizer]:
     """A small model trained for `steps` AdamW steps on CORPUS (a few seconds on one CPU
-    thread), so its next-token choices are confident, and its byte-level BPE tokenizer."""
-    tok = train_tokenizer(CORPUS * 10, kind="bpe", vocab_size=320)
+    thread), so its next-token choices are confident, and its tokenizer (`kind` bpe or char)."""
+    tok = train_tokenizer(CORPUS * 10, kind=kind, vocab_size=320 if kind == "bpe" else 64)
     dims = {"max_seq_len": 128, "embed_dim": 64, "num_heads": 2, "num_layers": 2, "ff_dim": 128,
             **shape}
     torch.manual_seed(seed)
