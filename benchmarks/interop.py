@@ -6,7 +6,7 @@
   (interop/llama.mjs) with its best settings for this size: flash attention off, f32 KV cache,
   `--threads` threads (the rate of its own decoding loop, model loading excluded),
 - the web page: `export --format web` in headless Chromium from a loopback static server
-  (ONNX Runtime Web, WebAssembly, one thread, full-window forward per token: no KV cache).
+  (ONNX Runtime Web, WebAssembly, one thread, a KV cache; the rate the page itself shows).
 
 All four get the same weights, the same prompt and the same number of new tokens; rounds are
 interleaved (each round times every runtime once) so background load hits them alike. Reported:

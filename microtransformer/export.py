@@ -382,16 +382,13 @@ class OnnxForward(nn.Module):
 
     With `attention_mask` (B, T) (1 = token, 0 = padding), positions count real tokens only and
     padding keys are masked, exactly as `MicroTransformer.forward` does; without it, plain causal
-    attention over positions 0..T-1. With `last_token_only` the output is the last position's
-    logits (B, V). Input checks (id range, lengths) are the caller's job.
+    attention over positions 0..T-1. Input checks (id range, lengths) are the caller's job.
     """
 
-    def __init__(self, model: nn.Module, with_attention_mask: bool = True,
-                 last_token_only: bool = False) -> None:
+    def __init__(self, model: nn.Module, with_attention_mask: bool = True) -> None:
         super().__init__()
         self.model = unwrap_model(model)
         self.with_attention_mask = with_attention_mask
-        self.last_token_only = last_token_only  # logits (B, V) of the last position only
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -410,21 +407,18 @@ class OnnxForward(nn.Module):
         x = m.token_embedding(input_ids) + m.position_embedding(positions)  # (B, T, C)
         for block in m.blocks:
             x = block(x, mask4d)
-        if self.last_token_only:
-            return m.lm_head(m.ln_f(x[:, -1]))  # (B, V): what decoding needs, T times cheaper
         return m.lm_head(m.ln_f(x))  # (B, T, V)
 
 
 def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 with_attention_mask: bool = True, force: bool = False,
-                dynamo: bool = False, last_token_only: bool = False) -> Path:
+                dynamo: bool = False) -> Path:
     """Export the full-sequence forward to ONNX: inputs `input_ids` (int64, (batch, seq)) and,
     by default, `attention_mask` (int64, same shape); output `logits` (float32,
     (batch, seq, vocab)). Batch and sequence axes are dynamic (seq <= max_seq_len).
 
     Uses the TorchScript-based exporter (`dynamo=False`) by default; `dynamo=True` uses the
-    torch.export-based one (needs onnxscript). `last_token_only`: the output `logits` is the
-    last position's, (batch, vocab) (the web page's decoding graph).
+    torch.export-based one (needs onnxscript).
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise UserError(f"--opset {opset} is too old: attention needs opset >= {MIN_OPSET}; "
@@ -435,7 +429,7 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, opset: int = D
         raise UserError("ONNX export needs the onnx package: pip install onnx") from exc
     m = unwrap_model(model)
     out = prepare_output(out_path, force=force, kind="file")
-    wrapper = OnnxForward(m, with_attention_mask, last_token_only).eval()
+    wrapper = OnnxForward(m, with_attention_mask).eval()
     T = min(8, m.config.max_seq_len)
     ids = torch.randint(0, m.config.vocab_size, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
@@ -456,8 +450,7 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, opset: int = D
                                   output_names=["logits"], opset_version=opset, dynamo=True,
                                   dynamic_shapes=shapes, external_data=False)
             else:
-                axes = {n: {0: "batch", 1: "sequence"} for n in names}
-                axes["logits"] = {0: "batch"} if last_token_only else {0: "batch", 1: "sequence"}
+                axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "logits"]}
                 torch.onnx.export(wrapper, args, str(tmp), input_names=names,
                                   output_names=["logits"], opset_version=opset, dynamo=False,
                                   dynamic_axes=axes, do_constant_folding=True)

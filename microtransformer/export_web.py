@@ -2,7 +2,7 @@
 
     SITE/
       index.html, app.js, tokenizer.js   the page (from microtransformer/web/static)
-      model.onnx                         input_ids (1, T) -> logits (1, V) of the last position
+      model.onnx                         one decoding step with a KV cache (WebDecodeStep)
       tokenizer.json                     the run's tokenizer, read by tokenizer.js
       model.json                         context length, EOS id, names and sizes for the page
       ort/                               ONNX Runtime Web (WebAssembly build), copied from the
@@ -23,10 +23,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microtransformer.errors import UserError
-from microtransformer.export import DEFAULT_OPSET, export_onnx
+from microtransformer.export import DEFAULT_OPSET
 from microtransformer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
 from microtransformer.hub import unwrap_model
 
@@ -36,6 +38,75 @@ ORT_VERSION = "1.31.1"  # interop/package.json pins the same
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 PAGE_FILES = ("index.html", "app.js", "tokenizer.js")
 ORT_ENV = "MICROTRANSFORMER_ORT_WEB_DIR"  # override: a folder holding ORT_FILES
+
+
+class WebDecodeStep(nn.Module):
+    """The page's ONNX graph: new tokens plus the previous keys/values in, the last position's
+    logits plus the extended keys/values out, so each generated token costs one position.
+
+    input_ids (1, T) int64, new tokens at positions P .. P+T-1; past (L, 2, 1, H, P, D) float32,
+    the keys and values of the P tokens before them (P = 0: an empty cache, e.g. the prompt).
+    Outputs: logits (1, V) of the last position; present (L, 2, 1, H, P+T, D). Once the text
+    outgrows max_seq_len the page runs the last max_seq_len tokens with P = 0 each step, as
+    `MicroTransformer.generate` recomputes its sliding window.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = unwrap_model(model)
+
+    def forward(self, input_ids: torch.Tensor, past: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        T, P = input_ids.shape[1], past.shape[4]
+        positions = torch.arange(T, device=input_ids.device) + P  # (T,)
+        x = m.token_embedding(input_ids) + m.position_embedding(positions)[None]  # (1, T, C)
+        keys = torch.arange(P + T, device=input_ids.device)  # (S,)
+        mask = keys[None, :] <= positions[:, None]  # (T, S): causal over past + new
+        presents = []
+        for i, block in enumerate(m.blocks):
+            attn = block.attn
+            H, D = attn.num_heads, attn.head_dim
+            qkv = attn.qkv(block.ln1(x)).view(1, T, 3, H, D).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # each (1, H, T, D)
+            k = torch.cat([past[i, 0], k], dim=2)  # (1, H, S, D)
+            v = torch.cat([past[i, 1], v], dim=2)
+            presents.append(torch.stack([k, v]))  # (2, 1, H, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, H, T, D)
+            x = x + attn.proj(y.transpose(1, 2).reshape(1, T, H * D))  # (1, T, C)
+            x = x + block.ff(block.ln2(x))
+        logits = m.lm_head(m.ln_f(x[:, -1]))  # (1, V)
+        return logits, torch.stack(presents)  # (1, V), (L, 2, 1, H, S, D)
+
+
+def export_decode_step(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write WebDecodeStep as ONNX (TorchScript exporter; T and P are dynamic axes)."""
+    import warnings
+
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError as exc:
+        raise UserError("--format web needs the onnx package: pip install onnx") from exc
+    m = unwrap_model(model)
+    cfg = m.config
+    step = WebDecodeStep(m).eval()
+    head_dim = cfg.embed_dim // cfg.num_heads
+    ids = torch.randint(0, cfg.vocab_size, (1, 2))
+    past = torch.randn(cfg.num_layers, 2, 1, cfg.num_heads, 3, head_dim)
+    was_training = m.training
+    m.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter deprecation/tracer chatter
+            torch.onnx.export(
+                step, (ids, past), str(path), input_names=["input_ids", "past"],
+                output_names=["logits", "present"], opset_version=opset, dynamo=False,
+                dynamic_axes={"input_ids": {1: "tokens"}, "past": {4: "past_length"},
+                              "present": {4: "length"}},
+                do_constant_folding=True)
+    finally:
+        m.train(was_training)
+    return path
 
 
 def find_ort_web(search_from: Path | None = None) -> tuple[Path, str]:
@@ -78,6 +149,9 @@ def page_info(model: nn.Module, tokenizer: Any, name: str, ort_version: str) -> 
     m = unwrap_model(model)
     return {
         "name": name,
+        "num_layers": m.config.num_layers,
+        "num_heads": m.config.num_heads,
+        "head_dim": m.config.embed_dim // m.config.num_heads,
         "max_seq_len": m.config.max_seq_len,
         "vocab_size": m.config.vocab_size,
         "eos_token_id": int(tokenizer.eos_token_id),
@@ -115,8 +189,7 @@ def export_web(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any, *,
         (build / "ort").mkdir()
         for ort_file in ORT_FILES:
             shutil.copyfile(ort_dir / ort_file, build / "ort" / ort_file)
-        export_onnx(model, build / "model.onnx", opset=DEFAULT_OPSET, with_attention_mask=False,
-                    last_token_only=True)
+        export_decode_step(model, build / "model.onnx")
         tokenizer.save(build / "tokenizer.json")
         atomic_write_json(build / "model.json",
                           page_info(model, tokenizer, name or out.name, ort_version))

@@ -1,6 +1,7 @@
 """`export --format web`: the static page in headless Debian Chromium (served from a loopback
 static file server) prints exactly what `microtransformer generate --temperature 0` prints; its
-JavaScript tokenizer gives our ids (checked in node); its ONNX model gives our logits."""
+JavaScript tokenizer gives our ids (checked in node); its ONNX decoding step (KV cache) gives
+our logits."""
 
 from __future__ import annotations
 
@@ -45,13 +46,15 @@ def _need_ort_web() -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two small trained runs: byte-level BPE and character level."""
+    """Small trained runs: byte-level BPE, character level, and byte-level BPE with a context
+    of 24 tokens ("slide": 40 new tokens outgrow it, so the window slides)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("web")
     out = {}
-    for kind in ("bpe", "char"):
-        model, tok = train_tiny(kind=kind)
-        out[kind] = write_run(root / kind, model, tok)
+    for name, kind, shape in (("bpe", "bpe", {}), ("char", "char", {}),
+                              ("slide", "bpe", {"max_seq_len": 24})):
+        model, tok = train_tiny(kind=kind, **shape)
+        out[name] = write_run(root / name, model, tok)
     return out
 
 
@@ -129,11 +132,12 @@ def cli_generate(run: Path, prompt: str, capsys: pytest.CaptureFixture) -> str:
 
 
 # ============================================================================ the browser
-@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("kind", ["bpe", "char", "slide"])
 def test_page_greedy_equals_cli_generate(kind: str, runs, sites, static_server, browser,
                                          capsys: pytest.CaptureFixture) -> None:
     url = f"{static_server}/{sites[kind].name}"
-    prompts = [*PROMPTS[:4], ""] if kind == "bpe" else ["Once upon a time", "The sun", ""]
+    prompts = {"bpe": [*PROMPTS[:4], ""], "char": ["Once upon a time", "The sun", ""],
+               "slide": ["Once upon a time", "The bear said"]}[kind]
     for prompt in prompts:
         expected = cli_generate(runs[kind], prompt, capsys)
         text, stats, error = page_generate(browser, url, prompt=prompt,
@@ -180,13 +184,21 @@ def test_site_files_and_onnx_logits(runs, sites) -> None:
     assert info["eos_token_id"] == tok.eos_token_id
     assert info["onnxruntime_web"] == export_web.ORT_VERSION
     sess = ort.InferenceSession(str(site / "model.onnx"), providers=["CPUExecutionProvider"])
-    for T in (1, 17, model.config.max_seq_len):
-        ids = torch.randint(0, model.vocab_size, (1, T))
-        (logits,) = sess.run(["logits"], {"input_ids": ids.numpy()})
+    cfg = model.config
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.vocab_size, (1, cfg.max_seq_len))
+    past = np.zeros((cfg.num_layers, 2, 1, cfg.num_heads, 0, cfg.embed_dim // cfg.num_heads),
+                    dtype=np.float32)  # an empty cache
+    worst = 0.0
+    # the prompt in one step, then one token per step with the cache, as the page decodes
+    for start, end in [(0, 17), *((t, t + 1) for t in range(17, cfg.max_seq_len))]:
+        logits, past = sess.run(["logits", "present"],
+                                {"input_ids": ids[:, start:end].numpy(), "past": past})
         with torch.no_grad():
-            ref = model(ids)[:, -1].numpy()
-        assert logits.shape == (1, model.vocab_size)
-        assert float(np.abs(logits - ref).max()) <= 1e-4
+            ref = model(ids[:, :end])[:, -1].numpy()  # (1, V)
+        assert logits.shape == (1, model.vocab_size) and past.shape[4] == end
+        worst = max(worst, float(np.abs(logits - ref).max()))
+    assert worst <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])

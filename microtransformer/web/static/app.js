@@ -97,12 +97,31 @@ function shareLink() {
   $("share").href = url.href;
 }
 
-async function logitsOf(ids) {
-  const window = ids.slice(-info.max_seq_len); // the context slides past max_seq_len
-  const input = new ort.Tensor("int64", BigInt64Array.from(window, (x) => BigInt(x)),
-                               [1, window.length]);
-  const out = await session.run({ input_ids: input });
-  return out.logits.data; // Float32Array (V): the last position's logits
+// Decoding with a KV cache: `present` of one step is `past` of the next. Past max_seq_len the
+// context slides: every step runs the last max_seq_len tokens from an empty cache, as
+// `microtransformer generate` recomputes its window.
+function emptyPast() {
+  return new ort.Tensor("float32", new Float32Array(0),
+                        [info.num_layers, 2, 1, info.num_heads, 0, info.head_dim]);
+}
+
+async function step(tokens, past) {
+  const input = new ort.Tensor("int64", BigInt64Array.from(tokens, (x) => BigInt(x)),
+                               [1, tokens.length]);
+  const out = await session.run({ input_ids: input, past });
+  return [out.logits.data, out.present]; // Float32Array (V): the last position's logits
+}
+
+async function nextLogits(ids, state) {
+  const cached = state.past ? state.past.dims[4] : 0;
+  if (ids.length > info.max_seq_len) { // the window slides: no cache can be reused
+    const [logits] = await step(ids.slice(-info.max_seq_len), emptyPast());
+    state.past = null;
+    return logits;
+  }
+  const [logits, present] = await step(ids.slice(cached), state.past ?? emptyPast());
+  state.past = present;
+  return logits;
 }
 
 async function generate() {
@@ -129,8 +148,9 @@ async function generate() {
     output.textContent = tokenizer.decode(promptIds);
     let lastUi = performance.now();
     let firstToken = null;
+    const state = { past: null };
     while (count < s.maxTokens && !stopRequested) {
-      const next = sample(await logitsOf(ids), s, random);
+      const next = sample(await nextLogits(ids, state), s, random);
       ids.push(next);
       generated.push(next);
       count++;
