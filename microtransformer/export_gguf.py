@@ -15,8 +15,11 @@ here or stated:
    logits differ slightly (greedy decoding agreed in our tests; see docs/INTEROP.md).
 
 The tokenizer goes in as llama.cpp's `gpt2` BPE vocabulary with the `gpt-2` pre-tokenizer,
-which is exactly our byte-level BPE (GPT-2's split regex, no prefix space). Character-level
-tokenizers are refused: llama.cpp has no character-level vocabulary.
+which is exactly our byte-level BPE (GPT-2's split regex, no prefix space). A character-level
+tokenizer goes in as the same kind of vocabulary: each character is one token written in the
+byte-level alphabet, and the merges only join the UTF-8 bytes of one character, so llama.cpp
+gives one id per known character. A character outside the vocabulary is where the two differ:
+ours gives the U+FFFD unknown token, llama.cpp drops it (the export warns).
 
 Needs the `gguf` package (`pip install 'micro-transformer[gguf]'` or `pip install gguf`).
 """
@@ -28,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,29 +85,37 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     """The parsed `tokenizer.json` of a tokenizer llama.cpp's `gpt2` vocabulary reproduces, or
     UserError (one line) saying why it cannot.
 
-    Accepted: byte-level BPE with GPT-2's split regex, no prefix space, no normalizer, and at
-    most `vocab_size` ids: the tokenizers this project trains with kind "bpe".
+    Accepted, with at most `vocab_size` ids: byte-level BPE with GPT-2's split regex, no prefix
+    space and no normalizer, and the one-token-per-character WordLevel tokenizers: the two kinds
+    this project trains.
     """
     if tokenizer is None:
         raise UserError("a GGUF file needs the run's tokenizer.json (copy the data directory's "
                         "tokenizer.json into the run)")
     spec = json.loads(tokenizer.to_json())
     model_type = spec.get("model", {}).get("type")
-    if model_type != "BPE":
-        raise UserError(
-            "cannot write a character-level tokenizer to GGUF: llama.cpp has no character-level "
-            "vocabulary (its BPE would drop unknown characters instead of mapping them to "
-            "U+FFFD); export --format hf, onnx or web instead"
-        )
     pre = spec.get("pre_tokenizer") or {}
-    ok = (pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space", False)
-          and pre.get("use_regex", True) and spec.get("normalizer") is None)
-    if not ok:
-        raise UserError(
-            "cannot write this tokenizer to GGUF: llama.cpp's gpt2 vocabulary needs byte-level "
-            "BPE with GPT-2's split regex, no prefix space and no normalizer (the tokenizers "
-            "`microtransformer prepare` trains)"
-        )
+    if spec.get("normalizer") is not None:
+        raise UserError("cannot write a tokenizer with a normalizer to GGUF: llama.cpp's gpt2 "
+                        "vocabulary has none")
+    if model_type == "WordLevel":
+        if not (pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"}):
+            raise UserError(
+                "cannot write this word-level tokenizer to GGUF: only the character-level "
+                "tokenizers `microtransformer prepare` trains (one token per character) map "
+                "onto llama.cpp's BPE vocabulary"
+            )
+    elif model_type == "BPE":
+        if not (pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space", False)
+                and pre.get("use_regex", True)):
+            raise UserError(
+                "cannot write this tokenizer to GGUF: llama.cpp's gpt2 vocabulary needs "
+                "byte-level BPE with GPT-2's split regex and no prefix space (the tokenizers "
+                "`microtransformer prepare` trains)"
+            )
+    else:
+        raise UserError(f"cannot write a {model_type} tokenizer to GGUF: llama.cpp's gpt2 "
+                        "vocabulary needs byte-level BPE or our character-level tokenizer")
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                         f"{vocab_size}; export the tokenizer the model was trained with")
@@ -111,9 +123,33 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
 
 
 # ============================================================================ contents
+def byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte value (index = byte), as byte-level BPE
+    vocabularies (ours and llama.cpp's) spell tokens."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def char_vocabulary(vocab: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """A character-level vocabulary as byte-level BPE: each character spelled in the byte
+    alphabet, and merges that join the UTF-8 bytes of one character left to right (never
+    across characters), so BPE turns every known character into its one token."""
+    alphabet = byte_alphabet()
+    spelled: dict[str, int] = {}
+    merges: dict[str, None] = {}  # ordered set
+    for char, idx in vocab.items():
+        symbols = [alphabet[b] for b in char.encode("utf-8")]
+        spelled["".join(symbols)] = idx
+        for i in range(1, len(symbols)):
+            merges["".join(symbols[:i]) + " " + symbols[i]] = None
+    return spelled, list(merges)
+
+
 def gguf_vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int],
                                                                     list[str]]:
-    """(tokens by id, token types, merges "a b") for a byte-level BPE `tokenizer.json` spec.
+    """(tokens by id, token types, merges "a b") for a byte-level BPE or character-level
+    `tokenizer.json` spec (see `check_tokenizer`).
 
     Special added tokens are CONTROL (tokenized from text only when llama.cpp is told to parse
     specials), other added tokens USER_DEFINED; ids the tokenizer does not use (the model's
@@ -121,9 +157,14 @@ def gguf_vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], l
     """
     from gguf import TokenType
 
+    vocab = {token: int(idx) for token, idx in spec["model"]["vocab"].items()}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    if spec["model"]["type"] == "WordLevel":
+        added = {t["content"] for t in spec.get("added_tokens", [])}
+        vocab, merges = char_vocabulary({t: i for t, i in vocab.items() if t not in added})
     by_id: dict[int, tuple[str, int]] = {}
-    for token, idx in spec["model"]["vocab"].items():
-        by_id[int(idx)] = (token, int(TokenType.NORMAL))
+    for token, idx in vocab.items():
+        by_id[idx] = (token, int(TokenType.NORMAL))
     for added in spec.get("added_tokens", []):
         kind = TokenType.CONTROL if added.get("special", False) else TokenType.USER_DEFINED
         by_id[int(added["id"])] = (added["content"], int(kind))
@@ -132,7 +173,6 @@ def gguf_vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], l
         token, kind = by_id.get(i, (f"[PAD{i}]", int(TokenType.UNUSED)))
         tokens.append(token)
         types.append(kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     return tokens, types, merges
 
 
@@ -176,11 +216,11 @@ def _encode_tensor(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray
 # ============================================================================ writing
 def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *,
                 quant: str = "f32", force: bool = False, name: str | None = None) -> Path:
-    """Write `model` and its byte-level BPE `tokenizer` as one GGUF file (llama.cpp `gpt2`).
+    """Write `model` and its tokenizer as one GGUF file (llama.cpp `gpt2`).
 
     `quant`: "f32", "f16" or "q8_0" for the matrices (norms and biases stay f32). Raises
-    UserError for an unknown quant, shapes q8_0 cannot hold, a character-level or foreign
-    tokenizer, or an existing `out_path` without `force`. The file appears atomically.
+    UserError for an unknown quant, shapes q8_0 cannot hold, a tokenizer llama.cpp cannot
+    reproduce, or an existing `out_path` without `force`. The file appears atomically.
     """
     gguf = _gguf()
     m = unwrap_model(model)
@@ -189,6 +229,10 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
     spec = check_tokenizer(tokenizer, cfg.vocab_size)
     out = prepare_output(out_path, force=force, kind="file")
     tokens, types, merges = gguf_vocabulary(spec, cfg.vocab_size)
+    if spec["model"]["type"] == "WordLevel":
+        warnings.warn("character-level run: llama.cpp drops characters outside the vocabulary "
+                      "where our tokenizer gives the U+FFFD unknown token; known characters get "
+                      "the same ids", stacklevel=2)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
 

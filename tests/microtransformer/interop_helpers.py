@@ -25,6 +25,7 @@ CORPUS = [
     "The sun was warm and the sky was blue. A bird sang a happy song to the fox. ",
     "One day the fox met a bear. The bear said: \"Hello, fox! Do you want to play?\" ",
     "They played all day, and at 5 o'clock they went home. It's fun to have a friend!\n",
+    "The fox said «au revoir» to the café — 世界, 🎉!\n",
 ]
 # Plain text, punctuation, digits, newlines, runs of spaces, contractions, non-ASCII, and the
 # literal end-of-text string (a special token only where specials are parsed).

@@ -126,12 +126,30 @@ def test_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     _one_line_error(capsys, ["export", str(run), "--format", "gguf", "--out", out],
                     "already exists")
 
-    char_tok = train_tokenizer(CORPUS, kind="char", vocab_size=64)
-    char_model = MicroTransformer(vocab_size=char_tok.vocab_size, max_seq_len=16, embed_dim=32,
-                                  num_heads=2, num_layers=1, ff_dim=64)
-    char_run = write_run(tmp_path / "char", char_model, char_tok)
-    _one_line_error(capsys, ["export", str(char_run), "--format", "gguf", "--out",
-                             str(tmp_path / "c.gguf")], "character-level tokenizer")
+    # a word-level tokenizer that is not one-token-per-character has no llama.cpp form
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from microtransformer.tokenizer import Tokenizer
+
+    words = HFTokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "?": 2}, unk_token="?"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_model = MicroTransformer(vocab_size=3, max_seq_len=16, embed_dim=32, num_heads=2,
+                                  num_layers=1, ff_dim=64)
+    word_run = write_run(tmp_path / "words", word_model, Tokenizer(words))
+    _one_line_error(capsys, ["export", str(word_run), "--format", "gguf", "--out",
+                             str(tmp_path / "w.gguf")], "only the character-level")
+
+
+def test_byte_alphabet_is_the_byte_level_one() -> None:
+    from tokenizers import pre_tokenizers
+
+    from microtransformer.export_gguf import byte_alphabet
+
+    text = bytes(range(256)).decode("latin-1")  # each byte once, as one code point <= 255
+    spelled = "".join(byte_alphabet()[b] for b in text.encode("utf-8"))
+    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    assert pieces.pre_tokenize_str(text)[0][0] == spelled
 
 
 # ============================================================================ llama.cpp
@@ -197,3 +215,26 @@ def test_transformers_loads_gguf(trained, files) -> None:
     print(f"max |logit diff| vs transformers (GGUF f32): {diffs}")
     assert diffs["gelu"] <= 1e-4
     assert max(diffs.values()) <= 0.05
+
+
+def test_char_run_in_llama_cpp(tmp_path: Path) -> None:
+    """A character-level run: known characters (multi-byte ones included) get our ids, and
+    greedy decoding equals ours; an unknown character is dropped by llama.cpp (ours gives
+    U+FFFD), as the export warns."""
+    model, tok = train_tiny(kind="char")
+    run = write_run(tmp_path / "char", model, tok)
+    out = tmp_path / "char.gguf"
+    with pytest.warns(UserWarning, match="drops characters outside the vocabulary"):
+        assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 0
+    known = ["Once upon a time", "The bear said: \"Hello", "It's fun\n at 5 o'clock",
+             "the end<|endoftext|>One day", "«au revoir» café — 世界 🎉"]
+    unknown = "a ~ zebra Ü"
+    res = run_llama({"model": str(out), "prompts": [*known, unknown],
+                     "max_tokens": GREEDY_TOKENS, "threads": 1}, tmp_path)
+    for prompt, ids, got in zip(known, res["tokens"], res["greedy"], strict=False):
+        assert ids == tok.encode(prompt), prompt
+        assert got == greedy_ours(model, ids, GREEDY_TOKENS), prompt
+    unk = tok.backend.token_to_id("\ufffd")
+    ours = tok.encode(unknown)
+    assert ours.count(unk) == 3  # "~", "z" and "Ü" are not in the corpus
+    assert res["tokens"][-1] == [i for i in ours if i != unk]
