@@ -81,41 +81,40 @@ def check_quant(config: ModelConfig, quant: str) -> None:
             )
 
 
-def check_tokenizer(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
-    """The parsed `tokenizer.json` of a tokenizer llama.cpp's `gpt2` vocabulary reproduces, or
-    UserError (one line) saying why it cannot.
+def check_tokenizer(tokenizer: Any, vocab_size: int, target: str = "GGUF") -> dict[str, Any]:
+    """The parsed `tokenizer.json` of a tokenizer that llama.cpp's `gpt2` vocabulary (and the
+    web page's tokenizer.js) reproduces, or UserError (one line, naming `target`) saying why not.
 
     Accepted, with at most `vocab_size` ids: byte-level BPE with GPT-2's split regex, no prefix
     space and no normalizer, and the one-token-per-character WordLevel tokenizers: the two kinds
     this project trains.
     """
     if tokenizer is None:
-        raise UserError("a GGUF file needs the run's tokenizer.json (copy the data directory's "
-                        "tokenizer.json into the run)")
+        raise UserError(f"{target} export needs the run's tokenizer.json (copy the data "
+                        "directory's tokenizer.json into the run)")
     spec = json.loads(tokenizer.to_json())
     model_type = spec.get("model", {}).get("type")
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer") is not None:
-        raise UserError("cannot write a tokenizer with a normalizer to GGUF: llama.cpp's gpt2 "
-                        "vocabulary has none")
+        raise UserError(f"cannot write a tokenizer with a normalizer to {target}: only our "
+                        "byte-level BPE and character-level tokenizers are supported")
     if model_type == "WordLevel":
         if not (pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"}):
             raise UserError(
-                "cannot write this word-level tokenizer to GGUF: only the character-level "
+                f"cannot write this word-level tokenizer to {target}: only the character-level "
                 "tokenizers `microtransformer prepare` trains (one token per character) map "
-                "onto llama.cpp's BPE vocabulary"
+                "onto a BPE vocabulary"
             )
     elif model_type == "BPE":
         if not (pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space", False)
                 and pre.get("use_regex", True)):
             raise UserError(
-                "cannot write this tokenizer to GGUF: llama.cpp's gpt2 vocabulary needs "
-                "byte-level BPE with GPT-2's split regex and no prefix space (the tokenizers "
-                "`microtransformer prepare` trains)"
+                f"cannot write this tokenizer to {target}: byte-level BPE needs GPT-2's split "
+                "regex and no prefix space (as the tokenizers `microtransformer prepare` trains)"
             )
     else:
-        raise UserError(f"cannot write a {model_type} tokenizer to GGUF: llama.cpp's gpt2 "
-                        "vocabulary needs byte-level BPE or our character-level tokenizer")
+        raise UserError(f"cannot write a {model_type} tokenizer to {target}: only byte-level BPE "
+                        "and our character-level tokenizer are supported")
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                         f"{vocab_size}; export the tokenizer the model was trained with")
@@ -271,19 +270,3 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
         with tmp.open("rb") as src, atomic_write(out) as dst:
             shutil.copyfileobj(src, dst)
     return out
-
-
-def read_gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Metadata and tensor types of a GGUF file, read back with `gguf.GGUFReader`:
-    {"fields": {key: value}, "tensors": {name: (type name, shape)}}; arrays of token strings
-    are returned as lists."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(str(path))
-    fields: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        fields[key] = field.contents()
-    tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape))
-               for t in reader.tensors}
-    return {"fields": fields, "tensors": tensors}

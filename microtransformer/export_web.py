@@ -29,6 +29,7 @@ from torch import nn
 
 from microtransformer.errors import UserError
 from microtransformer.export import DEFAULT_OPSET
+from microtransformer.export_gguf import check_tokenizer  # what tokenizer.js reproduces
 from microtransformer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
 from microtransformer.hub import unwrap_model
 
@@ -167,12 +168,7 @@ def export_web(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any, *,
     """Write the static web page for `model` into `out_dir` (built beside it, renamed into
     place; an existing folder is replaced only with `force`). Returns the folder."""
     out = Path(out_dir)
-    if tokenizer is None:
-        raise UserError("the web page needs the run's tokenizer.json (copy the data "
-                        "directory's tokenizer.json into the run)")
-    if tokenizer.vocab_size > unwrap_model(model).config.vocab_size:
-        raise UserError("the tokenizer has more ids than the model; export the tokenizer the "
-                        "model was trained with")
+    check_tokenizer(tokenizer, unwrap_model(model).config.vocab_size, "the web page")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"output {out} is a file; --out must be a directory for --format web")
