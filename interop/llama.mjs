@@ -7,7 +7,8 @@
 //           "bench": {"prompt": [ids], "tokens": 128, "repeats": 3}}   (bench optional)
 // RESULT:  {"tokens": [[ids]...]            prompt ids, special-token strings parsed,
 //           "tokens_plain": [[ids]...]      prompt ids, special-token strings as text,
-//           "greedy": [[ids]...]            max_tokens greedy ids after each prompt's tokens,
+//           "greedy": [[ids]...]            up to max_tokens greedy ids after each prompt's
+//                                           tokens, ending after an end-of-text token if any,
 //           "bench": {"tokens_per_s": [..], "tokens": n}}
 import { readFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -24,15 +25,18 @@ const contextOptions = {
 };
 const context = await model.createContext(contextOptions);
 
-async function greedy(promptIds, count) {
-  // `count` tokens after `promptIds`, temperature 0 (argmax), from an empty sequence.
+async function greedy(promptIds, count, stopAtEog = true) {
+  // Up to `count` tokens after `promptIds`, temperature 0 (argmax), from an empty sequence.
+  // With `stopAtEog` it ends after an end-of-text token (included), as `microtransformer
+  // generate` does; without, it always runs `count` tokens (for timing).
   const sequence = context.getSequence();
   const out = [];
   try {
     if (count > 0) {
-      for await (const token of sequence.evaluate(promptIds, { temperature: 0 })) {
+      const options = { temperature: 0, yieldEogToken: true };
+      for await (const token of sequence.evaluate(promptIds, options)) {
         out.push(token);
-        if (out.length >= count) break;
+        if (out.length >= count || (stopAtEog && model.isEogToken(token))) break;
       }
     }
   } finally {
@@ -50,11 +54,11 @@ for (const prompt of request.prompts ?? []) {
 }
 if (request.bench) {
   const { prompt, tokens, repeats } = request.bench;
-  await greedy(prompt, Math.min(8, tokens)); // warm-up
+  await greedy(prompt, Math.min(8, tokens), false); // warm-up
   result.bench = { tokens, tokens_per_s: [] };
   for (let r = 0; r < (repeats ?? 3); r++) {
     const start = performance.now();
-    const got = await greedy(prompt, tokens);
+    const got = await greedy(prompt, tokens, false);
     result.bench.tokens_per_s.push(got.length / ((performance.now() - start) / 1000));
   }
 }

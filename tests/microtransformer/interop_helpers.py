@@ -69,10 +69,12 @@ def write_run(path: Path, model: MicroTransformer, tok: Tokenizer) -> Path:
     return path
 
 
-def greedy_ours(model: MicroTransformer, ids: list[int], n: int) -> list[int]:
-    """`n` greedy tokens after `ids` (what `generate --temperature 0` picks), no early stop."""
+def greedy_ours(model: MicroTransformer, ids: list[int], n: int, eos: int = 0) -> list[int]:
+    """Up to `n` greedy tokens after `ids`, ending after the end-of-text token `eos` (id 0 in
+    the tokenizers trained here): what `generate --temperature 0` picks."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=eos)
     return out[0, len(ids):].tolist()
 
 

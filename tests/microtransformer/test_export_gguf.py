@@ -177,13 +177,13 @@ def test_llama_cpp_q8_0_and_f16_agreement(trained, files, tmp_path: Path) -> Non
         for prompt, ids, got in zip(PROMPTS, res["tokens"], res["greedy"], strict=True):
             assert ids == tok.encode(prompt)  # the tokenizer is not quantized
             ours = greedy_ours(model, ids, GREEDY_TOKENS)
-            pairs = list(zip(got, ours, strict=True))
-            prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(ours))
+            pairs = list(zip(got, ours, strict=False))  # either may end at end-of-text
+            prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
             same_prefix.append(prefix)
             same_tokens += sum(a == b for a, b in pairs)
         total = GREEDY_TOKENS * len(PROMPTS)
-        print(f"{quant}: identical greedy prefix {same_prefix} of {GREEDY_TOKENS} tokens; "
-              f"{same_tokens}/{total} positions equal")
+        print(f"{quant}: identical greedy prefix {same_prefix} of at most {GREEDY_TOKENS} "
+              f"tokens; {same_tokens}/{total} positions equal")
         assert all(p >= 1 for p in same_prefix), (quant, same_prefix)  # first token agrees
 
 
