@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from microtransformer.errors import UserError
-from microtransformer.export import LAYER_NORM_EPS, prepare_output
+from microtransformer.export import LAYER_NORM_EPS
 from microtransformer.fileio import atomic_write
 from microtransformer.hub import unwrap_model
 from model import ModelConfig
@@ -226,7 +226,14 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
     cfg: ModelConfig = m.config
     check_quant(cfg, quant)
     spec = check_tokenizer(tokenizer, cfg.vocab_size)
-    out = prepare_output(out_path, force=force, kind="file")
+    out = Path(out_path)
+    if out.is_dir():
+        raise UserError(f"output {out} is a directory; --out must be a file path for this "
+                        "format, e.g. model.gguf")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(f"output {out} already exists; pass --force to overwrite it or choose "
+                        "another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)  # an existing file is replaced atomically
     tokens, types, merges = gguf_vocabulary(spec, cfg.vocab_size)
     if spec["model"]["type"] == "WordLevel":
         warnings.warn("character-level run: llama.cpp drops characters outside the vocabulary "

@@ -125,6 +125,13 @@ def test_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(["export", str(run), "--format", "gguf", "--quant", "f16", "--out", out]) == 0
     _one_line_error(capsys, ["export", str(run), "--format", "gguf", "--out", out],
                     "already exists")
+    before = Path(out).read_bytes()
+    _one_line_error(capsys, ["export", str(run), "--format", "gguf", "--quant", "q8_0",
+                             "--force", "--out", out], "ff_dim=48")
+    assert Path(out).read_bytes() == before  # a refused overwrite leaves the file as it was
+    assert main(["export", str(run), "--format", "gguf", "--force", "--out", out]) == 0
+    assert Path(out).read_bytes() != before  # f32 now
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     # a word-level tokenizer that is not one-token-per-character has no llama.cpp form
     from tokenizers import Tokenizer as HFTokenizer
