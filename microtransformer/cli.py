@@ -26,7 +26,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "generate", "sample text from a trained run"),
     ("eval", "evaluate", "loss, perplexity and bits per byte on any text"),
     ("info", "info", "show a run's config, size and training summary"),
-    ("export", "export", "export a run to Hugging Face or ONNX format"),
+    ("export", "export", "export a run to Hugging Face, ONNX, GGUF or a web page"),
     ("import", "import_hf", "import a Hugging Face GPT-2 directory as a run"),
     ("configs", "configs", "list configurations within a parameter budget"),
     ("study", "study", "train and compare configurations (architecture study)"),

@@ -35,7 +35,7 @@ from microtransformer.hub import TOKENIZER_NAME, WEIGHTS_NAME, save_pretrained, 
 from model import MicroTransformer, ModelConfig
 from model.io import save_safetensors
 
-FORMATS = ("hf", "onnx")
+FORMATS = ("hf", "onnx", "gguf", "web")  # gguf: export_gguf.py, web: export_web.py
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
 LAYER_NORM_EPS = 1e-5

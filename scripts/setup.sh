@@ -17,6 +17,18 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 if [ "$extra" = "dev" ]; then
     pip install -q -e ".[dev]"
+    # The JavaScript runtimes the interop tests use (llama.cpp through node-llama-cpp, ONNX Runtime
+    # Web for `export --format web`), pinned in interop/package-lock.json. node-llama-cpp ships a
+    # prebuilt CPU binary in the registry package: nothing is built or downloaded. Without
+    # node/npm the tests that need them skip, saying why.
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "note: node/npm not found; install Node.js 20+ and run 'npm ci' in interop/ for the" \
+            "llama.cpp and web-page tests (they skip without it)" >&2
+    elif [ ! -f interop/node_modules/.package-lock.json ] \
+        || [ interop/package-lock.json -nt interop/node_modules/.package-lock.json ]; then
+        (cd interop && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --no-audit --no-fund --loglevel=error) \
+            || echo "warning: npm ci in interop/ failed; the llama.cpp and web tests will skip" >&2
+    fi
 else
     pip install -q -e .
 fi

@@ -1,13 +1,14 @@
-"""`microtransformer export RUN_DIR --format hf|onnx --out PATH`: share a trained model."""
+"""`microtransformer export RUN_DIR --format hf|onnx|gguf|web --out PATH`: share a trained model."""
 
 from __future__ import annotations
 
 import argparse
 
 # Kept literal (not imported from microtransformer.export) so `--help` does not import torch;
-# tests/microtransformer/test_export.py checks they match the export module.
-FORMATS = ("hf", "onnx")
+# tests/microtransformer/test_export.py checks they match the export modules.
+FORMATS = ("hf", "onnx", "gguf", "web")
 DEFAULT_OPSET = 17
+QUANTS = ("f32", "f16", "q8_0")
 
 
 def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -16,14 +17,15 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
         name, help=help_text, description=help_text,
         epilog="hf: a GPT-2 directory for transformers.AutoModelForCausalLM / AutoTokenizer "
         "(no custom code). onnx: the full-sequence forward, dynamic batch and sequence axes. "
-        "See docs/INTEROP.md.",
+        "gguf: one file for llama.cpp, Ollama, LM Studio. web: a static page that generates in "
+        "the browser with ONNX Runtime Web. See docs/INTEROP.md.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a training run directory (or a save_pretrained / import directory)")
     p.add_argument("--format", required=True, dest="fmt", metavar="FORMAT",
                    help=f"output format: {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, metavar="PATH",
-                   help="output directory (hf) or .onnx file (onnx)")
+                   help="output directory (hf, web) or file (onnx: .onnx, gguf: .gguf)")
     p.add_argument("--best", action="store_true",
                    help="export best.safetensors (lowest validation loss) instead of the latest")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -34,6 +36,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     p.add_argument("--dynamo", action="store_true",
                    help="onnx only: use the torch.export-based exporter instead of the "
                    "TorchScript one (needs onnxscript)")
+    p.add_argument("--quant", default=None, metavar="TYPE",
+                   help=f"gguf only: matrix type, one of {', '.join(QUANTS)} (default f32; "
+                   "q8_0 needs embed_dim and ff_dim multiples of 32)")
     p.set_defaults(func=run)
 
 
@@ -50,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if fmt != "onnx" and onnx_only:
         raise UserError(f"{', '.join(onnx_only)} only applies to --format onnx; drop it for "
                         f"--format {fmt}")
+    if fmt != "gguf" and args.quant is not None:
+        raise UserError(f"--quant only applies to --format gguf; drop it for --format {fmt}")
+    if fmt == "gguf":
+        _check_quant_name(args.quant or "f32")
 
     from microtransformer import export
     from microtransformer.export_checks import check_export_output, check_opset
@@ -67,6 +76,19 @@ def run(args: argparse.Namespace) -> int:
         out = export.export_hf(model, args.out, tokenizer, force=args.force)
         print(f"wrote Hugging Face GPT-2 directory {out} ({which} weights); load it with "
               f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    elif fmt == "gguf":
+        from microtransformer.export_gguf import export_gguf
+
+        quant = args.quant or "f32"
+        out = export_gguf(model, args.out, tokenizer, quant=quant, force=args.force)
+        print(f"wrote GGUF file {out} ({which} weights, {quant}, llama.cpp architecture gpt2); "
+              f"run it with llama.cpp, e.g. llama-cli -m {out} -p 'Once upon a time'")
+    elif fmt == "web":
+        from microtransformer.export_web import export_web
+
+        out = export_web(model, args.out, tokenizer, force=args.force)
+        print(f"wrote web page {out} ({which} weights); serve the folder with any static file "
+              f"host, e.g. python -m http.server -d {out}, and open index.html")
     else:
         out = export.export_onnx(
             model, args.out, opset=DEFAULT_OPSET if args.opset is None else args.opset,
@@ -77,3 +99,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote ONNX model {out} ({which} weights; inputs {inputs}; output logits; "
               f"sequence length <= {model.config.max_seq_len})")
     return 0
+
+
+def _check_quant_name(quant: str) -> None:
+    """Refuse an unknown --quant before the model is loaded."""
+    from microtransformer.errors import UserError
+
+    if quant not in QUANTS:
+        raise UserError(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")

@@ -125,7 +125,8 @@ CASES = [
     ("train --out {O} --data {T}/data --config {T}/broken.json", "is not valid JSON"),
     ("train --out {O} " + D + " --preset nope", "unknown preset 'nope'"),
     ("generate {T}/run_cfgtype", "model.embed_dim='wide'"),
-    ("export {T}/run --format gguf --out {T}/e", "unknown --format 'gguf'"),
+    ("export {T}/run --format tflite --out {T}/e", "unknown --format 'tflite'"),
+    ("export {T}/run --format gguf --quant q4 --out {T}/e", "unknown --quant 'q4'"),
     ("configs --heads x", "--heads='x'"),
     # --- out-of-range values
     ("train --out {O} " + D + " --train.lr -1", "lr=-1.0 must be > 0"),

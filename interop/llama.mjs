@@ -1,0 +1,68 @@
+// Run a GGUF file in llama.cpp through node-llama-cpp (the prebuilt CPU binary; nothing is
+// built or downloaded). Used by the tests and benchmarks of micro-transformer's GGUF export.
+//
+//   node interop/llama.mjs REQUEST.json      prints one JSON object on stdout
+//
+// REQUEST: {"model": "m.gguf", "prompts": ["..."], "max_tokens": 64, "threads": 1,
+//           "bench": {"prompt": [ids], "tokens": 128, "repeats": 3}}   (bench optional)
+// RESULT:  {"tokens": [[ids]...]            prompt ids, special-token strings parsed,
+//           "tokens_plain": [[ids]...]      prompt ids, special-token strings as text,
+//           "greedy": [[ids]...]            up to max_tokens greedy ids after each prompt's
+//                                           tokens, ending after an end-of-text token if any,
+//           "bench": {"tokens_per_s": [..], "tokens": n}}
+import { readFileSync } from "node:fs";
+import { performance } from "node:perf_hooks";
+import { getLlama, LlamaLogLevel } from "node-llama-cpp";
+
+const request = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const threads = request.threads ?? 1;
+const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLevel.error });
+const model = await llama.loadModel({ modelPath: request.model, gpuLayers: 0 });
+// Best settings for 2-3M-parameter models on a small CPU: no flash attention, f32 KV cache.
+const contextOptions = {
+  contextSize: model.trainContextSize, batchSize: model.trainContextSize, threads,
+  flashAttention: false, experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32",
+};
+const context = await model.createContext(contextOptions);
+
+async function greedy(promptIds, count, stopAtEog = true) {
+  // Up to `count` tokens after `promptIds`, temperature 0 (argmax), from an empty sequence.
+  // With `stopAtEog` it ends after an end-of-text token (included), as `microtransformer
+  // generate` does; without, it always runs `count` tokens (for timing).
+  const sequence = context.getSequence();
+  const out = [];
+  try {
+    if (count > 0) {
+      const options = { temperature: 0, yieldEogToken: true };
+      for await (const token of sequence.evaluate(promptIds, options)) {
+        out.push(token);
+        if (out.length >= count || (stopAtEog && model.isEogToken(token))) break;
+      }
+    }
+  } finally {
+    sequence.dispose();
+  }
+  return out;
+}
+
+const result = { tokens: [], tokens_plain: [], greedy: [] };
+for (const prompt of request.prompts ?? []) {
+  const ids = Array.from(model.tokenize(prompt, true));
+  result.tokens.push(ids);
+  result.tokens_plain.push(Array.from(model.tokenize(prompt, false)));
+  result.greedy.push(await greedy(ids, request.max_tokens ?? 0));
+}
+if (request.bench) {
+  const { prompt, tokens, repeats } = request.bench;
+  await greedy(prompt, Math.min(8, tokens), false); // warm-up
+  result.bench = { tokens, tokens_per_s: [] };
+  for (let r = 0; r < (repeats ?? 3); r++) {
+    const start = performance.now();
+    const got = await greedy(prompt, tokens, false);
+    result.bench.tokens_per_s.push(got.length / ((performance.now() - start) / 1000));
+  }
+}
+await context.dispose();
+await model.dispose();
+await llama.dispose();
+process.stdout.write(JSON.stringify(result) + "\n");

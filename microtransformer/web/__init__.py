@@ -1,0 +1,1 @@
+"""Static assets of the web page `export --format web` writes (`static/`)."""
