@@ -48,7 +48,7 @@ from tests.conftest import REPO_ROOT
 DOC_FILES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 SHARED_SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PROGRAMS = {"microtransformer", "python", "torchrun", "bash", "curl", "pytest", "flock",
-            "source", "nvidia-smi", "pip", "for"}
+            "source", "nvidia-smi", "pip", "for", "llama-cli", "llama-server", "ollama", "lms"}
 SHELL_LANGS = {"bash", "sh", "shell", "console", ""}
 # (pattern on a logical line, why it cannot run here)
 SKIP: list[tuple[str, str]] = [
@@ -58,6 +58,10 @@ SKIP: list[tuple[str, str]] = [
     (r"scripts/quickstart\.sh", "the main job (minutes; run from a fresh clone, see the note)"),
     (r"benchmarks/", "a benchmark (minutes; benchmarks are run on their own)"),
     (r"^source ", "changes the calling shell only"),
+    (r"^pip install", "installs packages (the set-up script does that here)"),
+    (r"http\.server", "a static file server that runs until stopped (tests serve the page)"),
+    (r"^(llama-cli|llama-server|ollama|lms) |localhost:11434",
+     "needs llama.cpp's or Ollama's own programs, not installed here"),
 ]
 # appended to every `train` that runs for real: a couple of small steps
 # (evaluated and saved at the start and the end only)
@@ -140,7 +144,7 @@ def doc_blocks(path: Path) -> list[Block]:
         if lang not in SHELL_LANGS:
             continue
         lines = logical_lines(body, console=lang == "console")
-        if not lines or not (is_command(lines[0]) or re.match(r"^[A-Z_]+=", lines[0])):
+        if not any(is_command(line) for line in lines):
             continue  # output, a directory tree, a template
         line_no = text.count("\n", 0, match.start()) + 1
         blocks.append(Block(path, line_no, lines))
