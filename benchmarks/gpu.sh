@@ -20,8 +20,8 @@
 # MiB). Without the prepared data the script prepares it itself when the raw text is readable
 # (a minute or two of device time), else it skips the part that needs it and says so.
 #
-# OUTPUT. Everything goes to $OUT/benchmarks/results/<card>/ when $OUT is set (the device tool
-# returns $OUT), else to benchmarks/results/<card>/ (smoke: data/gpu_sh_smoke/out/...): env.txt, train_gpu.{json,md},
+# OUTPUT. Everything goes to $OUT/<card>/ when $OUT is set (the device tool returns what is at
+# most two folders below $OUT), else to benchmarks/results/<card>/ (smoke: data/gpu_sh_smoke/out/...): env.txt, train_gpu.{json,md},
 # profile_top_kernels.txt, quality/{quality.json,quality.md,samples.txt}, study/ (the report,
 # one result.json per run, no weights), study_estimate.txt, timing.txt, and a log per part.
 #
@@ -56,7 +56,8 @@ else
          | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '_' | sed 's/_$//')
   CARD=${CARD:-unknown_gpu}
 fi
-RES="${OUT:-$REPO}/benchmarks/results/$CARD"
+# under the device tool $OUT/<card>/ (files more than two folders below $OUT do not come back)
+RES="${OUT:+$OUT/$CARD}"; RES="${RES:-$REPO/benchmarks/results/$CARD}"
 
 left() { echo $((DEADLINE - $(date +%s))); }
 note() { echo "[gpu.sh $(date -u +%H:%M:%S), $(left) s left] $*" | tee -a "$RES/timing.txt"; }
