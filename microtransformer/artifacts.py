@@ -6,11 +6,12 @@ Kinds (`classify`):
     missing   nothing there
     empty     an empty directory
     dataset   a prepared data directory (meta.json and a token file or tokenizer; `prepare`)
-    run       a training run (config.json with "model", "train" and "data", or only the files
-              a run starts with: its own data/ directory, temp files)
+    run       a training run (config.json with "model", "train" and "data", or only a run's
+              own files with a checkpoint or metrics among them)
     model     a model directory (`save_pretrained`, `import`: config.json with "model" only,
               and model.safetensors)
     hf        a Hugging Face export (config.json with "model_type", and weights or tokenizer)
+    web       a web page export (`export --format web`: index.html and model.onnx)
     file      a regular file (or anything that is not a directory)
     other     a non-empty directory of none of the kinds above
 
@@ -43,13 +44,14 @@ from pathlib import Path
 from microtransformer.errors import UserError
 from microtransformer.fileio import fsync_dir, write_error
 
-MISSING, EMPTY, DATASET, RUN, MODEL, HF, FILE, OTHER = (
-    "missing", "empty", "dataset", "run", "model", "hf", "file", "other")
+MISSING, EMPTY, DATASET, RUN, MODEL, HF, WEB, FILE, OTHER = (
+    "missing", "empty", "dataset", "run", "model", "hf", "web", "file", "other")
 
 DESCRIPTIONS = {
     DATASET: "a prepared dataset (it holds meta.json)",
     RUN: "a training run (it holds a run's config.json or checkpoints)",
     MODEL: "a model directory (config.json and weights)",
+    WEB: "a web page export (index.html and model.onnx)",
     HF: "a Hugging Face export (config.json with model_type)",
     FILE: "a file",
     OTHER: "a directory with other files in it",
@@ -109,9 +111,13 @@ def classify(path: str | os.PathLike) -> str:
         if kind == MODEL and "model.safetensors" in names:
             return MODEL
         return OTHER
-    if names <= RUN_FILES and ("state.pt" in names or "data" in names
-                               or "model.safetensors" in names or "metrics.jsonl" in names):
-        return RUN  # a run that crashed before its config.json, or one that lost it
+    if {"index.html", "model.onnx"} <= names:
+        return WEB
+    if names <= RUN_FILES and ("state.pt" in names or "model.safetensors" in names
+                               or "metrics.jsonl" in names):
+        # a run that crashed before its config.json, or one that lost it (a folder holding
+        # only data/ is not taken for one: that is also how a project keeps its datasets)
+        return RUN
     return OTHER
 
 
@@ -155,7 +161,7 @@ def check_output(path: str | os.PathLike, *, command: str, makes: str,
             # a run's data/ directory is part of the run's layout (train prepares it there)
             run_slot = holder == RUN and makes == DATASET and out.parent == parent \
                 and out.name == "data"
-            if holder in (DATASET, RUN, MODEL, HF) and not run_slot:
+            if holder in (DATASET, RUN, MODEL, HF, WEB) and not run_slot:
                 raise UserError(f"the output {out} would be written into {parent}, which is "
                                 f"{DESCRIPTIONS[holder]}; {command} never writes inside "
                                 "another artifact; choose a path outside it")
@@ -200,7 +206,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def _article(kind: str) -> str:
     return {DATASET: "a prepared dataset", RUN: "a training run", MODEL: "a model directory",
-            HF: "a Hugging Face export"}.get(kind, kind)
+            HF: "a Hugging Face export", WEB: "a web page export"}.get(kind, kind)
 
 
 # ============================================================================ staged outputs

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -414,7 +415,16 @@ def resolve_config(
     for section in SECTIONS:  # TOML/JSON values to field types before the rules compare them
         merged[section] = {k: _coerce_value(section, k, v) for k, v in merged[section].items()}
     notes = adapt_to_run(merged, origins, frozenset(typed))
-    return ResolvedConfig(RunConfig.from_dict(merged), origins, frozenset(typed), tuple(notes))
+    try:
+        config = RunConfig.from_dict(merged)
+    except UserError as exc:  # say where the values that were not typed came from
+        text = str(exc)
+        named = [f"{key} from {origin}" for key, origin in origins.items()
+                 if key not in typed and re.search(rf"\b{key.split('.', 1)[1]}=", text)]
+        if not named:
+            raise
+        raise UserError(f"{text} ({'; '.join(named)})") from None
+    return ResolvedConfig(config, origins, frozenset(typed), tuple(notes))
 
 
 def load_config(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from microtransformer.artifacts import FILE, HF, MODEL, check_output
+from microtransformer.artifacts import FILE, HF, MODEL, WEB, check_output
 from microtransformer.errors import UserError
 
 MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
@@ -35,8 +35,10 @@ def check_export_output(run_dir: str | os.PathLike, fmt: str, out: str | os.Path
                         force: bool) -> None:
     """`export` writes a new file or directory, or (with --force) replaces an export of the
     same kind; never its own run directory, a file in it, or another kind of artifact."""
-    check_output(out, command="export", makes=FILE if fmt == "onnx" else HF,
-                 inputs=[run_dir], replace=force, suffix=".onnx" if fmt == "onnx" else None)
+    makes, suffix = {"onnx": (FILE, ".onnx"), "gguf": (FILE, ".gguf"), "web": (WEB, None)
+                     }.get(fmt, (HF, None))
+    check_output(out, command="export", makes=makes, inputs=[run_dir], replace=force,
+                 suffix=suffix)
 
 
 def check_import_output(hf_dir: str | os.PathLike, out: str | os.PathLike, *,

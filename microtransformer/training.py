@@ -290,6 +290,8 @@ def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | N
     """`train` writes only into a new or empty directory or a training run (artifacts.py),
     never into its data directory or around it (its own RUN_DIR/data excepted)."""
     run = Path(run_dir)
+    if run.is_dir() and {p.name for p in run.iterdir()} == {"data"}:
+        return  # a run that stopped after preparing its own data/: take it up again
     inputs = []
     if data_dir is not None and Path(data_dir).exists():
         own = (run / "data").resolve() == Path(data_dir).resolve()

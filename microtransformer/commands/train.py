@@ -213,16 +213,22 @@ def dry_run(resolved: ResolvedConfig, run_dir: Path, *, resuming: bool = False) 
 
 def finished_note(run_dir: Path, cfg: RunConfig) -> str | None:
     """The line `train --resume` prints, instead of training, when the run in `run_dir` has
-    already spent its budget under `cfg` (None when there is training left to do)."""
+    already spent its budget under `cfg` (None when there is training left to do, or when its
+    last checkpoint is not intact: the resume then falls back or refuses, and says why)."""
     from microtransformer.schedule import budget_spent
 
-    state_path = run_dir / ckpt.STATE_FILE
-    if not state_path.is_file():
+    if not (run_dir / ckpt.STATE_FILE).is_file():
         return None
-    state = ckpt.load_training_state(state_path)
+    try:  # the checkpoint as the resume would take it: verified, no fallback needed
+        point = ckpt.find_resume_point(run_dir, cleanup=False)
+    except (OSError, ValueError):
+        return None
+    if not point.is_current:
+        return None  # damaged files: the resume falls back, says so and goes on
+    state = point.state
     step, spent = int(state["step"]), float(state.get("train_time_s", 0.0))
-    if not budget_spent(step, cfg.train, spent):
-        return None
+    if step > cfg.train.max_steps or not budget_spent(step, cfg.train, spent):
+        return None  # a max_steps below the step reached is refused by the resume itself
     return (f"{run_dir} has already finished: step {step} of max_steps="
             f"{cfg.train.max_steps}" + (f", {spent / 60:.1f} of {cfg.train.max_time_minutes:g} "
                                         "min of training" if cfg.train.max_time_minutes else "")
@@ -264,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     restart_note = restart_resume(args)
     resolved = resolve_run_config(args)
     run_dir = Path(args.out)
-    if args.resume and (done := finished_note(run_dir, resolved.config)) is not None:
+    if (args.resume and args.data is None and not args.switch_data
+            and (done := finished_note(run_dir, resolved.config)) is not None):
         if os.environ.get("RANK", "0") == "0":
             print(done, flush=True)
         return 0

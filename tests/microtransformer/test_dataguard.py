@@ -25,7 +25,7 @@ from microtransformer.cli import main
 from microtransformer.data import prepare, verify_dataset
 from microtransformer.errors import UserError
 from microtransformer.metrics import read_metrics
-from microtransformer.training import check_tokenizer_match
+from microtransformer.training import check_run_output, check_tokenizer_match
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -197,8 +197,10 @@ def test_classify_kinds(datasets: dict[str, Path], tmp_path: Path) -> None:
     assert artifacts.classify(tmp_path / "e") == artifacts.EMPTY
     assert artifacts.classify(datasets["old"]) == artifacts.DATASET
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "data").mkdir()  # a run that was preparing its own data
-    assert artifacts.classify(tmp_path / "half") == artifacts.RUN
+    (tmp_path / "half" / "data").mkdir()  # a run stopped after preparing its own data, or a
+    assert artifacts.classify(tmp_path / "half") == artifacts.OTHER  # project's data folder
+    check_run_output(tmp_path / "half", None)  # train may still take it up as its run
+    check_run_output(tmp_path / "half" / "run", None)  # and a run beside a project's data
     (tmp_path / "f").write_text("x")
     assert artifacts.classify(tmp_path / "f") == artifacts.FILE
 

@@ -241,11 +241,19 @@ def test_refusals_are_one_line(runs, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "s2").exists()
     monkeypatch.undo()
     _need_ort_web()
-    assert main(["export", str(run), "--format", "web", "--out", str(site)]) == 2
+    # a folder of other files is never replaced, --force or not (docs/RELIABILITY.md)
+    assert main(["export", str(run), "--format", "web", "--out", str(site), "--force"]) == 2
     err = capsys.readouterr().err
-    assert "already exists" in err and len(err.strip().splitlines()) == 1
-    assert main(["export", str(run), "--format", "web", "--out", str(site), "--force"]) == 0
-    assert (site / "index.html").is_file() and not (site / "keep.txt").exists()
+    assert "not a web page export" in err and len(err.strip().splitlines()) == 1
+    assert (site / "keep.txt").read_text() == "x"
+    page = tmp_path / "page"
+    assert main(["export", str(run), "--format", "web", "--out", str(page)]) == 0
+    (page / "extra.txt").write_text("old")
+    assert main(["export", str(run), "--format", "web", "--out", str(page)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a web page export" in err and len(err.strip().splitlines()) == 1
+    assert main(["export", str(run), "--format", "web", "--out", str(page), "--force"]) == 0
+    assert (page / "index.html").is_file() and not (page / "extra.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
