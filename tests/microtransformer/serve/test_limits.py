@@ -4,6 +4,7 @@ tokenization off the event loop (a long prompt does not hold up other clients)."
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -72,9 +73,22 @@ def test_chunked_body_under_limit_is_served(small):
 
 
 def test_default_server_refuses_a_30_mb_prompt_and_keeps_serving(server):
-    r = httpx.post(server.url + "/v1/completions", content=_body(30 << 20),
-                   headers={"content-type": "application/json"}, timeout=60)
-    _error(r, 413)
+    # The 413 comes from the headers alone, before any of the body is read: a raw client
+    # announces 30 MB, sends none of it and reads the answer. (An ordinary client uploading
+    # the whole body can find the connection closed under it before it reads the 413: that
+    # race is the client's, and the reason the server answers early.)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(30 << 20).encode()
+                     + b"\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2})
     assert r.status_code == 200
     assert httpx.get(server.url + "/metrics").text.count('status="413"') >= 1
