@@ -24,6 +24,7 @@ import torch
 from microtransformer.checkpoint import load_weights, save_weights
 from microtransformer.cli import main
 from microtransformer.data import prepare
+from tests.microtransformer.test_cli_errors import refused_in_one_line
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "RELIABILITY.md"
@@ -324,16 +325,7 @@ def test_bad_input_changes_nothing(env: Path, tmp_path: Path, capsys: pytest.Cap
                                    case: str, fragment: str, _what: str) -> None:
     torch.set_num_threads(1)
     before = _tree_hashes(env)
-    argv = _argv(case, env, tmp_path / "o")
-    try:
-        rc = main(argv)
-    except SystemExit as exc:  # argparse-level errors
-        rc = exc.code
-    out = capsys.readouterr()
-    err = out.err.strip()
-    assert rc == 2, (argv, out.out[-500:], err)
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err and err.startswith("microtransformer"), err
+    err = refused_in_one_line(_argv(case, env, tmp_path / "o"), capsys)
     assert fragment.format(T=env) in err, err
     assert _tree_hashes(env) == before, "an input or an existing output was modified"
     made = [p for p in tmp_path.iterdir() if p.name != "o" or any(p.iterdir())] \

@@ -162,7 +162,13 @@ IDS = [c[0].replace("{T}/", "").replace(" ".join(TINY), "TINY")[:70] for c in CA
 def test_bad_input_is_one_line_exit_2(env: Path, tmp_path: Path, capsys, case: str,
                                       fragment: str) -> None:
     torch.set_num_threads(1)
-    argv = _argv(case, env, tmp_path / "r")
+    err = refused_in_one_line(_argv(case, env, tmp_path / "r"), capsys)
+    assert fragment.format(T=env) in err, err
+
+
+def refused_in_one_line(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run the CLI on `argv`; assert exit 2 and one `microtransformer ...` line on stderr with
+    no traceback; return that line."""
     try:
         rc = main(argv)
     except SystemExit as exc:  # argparse-level errors
@@ -171,9 +177,8 @@ def test_bad_input_is_one_line_exit_2(env: Path, tmp_path: Path, capsys, case: s
     err = out.err.strip()
     assert rc == 2, (argv, out.out[-500:], err)
     assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    assert fragment.format(T=env) in err, err
-    assert err.startswith("microtransformer")
+    assert "Traceback" not in err and err.startswith("microtransformer"), err
+    return err
 
 
 @pytest.mark.parametrize("case, fragment", [

@@ -29,7 +29,7 @@ from tests.microtransformer.interop_helpers import (
     train_tiny,
     write_run,
 )
-from tests.microtransformer.serve.test_playground import CHROMIUM_FLAGS, _browser_paths
+from tests.microtransformer.serve.test_playground import chromium_driver
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STATIC = Path(export_web.__file__).parent / "web" / "static"
@@ -91,16 +91,7 @@ def static_server(sites: dict[str, Path]) -> Iterator[str]:
 def browser(tmp_path_factory: pytest.TempPathFactory):
     """Headless Debian Chromium through its chromedriver, launched as the playground test
     launches it."""
-    chromium, chromedriver = _browser_paths()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-web')}")
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver = chromium_driver(tmp_path_factory.mktemp("chromium-web"))
     try:
         yield driver
     finally:

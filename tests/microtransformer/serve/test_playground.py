@@ -99,9 +99,9 @@ def page_server(runs) -> Iterator[str]:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless Debian Chromium through its chromedriver (Selenium Manager never runs)."""
+def chromium_driver(profile: Path):
+    """Headless Debian Chromium through its chromedriver (Selenium Manager never runs), with
+    its profile in `profile`; skips where chromium, chromedriver or selenium is missing."""
     chromium, chromedriver = _browser_paths()
     webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     from selenium.webdriver.chrome.service import Service
@@ -110,8 +110,14 @@ def browser(tmp_path_factory):
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    options.add_argument(f"--user-data-dir={profile}")
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """The playground's browser: `chromium_driver` with a fixed window size."""
+    driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                            {"width": 1400, "height": 900, "deviceScaleFactor": 1,
                             "mobile": False})
