@@ -37,13 +37,15 @@ def _is_binary(path: Path) -> bool:
 def text_problem(path: str | os.PathLike, chunk: int = 1 << 20) -> str | None:
     """What makes a file unfit as UTF-8 text, or None: the one rule `prepare` and `eval` share.
 
-    Every byte is read (in chunks): a NUL byte anywhere makes it binary; the first invalid
+    Every byte is read (in chunks): a NUL byte anywhere makes it binary (whatever comes
+    before it, so the answer does not depend on the chunk size); otherwise the first invalid
     UTF-8 sequence is named with its exact byte offset (from the start of the file), line and
     column. The message completes "FILE ..." (e.g. "is not UTF-8 text (...)").
     """
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0  # bytes of the file passed to the decoder so far
     line, line_start = 1, 0
+    not_utf8 = None  # the first invalid sequence; a NUL later in the file still wins
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk)
@@ -53,26 +55,28 @@ def text_problem(path: str | os.PathLike, chunk: int = 1 << 20) -> str | None:
                 at = offset + nul
                 return (f"is a binary file (it contains NUL bytes: the first at byte {at:,}); "
                         "pass UTF-8 text")
-            pending = len(decoder.getstate()[0])
-            try:
-                decoder.decode(block, final=final)
-            except UnicodeDecodeError as exc:
-                at = offset - pending + exc.start
-                bad = exc.object[exc.start:exc.end]
-                head = exc.object[:exc.start]
-                line += head.count(b"\n")
-                nl = head.rfind(b"\n")
-                col_start = offset - pending + nl + 1 if nl >= 0 else line_start
-                return (f"is not UTF-8 text ({exc.reason}: byte(s) {bad.hex(' ')} at byte "
-                        f"{at:,}, line {line}, column {at - col_start + 1}); convert it to "
-                        "UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-            line += block.count(b"\n")
-            nl = block.rfind(b"\n")
-            if nl >= 0:
-                line_start = offset + nl + 1
+            if not_utf8 is None:
+                pending = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(block, final=final)
+                except UnicodeDecodeError as exc:
+                    at = offset - pending + exc.start
+                    bad = exc.object[exc.start:exc.end]
+                    head = exc.object[:exc.start]
+                    nl = head.rfind(b"\n")
+                    col_start = offset - pending + nl + 1 if nl >= 0 else line_start
+                    bad_line = line + head.count(b"\n")
+                    not_utf8 = (f"is not UTF-8 text ({exc.reason}: byte(s) {bad.hex(' ')} at "
+                                f"byte {at:,}, line {bad_line}, column "
+                                f"{at - col_start + 1}); convert it to UTF-8 (e.g. iconv -f "
+                                "latin1 -t utf-8)")
+                line += block.count(b"\n")
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    line_start = offset + nl + 1
             offset += len(block)
             if final:
-                return None
+                return not_utf8
 
 
 def read_text(path: str | os.PathLike) -> str:
