@@ -275,8 +275,7 @@ class RunConfig:
     def load_json(cls, path: str | os.PathLike) -> RunConfig:
         """Read a config.json written by `save_json`."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        _check_config_path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -313,8 +312,7 @@ def preset_path(name: str) -> Path:
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a TOML config file into a nested dict."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    _check_config_path(path)
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -327,12 +325,20 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.suffix != ".json":
         return read_toml(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {p} does not exist")
+    _check_config_path(p)
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"config file {p} is not valid JSON: {exc}") from None
+
+
+def _check_config_path(path: Path) -> None:
+    """A config path must be a file: a missing path or a directory is named as such."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; pass a .toml or .json file "
+                        "(presets: `microtransformer configs --presets`)")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
 
 
 # ============================================================================ resolution

@@ -7,7 +7,7 @@ MATRIX is the table: (command line, fragment of the expected message, what the c
 damaged copies of them, made by `env`); `{O}` is a fresh path per case. docs/RELIABILITY.md
 shows the table between its `bad-input-matrix` markers, rendered from MATRIX by
 `render_matrix`; `test_reliability_doc_lists_the_matrix` fails when the two differ, and
-`python tests/microtransformer/test_bad_input_matrix.py --update` rewrites the section.
+`python -m tests.microtransformer.test_bad_input_matrix --update` rewrites the section.
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ MATRIX: list[tuple[str, str, str]] = [
      "a dataset missing val.bin"),
     ("train --out {O} --data {T}/d_baddtype " + TINY, "dtype='float99' is not uint16",
      "a meta.json naming an unknown dtype"),
+    ("train --out {O} --data {T}/data --config {T}/data " + TINY,
+     "is a directory; pass a .toml or .json file", "a directory passed as --config"),
+    ("train --out {O} --data {T}/data --config {T}/missing.toml " + TINY,
+     "missing.toml does not exist", "a --config file that does not exist"),
     ("eval {T}/run --data {T}/d_badvocab", "vocab_size='big' is not a positive integer",
      "a meta.json whose vocab_size is not a number"),
     ("train --out {O} --data {T}/corpus.txt", "is a file, not a prepared data directory",
@@ -358,7 +362,7 @@ def test_reliability_doc_lists_the_matrix() -> None:
     section = _doc_section(DOC.read_text(encoding="utf-8"))
     assert section == render_matrix(), (
         "docs/RELIABILITY.md's bad-input matrix is out of date; run "
-        "`python tests/microtransformer/test_bad_input_matrix.py --update`")
+        "`python -m tests.microtransformer.test_bad_input_matrix --update`")
 
 
 def update_doc() -> None:
