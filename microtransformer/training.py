@@ -283,7 +283,10 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
                              min_split_tokens=min(int(n) for n in meta["tokens"].values()))
     cfg = resolved.config
     data_dir = str(Path(data_dir).resolve())  # absolute: resume works from any directory
-    return resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=data_dir)), [])
+    # the values the run uses, written out (config.json and `info` show them, not "none")
+    train_cfg = replace(cfg.train, seq_len=cfg.seq_len, warmup_steps=cfg.train.warmup)
+    return resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=data_dir),
+                                           train=train_cfg), [])
 
 
 def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None) -> None:
