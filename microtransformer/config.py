@@ -365,8 +365,9 @@ class ResolvedConfig:
         """Where `key` ("section.name") came from ("default" when nothing set it)."""
         return self.origins.get(key, DEFAULT_ORIGIN)
 
-    def with_notes(self, config: RunConfig, notes: list[str]) -> ResolvedConfig:
-        """A copy with a new config and more notes."""
+    def with_notes(self, config: RunConfig, notes: list[str] | tuple[str, ...] = ()
+                   ) -> ResolvedConfig:
+        """A copy with `config` (same origins) and `notes` added to the notes."""
         return dataclasses.replace(self, config=config, notes=(*self.notes, *notes))
 
 

@@ -102,15 +102,14 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
     speed = MEASURED_TOKENS_PER_S[preset] * min(machine.cores, 2) / 2
     epochs = speed * minutes * 60 / max(train_tokens, 1)
     size = f"{train_tokens:,} train tokens"
+    where = ("a CUDA GPU" if machine.cuda else
+             f"{machine.cores} CPU core" + ("s" if machine.cores != 1 else ""))
     if machine.cuda:
-        where = "a CUDA GPU"
         regime = f"{size}"
     elif "train" not in meta.get("tokens", {}):  # prepared by the run itself, after this choice
-        where = f"{machine.cores} CPU core" + ("s" if machine.cores != 1 else "")
         regime = ("the text's size is not known before it is prepared, so no regularisation; "
                   "`microtransformer prepare` it first and pass --data for a size-aware choice")
     else:
-        where = f"{machine.cores} CPU core" + ("s" if machine.cores != 1 else "")
         regime = f"{size}, ~{epochs:.0f} passes in {minutes:g} min"
         if epochs > MANY_EPOCHS:
             overrides.update(REGULARISATION)

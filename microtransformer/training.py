@@ -259,7 +259,7 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
     `RunConfig` nothing counts as typed. Returns the resolved config, `data.data_dir`
     absolute, with a note per adapted value.
     """
-    from microtransformer.data import load_meta, prepare
+    from microtransformer.data import prepare
 
     resolved = cfg if isinstance(cfg, ResolvedConfig) else ResolvedConfig(cfg, {}, frozenset())
     data_dir = resolved.config.data.data_dir
@@ -271,22 +271,38 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
             prepare(list(d.sources), target, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                     val_fraction=d.val_fraction, val_tail=d.val_tail, progress=progress)
         data_dir = str(target)
-    elif Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise UserError(f"--data {data_dir} is a file, not a prepared data directory; prepare "
-                        f"it first: `microtransformer prepare {data_dir} --out DATA_DIR`, then "
-                        "pass --data DATA_DIR")
-    elif not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one with "
-                                f"`microtransformer prepare SOURCE --out {data_dir}`")
-    meta = load_meta(data_dir)
-    resolved = adapt_to_data(resolved, vocab_size=int(meta["vocab_size"]), data_dir=data_dir,
-                             min_split_tokens=min(int(n) for n in meta["tokens"].values()))
+    resolved, _ = adapt_to_dataset(resolved, data_dir)
     cfg = resolved.config
     data_dir = str(Path(data_dir).resolve())  # absolute: resume works from any directory
     # the values the run uses, written out (config.json and `info` show them, not "none")
     train_cfg = replace(cfg.train, seq_len=cfg.seq_len, warmup_steps=cfg.train.warmup)
     return resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=data_dir),
-                                           train=train_cfg), [])
+                                           train=train_cfg))
+
+
+def require_data_dir(data_dir: str | os.PathLike) -> Path:
+    """`data_dir` as a Path, or a one-line error when it is a file or does not exist."""
+    path = Path(data_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--data {path} is a file, not a prepared data directory; prepare "
+                        f"it first: `microtransformer prepare {path} --out DATA_DIR`, then "
+                        "pass --data DATA_DIR")
+    if not path.is_dir():
+        raise FileNotFoundError(f"data directory {path} does not exist; prepare one with "
+                                f"`microtransformer prepare SOURCE --out {path}`")
+    return path
+
+
+def adapt_to_dataset(resolved: ResolvedConfig, data_dir: str | os.PathLike
+                     ) -> tuple[ResolvedConfig, dict[str, Any]]:
+    """(`config.adapt_to_data` for the prepared dataset in `data_dir`, its meta.json)."""
+    from microtransformer.data import load_meta
+
+    meta = load_meta(require_data_dir(data_dir))
+    adapted = adapt_to_data(resolved, vocab_size=int(meta["vocab_size"]),
+                            data_dir=str(data_dir),
+                            min_split_tokens=min(int(n) for n in meta["tokens"].values()))
+    return adapted, meta
 
 
 def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None) -> None:
@@ -517,10 +533,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
         raise UserError("cfg.data.data_dir is not set; call prepare_data(cfg, run_dir) first")
     data_dir = Path(cfg.data.data_dir)
     check_run_output(run_dir, data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one with "
-                                f"`microtransformer prepare SOURCE --out {data_dir}`")
-    meta = verify_dataset(data_dir)  # sizes, checksums, tokenizer hash and id range
+    # sizes, checksums, tokenizer hash and id range
+    meta = verify_dataset(require_data_dir(data_dir))
     if int(meta["vocab_size"]) != cfg.model.vocab_size:
         raise UserError(f"vocab mismatch: the model has vocab_size={cfg.model.vocab_size} but "
                         f"{data_dir} was tokenized with {meta['vocab_size']} tokens; set "

@@ -83,7 +83,9 @@ class Block:
     seconds: float = 0.0
 
     def script(self) -> str:
-        """The block as a bash script, skipped lines replaced by a comment."""
+        """The block as a bash script, skipped lines replaced by a comment (and `ran` /
+        `skipped` filled in, afresh on each call)."""
+        self.ran, self.skipped = [], []
         out = []
         for text in self.lines:
             reason = skip_reason(text)

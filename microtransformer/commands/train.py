@@ -109,7 +109,7 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
                 f"cannot resume {run_dir} with a different model: saved {base.model}, "
                 f"requested {model_cfg}; drop the --model.* overrides or use a new --out"
             )
-        resolved = resolved.with_notes(cfg.replace(model=model_cfg), [])
+        resolved = resolved.with_notes(cfg.replace(model=model_cfg))
     else:
         if (run_dir / ckpt.STATE_FILE).is_file():
             raise UserError(f"{run_dir} already holds a training run; add --resume to continue "
@@ -117,8 +117,7 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
         resolved = resolve_config(args.config, args.preset, overrides, layers=layers)
     if args.data is not None:
         cfg = resolved.config
-        resolved = resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=args.data)),
-                                       [])
+        resolved = resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=args.data)))
     return resolved
 
 
@@ -126,12 +125,10 @@ def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Rec
     """The recipe `--time` picks without a preset: from the prepared data's meta.json, or
     (when the data is prepared by this run) from the requested tokenizer kind."""
     from microtransformer.data import load_meta
+    from microtransformer.training import require_data_dir
 
     if data is not None:
-        if not Path(data).is_dir():
-            raise FileNotFoundError(f"data directory {data} does not exist; prepare one with "
-                                    f"`microtransformer prepare SOURCE --out {data}`")
-        meta = load_meta(data)
+        meta = load_meta(require_data_dir(data))
     else:
         tokenizer = load_config(None, None, overrides).data.tokenizer
         meta = {"kind": tokenizer, "tokens": {}}
@@ -179,24 +176,16 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
 def dry_run(resolved: ResolvedConfig, run_dir: Path, *, resuming: bool = False) -> int:
     """`train --dry-run`: resolve the config against the data (without preparing any), check
     it, print what would be adapted and the plan. Nothing is trained or written."""
-    from microtransformer.config import adapt_to_data
-    from microtransformer.data import load_meta
     from microtransformer.device import resolve_device
     from microtransformer.distributed import RuntimeContext
-    from microtransformer.training import resolve_batch_size
+    from microtransformer.training import adapt_to_dataset, resolve_batch_size
 
     data_dir = resolved.config.data.data_dir
     if data_dir is None and (run_dir / "data" / "meta.json").is_file():
         data_dir = str(run_dir / "data")  # prepared by an earlier call of this run
     meta = None
     if data_dir is not None:
-        if not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"data directory {data_dir} does not exist; prepare one "
-                                    f"with `microtransformer prepare SOURCE --out {data_dir}`")
-        meta = load_meta(data_dir)
-        resolved = adapt_to_data(resolved, vocab_size=int(meta["vocab_size"]),
-                                 data_dir=data_dir,
-                                 min_split_tokens=min(int(n) for n in meta["tokens"].values()))
+        resolved, meta = adapt_to_dataset(resolved, data_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: check the batch split
     ctx = RuntimeContext(world_size=world, device=resolve_device(resolved.config.train.device),
                          backend="torchrun" if world > 1 else None)
