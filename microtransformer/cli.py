@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
+    args, extras = parser.parse_known_args(
+        _attach_dash_values(sys.argv[1:] if argv is None else argv))
+    if extras:  # a command with config overrides names unknown keys itself (collect_overrides)
+        if not isinstance(getattr(args, "overrides", None), list):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = [*args.overrides, *extras]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -40,6 +40,19 @@ TOKENIZER_KINDS = ("bpe", "char")
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 SECTIONS = ("model", "train", "data")
+LOSS_KINDS = ("chunked", "logits")
+BATCH_AUTO = "auto"  # train.batch_size: the largest micro-batch that fits the CUDA device
+
+
+def batch_size_problem(value: Any) -> str | None:
+    """Validation of `train.batch_size`: None when it is a positive integer or "auto", else
+    the problem, naming the value and the fix (for a config's collected error)."""
+    if value == BATCH_AUTO:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return (f"batch_size={value!r} must be an integer >= 1 or \"auto\" (the largest "
+                "micro-batch that fits the CUDA device's memory)")
+    return None
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -114,10 +127,7 @@ class TrainConfig:
                                         "(0 = one micro-batch per step)", default=0)
 
     def __post_init__(self) -> None:
-        from microtransformer.throughput.batch_size import batch_size_problem
-        from microtransformer.throughput.fast_path import LOSS_KINDS
-
-        _coerce_fields(self)
+        _normalise_fields(self)
         problems: list[str] = []
         if (problem := batch_size_problem(self.batch_size)) is not None:
             problems.append(problem)
@@ -188,7 +198,7 @@ class DataConfig:
                                    "(e.g. 0.1 = nanoGPT's tinyshakespeare split)", default=None)
 
     def __post_init__(self) -> None:
-        _coerce_fields(self)
+        _normalise_fields(self)
         problems: list[str] = []
         if self.tokenizer not in TOKENIZER_KINDS:
             problems.append(f"tokenizer={self.tokenizer!r} must be one of "
@@ -256,7 +266,7 @@ class RunConfig:
                                 f"{section!r}")
             section_cls = _SECTION_CLASSES[name]
             _reject_unknown(name, section)
-            parts[name] = section_cls(**{k: _coerce_value(name, k, v) for k, v in
+            parts[name] = section_cls(**{k: field_value(name, k, v) for k, v in
                                          section.items()})
         return cls(**parts)
 
@@ -420,7 +430,7 @@ def resolve_config(
         origins[key] = f"--{key}"
         typed.add(key)
     for section in SECTIONS:  # TOML/JSON values to field types before the rules compare them
-        merged[section] = {k: _coerce_value(section, k, v) for k, v in merged[section].items()}
+        merged[section] = {k: field_value(section, k, v) for k, v in merged[section].items()}
     notes = adapt_to_run(merged, origins, frozenset(typed))
     try:
         config = RunConfig.from_dict(merged)
@@ -540,24 +550,8 @@ def _plain_int(v: Any) -> bool:
 
 # ============================================================================ overrides
 def field_help(section: str) -> dict[str, str]:
-    """{field name: help text} of one section (ModelConfig's come from its docstring's
-    Attributes, continuation lines included)."""
-    cls = _SECTION_CLASSES[section]
-    out = {}
-    for f in fields(cls):
-        out[f.name] = f.metadata.get("help", "") if f.metadata else ""
-    if section == "model":
-        current = None
-        for line in (ModelConfig.__doc__ or "").splitlines():
-            name, sep, text = line.strip().partition(": ")
-            if sep and name in out and line.startswith(" " * 8) and not line.startswith(" " * 9):
-                current = name
-                out[name] = text
-            elif current and line.startswith(" " * 12):
-                out[current] += " " + line.strip()
-            else:
-                current = None
-    return out
+    """{field name: help text} of one section, from each field's `help` metadata."""
+    return {f.name: f.metadata.get("help", "") for f in fields(_SECTION_CLASSES[section])}
 
 
 def config_reference() -> str:
@@ -632,16 +626,9 @@ def override_keys(tokens: list[str]) -> set[str]:
 
 
 def coerce_override(section: str, name: str, raw: str | list[str]) -> Any:
-    """Convert one override's string (a list of strings for a list field) to the field's
-    type, with an error naming key and value."""
-    _check_key(section, name)
-    typ = _field_types(section)[name]
-    if isinstance(raw, list):
-        return tuple(v for item in raw for v in coerce_override(section, name, item))
-    try:
-        return _from_string(typ, raw)
-    except ValueError as exc:
-        raise UserError(f"--{section}.{name}={raw!r}: {exc}") from None
+    """Convert one override's text (a list of texts for a repeated list flag) to the field's
+    type: `field_value` with the error naming the flag."""
+    return field_value(section, name, raw, flag=True)
 
 
 def _looks_negative_number(tok: str) -> bool:
@@ -652,47 +639,121 @@ def _looks_negative_number(tok: str) -> bool:
     return True
 
 
-def _from_string(typ: Any, raw: str) -> Any:
+# ============================================================================ values
+def field_value(section: str, name: str, value: Any, *, flag: bool = False) -> Any:
+    """The one conversion of a config value to its field's type, wherever the value came
+    from: command-line text, a TOML / JSON value, or Python.
+
+    Text is parsed ("6", "3e-4", "true", "none", "0.9,0.95"); lists become tuples; an int
+    becomes a float where a float is expected. A value that cannot be converted is a UserError
+    naming the key (as `--section.name` when `flag`), the value and what was expected.
+    """
+    _check_key(section, name)
+    typ = _field_types(section)[name]
+    try:
+        if flag and isinstance(value, list):  # a repeated list flag: one value per flag
+            return tuple(v for item in value for v in _convert(typ, item, one_item=True))
+        return _convert(typ, value, one_item=flag)
+    except ValueError as exc:
+        raise UserError(f"{'--' if flag else ''}{section}.{name}={value!r}: {exc}") from None
+
+
+_NONE_WORDS = ("none", "null", "")
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def _convert(typ: Any, value: Any, *, one_item: bool = False, text: bool = True) -> Any:
+    """`value` as type `typ`, or ValueError saying what was expected.
+
+    `one_item`: text for a variable-length tuple is one element, never split (a file name may
+    hold a comma); a TOML list is the whole tuple. `text=False` (values from Python) parses no
+    text: a string where a number or a bool belongs is an error.
+    """
+    if not text and isinstance(value, str):
+        if typ is str or str in typing.get_args(typ):
+            return value
+        raise ValueError(f"is text; expected {_type_name(typ)}")
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if origin in (typing.Union, types.UnionType):
-        if raw.strip().lower() in ("none", "null", "") and type(None) in args:
-            return None
+        optional = type(None) in args
         inner = [a for a in args if a is not type(None)]
-        if str in inner:  # e.g. int | str: the first other type that parses, else the string
-            for typ_ in inner:
-                if typ_ is not str:
+        if value is None or (optional and isinstance(value, str)
+                             and value.strip().lower() in _NONE_WORDS):
+            if optional:
+                return None
+            raise ValueError(f"none is not allowed; give a value of type {_type_name(typ)}")
+        if isinstance(value, str) and str in inner:  # e.g. int | str: a number if it parses
+            for other in inner:
+                if other is not str:
                     with contextlib.suppress(ValueError):
-                        return _from_string(typ_, raw)
-            return raw
-        return _from_string(inner[0], raw)
+                        return _convert(other, value)
+            return value
+        return _convert(inner[0], value, one_item=one_item, text=text)
+    if value is None:
+        raise ValueError(f"none is not allowed; give a value of type {_type_name(typ)}")
+    if origin is tuple:
+        variable = len(args) == 2 and args[1] is Ellipsis
+        if isinstance(value, str):
+            if variable:
+                return (_convert(args[0], value),) if value else ()
+            value = [p.strip() for p in value.strip().strip("()[]").split(",") if p.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"has type {type(value).__name__}; expected a list")
+        elem_types = [args[0]] * len(value) if variable else list(args)
+        if len(elem_types) != len(value):
+            raise ValueError(f"expected {len(elem_types)} comma-separated values, e.g. 0.9,0.95")
+        return tuple(_convert(t, v, text=text) for t, v in zip(elem_types, value, strict=True))
+    if isinstance(value, str) and typ is not str:
+        return _parse_text(typ, value)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = (typ is bool and isinstance(value, bool)) or (
+        typ in (int, float) and isinstance(value, typ) and not isinstance(value, bool)
+    ) or (typ is str and isinstance(value, str))
+    if not ok:
+        raise ValueError(f"has type {type(value).__name__}; expected {_type_name(typ)}")
+    return value
+
+
+def _parse_text(typ: Any, text: str) -> Any:
+    """A scalar field's value from text."""
     if typ is bool:
-        low = raw.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
+        low = text.strip().lower()
+        if low in _TRUE_WORDS or low in _FALSE_WORDS:
+            return low in _TRUE_WORDS
         raise ValueError("expected a boolean (true/false)")
     if typ is int:
         try:
-            return int(raw)
+            return int(text)
         except ValueError:
             raise ValueError("expected an integer, e.g. 6") from None
     if typ is float:
         try:
-            return float(raw)
+            return float(text)
         except ValueError:
             raise ValueError("expected a number, e.g. 3e-4") from None
-    if typ is str:
-        return raw
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:  # one value of a list: never split
-            return (_from_string(args[0], raw),) if raw else ()
-        parts = [p for p in raw.strip().strip("()[]").split(",") if p.strip()]
-        if len(parts) != len(args):
-            raise ValueError(f"expected {len(args)} comma-separated values, e.g. 0.9,0.95")
-        return tuple(_from_string(a, p.strip()) for a, p in zip(args, parts, strict=True))
-    raise ValueError(f"cannot parse a value of type {typ}")
+    raise ValueError(f"cannot parse a value of type {_type_name(typ)}")
+
+
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def _normalise_fields(obj: Any) -> None:
+    """Bring the fields of a section built from Python to their types with `_convert` (lists
+    to tuples, ints to floats, text parsed); a value that does not convert is left for the
+    section's validation to name."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        try:
+            new = _convert(hints[f.name], value, text=False)
+        except ValueError:
+            continue
+        if new is not value:
+            object.__setattr__(obj, f.name, new)
 
 
 # ============================================================================ helpers
@@ -718,70 +779,6 @@ def _reject_unknown(section: str, values: dict[str, Any], origin: str = "config"
     if unknown:
         raise UserError(f"{origin}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}"
                         f"; valid keys for [{section}] are {', '.join(valid)}")
-
-
-def _coerce_value(section: str, name: str, value: Any) -> Any:
-    """Bring values from TOML/JSON to the field type (lists -> tuples, ints -> floats)."""
-    typ = _field_types(section)[name]
-    return _coerce_to(typ, value, f"{section}.{name}")
-
-
-def _coerce_to(typ: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if value is None:
-        if origin in (typing.Union, types.UnionType) and type(None) in args:
-            return None
-        raise UserError(f"{key}=None is not allowed; give a value of type {_type_name(typ)}")
-    if isinstance(value, str) and typ is not str and not (
-        origin in (typing.Union, types.UnionType) and str in args
-    ):
-        try:
-            return _from_string(typ, value)
-        except ValueError as exc:
-            raise UserError(f"{key}={value!r}: {exc}") from None
-    if origin in (typing.Union, types.UnionType):
-        if isinstance(value, str) and str in args:
-            return value  # e.g. batch_size "auto"; the field's validation judges it
-        inner = [a for a in args if a is not type(None)]
-        return _coerce_to(inner[0], value, key)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        elem_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-        if len(elem_types) != len(value):
-            raise UserError(f"{key}={value!r} must have {len(elem_types)} values")
-        return tuple(_coerce_to(t, v, key) for t, v in zip(elem_types, value, strict=True))
-    ok = (typ is bool and isinstance(value, bool)) or (
-        typ in (int, float) and isinstance(value, typ) and not isinstance(value, bool)
-    ) or (typ is str and isinstance(value, str))
-    if not ok:
-        raise UserError(f"{key}={value!r} has type {type(value).__name__}; expected "
-                        f"{_type_name(typ)}")
-    return value
-
-
-def _type_name(typ: Any) -> str:
-    return getattr(typ, "__name__", str(typ))
-
-
-def _coerce_fields(obj: Any) -> None:
-    """Normalise a frozen dataclass built from Python: lists -> tuples, ints -> floats."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        typ = hints[f.name]
-        new = value
-        if isinstance(value, list):
-            new = tuple(value)
-        elif (typ is float or typ == (float | None)) and isinstance(value, int) \
-                and not isinstance(value, bool):
-            new = float(value)
-        if new is not value:
-            object.__setattr__(obj, f.name, new)
-        if f.name == "betas" and isinstance(new, tuple):
-            object.__setattr__(obj, f.name, tuple(
-                float(b) if isinstance(b, int) and not isinstance(b, bool) else b for b in new))
 
 
 def _is_number(v: Any) -> bool:
@@ -818,8 +815,9 @@ _OVERRIDE_PREFIX = "override:"
 
 def add_override_arguments(parser: Any) -> None:
     """Register every `--section.key` override on an argparse parser (so `--help` lists them
-    with their help text), and route unknown `--x.y` tokens to `args.overrides` so that
-    `collect_overrides` can reject them with the list of valid keys."""
+    with their help text). The parser's `overrides` default (a list) marks it as taking
+    overrides: the caller parses with `parse_known_args` and puts leftover tokens there, so
+    that `collect_overrides` rejects an unknown `--x.y` with the list of valid keys."""
     defaults = RunConfig().to_dict()
     for section in SECTIONS:
         group = parser.add_argument_group(f"[{section}] overrides")
@@ -840,14 +838,7 @@ def add_override_arguments(parser: Any) -> None:
                 nargs="?" if is_bool else None, const="true" if is_bool else None,
                 help=text,
             )
-    original = parser.parse_known_args
-
-    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
-        ns, extras = original(args, namespace)
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + list(extras)
-        return ns, []
-
-    parser.parse_known_args = parse_known_args
+    parser.set_defaults(overrides=[])
 
 
 def collect_overrides(args: Any) -> list[str]:

@@ -50,7 +50,13 @@ from torch import nn
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.artifacts import RUN, check_output
-from microtransformer.config import ResolvedConfig, RunConfig, TrainConfig, adapt_to_data
+from microtransformer.config import (
+    BATCH_AUTO,
+    ResolvedConfig,
+    RunConfig,
+    TrainConfig,
+    adapt_to_data,
+)
 from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
@@ -71,7 +77,7 @@ from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_me
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
 from microtransformer.recipe import cpu_has_native_bf16
 from microtransformer.schedule import budget_spent, get_lr, time_budget_s
-from microtransformer.throughput.batch_size import AUTO, resolve_auto_batch
+from microtransformer.throughput.batch_size import resolve_auto_batch
 from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
 from microtransformer.throughput.feeder import BatchFeeder
 from microtransformer.throughput.mfu import compute_mfu, device_name
@@ -609,7 +615,7 @@ def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
     A non-CUDA device is a UserError naming the fix. Rank 0 chooses (printed) and every rank
     takes its numbers."""
     tc = cfg.train
-    if tc.batch_size != AUTO:
+    if tc.batch_size != BATCH_AUTO:
         return cfg
     compute_dtype = resolve_dtype(tc.dtype, ctx.device)
     choice = resolve_auto_batch(cfg.model, cfg.seq_len, ctx.device, world_size=ctx.world_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,31 +28,31 @@ def _is_dropout_probability(value: object) -> bool:
 class ModelConfig:
     """Every hyper-parameter of a MicroTransformer; the single source of truth to rebuild one.
 
-    Attributes:
-        vocab_size: number of token ids the model reads and predicts.
-        max_seq_len: longest sequence (context window) the position table covers.
-        embed_dim: width of the residual stream; must be divisible by num_heads.
-        num_heads: attention heads per layer (head size = embed_dim // num_heads).
-        num_layers: number of transformer blocks.
-        ff_dim: hidden width of each feed-forward network.
-        dropout: dropout probability in [0, 1) for embeddings, attention and residual paths.
-        attn_dropout: dropout on the attention probabilities alone; None (the default, the
-            seed's model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU,
-            attention with dropout falls back to the unfused path and a training step costs
-            ~1.8-1.9x (docs/RESULTS.md, section 5).
-        init: weight initialisation, "kaiming" (the seed's) or "gpt2" (normal 0.02,
-            residual projections scaled by 1/sqrt(2 * num_layers)).
+    Each field's meaning is its `help` metadata (`dataclasses.fields(ModelConfig)`), which the
+    toolkit's `--model.*` options and docs/CONFIG.md show.
     """
 
-    vocab_size: int = 5000
-    max_seq_len: int = 512
-    embed_dim: int = 192
-    num_heads: int = 6
-    num_layers: int = 4
-    ff_dim: int = 512
-    dropout: float = 0.1
-    init: str = "kaiming"
-    attn_dropout: float | None = None
+    vocab_size: int = field(default=5000, metadata={
+        "help": "number of token ids the model reads and predicts"})
+    max_seq_len: int = field(default=512, metadata={
+        "help": "longest sequence (context window) the position table covers"})
+    embed_dim: int = field(default=192, metadata={
+        "help": "width of the residual stream; must be divisible by num_heads"})
+    num_heads: int = field(default=6, metadata={
+        "help": "attention heads per layer (head size = embed_dim // num_heads)"})
+    num_layers: int = field(default=4, metadata={"help": "number of transformer blocks"})
+    ff_dim: int = field(default=512, metadata={
+        "help": "hidden width of each feed-forward network"})
+    dropout: float = field(default=0.1, metadata={
+        "help": "dropout probability in [0, 1) for embeddings, attention and residual paths"})
+    init: str = field(default="kaiming", metadata={
+        "help": "weight initialisation, \"kaiming\" (the seed's) or \"gpt2\" (normal 0.02, "
+                "residual projections scaled by 1/sqrt(2 * num_layers))"})
+    attn_dropout: float | None = field(default=None, metadata={
+        "help": "dropout on the attention probabilities alone; None (the default, the seed's "
+                "model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU, "
+                "attention with dropout falls back to the unfused path and a training step "
+                "costs more (docs/RESULTS.md, section 5)"})
 
     def __post_init__(self) -> None:
         problems = []

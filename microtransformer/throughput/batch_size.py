@@ -40,10 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from microtransformer.config import LOSS_KINDS
 from model import ModelConfig
 from model.utils import parameter_formula
 
-LOSS_KINDS = ("chunked", "logits")
 DEFAULT_MAX_MICRO_TOKENS = 2**18  # cap: past ~262k tokens a micro-batch no kernel is small
 ROUND_TO = 8  # micro-batches are multiples of this (tensor-core friendly) when above it
 
@@ -205,20 +205,6 @@ def probe_cuda_batch(trial_step: Callable[[int], None], low: int, high: int) -> 
 
 
 # ---------------------------------------------------------------------------- config hooks
-AUTO = "auto"
-
-
-def batch_size_problem(value: Any) -> str | None:
-    """Validation of `train.batch_size`: None when it is a positive integer or "auto", else
-    the problem, naming the value and the fix (for a config's collected error)."""
-    if value == AUTO:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return (f"batch_size={value!r} must be an integer >= 1 or \"auto\" (the largest "
-                "micro-batch that fits the CUDA device's memory)")
-    return None
-
-
 def resolve_auto_batch(config: ModelConfig | dict[str, Any], seq_len: int, device: Any, *,
                        world_size: int = 1, target_tokens_per_step: int | None = None,
                        compute_bytes: int = 2, loss: str = "chunked") -> BatchChoice:

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from microtransformer.config import LOSS_KINDS
 from microtransformer.device import autocast_context, resolve_dtype
 from model.transformer import lm_loss
 
-LOSS_KINDS = ("chunked", "logits")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

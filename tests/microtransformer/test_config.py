@@ -156,8 +156,9 @@ def test_argparse_glue_registers_keys_and_keeps_unknown() -> None:
     add_override_arguments(p)
     help_text = p.format_help()
     assert "--model.num_layers" in help_text and "number of transformer blocks" in help_text
-    args = p.parse_args(["--out", "r", "--model.num_layers", "3", "--train.compile",
-                         "--model.bogus=1"])
+    args, extras = p.parse_known_args(["--out", "r", "--model.num_layers", "3",
+                                       "--train.compile", "--model.bogus=1"])
+    args.overrides += extras
     tokens = collect_overrides(args)
     assert override_keys(tokens[:2]) == {"model.num_layers", "train.compile"}
     with pytest.raises(UserError, match=r"unknown key model\.bogus"):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from microtransformer.config import batch_size_problem
 from microtransformer.errors import UserError
 from microtransformer.throughput.batch_size import (
     activation_bytes_per_token,
-    batch_size_problem,
     choose_batch,
     estimate_train_bytes,
     largest_fitting,
