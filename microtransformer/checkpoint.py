@@ -55,16 +55,12 @@ from microtransformer.fileio import (
 )
 from microtransformer.fileio import atomic_write_json as atomic_write_json  # re-exported
 from model import io as model_io
+from model.io import CONFIG_FILE, PREV_WEIGHTS_FILE, TOKENIZER_FILE, WEIGHT_FILES, WEIGHTS_FILE
 from model.io import save_weights as save_weights  # re-exported: the weights format's writer
 from model.io import tensors_sha256 as tensors_sha256  # re-exported
 from model.io import unique_state_dict as unique_state_dict  # re-exported
 
 # ---------------------------------------------------------------- the run-directory layout
-CONFIG_FILE = model_io.CONFIG_FILE            # config.json
-TOKENIZER_FILE = model_io.TOKENIZER_FILE      # tokenizer.json
-LAST_WEIGHTS = model_io.WEIGHTS_FILE          # model.safetensors
-BEST_WEIGHTS = model_io.BEST_WEIGHTS_FILE     # best.safetensors
-PREV_WEIGHTS = model_io.PREV_WEIGHTS_FILE     # model.prev.safetensors
 STATE_FILE = "state.pt"
 PREV_STATE = "state.prev.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -269,7 +265,7 @@ def keep_previous(run_dir: str | os.PathLike) -> None:
     or resumed from).
     """
     run = Path(run_dir)
-    for cur, prev in ((LAST_WEIGHTS, PREV_WEIGHTS), (STATE_FILE, PREV_STATE)):
+    for cur, prev in ((WEIGHTS_FILE, PREV_WEIGHTS_FILE), (STATE_FILE, PREV_STATE)):
         src, dst = run / cur, run / prev
         if not src.is_file():
             continue
@@ -312,7 +308,7 @@ class ResumePoint:
     @property
     def is_current(self) -> bool:
         """True when resuming from model.safetensors + state.pt (no fallback was needed)."""
-        return self.weights_path.name == LAST_WEIGHTS and self.state_path.name == STATE_FILE
+        return self.weights_path.name == WEIGHTS_FILE and self.state_path.name == STATE_FILE
 
 
 def find_resume_point(run_dir: str | os.PathLike, *, cleanup: bool = True) -> ResumePoint:
@@ -328,7 +324,7 @@ def find_resume_point(run_dir: str | os.PathLike, *, cleanup: bool = True) -> Re
         remove_stale_temp_files(run)
     problems: dict[str, str] = {}
     weights: dict[int, tuple[Path, dict[str, torch.Tensor]]] = {}
-    for name in (PREV_WEIGHTS, LAST_WEIGHTS):  # later (current) wins for equal steps
+    for name in (PREV_WEIGHTS_FILE, WEIGHTS_FILE):  # later (current) wins for equal steps
         path = run / name
         if not path.is_file():
             continue
@@ -398,9 +394,9 @@ def check_weights_tokenizer(directory: str | os.PathLike, which: str = "last") -
     from microtransformer.data.tokens import tokenizer_sha256
 
     directory = Path(directory)
-    weights = directory / model_io.WEIGHT_FILES.get(which, LAST_WEIGHTS)
+    weights = directory / WEIGHT_FILES.get(which, WEIGHTS_FILE)
     if not weights.is_file():
-        weights = directory / PREV_WEIGHTS
+        weights = directory / PREV_WEIGHTS_FILE
     try:
         recorded = read_safetensors_metadata(weights).get("tokenizer_sha256")
     except (OSError, UserError):
@@ -478,7 +474,7 @@ def load_run(run_dir: str | os.PathLike, which: str = "last",
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist; train one with "
                                 f"`microtransformer train --out {run}`")
-    if which not in model_io.WEIGHT_FILES:
+    if which not in WEIGHT_FILES:
         raise UserError(f"which={which!r} must be 'last' or 'best'")
     cfg_path = run / CONFIG_FILE
     if not cfg_path.is_file():

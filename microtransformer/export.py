@@ -31,9 +31,9 @@ from microtransformer.artifacts import HF, MODEL, check_output, staged_directory
 from microtransformer.checkpoint import load_model, load_weights
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_json
-from microtransformer.hub import TOKENIZER_NAME, WEIGHTS_NAME, save_pretrained, unwrap_model
+from microtransformer.hub import save_pretrained, unwrap_model
 from model import MicroTransformer, ModelConfig
-from model.io import save_safetensors
+from model.io import TOKENIZER_FILE, WEIGHTS_FILE, save_safetensors
 
 FORMATS = ("hf", "onnx", "gguf", "web")  # gguf: export_gguf.py, web: export_web.py
 DEFAULT_OPSET = 17
@@ -189,12 +189,12 @@ def _write_hf(m: MicroTransformer, out: Path, tokenizer: Any) -> None:
                 f"{m.config.vocab_size}; export the tokenizer the model was trained with"
             )
         eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
-    save_safetensors(out / WEIGHTS_NAME, to_hf_state_dict(m), {"format": "pt"})
+    save_safetensors(out / WEIGHTS_FILE, to_hf_state_dict(m), {"format": "pt"})
     gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True}
     atomic_write_json(out / "generation_config.json", {k: v for k, v in gen.items()
                                                        if v is not None})
     if tokenizer is not None:
-        tokenizer.save(out / TOKENIZER_NAME)
+        tokenizer.save(out / TOKENIZER_FILE)
         for name, data in hf_tokenizer_files(tokenizer, m.config.max_seq_len).items():
             atomic_write_json(out / name, data)
     atomic_write_json(out / "config.json", hf_config(m.config, eos_token_id=eos,
@@ -265,7 +265,7 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
 
 def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
                        tie_word_embeddings: bool = False, *,
-                       source: str = WEIGHTS_NAME) -> MicroTransformer:
+                       source: str = WEIGHTS_FILE) -> MicroTransformer:
     """Build a MicroTransformer from GPT-2 weights (with or without the `transformer.` prefix).
 
     Our head is tied to the unscaled table and our input multiplies it by sqrt(d), so GPT-2's
@@ -347,7 +347,7 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
     except json.JSONDecodeError as exc:
         raise UserError(f"{cfg_path} is not valid JSON: {exc}") from exc
     config = model_config_from_hf(cfg, source=str(cfg_path))
-    weights = hf_dir / WEIGHTS_NAME
+    weights = hf_dir / WEIGHTS_FILE
     if not weights.is_file():
         if (hf_dir / "model.safetensors.index.json").is_file():
             raise UserError(f"{hf_dir} holds sharded weights; re-save the model unsharded "
@@ -360,7 +360,7 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
     model = from_hf_state_dict(config, tensors, bool(cfg.get("tie_word_embeddings", True)),
                                source=str(weights))
     tokenizer = None
-    tok_path = hf_dir / TOKENIZER_NAME
+    tok_path = hf_dir / TOKENIZER_FILE
     if with_tokenizer and tok_path.is_file():
         from microtransformer.tokenizer import Tokenizer
 
@@ -378,7 +378,7 @@ def import_hf_to_run(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     With `require_tokenizer=False` the tokenizer is skipped (weights only)."""
     model, tokenizer = import_hf(hf_dir, with_tokenizer=require_tokenizer)
     if tokenizer is None and require_tokenizer:
-        raise UserError(f"{Path(hf_dir) / TOKENIZER_NAME} not found; a run directory needs a "
+        raise UserError(f"{Path(hf_dir) / TOKENIZER_FILE} not found; a run directory needs a "
                         "tokenizer (pass --no-tokenizer to import the weights only)")
     check_output(out_dir, command="import", makes=MODEL, inputs=[hf_dir], replace=force)
     out = prepare_output(out_dir, force=force, kind="dir")

@@ -29,16 +29,6 @@ from microtransformer import checkpoint
 from microtransformer.checkpoint import read_model_config as read_model_config  # re-exported
 from model import MicroTransformer
 from model import io as model_io
-from model.io import save_safetensors
-
-# The layout's names, as this module has always exported them (defined once, in model.io).
-CONFIG_NAME = model_io.CONFIG_FILE
-WEIGHTS_NAME = model_io.WEIGHTS_FILE
-BEST_WEIGHTS_NAME = model_io.BEST_WEIGHTS_FILE
-TOKENIZER_NAME = model_io.TOKENIZER_FILE
-WEIGHT_FILES = model_io.WEIGHT_FILES
-
-atomic_save_safetensors = save_safetensors  # the old name (foreign layouts, e.g. HF export)
 
 
 def unwrap_model(model: nn.Module) -> MicroTransformer:

@@ -80,8 +80,9 @@ from microtransformer.schedule import budget_spent, get_lr, time_budget_s
 from microtransformer.throughput.batch_size import resolve_auto_batch
 from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
 from microtransformer.throughput.feeder import BatchFeeder
-from microtransformer.throughput.mfu import compute_mfu, device_name
+from microtransformer.throughput.mfu import run_mfu
 from model import MicroTransformer
+from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from model.utils import count_parameters
 
 # Device types where `train.fast_path` prefetches batches with a BatchFeeder (a test adds "cpu"
@@ -338,7 +339,7 @@ def dataset_identity(data_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
 
     d = Path(data_dir)
     h = hashlib.sha256(b"legacy")
-    tok = d / ckpt.TOKENIZER_FILE
+    tok = d / TOKENIZER_FILE
     h.update((tokenizer_sha256(tok) if tok.is_file() else "").encode())
     for split in ("train", "val"):
         path = d / f"{split}.bin"
@@ -353,7 +354,7 @@ def _data_tokenizer_sha256(data_dir: Path, meta: dict[str, Any]) -> str:
     identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
     if identity.get("tokenizer_sha256"):
         return str(identity["tokenizer_sha256"])
-    tok = data_dir / ckpt.TOKENIZER_FILE
+    tok = data_dir / TOKENIZER_FILE
     return tokenizer_sha256(tok) if tok.is_file() else ""
 
 
@@ -363,13 +364,13 @@ def check_tokenizer_match(run_dir: Path, data_dir: Path, meta: dict[str, Any], w
     (the ids would mean other characters: a model cannot switch tokenizers)."""
     from microtransformer.data import tokenizer_sha256
 
-    run_tok = run_dir / ckpt.TOKENIZER_FILE
+    run_tok = run_dir / TOKENIZER_FILE
     if not run_tok.is_file():
         return
     identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
     data_hash = identity.get("tokenizer_sha256")
     if data_hash is None:
-        data_tok = data_dir / ckpt.TOKENIZER_FILE
+        data_tok = data_dir / TOKENIZER_FILE
         if not data_tok.is_file():
             return
         data_hash = tokenizer_sha256(data_tok)
@@ -442,7 +443,6 @@ class _Run:
     clock: Callable[[], float]
     step_begin: Callable[[], None]    # before each micro-step (CUDA graphs mark a new step)
     compile_s: float | None           # warm-up step incl. compile, when compiled
-    mfu_device: str                   # device name for the MFU peak lookup
     dataset_id: str = ""              # `dataset_identity` of data_dir
     tokenizer_sha256: str = ""        # content hash of the data's tokenizer (in the weights)
     switch_data: bool = False         # --switch-data: a resume may change the dataset
@@ -604,7 +604,7 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                 tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
                 num_params=count_parameters(raw_model), clock=clock,
                 step_begin=prepared.step_begin, compile_s=prepared.compile_seconds,
-                mfu_device=device_name(device), dataset_id=dataset_identity(data_dir, meta),
+                dataset_id=dataset_identity(data_dir, meta),
                 tokenizer_sha256=_data_tokenizer_sha256(data_dir, meta))
 
 
@@ -670,7 +670,7 @@ def _check_data_switch(run: _Run, state: TrainState) -> dict[str, Any] | None:
     old_dir = state.data_dir
     if old_dir is None:  # a checkpoint from before identities: the config names the data
         try:
-            saved = json.loads((run.dir / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+            saved = json.loads((run.dir / CONFIG_FILE).read_text(encoding="utf-8"))
             old_dir = saved["data"]["data_dir"]
         except (OSError, ValueError, KeyError, TypeError):
             old_dir = None
@@ -709,10 +709,10 @@ def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
     if not run.ctx.is_main:
         return
     run.dir.mkdir(parents=True, exist_ok=True)
-    run.cfg.save_json(run.dir / ckpt.CONFIG_FILE)
+    run.cfg.save_json(run.dir / CONFIG_FILE)
     tok_src = run.data_dir / "tokenizer.json"
-    if tok_src.is_file() and tok_src.resolve() != (run.dir / ckpt.TOKENIZER_FILE).resolve():
-        atomic_write_bytes(run.dir / ckpt.TOKENIZER_FILE, tok_src.read_bytes())
+    if tok_src.is_file() and tok_src.resolve() != (run.dir / TOKENIZER_FILE).resolve():
+        atomic_write_bytes(run.dir / TOKENIZER_FILE, tok_src.read_bytes())
     metrics = run.dir / ckpt.METRICS_FILE
     if resumed:
         # the loop evaluates again at the resumed step when it is an evaluation step
@@ -881,8 +881,8 @@ def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
 
 def _mfu(run: _Run, tokens_per_s: float) -> float | None:
     """MFU of one rank at a global `tokens_per_s` (None off CUDA or for an unknown card)."""
-    return compute_mfu(tokens_per_s / run.ctx.world_size, run.cfg.model, run.seq_len,
-                       run.mfu_device).mfu
+    return run_mfu(tokens_per_s, run.ctx.world_size, run.cfg.model, run.seq_len,
+                   run.ctx.device).mfu
 
 
 # ============================================================================ loop pieces
@@ -893,10 +893,10 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
         if run.keep_prev and run.saved_step != state.step:
             ckpt.keep_previous(run.dir)  # the last intact pair survives a crash in this save
         tok = {"tokenizer_sha256": run.tokenizer_sha256} if run.tokenizer_sha256 else {}
-        ckpt.save_weights(run.raw_model, run.dir / ckpt.LAST_WEIGHTS, step=state.step,
+        ckpt.save_weights(run.raw_model, run.dir / WEIGHTS_FILE, step=state.step,
                           extra=tok)
         if best:
-            ckpt.save_weights(run.raw_model, run.dir / ckpt.BEST_WEIGHTS, step=state.step,
+            ckpt.save_weights(run.raw_model, run.dir / BEST_WEIGHTS_FILE, step=state.step,
                               extra={"val_loss": repr(state.best_val_loss), **tok})
         state.optimizer = run.optimizer.state_dict()
         state.scaler = run.scaler.state_dict() if run.scaler is not None else None

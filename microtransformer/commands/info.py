@@ -9,6 +9,7 @@ from typing import Any
 from microtransformer import checkpoint as ckpt
 from microtransformer.errors import UserError
 from microtransformer.jsonout import json_dumps
+from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, PREV_WEIGHTS_FILE, WEIGHTS_FILE
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -33,7 +34,7 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
                         "`microtransformer train --out RUN_DIR` wrote")
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
-    cfg_path = run / ckpt.CONFIG_FILE
+    cfg_path = run / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {run} is not a training run directory")
     cfg = RunConfig.load_json(cfg_path)
@@ -47,7 +48,7 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
     # Weights: only the safetensors headers are read (cheap); a file that is not safetensors (a
     # pickle, garbage, a truncated copy) is a one-line error naming it.
     weights: dict[str, Any] = {}
-    for name in (ckpt.LAST_WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.PREV_WEIGHTS):
+    for name in (WEIGHTS_FILE, BEST_WEIGHTS_FILE, PREV_WEIGHTS_FILE):
         if (run / name).is_file():
             header = ckpt.read_safetensors_header(run / name)
             meta = header.get("__metadata__") or {}

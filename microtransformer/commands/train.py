@@ -20,6 +20,7 @@ from microtransformer.config import (
 from microtransformer.errors import UserError
 from microtransformer.recipe import Recipe, choose_recipe, this_machine
 from microtransformer.schedule import parse_duration
+from model.io import CONFIG_FILE
 
 EPILOG = """examples:
   microtransformer train --data data/shakespeare --out runs/budget --time 15m
@@ -90,7 +91,7 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
         layers.append(("the budget recipe", recipe.sections()))
     run_dir = Path(args.out)
     if args.resume:
-        saved = run_dir / ckpt.CONFIG_FILE
+        saved = run_dir / CONFIG_FILE
         if not saved.is_file():
             raise FileNotFoundError(f"cannot resume: {saved} does not exist; start the run "
                                     "without --resume")
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from microtransformer import distributed
     from microtransformer.data import load_meta
-    from microtransformer.throughput.mfu import compute_mfu, device_name, format_mfu
+    from microtransformer.throughput.mfu import format_mfu, run_mfu
     from microtransformer.training import prepare_data, resolve_batch_size, train
 
     restart_note = restart_resume(args)
@@ -285,8 +286,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
         result = train(cfg, run_dir, resume=args.resume, progress=progress, ctx=ctx,
                        notes=resolved.notes, switch_data=args.switch_data)
-        mfu = compute_mfu(result.tokens_per_s / ctx.world_size, cfg.model, cfg.seq_len,
-                          device_name(ctx.device))
+        mfu = run_mfu(result.tokens_per_s, ctx.world_size, cfg.model, cfg.seq_len, ctx.device)
     if not show:
         return 0
 

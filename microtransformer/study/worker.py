@@ -73,10 +73,11 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         result = train(cfg, run_dir, progress=progress)
 
     # The final weights, as trained (dropout off for evaluation).
-    from microtransformer.checkpoint import LAST_WEIGHTS, load_weights_into
+    from microtransformer.checkpoint import load_weights_into
+    from model.io import WEIGHTS_FILE
 
     model = MicroTransformer.from_config(model_cfg).to(spec.device)
-    load_weights_into(model, run_dir / LAST_WEIGHTS)
+    load_weights_into(model, run_dir / WEIGHTS_FILE)
     model.eval()
     n_batches = max(1, math.ceil(spec.eval_windows / spec.batch_size))
     windows = (b["input_ids"] for b in iter_eval_batches(

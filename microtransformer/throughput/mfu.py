@@ -104,6 +104,14 @@ def compute_mfu(tokens_per_s: float, config: ModelConfig | dict[str, Any], seq_l
     return MFU(tokens_per_s, fpt, achieved, device_name, row, peak, achieved / peak, "")
 
 
+def run_mfu(global_tokens_per_s: float, world_size: int, config: ModelConfig | dict[str, Any],
+            seq_len: int, device: Any) -> MFU:
+    """MFU of one rank of a (data-parallel) run whose processes together reach
+    `global_tokens_per_s`: the one place the training loop's log and the command's summary
+    get it from."""
+    return compute_mfu(global_tokens_per_s / world_size, config, seq_len, device_name(device))
+
+
 def device_name(device: Any) -> str:
     """Name used for the peak lookup: torch.cuda.get_device_name on CUDA, else the type."""
     import torch

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from microtransformer import checkpoint as ckpt
 from microtransformer.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -25,6 +24,7 @@ from microtransformer.checkpoint import (
 from microtransformer.config import load_config
 from microtransformer.tokenizer import train_tokenizer
 from model import MicroTransformer
+from model.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
 
 def tiny_model(seed: int = 0, vocab: int = 64) -> MicroTransformer:
@@ -129,10 +129,10 @@ def _make_run(tmp_path: Path, vocab_tokens: int | None = None) -> Path:
                                  "--model.num_layers", "2", "--model.ff_dim", "64"])
     run = tmp_path / "run"
     run.mkdir()
-    cfg.save_json(run / ckpt.CONFIG_FILE)
-    tok.save(run / ckpt.TOKENIZER_FILE)
+    cfg.save_json(run / CONFIG_FILE)
+    tok.save(run / TOKENIZER_FILE)
     model = MicroTransformer.from_config(cfg.model)
-    save_weights(model, run / ckpt.LAST_WEIGHTS, step=1)
+    save_weights(model, run / WEIGHTS_FILE, step=1)
     return run
 
 
@@ -140,7 +140,7 @@ def test_load_run(tmp_path: Path) -> None:
     run = _make_run(tmp_path)
     model, tok, cfg = load_run(run)
     assert not model.training and model.vocab_size == tok.vocab_size == cfg.model.vocab_size
-    assert read_safetensors_metadata(run / ckpt.LAST_WEIGHTS)["step"] == "1"
+    assert read_safetensors_metadata(run / WEIGHTS_FILE)["step"] == "1"
     with pytest.raises(FileNotFoundError, match=r"best\.safetensors"):
         load_run(run, which="best")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -46,6 +46,7 @@ from microtransformer.data import sources as data_mod
 from microtransformer.errors import UserError
 from model import MicroTransformer
 from model import transformer as model_transformer
+from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, PREV_WEIGHTS_FILE, WEIGHTS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
@@ -65,13 +66,13 @@ def reference(char_data: Path, tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final weights of an uninterrupted run of RUN (same config and seed as every test)."""
     run = tmp_path_factory.mktemp("ref") / "run"
     assert main(["train", "--data", str(char_data), "--out", str(run), *RUN]) == 0
-    tensors, _ = load_weights(run / ckpt.LAST_WEIGHTS)
+    tensors, _ = load_weights(run / WEIGHTS_FILE)
     return tensors
 
 
 def assert_same_weights(run: Path, reference: dict[str, torch.Tensor]) -> None:
     """model.safetensors of `run` equals the reference bit for bit."""
-    tensors, meta = load_weights(run / ckpt.LAST_WEIGHTS)
+    tensors, meta = load_weights(run / WEIGHTS_FILE)
     assert meta["step"] == "10"
     assert tensors.keys() == reference.keys()
     for k in tensors:
@@ -163,7 +164,7 @@ def test_malicious_files_through_the_cli(char_data: Path, tmp_path: Path, capsys
     marker = tmp_path / "pwned"
     evil = _evil_files(tmp_path, marker)["zip_open"]
     # both generations replaced (with one left intact, --resume would fall back to it)
-    for name in (ckpt.STATE_FILE, ckpt.PREV_STATE, ckpt.LAST_WEIGHTS, ckpt.PREV_WEIGHTS):
+    for name in (ckpt.STATE_FILE, ckpt.PREV_STATE, WEIGHTS_FILE, PREV_WEIGHTS_FILE):
         (run / name).write_bytes(evil)  # weights: a pickle posing as safetensors
     for argv in (["train", "--out", str(run), "--resume", "--train.max_steps", "4"],
                  ["info", str(run)],
@@ -238,13 +239,13 @@ def _corrupt(path: Path, how: str) -> None:
 
 # (file(s) damaged, how) -> the resume falls back to the previous generation
 CORRUPTIONS = [
-    ((ckpt.LAST_WEIGHTS,), "flip"),
-    ((ckpt.LAST_WEIGHTS,), "truncate"),
+    ((WEIGHTS_FILE,), "flip"),
+    ((WEIGHTS_FILE,), "truncate"),
     ((ckpt.STATE_FILE,), "flip"),
     ((ckpt.STATE_FILE,), "truncate"),
     ((ckpt.STATE_FILE,), "empty"),
-    ((ckpt.LAST_WEIGHTS,), "delete"),
-    ((ckpt.LAST_WEIGHTS, ckpt.STATE_FILE), "truncate"),
+    ((WEIGHTS_FILE,), "delete"),
+    ((WEIGHTS_FILE, ckpt.STATE_FILE), "truncate"),
 ]
 
 
@@ -278,7 +279,7 @@ def test_resume_with_no_intact_checkpoint_is_one_clear_error(
     run = tmp_path / "run"
     assert main(["train", "--data", str(char_data), "--out", str(run), *RUN,
                  "--train.max_steps", "7"]) == 0
-    for name in (ckpt.LAST_WEIGHTS, ckpt.PREV_WEIGHTS):
+    for name in (WEIGHTS_FILE, PREV_WEIGHTS_FILE):
         _corrupt(run / name, "flip")
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume"]) == 2
@@ -293,10 +294,10 @@ def test_load_run_uses_previous_weights_when_last_is_corrupted(
     run = tmp_path / "run"
     assert main(["train", "--data", str(char_data), "--out", str(run), *RUN,
                  "--train.max_steps", "7"]) == 0
-    _corrupt(run / ckpt.LAST_WEIGHTS, "truncate")
+    _corrupt(run / WEIGHTS_FILE, "truncate")
     with pytest.warns(UserWarning, match=r"model\.safetensors.*previous checkpoint"):
         model, _, _ = load_run(run)
-    prev, _ = load_weights(run / ckpt.PREV_WEIGHTS)
+    prev, _ = load_weights(run / PREV_WEIGHTS_FILE)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in prev.items())
 
 
@@ -355,14 +356,14 @@ KILLS_FAST = [
     ("replace", ckpt.STATE_FILE, 4),           # inside a save: weights renamed, state not yet
 ]
 KILLS_SLOW = [
-    ("replace", ckpt.PREV_WEIGHTS, 2),         # while keeping the previous generation
+    ("replace", PREV_WEIGHTS_FILE, 2),         # while keeping the previous generation
     ("step", "-", 1), ("step", "-", 3), ("step", "-", 4), ("step", "-", 7), ("step", "-", 9),
     ("step", "-", 10),
-    ("replace", ckpt.LAST_WEIGHTS, 2), ("replace", ckpt.LAST_WEIGHTS, 3),
-    ("replace", ckpt.LAST_WEIGHTS, 5), ("replace", ckpt.BEST_WEIGHTS, 2),
+    ("replace", WEIGHTS_FILE, 2), ("replace", WEIGHTS_FILE, 3),
+    ("replace", WEIGHTS_FILE, 5), ("replace", BEST_WEIGHTS_FILE, 2),
     ("replace", ckpt.STATE_FILE, 2), ("replace", ckpt.STATE_FILE, 6),
     ("replace", ckpt.PREV_STATE, 1), ("replace", ckpt.PREV_STATE, 3),
-    ("replace", ckpt.CONFIG_FILE, 1),
+    ("replace", CONFIG_FILE, 1),
 ]
 
 
@@ -502,7 +503,7 @@ def _fd_name(fd: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
-@pytest.mark.parametrize("target, n", [(ckpt.LAST_WEIGHTS, 3), (ckpt.STATE_FILE, 3)])
+@pytest.mark.parametrize("target, n", [(WEIGHTS_FILE, 3), (ckpt.STATE_FILE, 3)])
 def test_disk_full_during_save_is_one_line_and_keeps_previous_checkpoint(
     char_data: Path, tmp_path: Path, reference, capsys, monkeypatch, target, n
 ) -> None:

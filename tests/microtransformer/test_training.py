@@ -33,6 +33,7 @@ from microtransformer.training import (
 )
 from model import MicroTransformer
 from model import transformer as model_transformer
+from model.io import WEIGHTS_FILE
 
 TINY_MODEL = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
               "--model.num_layers", "2", "--model.ff_dim", "64"]
@@ -371,7 +372,7 @@ def test_metrics_hold_each_step_once_after_resuming_from_an_older_checkpoint(
     run = tmp_path / "run"
     train(cfg, run, progress=False, stop_at=10)
     (run / ckpt.STATE_FILE).unlink()  # the step-10 save never happened: step 8 is the newest
-    (run / ckpt.LAST_WEIGHTS).unlink()
+    (run / WEIGHTS_FILE).unlink()
     before = read_metrics(run / "metrics.jsonl")
     assert max(e["step"] for e in before) == 10
     result = train(cfg, run, resume=True, progress=False)
