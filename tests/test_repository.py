@@ -212,3 +212,120 @@ def test_no_machine_paths_in_tracked_files() -> None:
                 found.append(f"{rel}:{lineno}: {m.group(0)}")
     assert not found, ("absolute machine paths (use a path relative to the repo or a named "
                        "source): " + "; ".join(found[:20]))
+
+
+# ---------------------------------------------------------------- docs/ARCHITECTURE.md
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+GENERATED_BEGIN, GENERATED_END = "<!-- imports: generated -->\n", "<!-- /imports -->"
+TABLE_HEADING = "## Modules: one concern each"
+
+
+def group_of(module: str) -> str:
+    """The box a module is drawn in: `model`, a subpackage of the toolkit (`data`, `serve`,
+    `commands`...), or a top-level toolkit module by its own name."""
+    parts = module.split(".")
+    if parts[0] == "model":
+        return "model"
+    if len(parts) == 1:
+        return "microtransformer"
+    return parts[1]
+
+
+def transitive_reduction(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The fewest arrows with the same reachability (the graph must be acyclic)."""
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += graph[node]
+        return seen
+
+    reachable = {node: reach(node) for node in graph}
+    return {node: {t for t in targets
+                   if not any(t in reachable[other] for other in targets if other != t)}
+            for node, targets in graph.items()}
+
+
+def architecture_imports_section() -> str:
+    """The generated part of docs/ARCHITECTURE.md: the import picture between the module groups
+    (Mermaid, arrows implied by others left out) and every module's project imports."""
+    graph = import_graph()
+    groups: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        src = group_of(module)
+        groups.setdefault(src, set())
+        groups[src] |= {group_of(t) for t in targets} - {src}
+    reduced = transitive_reduction(groups)
+    lines = ["```mermaid", "flowchart TD"]
+    for src in sorted(reduced):
+        lines += [f"  {src} --> {dst}" for dst in sorted(reduced[src])]
+    lines += ["```", "", "| module | imports (project modules) |", "| --- | --- |"]
+    for module in sorted(graph):
+        targets = ", ".join(f"`{t}`" for t in sorted(graph[module])) or "nothing"
+        lines.append(f"| `{module}` | {targets} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_modules(text: str) -> set[str]:
+    """The modules the hand-written module table of ARCHITECTURE.md names (first column).
+
+    A cell names files as `model/x.py` (from the repository root), `data/x.py` or `x.py` (in
+    `microtransformer/`), a bare `y.py` after a path meaning the same folder, and `dir/` for
+    every module in that folder (also `dir/<name>.py`)."""
+    section = text.split(TABLE_HEADING, 1)[1].split("\n## ", 1)[0]
+    modules = project_modules()
+    named: set[str] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        folder = "microtransformer"
+        for token in re.findall(r"`([\w/.<>]+)`", line.split("|")[1]):
+            rel = token if token.startswith("model") else f"microtransformer/{token}"
+            if "/" in token:
+                folder = rel.rsplit("/", 1)[0] if not token.endswith("/") else rel.rstrip("/")
+            else:
+                rel = f"{folder}/{token}"
+            if token.endswith("/") or "<name>" in token:  # a folder: every module in it
+                prefix = rel.split("<name>")[0].rstrip("/").replace("/", ".")
+                named |= {m for m in modules if m == prefix or m.startswith(prefix + ".")}
+            elif token.endswith(".py"):
+                named.add(module_name(ROOT / rel))
+    return named
+
+
+def test_architecture_table_names_every_module() -> None:
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    named, modules = table_modules(text), set(project_modules())
+    packages = {m for m in modules if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    assert not (modules - packages) - named, (
+        f"modules missing from the table in {ARCHITECTURE.name}: {sorted(modules - packages - named)}")
+    assert not named - modules, f"the table names modules that do not exist: {sorted(named - modules)}"
+
+
+def test_architecture_import_picture_is_generated_from_the_code() -> None:
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    assert GENERATED_BEGIN in text, f"{ARCHITECTURE.name} lacks its generated imports section"
+    section = text.split(GENERATED_BEGIN, 1)[1].split(GENERATED_END, 1)[0]
+    assert section == architecture_imports_section(), (
+        "regenerate it: python -m tests.test_repository --update-architecture")
+
+
+def test_transitive_reduction_drops_implied_arrows() -> None:
+    graph = {"a": {"b", "c"}, "b": {"c"}, "c": set()}
+    assert transitive_reduction(graph) == {"a": {"b"}, "b": {"c"}, "c": set()}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--update-architecture" not in sys.argv:
+        sys.exit("usage: python -m tests.test_repository --update-architecture")
+    doc = ARCHITECTURE.read_text(encoding="utf-8")
+    head, rest = doc.split(GENERATED_BEGIN, 1)
+    tail = rest.split(GENERATED_END, 1)[1]
+    ARCHITECTURE.write_text(head + GENERATED_BEGIN + architecture_imports_section()
+                            + GENERATED_END + tail, encoding="utf-8")
+    print(f"updated {ARCHITECTURE.relative_to(ROOT)}")
