@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from microtransformer.errors import UserError
+from microtransformer.fileio import atomic_write_bytes
 from model import ModelConfig
 
 if sys.version_info >= (3, 11):
@@ -276,7 +277,6 @@ class RunConfig:
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write the config as indented JSON (atomic: temp file + rename)."""
-        from microtransformer.fileio import atomic_write_bytes
 
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         atomic_write_bytes(Path(path), text.encode("utf-8"))

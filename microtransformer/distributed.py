@@ -27,7 +27,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from microtransformer.device import no_cuda_error, resolve_device
 from microtransformer.errors import UserError
@@ -95,7 +97,6 @@ def init_process_group(backend: str, env: TorchrunEnv, environ: Mapping[str, str
     worker can read the address that a killed worker of the previous attempt published and
     fail with "Gloo connectFullMesh failed ... Connection refused" (seen here, intermittently).
     """
-    import torch.distributed as dist
 
     agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
@@ -159,7 +160,6 @@ def runtime(device_name: str = "auto", environ: Mapping[str, str] | None = None
     if env is None:
         yield RuntimeContext(device=resolve_device(device_name))
         return
-    import torch.distributed as dist
 
     device = distributed_device(device_name, env)
     if device.type == "cuda":
@@ -240,7 +240,6 @@ def reduce_sum(values: list[float], ctx: RuntimeContext) -> list[float]:
     """Element-wise sum of a few scalars over all ranks, in float64 (identity in one process)."""
     if not ctx.distributed:
         return [float(v) for v in values]
-    import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)  # (n,)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -251,7 +250,6 @@ def any_rank(flag: bool, ctx: RuntimeContext) -> bool:
     """True if `flag` is set on any rank, so every rank takes the same stop decision."""
     if not ctx.distributed:
         return flag
-    import torch.distributed as dist
 
     t = torch.tensor(int(flag), device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -262,7 +260,6 @@ def barrier(ctx: RuntimeContext) -> None:
     """Wait until every rank gets here (no-op in a single process)."""
     if not ctx.distributed:
         return
-    import torch.distributed as dist
 
     if ctx.backend == "nccl":
         dist.barrier(device_ids=[ctx.device.index or 0])
@@ -293,7 +290,6 @@ def wrap_model(model: nn.Module, ctx: RuntimeContext) -> nn.Module:
     """
     if not ctx.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

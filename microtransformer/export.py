@@ -32,6 +32,7 @@ from microtransformer.checkpoint import load_model, load_weights
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_json
 from microtransformer.hub import save_pretrained, unwrap_model
+from microtransformer.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_CHAR, Tokenizer
 from model import MicroTransformer, ModelConfig
 from model.io import TOKENIZER_FILE, WEIGHTS_FILE, save_safetensors
 
@@ -142,7 +143,6 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def hf_tokenizer_files(tokenizer: Any, max_seq_len: int) -> dict[str, dict[str, Any]]:
     """tokenizer_config.json and special_tokens_map.json for a microtransformer Tokenizer, so
     `AutoTokenizer` builds a `PreTrainedTokenizerFast` from its tokenizer.json as is."""
-    from microtransformer.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_CHAR
 
     backend = tokenizer.backend
     special: dict[str, Any] = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
@@ -362,7 +362,6 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
     tokenizer = None
     tok_path = hf_dir / TOKENIZER_FILE
     if with_tokenizer and tok_path.is_file():
-        from microtransformer.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(tok_path)
         if tokenizer.vocab_size > config.vocab_size:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from torch.onnx import _constants
+
 from microtransformer.artifacts import FILE, HF, MODEL, WEB, check_output
 from microtransformer.errors import UserError
 
@@ -13,7 +15,6 @@ MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
 
 def max_onnx_opset(dynamo: bool) -> int:
     """The newest opset the chosen ONNX exporter of this torch writes."""
-    from torch.onnx import _constants
 
     if dynamo:
         return int(_constants.ONNX_MAX_OPSET)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,6 @@ class WebDecodeStep(nn.Module):
 
 def export_decode_step(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> Path:
     """Write WebDecodeStep as ONNX (TorchScript exporter; T and P are dynamic axes)."""
-    import warnings
 
     try:
         import onnx  # noqa: F401  (the exporter needs it)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from microtransformer.errors import UserError
+from model.utils import parameter_formula
 
 GENERATE_BYTES_PER_TOKEN = 64  # output ids (int64), the streamer's id list and the text
 
@@ -47,7 +48,6 @@ def training_activation_bytes(model_cfg: Any, micro_batch: int, seq_len: int) ->
 
 def training_state_bytes(model_cfg: Any) -> int:
     """Weights, gradients and two AdamW moments in float32: 16 bytes per parameter."""
-    from model.utils import parameter_formula
 
     return 16 * int(parameter_formula(model_cfg))
 

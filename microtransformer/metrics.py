@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from microtransformer.checkpoint import atomic_write_bytes
+
 
 class MetricsLogger:
     """Append one JSON object per event to `metrics.jsonl` (and to TensorBoard if installed).
@@ -82,7 +84,6 @@ def truncate_metrics(path: str | os.PathLike, step: int, *, drop_val_at_step: bo
     run logs those steps again), and its val event too when `drop_val_at_step` (the loop
     evaluates again there). Rewrites the file atomically; returns the number of events
     dropped (0 leaves the file untouched)."""
-    from microtransformer.checkpoint import atomic_write_bytes
 
     events = read_metrics(path)
 

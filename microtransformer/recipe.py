@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 # Measured training throughput of the recipes on the idle 2-core AMD EPYC, 2 threads
 # (docs/RESULTS.md, section 5): used only to say how many passes over the data a budget buys.
 MEASURED_TOKENS_PER_S = {"cpu_char": 7300.0, "cpu_bpe": 6800.0}
@@ -60,7 +62,6 @@ class Recipe:
 
 def this_machine() -> Machine:
     """The facts about the machine this process runs on."""
-    import torch
 
     try:
         cores = len(os.sched_getaffinity(0))

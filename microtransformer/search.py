@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from microtransformer.config import load_config
 from microtransformer.errors import UserError
 from model import MicroTransformer, ModelConfig
 from model.utils import count_parameters, flops_per_token, parameter_formula
@@ -35,7 +36,6 @@ SHAPE_FIELDS = ("embed_dim", "num_heads", "num_layers", "ff_dim")
 def seed_model_config(name: str) -> ModelConfig:
     """The seed preset's full ModelConfig as its TOML file gives it (vocab 5000, max_seq_len
     512, its init and dropout)."""
-    from microtransformer.config import load_config
 
     if name not in SEED_PRESET_NAMES:
         raise UserError(f"unknown seed preset {name!r}; choose from "

@@ -10,8 +10,10 @@ import math
 from pathlib import Path
 
 from microtransformer import search as S
+from microtransformer.config import available_presets, load_config, preset_path
 from microtransformer.errors import UserError
 from microtransformer.jsonout import json_dumps
+from model.utils import parameter_formula
 
 
 def parse_count(text: str, name: str) -> int:
@@ -90,8 +92,6 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 def preset_rows() -> list[dict[str, object]]:
     """One row per preset: name, shape, context, vocab, parameter count, its file and the
     first line of its comment."""
-    from microtransformer.config import available_presets, load_config, preset_path
-    from model.utils import parameter_formula
 
     rows = []
     for name in available_presets():
@@ -168,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{shown} configurations with {lo:,} <= params <= {hi:,} "
           f"(vocab {vocab}, max_seq_len {max_seq_len}); counts from the closed-form formula, "
           "spot-checked by instantiating models.")
-    from microtransformer.config import available_presets
 
     print(f"presets (train --preset NAME; details: configs --presets): "
           f"{', '.join(available_presets()) or '(none found)'}")

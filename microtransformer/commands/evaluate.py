@@ -14,9 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microtransformer.checkpoint import load_run
+from microtransformer.data import load_tokens, verify_dataset
+from microtransformer.data.documents import read_text
+from microtransformer.data.preparation import check_unknown_limit, unknown_message
+from microtransformer.device import resolve_device
 from microtransformer.errors import UserError
-from microtransformer.fast_generate import PRECISIONS
+from microtransformer.fast_generate import PRECISIONS, check_precision, prepare_model
 from microtransformer.jsonout import json_dumps
+from microtransformer.memory import check_eval_fits
+from microtransformer.training import check_tokenizer_match
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -117,11 +124,9 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
     between them. `unknowns` = {"tokens", "characters", "fraction"}: the share of characters the
     tokenizer cannot represent, refused above `max_unknown`.
     """
-    from microtransformer.data.preparation import check_unknown_limit, unknown_message
 
     check_unknown_limit(max_unknown)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-        from microtransformer.data import verify_dataset
 
         d = Path(paths[0])
         meta = verify_dataset(d, splits=("val",))
@@ -130,7 +135,6 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
                             f"tokens but the run's tokenizer has {tokenizer.vocab_size}; "
                             "evaluate on text files or on data prepared with the run's tokenizer")
         if run_dir is not None:
-            from microtransformer.training import check_tokenizer_match
 
             check_tokenizer_match(Path(run_dir), d, meta, f"cannot evaluate on {d}")
         tokens = np.asarray(load_tokens_of(d))
@@ -141,7 +145,6 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
                     "fraction": recorded.get("fraction")}
         return (tokens, len(tokens) * float(meta["bytes_per_token"]["val"]), f"{d} (val split)",
                 unknowns)
-    from microtransformer.data.documents import read_text
 
     ids: list[int] = []
     n_bytes = 0
@@ -180,17 +183,12 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
 
 def load_tokens_of(data_dir: Path) -> np.ndarray:
     """The val split of a verified data directory."""
-    from microtransformer.data import load_tokens
 
     return load_tokens(data_dir, "val")
 
 
 def run(args: argparse.Namespace) -> int:
     """Score the text and print loss, perplexity and bits per byte."""
-    from microtransformer.checkpoint import load_run
-    from microtransformer.device import resolve_device
-    from microtransformer.fast_generate import check_precision, prepare_model
-    from microtransformer.memory import check_eval_fits
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be >= 1")

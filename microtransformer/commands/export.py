@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from microtransformer import export
+from microtransformer.errors import UserError
+from microtransformer.export_checks import check_export_output, check_opset
+from microtransformer.export_gguf import export_gguf
+from microtransformer.export_web import export_web
+
 # Kept literal (not imported from microtransformer.export) so `--help` does not import torch;
 # tests/microtransformer/test_export.py checks they match the export modules.
 FORMATS = ("hf", "onnx", "gguf", "web")
@@ -44,7 +50,6 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Export the run and print where it went."""
-    from microtransformer.errors import UserError
 
     fmt = args.fmt.lower()
     if fmt not in FORMATS:
@@ -60,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if fmt == "gguf":
         _check_quant_name(args.quant or "f32")
 
-    from microtransformer import export
-    from microtransformer.export_checks import check_export_output, check_opset
 
     check_export_output(args.run_dir, fmt, args.out, force=args.force)
     if fmt == "onnx":
@@ -77,14 +80,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote Hugging Face GPT-2 directory {out} ({which} weights); load it with "
               f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     elif fmt == "gguf":
-        from microtransformer.export_gguf import export_gguf
 
         quant = args.quant or "f32"
         out = export_gguf(model, args.out, tokenizer, quant=quant, force=args.force)
         print(f"wrote GGUF file {out} ({which} weights, {quant}, llama.cpp architecture gpt2); "
               f"run it with llama.cpp, e.g. llama-cli -m {out} -p 'Once upon a time'")
     elif fmt == "web":
-        from microtransformer.export_web import export_web
 
         out = export_web(model, args.out, tokenizer, force=args.force)
         print(f"wrote web page {out} ({which} weights); serve the folder with any static file "
@@ -103,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_quant_name(quant: str) -> None:
     """Refuse an unknown --quant before the model is loaded."""
-    from microtransformer.errors import UserError
 
     if quant not in QUANTS:
         raise UserError(f"unknown --quant {quant!r}: use one of {', '.join(QUANTS)}")

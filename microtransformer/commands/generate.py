@@ -8,8 +8,12 @@ from typing import Any, TextIO
 
 import torch
 
+from microtransformer.checkpoint import check_finite_weights, load_run
+from microtransformer.device import resolve_device
 from microtransformer.errors import UserError
-from microtransformer.fast_generate import PRECISIONS
+from microtransformer.fast_generate import PRECISIONS, FastGenerator, check_precision
+from microtransformer.memory import check_generation_fits
+from model.sampling import validate_sampling_args
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -90,7 +94,6 @@ def unknown_characters(tokenizer: Any, text: str) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every flag that can be checked without the run; raises UserError naming them all."""
-    from model.sampling import validate_sampling_args
 
     problems = []
     if args.max_new_tokens < 0:
@@ -111,10 +114,6 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate everything, load the run, encode the prompt, then sample `--num-samples`
     continuations through the fastest exact path (`fast_generate.FastGenerator`)."""
-    from microtransformer.checkpoint import check_finite_weights, load_run
-    from microtransformer.device import resolve_device
-    from microtransformer.fast_generate import FastGenerator, check_precision
-    from microtransformer.memory import check_generation_fits
 
     check_args(args)
     device = resolve_device(args.device, option="device")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from microtransformer.export import import_hf_to_run
+from microtransformer.export_checks import check_import_output
+from microtransformer.hub import read_model_config
+
 
 def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add the `import` subcommand to the CLI."""
@@ -26,9 +30,6 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Convert and print a one-line summary."""
-    from microtransformer.export import import_hf_to_run
-    from microtransformer.export_checks import check_import_output
-    from microtransformer.hub import read_model_config
 
     check_import_output(args.hf_dir, args.out, force=args.force)
     out = import_hf_to_run(args.hf_dir, args.out, force=args.force,

@@ -13,7 +13,16 @@ import argparse
 import sys
 from typing import Any
 
+from microtransformer.data import DATASETS
 from microtransformer.errors import UserError
+from microtransformer.study import (
+    StudySettings,
+    corpus_sources,
+    parse_corpus_paths,
+    plan_runs,
+    run_study,
+    shell_command,
+)
 
 
 def _names(text: str, flag: str) -> tuple[str, ...]:
@@ -82,8 +91,6 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 def dry_run(settings: Any) -> int:
     """`study --dry-run`: the settings are valid (checked when built), every corpus resolves
     to text here, and this is the list of runs; run sizes come from the calibration."""
-    from microtransformer.data import DATASETS
-    from microtransformer.study import corpus_sources, plan_runs
 
     for corpus in settings.corpora:
         sources, _ = corpus_sources(corpus, int(settings.corpus_max_mb * 2**20),
@@ -105,12 +112,6 @@ def dry_run(settings: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings, run the study, print where the report is."""
-    from microtransformer.study import (
-        StudySettings,
-        parse_corpus_paths,
-        run_study,
-        shell_command,
-    )
 
     settings = StudySettings(
         configs=_names(args.configs, "--configs"), inits=_names(args.inits, "--inits"),

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from microtransformer.data import prepare, resolve_sources
 from microtransformer.errors import UserError
 
 
@@ -84,7 +85,6 @@ def corpus_sources(name: str, max_bytes: int, paths: Sequence[tuple[str, str]] =
                    ) -> tuple[list[str], int | None]:
     """(sources for `data.prepare`, stdlib cap) of a corpus, using at most ~max_bytes of text
     where it comes as many files (the stdlib, a directory or glob)."""
-    from microtransformer.data import resolve_sources
 
     if name not in CORPORA:
         raise UserError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
@@ -111,7 +111,6 @@ def corpus_sources(name: str, max_bytes: int, paths: Sequence[tuple[str, str]] =
 def prepare_corpus(name: str, out_dir: Path, *, vocab_size: int, max_bytes: int,
                    paths: Sequence[tuple[str, str]] = ()) -> Path:
     """Tokenize a corpus into out_dir (BPE trained on it); reused when already prepared."""
-    from microtransformer.data import prepare
 
     if (out_dir / "meta.json").is_file():
         return out_dir

@@ -11,14 +11,17 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microtransformer.config import TrainConfig
 from microtransformer.device import default_autocast
-from model import ModelConfig
+from microtransformer.training import RuntimeContext, build_optimizer, train_step
+from model import MicroTransformer, ModelConfig
 
 BUCKET = 32  # width of the early / late loss-by-position buckets
 
@@ -121,11 +124,7 @@ def measure_throughput(config: ModelConfig, *, vocab_size: int, seq_len: int, ba
 
     Uses the fastest of `steps` timed steps after two warm-up steps: on a shared machine the
     minimum is the reproducible figure (other processes only ever slow a step down)."""
-    from dataclasses import replace
 
-    from microtransformer.config import TrainConfig
-    from microtransformer.training import RuntimeContext, build_optimizer, train_step
-    from model import MicroTransformer
 
     torch.manual_seed(0)
     model = MicroTransformer.from_config(replace(config, vocab_size=vocab_size,

@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from microtransformer.data import load_meta
 from microtransformer.device import resolve_device
 from microtransformer.fileio import atomic_write_json
 from microtransformer.search import seed_model_config
@@ -70,7 +71,6 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                                            max_bytes=int(s.corpus_max_mb * 2**20),
                                            paths=s.corpus_paths)
     if throughput is None:
-        from microtransformer.data import load_meta
 
         vocab = int(load_meta(data_dirs[s.corpora[0]])["vocab_size"])
         throughput = {c: measure_throughput(seed_model_config(c), vocab_size=vocab,

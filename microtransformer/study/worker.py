@@ -13,23 +13,30 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from microtransformer.checkpoint import load_weights_into
+from microtransformer.config import DataConfig, RunConfig, TrainConfig
+from microtransformer.data import iter_eval_batches, load_meta
 from microtransformer.fileio import atomic_write_json
+from microtransformer.metrics import read_metrics
 from microtransformer.study.measure import PeakMemory, loss_by_position, position_buckets
 from microtransformer.study.plan import RunSpec
+from microtransformer.tokenizer import Tokenizer
+from microtransformer.training import train
+from model import MicroTransformer
+from model.io import WEIGHTS_FILE
+from model.utils import count_parameters
 
 
 def train_config_class() -> type:
     """TrainConfig, which must have `seq_len` (the training window, shorter than the model's
     max_seq_len): the study trains the seed's max_seq_len-512 models on windows of T tokens."""
-    from dataclasses import fields
 
-    from microtransformer.config import TrainConfig
 
     if "seq_len" not in {f.name for f in fields(TrainConfig)}:
         raise RuntimeError("the study needs train.seq_len (TrainConfig.seq_len: windows shorter "
@@ -44,15 +51,8 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
 
     Also writes RUN_DIR/result.json (last, atomically): its presence marks the run finished.
     """
-    from microtransformer.config import DataConfig, RunConfig
 
     train_config_cls = train_config_class()
-    from microtransformer.data import iter_eval_batches, load_meta
-    from microtransformer.metrics import read_metrics
-    from microtransformer.tokenizer import Tokenizer
-    from microtransformer.training import train
-    from model import MicroTransformer
-    from model.utils import count_parameters
 
     meta = load_meta(data_dir)
     model_cfg = spec.model_config(int(meta["vocab_size"]))  # the seed's max_seq_len (512)
@@ -73,8 +73,6 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         result = train(cfg, run_dir, progress=progress)
 
     # The final weights, as trained (dropout off for evaluation).
-    from microtransformer.checkpoint import load_weights_into
-    from model.io import WEIGHTS_FILE
 
     model = MicroTransformer.from_config(model_cfg).to(spec.device)
     load_weights_into(model, run_dir / WEIGHTS_FILE)

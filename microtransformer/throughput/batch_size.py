@@ -40,7 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from microtransformer.config import LOSS_KINDS
+from microtransformer.errors import UserError
 from model import ModelConfig
 from model.utils import parameter_formula
 
@@ -179,7 +182,6 @@ def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | N
 
 def cuda_budget_bytes(device: Any, fraction: float = 0.85) -> int:
     """`fraction` of the CUDA device's free memory now (torch.cuda.mem_get_info)."""
-    import torch
 
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction} must be in (0, 1]")
@@ -190,7 +192,6 @@ def cuda_budget_bytes(device: Any, fraction: float = 0.85) -> int:
 def probe_cuda_batch(trial_step: Callable[[int], None], low: int, high: int) -> int | None:
     """Binary search on a CUDA card: `trial_step(b)` runs one training step at micro-batch b;
     an out-of-memory error counts as "does not fit" (the cache is emptied after it)."""
-    import torch
 
     def fits(b: int) -> bool:
         try:
@@ -211,9 +212,7 @@ def resolve_auto_batch(config: ModelConfig | dict[str, Any], seq_len: int, devic
     """`batch_size = "auto"` on this process's CUDA device: `choose_batch` on 85% of its free
     memory, per rank. The returned micro_batch is per process; multiply by world_size for a
     global batch. A non-CUDA device is a UserError (no memory figure to size against)."""
-    import torch
 
-    from microtransformer.errors import UserError
 
     device = torch.device(device)
     if device.type != "cuda":

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from model import ModelConfig
 from model.utils import flops_per_token
 
@@ -114,7 +116,6 @@ def run_mfu(global_tokens_per_s: float, world_size: int, config: ModelConfig | d
 
 def device_name(device: Any) -> str:
     """Name used for the peak lookup: torch.cuda.get_device_name on CUDA, else the type."""
-    import torch
 
     device = torch.device(device)
     if device.type == "cuda":
