@@ -4,7 +4,6 @@ A run is fully described by a `RunConfig`; it is saved as `config.json` in every
 and used to rebuild the model. Presets are TOML data files in the package,
 `microtransformer/configs/<name>.toml`, with the same three sections. Command-line overrides
 use dotted keys:
-
     microtransformer train --preset balanced --model.num_layers 6 --train.lr=3e-4
 
 Each field's `help` metadata is its documentation and the `--help` text of its override.

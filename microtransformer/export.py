@@ -362,7 +362,6 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
     tokenizer = None
     tok_path = hf_dir / TOKENIZER_FILE
     if with_tokenizer and tok_path.is_file():
-
         tokenizer = Tokenizer.load(tok_path)
         if tokenizer.vocab_size > config.vocab_size:
             raise UserError(f"{tok_path} has {tokenizer.vocab_size} ids but the model only "

@@ -21,7 +21,7 @@ MEASURED_TOKENS_PER_S = {"cpu_char": 7300.0, "cpu_bpe": 6800.0}
 # ~20 passes: held-out loss bottoms out half-way and rises after); regularise.
 MANY_EPOCHS = 10.0
 # What regularises, as measured there: dropout on embeddings and residual paths only (dropout on
-# the attention probabilities takes attention off the fused CPU kernel and costs ~1.8-1.9x a step)
+# the attention probabilities takes attention off the fused CPU kernel: docs/RESULTS.md, section 5)
 # and weight decay on the blocks' matrices. torch's Muon shrinks them by lr x weight_decay per
 # step; 2e-3 per step (weight decay 1.0 at lr 2e-3) was measured, so 0.5 at the presets' 4e-3.
 REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 0.0,

@@ -127,7 +127,6 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
 
     check_unknown_limit(max_unknown)
     if len(paths) == 1 and Path(paths[0]).is_dir():
-
         d = Path(paths[0])
         meta = verify_dataset(d, splits=("val",))
         if int(meta["vocab_size"]) != tokenizer.vocab_size:
@@ -135,7 +134,6 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
                             f"tokens but the run's tokenizer has {tokenizer.vocab_size}; "
                             "evaluate on text files or on data prepared with the run's tokenizer")
         if run_dir is not None:
-
             check_tokenizer_match(Path(run_dir), d, meta, f"cannot evaluate on {d}")
         tokens = np.asarray(load_tokens_of(d))
         if max_tokens is not None:

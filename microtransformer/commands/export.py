@@ -65,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if fmt == "gguf":
         _check_quant_name(args.quant or "f32")
 
-
     check_export_output(args.run_dir, fmt, args.out, force=args.force)
     if fmt == "onnx":
         check_opset(DEFAULT_OPSET if args.opset is None else args.opset, dynamo=args.dynamo,
@@ -80,13 +79,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote Hugging Face GPT-2 directory {out} ({which} weights); load it with "
               f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     elif fmt == "gguf":
-
         quant = args.quant or "f32"
         out = export_gguf(model, args.out, tokenizer, quant=quant, force=args.force)
         print(f"wrote GGUF file {out} ({which} weights, {quant}, llama.cpp architecture gpt2); "
               f"run it with llama.cpp, e.g. llama-cli -m {out} -p 'Once upon a time'")
     elif fmt == "web":
-
         out = export_web(model, args.out, tokenizer, force=args.force)
         print(f"wrote web page {out} ({which} weights); serve the folder with any static file "
               f"host, e.g. python -m http.server -d {out}, and open index.html")

@@ -125,7 +125,6 @@ def measure_throughput(config: ModelConfig, *, vocab_size: int, seq_len: int, ba
     Uses the fastest of `steps` timed steps after two warm-up steps: on a shared machine the
     minimum is the reproducible figure (other processes only ever slow a step down)."""
 
-
     torch.manual_seed(0)
     model = MicroTransformer.from_config(replace(config, vocab_size=vocab_size,
                                                  dropout=0.0)).to(device)

@@ -71,7 +71,6 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                                            max_bytes=int(s.corpus_max_mb * 2**20),
                                            paths=s.corpus_paths)
     if throughput is None:
-
         vocab = int(load_meta(data_dirs[s.corpora[0]])["vocab_size"])
         throughput = {c: measure_throughput(seed_model_config(c), vocab_size=vocab,
                                             seq_len=s.seq_len, batch_size=s.batch_size,

@@ -37,7 +37,6 @@ def train_config_class() -> type:
     """TrainConfig, which must have `seq_len` (the training window, shorter than the model's
     max_seq_len): the study trains the seed's max_seq_len-512 models on windows of T tokens."""
 
-
     if "seq_len" not in {f.name for f in fields(TrainConfig)}:
         raise RuntimeError("the study needs train.seq_len (TrainConfig.seq_len: windows shorter "
                            "than model.max_seq_len), which this version of microtransformer."

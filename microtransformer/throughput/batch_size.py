@@ -10,7 +10,6 @@ Two ways, one rule:
 
 Memory model (bytes; e = 2 under bf16/fp16 autocast, 4 in fp32; d embed_dim, f ff_dim, L layers,
 V vocab, h heads, N parameters, M the matmul weights), from the tensors autograd saves:
-
   static       16 N                       fp32 weights, grads, AdamW m and v
                + e/2 * 2 M  (e == 2)      autocast's low-precision weight copies
                + 4 V d      (chunked)     the head's weight gradient kept by the chunked loss
@@ -212,7 +211,6 @@ def resolve_auto_batch(config: ModelConfig | dict[str, Any], seq_len: int, devic
     """`batch_size = "auto"` on this process's CUDA device: `choose_batch` on 85% of its free
     memory, per rank. The returned micro_batch is per process; multiply by world_size for a
     global batch. A non-CUDA device is a UserError (no memory figure to size against)."""
-
 
     device = torch.device(device)
     if device.type != "cuda":

@@ -1,7 +1,6 @@
 """Model FLOPs utilisation: training tokens/s -> achieved FLOP/s -> % of the card's bf16 peak.
 
 FLOPs per trained token (multiply-add = 2 FLOPs), from `model.utils.flops_per_token`:
-
     forward  F(T) = 2 * (L * (4 d^2 + 2 d f) + V d)   matmul weights: QKV, attention output,
                                                        two feed-forward layers, the tied head
                   + 4 * L * T * d                      attention scores and weighted sum over
