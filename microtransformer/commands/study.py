@@ -23,6 +23,12 @@ from microtransformer.study import (
     run_study,
     shell_command,
 )
+from microtransformer.study.executors import (
+    CLUSTERS,
+    Executor,
+    SubmititExecutor,
+    SubprocessExecutor,
+)
 
 
 def _names(text: str, flag: str) -> tuple[str, ...]:
@@ -82,10 +88,40 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--eval-windows", default="128", help="val windows for the final eval")
     p.add_argument("--out", default="study_report", help="report directory (resumable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--executor", default="subprocess", choices=("subprocess", "submitit"),
+                   help="where runs execute: subprocess (one at a time on this machine, the "
+                        "default) or submitit (every run as a job of a scheduler; see --cluster)")
+    p.add_argument("--cluster", default="slurm", choices=CLUSTERS,
+                   help="with --executor submitit: slurm, or local (submitit's executor on this "
+                        "machine), or debug (in this process)")
+    p.add_argument("--timeout-min", default="240", help="submitit: time limit per job, minutes")
+    p.add_argument("--cpus-per-task", default="2", help="submitit: CPU cores per job")
+    p.add_argument("--gpus-per-node", default="0", help="submitit/Slurm: GPUs per job")
+    p.add_argument("--max-parallel", default="16", help="submitit/Slurm: jobs running at once")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit/Slurm: a slurm_* parameter, e.g. partition=gpu or "
+                        "account=proj (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the settings and the corpora's sources and list the planned "
                         "runs; prepare, calibrate and train nothing")
     p.set_defaults(func=run)
+
+
+def executor(args: argparse.Namespace) -> Executor:
+    """The executor the flags ask for (the submitit options are checked even when unused)."""
+    slurm = {}
+    for item in args.slurm:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--slurm {item!r} must be KEY=VALUE, e.g. --slurm partition=gpu")
+        slurm[key.strip()] = value
+    options = dict(cluster=args.cluster, timeout_min=_number(args.timeout_min, "--timeout-min",
+                                                              int),
+                   cpus_per_task=_number(args.cpus_per_task, "--cpus-per-task", int),
+                   gpus_per_node=_number(args.gpus_per_node, "--gpus-per-node", int),
+                   max_parallel=_number(args.max_parallel, "--max-parallel", int), slurm=slurm)
+    submitit_executor = SubmititExecutor(**options)  # validates the options
+    return submitit_executor if args.executor == "submitit" else SubprocessExecutor()
 
 
 def dry_run(settings: Any) -> int:
@@ -112,7 +148,6 @@ def dry_run(settings: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings, run the study, print where the report is."""
-
     settings = StudySettings(
         configs=_names(args.configs, "--configs"), inits=_names(args.inits, "--inits"),
         init_configs=_names(args.init_configs, "--init-configs"),
@@ -130,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         eval_windows=_number(args.eval_windows, "--eval-windows", int),
         device=args.device,
     )
+    chosen = executor(args)
     if args.dry_run:
         return dry_run(settings)
     # The exact command, every option spelled out (so it reruns the same study).
@@ -139,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         for item in value if isinstance(value, list) else [value]:
             argv += [f"--{key.replace('_', '-')}", str(item)]
-    out = run_study(settings, args.out, command=shell_command(argv))
+    out = run_study(settings, args.out, command=shell_command(argv), executor=chosen)
     print(f"report: {out['report']}")
     if out["skipped"]:
         print(f"{len(out['skipped'])} run(s) skipped by the budget (listed in the report)")

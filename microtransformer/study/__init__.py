@@ -30,6 +30,7 @@ from microtransformer.study.corpora import (
     parse_corpus_paths,
     prepare_corpus,
 )
+from microtransformer.study.executors import SubmititExecutor, SubprocessExecutor
 from microtransformer.study.measure import (
     BUCKET,
     PeakMemory,
@@ -51,7 +52,7 @@ from microtransformer.study.plan import (
 )
 from microtransformer.study.plots import COLORS, write_plots
 from microtransformer.study.report import write_report
-from microtransformer.study.runner import Runner, load_finished, run_study, shell_command
+from microtransformer.study.runner import load_finished, run_study, shell_command
 from microtransformer.study.stats import (
     CLAIMS,
     Claim,
@@ -66,11 +67,43 @@ from microtransformer.study.stats import (
 from microtransformer.study.worker import execute_run, run_in_subprocess
 
 __all__ = [
-    "BUCKET", "CLAIMS", "COLORS", "CORPORA", "OVERHEAD_S", "TIME_CAP", "Claim", "Corpus",
-    "PeakMemory", "RunSpec", "Runner", "StudySettings", "claim_rows", "corpus_sources",
-    "estimate_seconds", "execute_run", "fit_to_budget", "fmt", "group_results", "load_finished",
-    "loss_at_fraction", "loss_by_position", "mean_std", "measure_throughput", "paired_diffs",
-    "parse_corpus_paths", "plan_runs", "position_buckets", "prepare_corpus", "run_in_subprocess",
-    "run_study", "shell_command", "size_budget", "smooth_positions", "steps_for_tokens",
-    "verdict", "write_plots", "write_report",
+    "BUCKET",
+    "CLAIMS",
+    "COLORS",
+    "CORPORA",
+    "OVERHEAD_S",
+    "TIME_CAP",
+    "Claim",
+    "Corpus",
+    "PeakMemory",
+    "RunSpec",
+    "StudySettings",
+    "SubmititExecutor",
+    "SubprocessExecutor",
+    "claim_rows",
+    "corpus_sources",
+    "estimate_seconds",
+    "execute_run",
+    "fit_to_budget",
+    "fmt",
+    "group_results",
+    "load_finished",
+    "loss_at_fraction",
+    "loss_by_position",
+    "mean_std",
+    "measure_throughput",
+    "paired_diffs",
+    "parse_corpus_paths",
+    "plan_runs",
+    "position_buckets",
+    "prepare_corpus",
+    "run_in_subprocess",
+    "run_study",
+    "shell_command",
+    "size_budget",
+    "smooth_positions",
+    "steps_for_tokens",
+    "verdict",
+    "write_plots",
+    "write_report",
 ]

@@ -12,7 +12,7 @@ import os
 import shlex
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from microtransformer.device import resolve_device
 from microtransformer.fileio import atomic_write_json
 from microtransformer.search import seed_model_config
 from microtransformer.study.corpora import prepare_corpus
+from microtransformer.study.executors import Executor, SubprocessExecutor
 from microtransformer.study.measure import measure_throughput
 from microtransformer.study.plan import (
     RunSpec,
@@ -33,9 +34,6 @@ from microtransformer.study.plan import (
     steps_for_tokens,
 )
 from microtransformer.study.report import write_report
-from microtransformer.study.worker import run_in_subprocess
-
-Runner = Callable[[RunSpec, Path, Path], dict[str, Any]]
 
 
 def load_finished(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -51,12 +49,15 @@ def load_finished(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = "",
-              runner: Runner = run_in_subprocess, throughput: dict[str, float] | None = None,
+              executor: Executor | None = None, throughput: dict[str, float] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Plan, run (skipping finished runs) and report. Returns a summary dict.
 
-    `throughput` (config -> training tokens/s) skips the calibration (tests).
+    `executor` runs the planned runs (default: one local subprocess at a time;
+    `executors.SubmititExecutor` hands them to a scheduler). `throughput` (config -> training
+    tokens/s) skips the calibration (tests).
     """
+    executor = executor or SubprocessExecutor()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -96,15 +97,24 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
         f"equal-token run, {minutes:.2f} min per equal-time run; {len(skipped)} skipped by "
         "the budget")
 
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = [done[spec.run_id] for spec in kept if spec.run_id in done]
     failed: list[str] = []
     deadline = None if s.budget_minutes is None else t_start + s.budget_minutes * 60
+    measured: dict[str, list[float]] = {}  # config -> tokens/s of its equal-token runs so far
 
-    measured: dict[str, list[float]] = {}
-    for i, spec in enumerate(kept, start=1):
-        if spec.run_id in done:
-            res = done[spec.run_id]
-        else:
+    def note_speed(res: dict[str, Any]) -> None:
+        if res["spec"]["group"] == "tokens" and res["spec"]["device"] == device:
+            measured.setdefault(res["spec"]["config"], []).append(res["tokens_per_s_best"])
+
+    for res in results:
+        note_speed(res)
+    todo = [(i, spec) for i, spec in enumerate(kept, start=1) if spec.run_id not in done]
+
+    def next_specs() -> Iterator[RunSpec]:
+        """The runs still to do, each decided when the executor asks for it: a one-at-a-time
+        executor asks after the previous run, so the deadline and the speeds measured so far
+        apply; a scheduler takes them all at once."""
+        for i, spec in todo:
             if spec.group == "time" and spec.config in measured:
                 # Equal-time steps from this config's measured speed in the equal-token runs
                 # so far (best window, median over runs); else the calibration's.
@@ -116,17 +126,19 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                 skipped.append(spec)  # the runs so far took longer than planned
                 continue
             log(f"[{i}/{len(kept)}] {spec.run_id}: {spec.max_steps} steps"
-                + (f", cap {spec.max_minutes:.2f} min" if spec.max_minutes else ""))
-            try:
-                res = runner(spec, data_dirs[spec.corpus], out / "runs" / spec.run_id)
-            except RuntimeError as exc:
-                failed.append(f"{spec.run_id}: {str(exc)[:300]}")
-                log(f"  FAILED: {str(exc)[:300]}")
-                continue
-            log(f"  val loss {res['val_loss']:.4f}, {res['tokens_per_s_best']:,.0f} tok/s")
-        results.append(res)
-        if res["spec"]["group"] == "tokens" and res["spec"]["device"] == device:
-            measured.setdefault(res["spec"]["config"], []).append(res["tokens_per_s_best"])
+                + (f", cap {spec.max_minutes:.2f} min" if spec.max_minutes else "")
+                + ("" if executor.name == "subprocess" else f" -> {executor.name}"))
+            yield spec
+
+    for spec, outcome in executor.run(next_specs(), data_dirs, out):
+        if isinstance(outcome, Exception):
+            failed.append(f"{spec.run_id}: {str(outcome)[:300]}")
+            log(f"  {spec.run_id} FAILED: {str(outcome)[:300]}")
+            continue
+        log(f"  {spec.run_id}: val loss {outcome['val_loss']:.4f}, "
+            f"{outcome['tokens_per_s_best']:,.0f} tok/s")
+        results.append(outcome)
+        note_speed(outcome)
 
     settings = {**asdict(s), "tokens_per_run": tokens, "minutes_per_time_run": minutes,
                 "throughput_estimate": throughput}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,17 +65,18 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         seed=spec.seed, device=spec.device, max_time_minutes=spec.max_minutes,
     )
     cfg = RunConfig(model=model_cfg, train=train_cfg, data=DataConfig(data_dir=str(data_dir)))
-    for stale in ("metrics.jsonl", "state.pt", "model.safetensors", "best.safetensors"):
-        (run_dir / stale).unlink(missing_ok=True)  # an unfinished earlier attempt starts over
+    # The training run lives in RUN/train (a run directory of its own: `train` refuses a
+    # directory holding other files, and RUN also holds spec.json, train.log, result.json).
+    train_dir = run_dir / "train"
+    shutil.rmtree(train_dir, ignore_errors=True)  # an unfinished earlier attempt starts over
     run_dir.mkdir(parents=True, exist_ok=True)
 
     with PeakMemory(spec.device) as mem:
-        result = train(cfg, run_dir, progress=progress)
+        result = train(cfg, train_dir, progress=progress)
 
     # The final weights, as trained (dropout off for evaluation).
-
     model = MicroTransformer.from_config(model_cfg).to(spec.device)
-    load_weights_into(model, run_dir / WEIGHTS_FILE)
+    load_weights_into(model, train_dir / WEIGHTS_FILE)
     model.eval()
     n_batches = max(1, math.ceil(spec.eval_windows / spec.batch_size))
     windows = (b["input_ids"] for b in iter_eval_batches(
@@ -86,7 +88,7 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
     val_loss = float(per_pos.mean())
     bpt = float(meta["bytes_per_token"]["val"])
 
-    events = read_metrics(run_dir / "metrics.jsonl")
+    events = read_metrics(train_dir / "metrics.jsonl")
     train_events = [e for e in events if e.get("loss") is not None]
     window_tps = [e["tokens_per_s"] for e in train_events if e.get("tokens_per_s")]
     tps = statistics.median(window_tps) if window_tps else result.tokens_per_s
@@ -139,7 +141,7 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
     }
     atomic_write_json(run_dir / "result.json", res)
     for heavy in ("state.pt", "best.safetensors"):  # keep the final weights, drop the rest
-        (run_dir / heavy).unlink(missing_ok=True)
+        (train_dir / heavy).unlink(missing_ok=True)
     return res
 
 

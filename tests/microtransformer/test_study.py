@@ -155,6 +155,19 @@ def test_verdict_words():
 
 
 # ---------------------------------------------------------------- resume
+class FnExecutor:
+    """An executor that calls `fn(spec, data_dir, run_dir)` in this process, one at a time."""
+
+    name = "subprocess"
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def run(self, specs, data_dirs, out_dir):
+        for spec in specs:
+            yield spec, self.fn(spec, data_dirs[spec.corpus], out_dir / "runs" / spec.run_id)
+
+
 def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
     calls: list[str] = []
@@ -170,22 +183,53 @@ def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
     s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
                         seq_len=64, batch_size=8, device="cpu")
     tps = {c: 1000.0 for c in s.configs}
-    first = S.run_study(s, tmp_path, runner=runner, throughput=dict(tps), log=lambda _: None)
+    first = S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict(tps),
+                        log=lambda _: None)
     assert len(calls) == 4 and len(first["results"]) == 4
     # Lose one run's result: only that run is redone.
     lost = tmp_path / "runs" / calls[1] / "result.json"
     lost.unlink()
     calls.clear()
-    second = S.run_study(s, tmp_path, runner=runner, throughput=dict(tps), log=lambda _: None)
+    second = S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict(tps),
+                         log=lambda _: None)
     assert calls == [lost.parent.name]
     assert len(second["results"]) == 4
     # A rerun with only a budget keeps the first invocation's run sizes (plan.json).
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["tokens"] == 1024
     calls.clear()
-    third = S.run_study(replace(s, tokens=None, budget_minutes=60.0), tmp_path, runner=runner,
-                        throughput=dict(tps), log=lambda _: None)
+    third = S.run_study(replace(s, tokens=None, budget_minutes=60.0), tmp_path,
+                        executor=FnExecutor(runner), throughput=dict(tps), log=lambda _: None)
     assert calls == [] and len(third["results"]) == 4
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_killed_study_resumes_with_the_runs_it_had_not_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
+    calls: list[str] = []
+
+    def runner(spec, data_dir, run_dir):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the study is killed during its third run
+        calls.append(spec.run_id)
+        res = fake_result(spec.group, spec.corpus, spec.config, spec.init, spec.seed)
+        res["spec"] = asdict(spec)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(res))
+        return res
+
+    s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
+                        seq_len=64, batch_size=8, device="cpu")
+    tps = {c: 1000.0 for c in s.configs}
+    with pytest.raises(KeyboardInterrupt):
+        S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict(tps),
+                    log=lambda _: None)
+    first = list(calls)
+    calls.clear()  # the rerun does the two runs left (it would be killed at a third)
+    out = S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict(tps),
+                      log=lambda _: None)
+    assert len(first) == 2 and len(calls) == 2 and not set(calls) & set(first)
+    assert sorted(r["run_id"] for r in out["results"]) == sorted(first + calls)
     assert (tmp_path / "report.md").is_file()
 
 
@@ -325,3 +369,45 @@ def test_cli_bad_input_exits_2(argv, needle, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("microtransformer study: error:") and needle in err
     assert not (tmp_path / "r").exists()  # rejected before any work
+
+
+# ---------------------------------------------------------------- executors
+def _deterministic(record: dict) -> dict:
+    keep = ("run_id", "params", "steps", "tokens", "stop_reason", "val_loss", "val_bpb",
+            "final_train_loss", "loss_by_position", "sample", "model")
+    return {k: record[k] for k in keep}
+
+
+@pytest.mark.skipif(not _has_train_seq_len(), reason="needs TrainConfig.seq_len (train.seq_len)")
+def test_submitit_local_executor_gives_the_subprocess_records(tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from microtransformer.study.executors import SubmititExecutor, SubprocessExecutor
+
+    monkeypatch.setattr(study_runner, "prepare_corpus", lambda *a, **k: tiny_data)
+    s = S.StudySettings(configs=("narrow_deep",), corpora=("code",), seeds=(0,),
+                        compare=("tokens",), tokens=2 * 2 * 64, seq_len=64, batch_size=2,
+                        eval_windows=2, gen_tokens=4, device="cpu")
+    records = {}
+    for name, executor in (("subprocess", SubprocessExecutor()),
+                           ("submitit", SubmititExecutor(cluster="local", timeout_min=10,
+                                                         cpus_per_task=1))):
+        out = S.run_study(s, tmp_path / name, executor=executor,
+                          throughput={"narrow_deep": 1000.0}, log=lambda _: None)
+        assert not out["failed"], out["failed"]
+        records[name] = [_deterministic(r) for r in out["results"]]
+        assert (tmp_path / name / "report.md").is_file()
+    assert len(records["submitit"]) == 2  # narrow_deep with each init
+    assert records["subprocess"] == records["submitit"]
+    ledger = json.loads((tmp_path / "submitit" / "jobs.json").read_text())
+    assert sorted(ledger) == sorted(r["run_id"] for r in records["submitit"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--executor", "submitit", "--cluster", "pbs"], "invalid choice: 'pbs'"),
+    (["--executor", "submitit", "--timeout-min", "0"], "--timeout-min 0 must be >= 1"),
+    (["--executor", "submitit", "--slurm", "partition"], "must be KEY=VALUE"),
+])
+def test_executor_options_are_checked_in_one_line(argv, needle, capsys, tmp_path):
+    assert main(["study", "--out", str(tmp_path / "r"), "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
