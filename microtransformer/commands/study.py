@@ -55,6 +55,16 @@ def _number(text: str | None, flag: str, kind: type = float) -> float | int | No
     return round(value) if kind is int else value
 
 
+def _multiples(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        return tuple(float(x) for x in _names(text, "--lr-sweep"))
+    except ValueError:
+        raise UserError(f"--lr-sweep={text!r} must be comma-separated numbers, e.g. 0.5,2, "
+                        "or none") from None
+
+
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add the `study` subcommand."""
     p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
@@ -81,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--seq-len", default="256", help="context length T (default 256)")
     p.add_argument("--batch-size", default="16", help="sequences per step (default 16)")
     p.add_argument("--lr", default="1e-3", help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr-sweep", default="0.5,2",
+                   help="other learning rates, as multiples of --lr, trained per config on the "
+                        "first corpus at equal tokens (default 0.5,2: three rates with the "
+                        "base); 'none' for no sweep")
     p.add_argument("--dropout", default="0.0", help="dropout (default 0: single-epoch runs)")
     p.add_argument("--vocab-size", default="5000", help="BPE vocab per corpus (default 5000)")
     p.add_argument("--corpus-max-mb", default="8",
@@ -160,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=_number(args.seq_len, "--seq-len", int),
         batch_size=_number(args.batch_size, "--batch-size", int),
         lr=_number(args.lr, "--lr"), dropout=_number(args.dropout, "--dropout"),
+        lr_sweep=_multiples(args.lr_sweep),
         vocab_size=_number(args.vocab_size, "--vocab-size", int),
         corpus_max_mb=_number(args.corpus_max_mb, "--corpus-max-mb"),
         eval_windows=_number(args.eval_windows, "--eval-windows", int),

@@ -77,6 +77,44 @@ def smooth_positions(per_pos: Sequence[float], width: int = 8) -> tuple[list[flo
     return xs, ys
 
 
+def block_grad_norms(model: MicroTransformer, input_ids: torch.Tensor) -> list[float]:
+    """The gradient norm of each block's parameters for one batch's loss; input_ids (B, T).
+
+    At initialisation this shows whether gradients shrink with depth (the seed's "vanishing
+    gradients" concern for deep models). Index 0 is the block nearest the input.
+    """
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=input_ids)
+    loss.backward()
+    norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for p in block.parameters()
+                           if p.grad is not None)) for block in model.blocks]
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def generation_speed(model: MicroTransformer, prompt: torch.Tensor, new_tokens: int, *,
+                     seed: int, device: str, repeats: int = 3) -> tuple[float, torch.Tensor]:
+    """(tokens/s per sequence, last output) of KV-cache sampling from `prompt` (B, T0),
+    temperature 0.8, top-k 50: the fastest of `repeats` (robust to other load on the machine).
+    Tokens/s counts the new tokens of one sequence, so batch 8 at the same speed does 8x the
+    work."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    best = math.inf
+    out = prompt
+    for _ in range(repeats):
+        gen.manual_seed(seed)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():  # fp32: the KV cache keeps the model's dtype
+            out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.8, top_k=50,
+                                 generator=gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return new_tokens / best, out
+
+
 class PeakMemory:
     """Peak memory of the code run inside: CUDA max allocated, or on CPU (Linux) the growth of
     this process's RSS high-water mark (VmHWM, reset on entry) over its RSS at entry. The CPU

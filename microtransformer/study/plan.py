@@ -55,9 +55,13 @@ class StudySettings:
     eval_windows: int = 128
     gen_tokens: int = 128
     device: str = "auto"
+    lr_sweep: tuple[float, ...] = (0.5, 2.0)  # extra rates, as multiples of lr; () = no sweep
 
     def __post_init__(self) -> None:
         problems = []
+        if any(not m > 0 or m == 1.0 for m in self.lr_sweep):
+            problems.append(f"--lr-sweep {list(self.lr_sweep)} must be multiples of --lr, > 0 "
+                            "and not 1 (the base rate is always run)")
         for c in self.configs + self.init_configs:
             if c not in SEED_PRESETS:
                 problems.append(f"unknown config {c!r}; choose from {', '.join(SEED_PRESETS)}")
@@ -103,7 +107,7 @@ class StudySettings:
 class RunSpec:
     """One training run of the study."""
 
-    group: str          # "tokens" | "init" | "time"
+    group: str          # "tokens" | "init" | "lr" | "time"
     config: str         # seed preset name
     init: str
     corpus: str
@@ -122,7 +126,8 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """Directory name, unique within a study."""
-        return f"{self.group}__{self.corpus}__{self.config}__{self.init}__s{self.seed}"
+        base = f"{self.group}__{self.corpus}__{self.config}__{self.init}__s{self.seed}"
+        return f"{base}__lr{self.lr:g}" if self.group == "lr" else base
 
     @property
     def tokens(self) -> int:
@@ -149,7 +154,9 @@ def steps_for_tokens(tokens: float, batch_size: int, seq_len: int) -> int:
 
 def plan_runs(s: StudySettings, tokens: int, minutes: float,
               throughput: dict[str, float]) -> list[RunSpec]:
-    """All runs in priority order: equal tokens, the init comparison, equal time.
+    """All runs in priority order: equal tokens, the init comparison, the learning-rate sweep
+    (the other rates of `lr_sweep`, on the first corpus; the base rate is the equal-token run),
+    equal time.
 
     `throughput[config]` (training tokens/s) sizes the equal-time runs' step counts.
     """
@@ -169,6 +176,11 @@ def plan_runs(s: StudySettings, tokens: int, minutes: float,
                     for init in s.inits[1:]:
                         runs.append(RunSpec("init", cfg, init, corpus, seed,
                                             max_steps=token_steps, **common))
+            for cfg in s.configs:
+                for scale in s.lr_sweep:
+                    runs.append(RunSpec("lr", cfg, base_init, s.corpora[0], seed,
+                                        max_steps=token_steps,
+                                        **{**common, "lr": s.lr * scale}))
         if "time" in s.compare:
             for corpus in s.corpora:
                 for cfg in s.configs:

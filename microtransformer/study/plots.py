@@ -13,9 +13,11 @@ COLORS = {"wide_shallow": "tab:blue", "narrow_deep": "tab:red", "balanced": "tab
 
 
 def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
-                corpora: Sequence[str], base_init: str) -> list[Path]:
-    """study_loss_tokens.png, study_loss_time.png, study_position.png, study_init.png
-    (those that have data). Returns their paths."""
+                corpora: Sequence[str], base_init: str,
+                sweep: dict[str, dict[int, dict[float, float]]] | None = None) -> list[Path]:
+    """study_loss_tokens.png, study_loss_time.png, study_position.png, study_init.png and
+    study_lr.png (val loss over the learning-rate sweep), those that have data. Returns their
+    paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,6 +110,17 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
                             label=f"{cfg} {init}" if j == 0 else None)
             style(ax, corpus, "training tokens")
         save(fig, "study_init.png")
+    if sweep:
+        fig, ax = plt.subplots(figsize=(4.6, 3.2), dpi=80)
+        fig.suptitle("learning-rate sweep (equal tokens)", fontsize=10)
+        for cfg, by_seed in sorted(sweep.items()):
+            for j, (_, losses) in enumerate(sorted(by_seed.items())):
+                rates = sorted(losses)
+                ax.plot(rates, [losses[x] for x in rates], marker="o", color=COLORS.get(cfg),
+                        alpha=0.8, linewidth=1, label=cfg if j == 0 else None)
+        ax.set_xscale("log")
+        style(ax, corpora[0] if corpora else "", "peak learning rate", "val loss (nats)")
+        save(fig, "study_lr.png")
     return paths
 
 

@@ -11,7 +11,14 @@ from typing import Any
 from microtransformer.study.corpora import CORPORA
 from microtransformer.study.measure import BUCKET
 from microtransformer.study.plots import write_plots
-from microtransformer.study.stats import claim_rows, fmt, group_results, loss_at_fraction
+from microtransformer.study.stats import (
+    claim_rows,
+    fmt,
+    grad_depth_ratio,
+    group_results,
+    loss_at_fraction,
+    lr_sweep_losses,
+)
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -33,7 +40,8 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
     groups = group_results(results)
     corpora = [c for c in settings.get("corpora", CORPORA) if any(k[1] == c for k in groups)]
     base_init = (settings.get("inits") or ["kaiming"])[0]
-    images = write_plots(out, groups, corpora, base_init) if plots and results else []
+    sweep = lr_sweep_losses(results, corpora[0], base_init) if corpora else {}
+    images = write_plots(out, groups, corpora, base_init, sweep) if plots and results else []
 
     L: list[str] = ["# Architecture study report", ""]
     if command:
@@ -72,25 +80,55 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
                     fmt([r["step_time_ms"] for r in rs], 0),
                     fmt([r["peak_memory_mb"] for r in rs], 0),
                     fmt([r["gen_tokens_per_s"] for r in rs], 0),
+                    fmt([r.get("gen_tokens_per_s_b8") for r in rs], 0),
                 ])
         if rows:
             L += [f"## {title}", ""]
             L += _table(["corpus", "config", "init", "n", "params", "tokens", "val loss",
                          "val bpb", "early", "late", "gain", "train tok/s*", "step ms*",
-                         "peak MB", "gen tok/s"], rows)
+                         "peak MB", "gen tok/s", "gen tok/s b8"], rows)
             L.append("")
     if results:
         kind = results[0].get("memory_kind", "")
         L += ["\\* best logged window of the run (the uncontended speed; runs.jsonl also has "
-              "the median). gen tok/s: KV-cache sampling, batch 1, fastest of three.",
+              "the median). gen tok/s: KV-cache sampling, batch 1, fastest of three; b8: batch 8, "
+              "tokens/s per sequence.",
               f"Peak MB: {kind} (CPU: growth of the run process's RSS high-water mark during "
               "training, which includes allocator caching; CUDA: torch max allocated).", ""]
 
-    claims = claim_rows(groups, corpora, base_init)
+    if sweep:
+        rates = sorted({lr for by_seed in sweep.values() for v in by_seed.values() for lr in v})
+        L += [f"## Learning-rate sweep ({corpora[0]}, equal tokens)", "",
+              "val loss per peak learning rate; spread = max - min over the rates.", ""]
+        rows = []
+        for cfg, by_seed in sorted(sweep.items()):
+            cells = [fmt([v[lr] for v in by_seed.values() if lr in v]) for lr in rates]
+            spread = fmt([max(v.values()) - min(v.values()) for v in by_seed.values()])
+            rows.append([cfg, len(by_seed), *cells, spread])
+        L += _table(["config", "n", *[f"lr {lr:g}" for lr in rates], "spread"], rows)
+        L.append("")
+    grad_rows = []
+    for (g, c, cfg, init), rs in sorted(groups.items()):
+        norms = [r.get("grad_norms_init") for r in rs if r.get("grad_norms_init")]
+        if g == "tokens" and c == (corpora[0] if corpora else None) and norms:
+            layers = len(norms[0])
+            per_layer = [fmt([n[i] for n in norms], 3) for i in range(layers)]
+            grad_rows.append([cfg, init, len(norms), fmt([grad_depth_ratio(n) for n in norms]),
+                              " / ".join(per_layer)])
+    if grad_rows:
+        L += [f"## Gradient norms at initialisation ({corpora[0]}, first training batch)", "",
+              "Per block, input side first; ratio = first / last block (below 1: gradients "
+              "shrink toward the input).", ""]
+        L += _table(["config", "init", "n", "first/last", "per block"], grad_rows)
+        L.append("")
+
+    claims = claim_rows(groups, corpora, base_init, sweep)
     if claims:
         L += ["## Claims of the seed spec, measured", "",
               "Paired per-seed differences (same seed = same data order and eval windows). "
-              "'supported' / 'contradicted' = every seed agrees; 'mixed' = seeds disagree.", ""]
+              "'supported' / 'contradicted' = every seed's difference agrees and the two sides' "
+              "spreads over seeds (mean ± std) do not overlap; 'not distinguishable' = seeds "
+              "disagree or the spreads overlap (within seed noise at this budget).", ""]
         L += _table(["claim", "corpus", "per-seed difference", "verdict"],
                     [[r["claim"], r["corpus"], r["diffs"], r["verdict"]] for r in claims])
         L.append("")

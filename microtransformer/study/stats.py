@@ -30,10 +30,13 @@ def fmt(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
 
 def group_results(results: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, str],
                                                                list[dict[str, Any]]]:
-    """Results by (group, corpus, config, init), each list sorted by seed."""
+    """Results by (group, corpus, config, init), each list sorted by seed (the init runs with
+    the equal-token ones; the learning-rate sweep's runs apart)."""
     out: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in results:
         sp = r["spec"]
+        if sp["group"] == "lr":
+            continue  # the sweep's runs differ in lr: `lr_sweep_losses` groups them
         key = (sp["group"] if sp["group"] != "init" else "tokens", sp["corpus"], sp["config"],
                sp["init"])
         out.setdefault(key, []).append(r)
@@ -50,19 +53,33 @@ def paired_diffs(a: list[dict[str, Any]], b: list[dict[str, Any]],
             if r["spec"]["seed"] in by_seed]
 
 
-def verdict(diffs: Sequence[float], claim_positive: bool) -> str:
-    """'supported' / 'contradicted' when every seed's paired difference agrees, else 'mixed'.
+def spreads_overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    """True when mean ± sample std over seeds of `a` and of `b` overlap."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if math.isnan(ma) or math.isnan(mb):
+        return False
+    return abs(ma - mb) <= sa + sb
 
-    `claim_positive`: the claim predicts diffs > 0. With one seed the word is 'one seed: ...'.
+
+def verdict(diffs: Sequence[float], claim_positive: bool, a: Sequence[float] = (),
+            b: Sequence[float] = ()) -> str:
+    """The verdict on a claim from its paired per-seed differences `diffs` (a - b per seed;
+    `claim_positive`: the claim predicts them > 0) and, when given, each side's values.
+
+    'supported' / 'contradicted': every seed's difference has the same sign and the two sides'
+    spreads over seeds (mean ± std) do not overlap. 'not distinguishable': seeds disagree, or
+    the spreads overlap (the difference is within the seed-to-seed noise at this budget). One
+    seed gives 'one seed: ...' (no spread to judge by).
     """
     if not diffs:
         return "not run"
     signs = {d > 0 for d in diffs}
-    if len(signs) > 1 or any(d == 0 for d in diffs):
-        word = "mixed"
-    else:
-        word = "supported" if signs.pop() == claim_positive else "contradicted"
-    return word if len(diffs) > 1 else f"one seed: {word}"
+    word = "supported" if signs == {claim_positive} else "contradicted"
+    if len(diffs) == 1:
+        return f"one seed: {word}" if diffs[0] != 0 else "one seed: no difference"
+    if len(signs) > 1 or any(d == 0 for d in diffs) or (a and b and spreads_overlap(a, b)):
+        return "not distinguishable"
+    return word
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,8 @@ def _metric(name: str) -> Callable[[dict[str, Any]], float]:
         "val_loss": lambda r: r["val_loss"],
         "tokens_per_s": lambda r: r["tokens_per_s_best"],
         "gen_tokens_per_s": lambda r: r["gen_tokens_per_s"],
+        "gen_tokens_per_s_b8": lambda r: r.get("gen_tokens_per_s_b8", float("nan")),
+        "grad_ratio": lambda r: grad_depth_ratio(r.get("grad_norms_init") or []),
         "peak_memory_mb": lambda r: r["peak_memory_mb"],
         "late": lambda r: r["position_buckets"]["late"],
         "early": lambda r: r["position_buckets"]["early"],
@@ -102,10 +121,18 @@ CLAIMS: tuple[Claim, ...] = (
           "tokens", None, "wide_shallow", "narrow_deep", "tokens_per_s", True),
     Claim("Narrow & Deep generates slower (KV-cache tokens/s) than Wide & Shallow",
           "tokens", None, "wide_shallow", "narrow_deep", "gen_tokens_per_s", True),
+    Claim("Narrow & Deep generates slower at batch 8 (KV-cache tokens/s per sequence)",
+          "tokens", None, "wide_shallow", "narrow_deep", "gen_tokens_per_s_b8", True),
     Claim("Narrow & Deep uses less training memory than Wide & Shallow",
           "tokens", None, "wide_shallow", "narrow_deep", "peak_memory_mb", True),
     Claim("Narrow & Deep is harder to train: higher train loss than Wide & Shallow at 25% of "
           "the run", "tokens", None, "narrow_deep", "wide_shallow", "loss25", True),
+    Claim("Narrow & Deep has vanishing gradients: first-block / last-block gradient norm at "
+          "initialisation lower than Wide & Shallow's", "tokens", None, "wide_shallow",
+          "narrow_deep", "grad_ratio", True),
+    Claim("Narrow & Deep is harder to train: its val loss varies more over the learning-rate "
+          "sweep than Wide & Shallow's", "lr", None, "narrow_deep", "wide_shallow",
+          "lr_spread", True),
     Claim("Narrow & Deep's advantage over Wide & Shallow is larger at late positions "
           "(long range) than at early ones", "tokens", None, "narrow_deep", "wide_shallow",
           "long_range", True),
@@ -113,10 +140,29 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
-               corpora: Sequence[str], base_init: str) -> list[dict[str, str]]:
-    """One row per (claim, corpus): paired per-seed differences and the verdict word."""
+               corpora: Sequence[str], base_init: str,
+               sweep: dict[str, dict[int, dict[float, float]]] | None = None
+               ) -> list[dict[str, str]]:
+    """One row per (claim, corpus): paired per-seed differences and the verdict.
+
+    `sweep` (`lr_sweep_losses`) serves the learning-rate claim, on the sweep's corpus.
+    """
     rows = []
     for c in CLAIMS:
+        if c.metric == "lr_spread":
+            if not sweep:
+                continue
+            spread = {cfg: {seed: max(v.values()) - min(v.values())
+                            for seed, v in by_seed.items() if len(v) >= 3}
+                      for cfg, by_seed in sweep.items()}
+            a, b = spread.get(c.a, {}), spread.get(c.b, {})
+            seeds = sorted(set(a) & set(b))
+            diffs = [a[k] - b[k] for k in seeds]
+            rows.append({"claim": c.text, "corpus": corpora[0] if corpora else "-",
+                         "diffs": ", ".join(f"{d:+.4g}" for d in diffs) or "-",
+                         "verdict": verdict(diffs, c.positive, [a[k] for k in seeds],
+                                            [b[k] for k in seeds])})
+            continue
         if c.corpus is None:
             targets = list(corpora)
         else:
@@ -129,11 +175,17 @@ def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
                 late = paired_diffs(b, a, _metric("late"))
                 early = paired_diffs(b, a, _metric("early"))
                 diffs = [x - y for x, y in zip(late, early, strict=True)]
+                sides: tuple[list[float], list[float]] = (late, early)
             else:
                 diffs = paired_diffs(a, b, _metric(c.metric))
+                seeds = {r["spec"]["seed"] for r in b}
+                sides = ([_metric(c.metric)(r) for r in a if r["spec"]["seed"] in seeds],
+                         [_metric(c.metric)(r) for r in b
+                          if r["spec"]["seed"] in {x["spec"]["seed"] for x in a}])
+            diffs = [d for d in diffs if math.isfinite(d)]
             rows.append({"claim": c.text, "corpus": corpus,
                          "diffs": ", ".join(f"{d:+.4g}" for d in diffs) or "-",
-                         "verdict": verdict(diffs, c.positive)})
+                         "verdict": verdict(diffs, c.positive, *sides)})
     # Balanced in the middle (val loss strictly between the other two, each seed).
     for group in ("tokens", "time"):
         for corpus in corpora:
@@ -149,7 +201,7 @@ def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
             between = [min(pick["ws"][k], pick["nd"][k]) <= pick["bal"][k]
                        <= max(pick["ws"][k], pick["nd"][k]) for k in seeds]
             word = ("supported" if all(between) else
-                    "contradicted" if not any(between) else "mixed")
+                    "contradicted" if not any(between) else "not distinguishable")
             rows.append({"claim": f"Balanced lies between the other two (val loss, {group})",
                          "corpus": corpus,
                          "diffs": ", ".join("between" if x else "outside" for x in between),
@@ -167,3 +219,24 @@ def loss_at_fraction(r: dict[str, Any], frac: float) -> float:
     return statistics.fmean(e[3] for e in near)
 
 
+def grad_depth_ratio(norms: Sequence[float]) -> float:
+    """First-block over last-block gradient norm (below 1: gradients shrink toward the input)."""
+    if len(norms) < 2 or not norms[-1] > 0:
+        return float("nan")
+    return norms[0] / norms[-1]
+
+
+def lr_sweep_losses(results: Iterable[dict[str, Any]], corpus: str, base_init: str
+                    ) -> dict[str, dict[int, dict[float, float]]]:
+    """{config: {seed: {lr: val loss}}} on `corpus`: the sweep's runs plus the equal-token run
+    at the base rate (same tokens, seed and data order)."""
+    out: dict[str, dict[int, dict[float, float]]] = {}
+    for r in results:
+        sp = r["spec"]
+        if sp["corpus"] != corpus or sp["init"] != base_init or sp["group"] not in ("lr",
+                                                                                    "tokens"):
+            continue
+        out.setdefault(sp["config"], {}).setdefault(sp["seed"], {})[float(sp["lr"])] = \
+            r["val_loss"]
+    swept = {cfg for cfg, by_seed in out.items() if any(len(v) > 1 for v in by_seed.values())}
+    return {cfg: by_seed for cfg, by_seed in out.items() if cfg in swept}

@@ -22,10 +22,16 @@ import torch
 
 from microtransformer.checkpoint import load_weights_into
 from microtransformer.config import DataConfig, RunConfig, TrainConfig
-from microtransformer.data import iter_eval_batches, load_meta
+from microtransformer.data import BatchLoader, iter_eval_batches, load_meta
 from microtransformer.fileio import atomic_write_json
 from microtransformer.metrics import read_metrics
-from microtransformer.study.measure import PeakMemory, loss_by_position, position_buckets
+from microtransformer.study.measure import (
+    PeakMemory,
+    block_grad_norms,
+    generation_speed,
+    loss_by_position,
+    position_buckets,
+)
 from microtransformer.study.plan import RunSpec
 from microtransformer.tokenizer import Tokenizer
 from microtransformer.training import train
@@ -71,6 +77,14 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
     shutil.rmtree(train_dir, ignore_errors=True)  # an unfinished earlier attempt starts over
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    # Gradient norm per block at initialisation, on the run's first training batch.
+    torch.manual_seed(spec.seed)
+    probe = MicroTransformer.from_config(model_cfg).to(spec.device).train()
+    first = BatchLoader(data_dir, "train", spec.batch_size, spec.seq_len, seed=spec.seed,
+                        device=spec.device).next_batch()["input_ids"]  # (B, T)
+    grad_norms_init = block_grad_norms(probe, first)
+    del probe
+
     with PeakMemory(spec.device) as mem:
         result = train(cfg, train_dir, progress=progress)
 
@@ -97,24 +111,14 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
     tps_best = max(window_tps[1:] or window_tps) if window_tps else result.tokens_per_s
     tokens_per_step = spec.batch_size * spec.seq_len
 
-    # Generation: KV-cache sampling from a val prompt, timed, plus its text.
+    # Generation: KV-cache sampling from val prompts at batch 1 and 8, timed, plus a text.
     tok = Tokenizer.load(data_dir / "tokenizer.json")
-    prompt = next(iter_eval_batches(data_dir, "val", 1, 16, 1, seed=99, device=spec.device)
-                  )["input_ids"]  # (1, 16)
-    gen = torch.Generator(device=spec.device).manual_seed(spec.seed)
-    n_new = min(spec.gen_tokens, spec.seq_len - prompt.size(1))
-    gen_s = math.inf
-    for rep in range(3):  # fastest of three: robust to other load on a shared machine
-        gen.manual_seed(spec.seed)
-        if spec.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():  # fp32: the KV cache keeps the model's dtype
-            out = model.generate(prompt, max_new_tokens=n_new, temperature=0.8, top_k=50,
-                                 generator=gen)
-        if spec.device == "cuda":
-            torch.cuda.synchronize()
-        gen_s = min(gen_s, time.perf_counter() - t0) if rep else time.perf_counter() - t0
+    prompts = next(iter_eval_batches(data_dir, "val", 8, 16, 1, seed=99, device=spec.device)
+                   )["input_ids"]  # (8, 16)
+    n_new = min(spec.gen_tokens, spec.seq_len - prompts.size(1))
+    gen_tps, out = generation_speed(model, prompts[:1], n_new, seed=spec.seed,
+                                    device=spec.device)
+    gen_tps_b8, _ = generation_speed(model, prompts, n_new, seed=spec.seed, device=spec.device)
 
     res: dict[str, Any] = {
         "run_id": spec.run_id, "spec": asdict(spec), "model": model_cfg.to_dict(),
@@ -128,7 +132,8 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         "position_buckets": position_buckets(per_pos.tolist()),
         "peak_memory_mb": mem.mb, "memory_kind": mem.kind,
         "eval_tokens_per_s": per_pos.numel() * n_batches * spec.batch_size / eval_s,
-        "gen_tokens_per_s": n_new / gen_s,
+        "gen_tokens_per_s": gen_tps, "gen_tokens_per_s_b8": gen_tps_b8,
+        "grad_norms_init": [round(g, 6) for g in grad_norms_init],
         "max_grad_norm": max((e.get("grad_norm") or 0.0) for e in train_events)
         if train_events else None,
         "curve": [[e["step"], e["tokens_seen"], round(e["elapsed_s"], 3), round(e["loss"], 5)]

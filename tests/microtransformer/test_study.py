@@ -59,8 +59,11 @@ def test_plan_order_sizes_and_budget():
     assert tokens == 40_960 and math.isclose(minutes, 40_960 / 1500 / 60)
     runs = S.plan_runs(s, tokens, minutes, tps)
     groups = [r.group for r in runs]
-    assert groups == (["tokens"] * 3 + ["init"] + ["time"] * 3) * 2
-    assert [r.seed for r in runs] == [0] * 7 + [1] * 7
+    assert groups == (["tokens"] * 3 + ["init"] + ["lr"] * 6 + ["time"] * 3) * 2
+    assert [r.seed for r in runs] == [0] * 13 + [1] * 13
+    sweep = [r for r in runs if r.group == "lr" and r.seed == 0]
+    assert sorted({r.lr for r in sweep}) == [s.lr * 0.5, s.lr * 2.0]
+    assert {r.config for r in sweep} == set(s.configs) and {r.corpus for r in sweep} == {"code"}
     assert all(r.max_steps == 80 for r in runs if r.group != "time")
     time_steps = {r.config: r.max_steps for r in runs if r.group == "time"}
     assert time_steps["wide_shallow"] > time_steps["balanced"] > time_steps["narrow_deep"]
@@ -102,7 +105,8 @@ def fake_result(group: str, corpus: str, config: str, init: str, seed: int) -> d
         "max_grad_norm": 1.0, "curve": [[s, s * 512, s * 0.5, 6 - 0.1 * s] for s in
                                         range(1, 11)],
         "sample": f"sample {config}", "device": "cpu", "torch": torch.__version__,
-        "threads": 2,
+        "threads": 2, "gen_tokens_per_s_b8": 150 - 100 * width,
+        "grad_norms_init": [0.5 + 2 * width * i for i in range(4)],
     }
 
 
@@ -114,6 +118,13 @@ def fake_results() -> list[dict]:
                 out.append(fake_result("tokens", corpus, cfg, "kaiming", seed))
                 out.append(fake_result("time", corpus, cfg, "kaiming", seed))
             out.append(fake_result("init", corpus, "narrow_deep", "gpt2", seed))
+        for cfg in ("wide_shallow", "narrow_deep", "balanced"):
+            for scale in (0.5, 2.0):  # the sweep: narrow_deep suffers more away from 1e-3
+                r = fake_result("lr", "code", cfg, "kaiming", seed)
+                r["spec"]["lr"] = 1e-3 * scale
+                r["run_id"] += f"__lr{1e-3 * scale:g}"
+                r["val_loss"] += (0.05 if cfg == "wide_shallow" else 0.2) * abs(scale - 1)
+                out.append(r)
     return out
 
 
@@ -149,9 +160,44 @@ def test_report_from_fake_results(tmp_path):
 def test_verdict_words():
     assert S.verdict([0.1, 0.2], True) == "supported"
     assert S.verdict([0.1, 0.2], False) == "contradicted"
-    assert S.verdict([0.1, -0.2], True) == "mixed"
+    assert S.verdict([0.1, -0.2], True) == "not distinguishable"  # seeds disagree
     assert S.verdict([0.1], True) == "one seed: supported"
     assert S.verdict([], True) == "not run"
+    # every seed agrees, but the two sides' spreads over seeds overlap: within seed noise
+    assert S.verdict([0.01, 0.02], True, [4.00, 4.30], [3.99, 4.28]) == "not distinguishable"
+    assert S.verdict([0.3, 0.3], True, [4.30, 4.31], [4.00, 4.01]) == "supported"
+
+
+def test_claim_with_overlapping_seed_spreads_is_not_distinguishable(tmp_path):
+    results = fake_results()
+    # seeds far apart (a large seed effect) and configs close: paired diffs agree in sign,
+    # but each config's spread over seeds covers the other's mean
+    for r in results:
+        if r["spec"]["corpus"] == "code" and r["spec"]["group"] == "tokens":
+            r["val_loss"] = 4.0 + 0.5 * r["spec"]["seed"] + {
+                "wide_shallow": 0.0, "balanced": 0.01, "narrow_deep": 0.02}[r["spec"]["config"]]
+    rows = S.claim_rows(S.group_results(results), ["code", "stories"], "kaiming")
+    row = next(r for r in rows if "Wide & Shallow reaches a lower loss than Narrow & Deep on "
+               "code" in r["claim"])
+    assert row["diffs"] == "+0.02, +0.02" and row["verdict"] == "not distinguishable"
+    stories = next(r for r in rows if "on narrative" in r["claim"] and r["corpus"] == "stories")
+    assert stories["verdict"] == "contradicted"  # untouched: 0.1 apart, seeds 0.01 apart
+
+
+def test_lr_sweep_and_gradient_claims_from_fake_results(tmp_path):
+    results = fake_results()
+    sweep = S.lr_sweep_losses(results, "code", "kaiming")
+    assert sorted(sweep["narrow_deep"][0]) == [5e-4, 1e-3, 2e-3]  # the base run joins the sweep
+    rows = S.claim_rows(S.group_results(results), ["code", "stories"], "kaiming", sweep)
+    lr_row = next(r for r in rows if "learning-rate sweep" in r["claim"])
+    assert lr_row["verdict"] == "supported"  # narrow_deep's spread 0.2 vs 0.05
+    grad = next(r for r in rows if "vanishing gradients" in r["claim"] and r["corpus"] == "code")
+    # fake norms grow with depth faster for narrow_deep: first/last lower -> supported
+    assert grad["verdict"] == "supported"
+    path = S.write_report(tmp_path, results, settings={"corpora": ["code", "stories"]})
+    text = path.read_text()
+    assert "## Learning-rate sweep (code, equal tokens)" in text
+    assert "## Gradient norms at initialisation" in text and (tmp_path / "study_lr.png").is_file()
 
 
 # ---------------------------------------------------------------- resume
@@ -181,7 +227,7 @@ def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
         return res
 
     s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
-                        seq_len=64, batch_size=8, device="cpu")
+                        seq_len=64, batch_size=8, device="cpu", lr_sweep=())
     tps = {c: 1000.0 for c in s.configs}
     first = S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict(tps),
                         log=lambda _: None)
@@ -219,7 +265,7 @@ def test_killed_study_resumes_with_the_runs_it_had_not_finished(tmp_path, monkey
         return res
 
     s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
-                        seq_len=64, batch_size=8, device="cpu")
+                        seq_len=64, batch_size=8, device="cpu", lr_sweep=())
     tps = {c: 1000.0 for c in s.configs}
     with pytest.raises(KeyboardInterrupt):
         S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict(tps),
@@ -269,6 +315,8 @@ def test_execute_run_trains_and_measures(tiny_data, tmp_path):
     assert res["model"]["init"] == "gpt2" and res["model"]["embed_dim"] == 32
     assert res["model"]["max_seq_len"] == 512  # the seed's position table, trained on T = 64
     assert res["tokens_per_s_best"] > 0 and res["gen_tokens_per_s"] > 0
+    assert res["gen_tokens_per_s_b8"] > 0
+    assert len(res["grad_norms_init"]) == 2 and all(g > 0 for g in res["grad_norms_init"])
     assert res["peak_memory_mb"] >= 0 and isinstance(res["sample"], str)
     assert math.isclose(res["val_bpb"], res["val_loss"] / math.log(2) / res["bytes_per_token"])
 
@@ -386,7 +434,7 @@ def test_submitit_local_executor_gives_the_subprocess_records(tiny_data, tmp_pat
     monkeypatch.setattr(study_runner, "prepare_corpus", lambda *a, **k: tiny_data)
     s = S.StudySettings(configs=("narrow_deep",), corpora=("code",), seeds=(0,),
                         compare=("tokens",), tokens=2 * 2 * 64, seq_len=64, batch_size=2,
-                        eval_windows=2, gen_tokens=4, device="cpu")
+                        eval_windows=2, gen_tokens=4, device="cpu", lr_sweep=())
     records = {}
     for name, executor in (("subprocess", SubprocessExecutor()),
                            ("submitit", SubmititExecutor(cluster="local", timeout_min=10,
