@@ -16,7 +16,7 @@ from torch import nn
 
 from microtransformer.checkpoint import load_run
 from microtransformer.data import load_tokens, verify_dataset
-from microtransformer.data.documents import read_text
+from microtransformer.data.documents import file_documents, read_text
 from microtransformer.data.preparation import check_unknown_limit, unknown_message
 from microtransformer.device import resolve_device
 from microtransformer.errors import UserError
@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
         description=help_text + ". Windows of W tokens (the run's training window by default) "
         "overlapping by one token cover the whole text, so every token after the first is "
         "predicted exactly once (--stride N: sliding windows, each prediction with at least "
-        "W - N tokens of context); bits per byte = total nats / ln 2 / UTF-8 bytes of the text.",
+        "W - N tokens of context); bits per byte = total nats / ln 2 / UTF-8 bytes of the text. "
+        "Files are read as `prepare` reads them: a line holding only <|endoftext|> ends a "
+        "document (one end-of-text token between documents; the separator lines' bytes are "
+        "not counted).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
@@ -120,9 +123,12 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
     A prepared data dir gives its val.bin, checked first (`verify_dataset`: sizes, checksum,
     id range) and refused when it was made by another tokenizer than the run's (compared by
     content); its bytes come from meta.json's bytes_per_token. Text files are validated whole
-    with `prepare`'s rule (`data.documents.text_problem`) and joined with the end-of-text token
-    between them. `unknowns` = {"tokens", "characters", "fraction"}: the share of characters the
-    tokenizer cannot represent, refused above `max_unknown`.
+    with `prepare`'s rule (`data.documents.text_problem`) and read into documents as `prepare`
+    reads them (a line holding only `<|endoftext|>` ends a document; a .jsonl file's records'
+    "text"), joined with the end-of-text token between documents; bytes are the documents'
+    UTF-8 bytes, as in `prepare`'s bytes_per_token. `unknowns` = {"tokens", "characters",
+    "fraction"}: the share of characters the tokenizer cannot represent, refused above
+    `max_unknown`.
     """
 
     check_unknown_limit(max_unknown)
@@ -149,18 +155,18 @@ def load_eval_tokens(paths: list[str], tokenizer: Any, max_tokens: int | None,
     n_chars = 0
     unk_id = tokenizer.unknown_token_id
     texts: list[str] = []
-    for i, p in enumerate(paths):
-        path = Path(p)
+    for path in map(Path, paths):
         if path.is_dir():
             raise UserError(f"{path} is a directory; pass one prepared data dir alone, or "
                             "text files")
-        text = read_text(path)  # every byte checked: binary or invalid UTF-8 is refused
-        texts.append(text)
-        if i and ids:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer.encode(text))
-        n_bytes += len(text.encode("utf-8"))
-        n_chars += len(text)
+        read_text(path)  # every byte checked: binary or invalid UTF-8 is refused
+        for doc in file_documents(path):  # as `prepare` reads it: <|endoftext|> lines split
+            texts.append(doc)
+            if ids:
+                ids.append(tokenizer.eos_token_id)
+            ids.extend(tokenizer.encode(doc))
+            n_bytes += len(doc.encode("utf-8"))
+            n_chars += len(doc)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     unknown = 0 if unk_id is None else sum(1 for t in ids if t == unk_id)

@@ -159,6 +159,20 @@ class Scan:
     records: list[dict[str, Any]]    # meta.json's per-file entries
 
 
+def file_documents(path: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """The documents of one file exactly as `prepare` reads them (pieces of a long document
+    joined back): a text file split at lines holding only `<|endoftext|>`, or a .jsonl file's
+    records' `text_field`. For `eval`, so that a file scores the text the model trained on."""
+    path = Path(path)
+    source = Source(path, "jsonl" if path.suffix == ".jsonl" else "text", str(path))
+    docs: list[list[str]] = []
+    for new_doc, piece in _iter_file_pieces(source, text_field):
+        if new_doc or not docs:
+            docs.append([])
+        docs[-1].append(piece)
+    return ["".join(d) for d in docs]
+
+
 def iter_pieces(sources: Sequence[Source], text_field: str) -> Iterator[tuple[int, str]]:
     """(document index, text piece) over all sources."""
     doc = -1

@@ -155,3 +155,23 @@ def test_eval_scores_windows_of_the_trained_length_by_default(char_data: Path, t
     assert main(["eval", str(run), "--data", corpus, "--window", "16", "--json"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert full["window"] == 16 and full["loss"] != default["loss"]
+
+
+def test_eval_reads_a_text_file_into_documents_as_prepare_does(tmp_path: Path) -> None:
+    from microtransformer.commands.evaluate import load_eval_tokens
+    from microtransformer.data import prepare
+    from microtransformer.tokenizer import Tokenizer
+
+    stories = ["The fox ran.\nIt was fast.\n", "\nA bird sang.\n", "\nThe end.\n"]
+    text = "<|endoftext|>\n".join(stories)  # the TinyStories .txt layout
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text(text, encoding="utf-8")
+    prepare([str(corpus)], tmp_path / "data", tokenizer="char", vocab_size=64,
+            val_fraction=0.5, progress=False)
+    tok = Tokenizer.load(tmp_path / "data" / "tokenizer.json")
+    ids, n_bytes, _, _ = load_eval_tokens([str(corpus)], tok, None)
+    expected = []
+    for doc in stories:  # documents joined by one end-of-text token, separator lines gone
+        expected += ([tok.eos_token_id] if expected else []) + tok.encode(doc)
+    assert ids.tolist() == expected
+    assert n_bytes == sum(len(d.encode()) for d in stories)  # the documents' bytes only
