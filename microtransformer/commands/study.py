@@ -91,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--seq-len", default="256", help="context length T (default 256)")
     p.add_argument("--batch-size", default="16", help="sequences per step (default 16)")
     p.add_argument("--lr", default="1e-3", help="peak learning rate (default 1e-3)")
+    p.add_argument("--recipe", default="plain",
+                   help="optimisation recipe applied to every run: plain (AdamW, cosine to "
+                        "lr/10) or a preset's [train] recipe, e.g. cpu_bpe (Muon + AdamW, wsd; "
+                        "use its --lr 4e-3)")
     p.add_argument("--lr-sweep", default="0.5,2",
                    help="other learning rates, as multiples of --lr, trained per config on the "
                         "first corpus at equal tokens (default 0.5,2: three rates with the "
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=_number(args.seq_len, "--seq-len", int),
         batch_size=_number(args.batch_size, "--batch-size", int),
         lr=_number(args.lr, "--lr"), dropout=_number(args.dropout, "--dropout"),
-        lr_sweep=_multiples(args.lr_sweep),
+        lr_sweep=_multiples(args.lr_sweep), recipe=args.recipe,
         vocab_size=_number(args.vocab_size, "--vocab-size", int),
         corpus_max_mb=_number(args.corpus_max_mb, "--corpus-max-mb"),
         eval_windows=_number(args.eval_windows, "--eval-windows", int),

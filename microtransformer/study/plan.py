@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from microtransformer.config import available_presets, preset_path, read_toml
 from microtransformer.errors import UserError
 from microtransformer.search import SEED_PRESETS, seed_model_config
 from microtransformer.study.corpora import CORPORA, check_corpus_paths
@@ -56,9 +57,13 @@ class StudySettings:
     gen_tokens: int = 128
     device: str = "auto"
     lr_sweep: tuple[float, ...] = (0.5, 2.0)  # extra rates, as multiples of lr; () = no sweep
+    recipe: str = "plain"  # "plain" (AdamW, cosine) or a preset whose [train] recipe applies
 
     def __post_init__(self) -> None:
         problems = []
+        if self.recipe != "plain" and self.recipe not in available_presets():
+            problems.append(f"--recipe {self.recipe!r} is not plain or a preset ("
+                            f"{', '.join(available_presets())})")
         if any(not m > 0 or m == 1.0 for m in self.lr_sweep):
             problems.append(f"--lr-sweep {list(self.lr_sweep)} must be multiples of --lr, > 0 "
                             "and not 1 (the base rate is always run)")
@@ -119,6 +124,7 @@ class RunSpec:
     lr: float = 1e-3
     dropout: float = 0.0
     device: str = "cpu"
+    recipe: str = "plain"
     eval_windows: int = 128
     gen_tokens: int = 128
     model_overrides: dict[str, int] = field(default_factory=dict)  # tests: tiny models
@@ -147,6 +153,22 @@ class RunSpec:
                        **self.model_dims())
 
 
+RECIPE_KEYS = ("optimizer", "schedule", "decay_fraction", "weight_decay", "betas", "grad_clip")
+
+
+def recipe_train_values(recipe: str, lr: float) -> dict[str, object]:
+    """The [train] values a study run takes from its recipe: "plain" is AdamW with a cosine
+    decay to lr / 10 (TrainConfig's defaults); a preset name gives that preset's optimizer,
+    schedule, weight decay, betas and clipping, and its min_lr as the same fraction of lr."""
+    if recipe == "plain":
+        return {"min_lr": lr / 10}
+    train = read_toml(preset_path(recipe)).get("train", {})
+    out: dict[str, object] = {k: train[k] for k in RECIPE_KEYS if k in train}
+    ratio = float(train.get("min_lr", 0.0)) / float(train.get("lr", 1.0))
+    out["min_lr"] = lr * ratio
+    return out
+
+
 def steps_for_tokens(tokens: float, batch_size: int, seq_len: int) -> int:
     """Optimizer steps that train on at least `tokens` tokens (>= 1)."""
     return max(1, math.ceil(tokens / (batch_size * seq_len)))
@@ -161,7 +183,8 @@ def plan_runs(s: StudySettings, tokens: int, minutes: float,
     `throughput[config]` (training tokens/s) sizes the equal-time runs' step counts.
     """
     common = dict(seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr, dropout=s.dropout,
-                  device=s.device, eval_windows=s.eval_windows, gen_tokens=s.gen_tokens)
+                  device=s.device, recipe=s.recipe, eval_windows=s.eval_windows,
+                  gen_tokens=s.gen_tokens)
     token_steps = steps_for_tokens(tokens, s.batch_size, s.seq_len)
     base_init = s.inits[0]
     runs: list[RunSpec] = []

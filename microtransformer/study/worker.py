@@ -32,7 +32,7 @@ from microtransformer.study.measure import (
     loss_by_position,
     position_buckets,
 )
-from microtransformer.study.plan import RunSpec
+from microtransformer.study.plan import RunSpec, recipe_train_values
 from microtransformer.tokenizer import Tokenizer
 from microtransformer.training import train
 from model import MicroTransformer
@@ -65,7 +65,8 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
     steps = spec.max_steps
     train_cfg = train_config_cls(
         seq_len=spec.seq_len,  # windows of T tokens, shorter than the position table
-        batch_size=spec.batch_size, max_steps=steps, lr=spec.lr, min_lr=spec.lr / 10,
+        batch_size=spec.batch_size, max_steps=steps, lr=spec.lr,
+        **recipe_train_values(spec.recipe, spec.lr),
         warmup_steps=min(100, max(1, steps // 10)), eval_interval=max(1, steps // 4),
         eval_steps=4, log_interval=max(1, min(10, steps // 20)), checkpoint_interval=steps,
         seed=spec.seed, device=spec.device, max_time_minutes=spec.max_minutes,

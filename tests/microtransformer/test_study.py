@@ -463,3 +463,17 @@ def test_executor_options_are_checked_in_one_line(argv, needle, capsys, tmp_path
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err and err.count("\n") == 1
+
+
+def test_recipe_gives_every_run_the_presets_optimisation():
+    from microtransformer.study.plan import recipe_train_values
+
+    assert recipe_train_values("plain", 1e-3) == {"min_lr": 1e-4}
+    values = recipe_train_values("cpu_bpe", 2e-3)
+    assert values["optimizer"] == "muon" and values["schedule"] == "wsd"
+    assert math.isclose(values["min_lr"], 2e-3 * 1e-4 / 4e-3)  # the preset's min_lr / lr
+    runs = S.plan_runs(S.StudySettings(recipe="cpu_bpe", lr=4e-3, seq_len=64), 1000, 1.0,
+                       {c: 1.0 for c in ("wide_shallow", "narrow_deep", "balanced")})
+    assert {r.recipe for r in runs} == {"cpu_bpe"}
+    with pytest.raises(ValueError, match="--recipe 'fast' is not plain or a preset"):
+        S.StudySettings(recipe="fast")
