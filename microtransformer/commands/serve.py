@@ -14,10 +14,15 @@ import os
 import socket
 import sys
 
+import torch
+
+from microtransformer.device import resolve_device
 from microtransformer.errors import UserError
+from microtransformer.serve.loading import load_served_model
+from microtransformer.serve.state import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "MICROTRANSFORMER_API_KEY"
-MAX_BODY_BYTES = 1 << 20  # the default of --max-body-bytes (serve.app.DEFAULT_MAX_BODY_BYTES)
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # the default of --max-body-bytes
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -103,10 +108,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     """Load the runs, start the server, drain on SIGTERM."""
     _check(args)
-    import torch
-
-    from microtransformer.device import resolve_device
-    from microtransformer.serve.app import create_app, load_served_model
+    # deferred: FastAPI and uvicorn add about 0.3 s to every other command's start-up
+    # (docs/ARCHITECTURE.md)
+    from microtransformer.serve.app import create_app
     from microtransformer.serve.server import serve_until_drained
 
     device = resolve_device(args.device, option="device")

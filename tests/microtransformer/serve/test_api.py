@@ -324,8 +324,8 @@ def test_queue_full_is_429_with_retry_after(tiny_run):
     live = start_server([tiny_run], max_batch=1, max_queue=2)
     engine = live.engine()
     hold = threading.Event()
-    take = engine._take_waiting
-    engine._take_waiting = lambda: take() if hold.is_set() else []  # admit nothing for now
+    take = engine.scheduler.admit
+    engine.scheduler.admit = lambda: take() if hold.is_set() else []  # admit nothing for now
     try:
         url = live.url + "/v1/completions"
         waiting = threading.Thread(target=httpx.post, args=(url,), kwargs=dict(
@@ -360,7 +360,7 @@ def test_engine_failure_mid_stream_sends_error_event(tiny_run):
             return step(*args, **kwargs)
         return failing_step
 
-    for decoder in engine._steps.values():  # one per (rows, columns) bucket
+    for decoder in engine.runner.steps.values():  # one per (rows, columns) bucket
         decoder.step = failing(decoder.step)
     try:
         body = {"prompt": "the", "max_tokens": 20, "stream": True, "ignore_eos": True}

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from microtransformer.commands.serve import MAX_BODY_BYTES
-from microtransformer.serve.app import DEFAULT_MAX_BODY_BYTES
+from microtransformer.serve.state import DEFAULT_MAX_BODY_BYTES
 from tests.microtransformer.serve.conftest import LiveServer, start_server
 
 LIMIT = 4096  # the small server's --max-body-bytes
