@@ -76,27 +76,37 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float],
     `torch.multinomial` raises); its token is meaningless. `exponential_draw=False` draws each
     row with `torch.multinomial` (for devices where the identity above does not hold)."""
     B, V = logits.shape
-    tokens = torch.argmax(logits, dim=-1)  # (B,) greedy rows keep this
-    invalid = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    device = logits.device
+    invalid = torch.zeros(B, dtype=torch.bool, device=device)
     groups: dict[int, list[int]] = {}  # sampled rows by the width they draw over
+    greedy = []
     for i in range(B):
-        if temperature[i] != 0:
+        if temperature[i] == 0:
+            greedy.append(i)
+        else:
             k = top_k[i]
             groups.setdefault(k if k and k < V else V, []).append(i)
+    if len(greedy) == B:
+        return torch.argmax(logits, dim=-1), invalid
+    tokens = torch.zeros(B, dtype=torch.long, device=device)
+    if greedy:
+        index = torch.tensor(greedy, device=device)
+        tokens[index] = torch.argmax(logits.index_select(0, index), dim=-1)
     for width, rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        values = logits.index_select(0, index).float()  # (b, V)
+        whole = len(rows) == B  # every row, in order: no gather or scatter
+        index = None if whole else torch.tensor(rows, device=device)
+        values = (logits if whole else logits.index_select(0, index)).float()  # (b, V)
         ids = None
         if width < V:  # top-k first: the order is the same before and after the temperature
             values, ids = torch.topk(values, width, dim=-1)  # (b, k), sorted descending
         temps = torch.tensor([[temperature[i]] for i in rows], dtype=torch.float32,
-                             device=logits.device)
+                             device=device)
         values = values / temps
         cut = [top_p[i] if top_p[i] is not None and top_p[i] < 1.0 else float("inf")
                for i in rows]
         if any(c != float("inf") for c in cut):
             values = _top_p_rows(values, torch.tensor(cut, dtype=torch.float32,
-                                                      device=logits.device)[:, None])
+                                                      device=device)[:, None])
         probs = torch.softmax(values, dim=-1)  # (b, w)
         if exponential_draw:
             q = torch.empty_like(probs)
@@ -108,8 +118,11 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float],
                                 for j, i in enumerate(rows)])
         if ids is not None:
             choice = ids.gather(-1, choice[:, None]).squeeze(-1)
+        bad = ~((probs.amax(dim=-1) < float("inf")) & (probs.amin(dim=-1) >= 0))
+        if whole:
+            return choice, bad
         tokens[index] = choice
-        invalid[index] = ~((probs.amax(dim=-1) < float("inf")) & (probs.amin(dim=-1) >= 0))
+        invalid[index] = bad
     return tokens, invalid
 
 

@@ -86,3 +86,20 @@ def test_invalid_probabilities_are_flagged_per_row():
         torch.multinomial(torch.softmax(logits[1:2], -1), 1, generator=gens[1])
     _, invalid = sample_rows(logits, [1.0, 1.0, 0.0], [None, None, None], [None] * 3, gens)
     assert invalid.tolist() == [False, True, False]  # a greedy row is never flagged
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=9, temperature=0.8, top_k=50),  # the benchmark's requests
+    SamplingParams(max_tokens=9, temperature=1.0),
+    SamplingParams(max_tokens=9, temperature=0.0),
+])
+def test_uniform_batches_match_per_row_sampling(params):
+    """Every row with the same settings (one group: no gather or scatter) and its own seed."""
+    gens = [torch.Generator().manual_seed(s) for s in range(6)]
+    refs = [torch.Generator().manual_seed(s) for s in range(6)]
+    for _ in range(5):
+        logits = torch.randn(6, V) * 2
+        tokens, invalid = sample_rows(logits, [params.temperature] * 6, [params.top_k] * 6,
+                                      [params.top_p] * 6, gens)
+        assert not invalid.any()
+        assert tokens.tolist() == [reference(logits[i], [], params, refs[i]) for i in range(6)]
