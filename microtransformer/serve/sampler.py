@@ -108,17 +108,20 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float],
             values = _top_p_rows(values, torch.tensor(cut, dtype=torch.float32,
                                                       device=device)[:, None])
         probs = torch.softmax(values, dim=-1)  # (b, w)
+        bad = ~((probs.amax(dim=-1) < float("inf")) & (probs.amin(dim=-1) >= 0))
         if exponential_draw:
             q = torch.empty_like(probs)
             for j, i in enumerate(rows):
                 q[j].exponential_(generator=generators[i])
             choice = (probs / q).argmax(dim=-1)  # (b,)
-        else:
-            choice = torch.cat([torch.multinomial(probs[j:j + 1], 1, generator=generators[i])[0]
-                                for j, i in enumerate(rows)])
+        else:  # one multinomial per row, none for an invalid row (it would raise)
+            skip = bad.tolist()
+            choice = torch.cat([
+                torch.zeros(1, dtype=torch.long, device=device) if skip[j]
+                else torch.multinomial(probs[j:j + 1], 1, generator=generators[i])[0]
+                for j, i in enumerate(rows)])
         if ids is not None:
             choice = ids.gather(-1, choice[:, None]).squeeze(-1)
-        bad = ~((probs.amax(dim=-1) < float("inf")) & (probs.amin(dim=-1) >= 0))
         if whole:
             return choice, bad
         tokens[index] = choice

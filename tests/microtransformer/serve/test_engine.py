@@ -157,3 +157,33 @@ def test_column_buckets_match_generate(tmp_path):
         ref = model.generate(torch.tensor([ids]), max_new_tokens=90,
                              generator=torch.Generator().manual_seed(7 + i))
         assert "".join(e.text for e in events[i]) == tok.decode(ref[0, len(ids):].tolist()), i
+
+
+def test_invalid_logits_fail_only_their_choice(loaded):
+    """A row whose probabilities hold nan (where torch.multinomial raises) fails its choice
+    with that error; the other rows of the same batched sampling go on."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2)
+    step, calls = engine.runner.step, []
+
+    def nan_in_row_0_once(*args, **kwargs):
+        logits = step(*args, **kwargs)
+        if not calls:
+            logits = logits.clone()
+            logits[0] = float("nan")
+        calls.append(1)
+        return logits
+
+    engine.runner.step = nan_in_row_0_once
+    engine.start()
+    sink = Collector()
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    try:
+        with engine.admission_paused():
+            engine.submit([Choice(i, [1, 2], params, sink, seed=i) for i in range(2)])
+        events = sink.wait(2)
+    finally:
+        engine.shutdown()
+    assert events[0][-1].finish_reason == "error"
+    assert "`nan`" in events[0][-1].error and events[0][-1].completion_tokens == 1
+    assert events[1][-1].finish_reason == "length" and events[1][-1].completion_tokens == 5

@@ -78,13 +78,15 @@ def test_batched_sampling_matches_per_row_sampling(seed, exponential_draw):
             running[0] = running.pop()
 
 
-def test_invalid_probabilities_are_flagged_per_row():
+@pytest.mark.parametrize("exponential_draw", [True, False])
+def test_invalid_probabilities_are_flagged_per_row(exponential_draw):
     logits = torch.randn(3, V)
     logits[1, 5] = float("nan")
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     with pytest.raises(RuntimeError):  # what per-row sampling does with that row
         torch.multinomial(torch.softmax(logits[1:2], -1), 1, generator=gens[1])
-    _, invalid = sample_rows(logits, [1.0, 1.0, 0.0], [None, None, None], [None] * 3, gens)
+    _, invalid = sample_rows(logits, [1.0, 1.0, 0.0], [None, None, None], [None] * 3, gens,
+                             exponential_draw=exponential_draw)
     assert invalid.tolist() == [False, True, False]  # a greedy row is never flagged
 
 
