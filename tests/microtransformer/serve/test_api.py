@@ -12,7 +12,8 @@ import torch
 
 from microtransformer.checkpoint import load_run
 from microtransformer.serve.chat import render_chat
-from tests.microtransformer.serve.conftest import start_server
+from microtransformer.serve.protocol import ChatMessage
+from tests.microtransformer.serve.conftest import start_server, write_run
 
 openai = pytest.importorskip("openai")
 
@@ -234,8 +235,6 @@ def test_chat(client, server, reference):
 
 
 def test_render_chat_template():
-    from microtransformer.serve.protocol import ChatMessage
-
     msgs = [ChatMessage(role="system", content=" sys "),
             ChatMessage(role="user", content=[{"type": "text", "text": "hi"}]),
             ChatMessage(role="assistant", content="hello"),
@@ -304,8 +303,6 @@ def test_api_key_required_when_set(tiny_run):
 
 
 def test_two_models_by_name(tiny_run, tmp_path):
-    from tests.microtransformer.serve.conftest import write_run
-
     other = write_run(tmp_path / "other", seed=1)
     live = start_server([tiny_run, other], names=["a", "b"])
     try:

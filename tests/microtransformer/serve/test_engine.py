@@ -14,6 +14,7 @@ from microtransformer.checkpoint import load_run
 from microtransformer.serve.choice import Choice, Event, SamplingParams
 from microtransformer.serve.engine import Engine
 from microtransformer.serve.scheduler import QueueFullError
+from tests.microtransformer.serve.conftest import write_run
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,6 @@ def test_shutdown_fails_unfinished(loaded):
 def test_column_buckets_match_generate(tmp_path):
     """Sequences whose steps move up column buckets (64 -> 128 -> 256: the step attends over
     a wider view of the same cache) still draw generate's tokens."""
-    from tests.microtransformer.serve.conftest import write_run
-
     model, tok, _ = load_run(write_run(tmp_path / "long", max_seq_len=256))
     engine = Engine(model, tok, max_batch=2).start()
     assert engine.scheduler.col_buckets == [64, 128, 256]
