@@ -14,10 +14,14 @@ import os
 import socket
 import sys
 
+import torch
+
+from microtransformer.device import resolve_device
 from microtransformer.errors import UserError
+from microtransformer.serve.loading import load_served_model
+from microtransformer.serve.state import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "MICROTRANSFORMER_API_KEY"
-MAX_BODY_BYTES = 1 << 20  # the default of --max-body-bytes (serve.app.DEFAULT_MAX_BODY_BYTES)
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -41,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="sequences that may wait for a slot before 429 (default 256)")
     p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
                    help="refuse requests asking for more than N new tokens")
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="N",
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                    help=f"refuse request bodies over N bytes with 413, before parsing them "
-                        f"(default {MAX_BODY_BYTES}, 1 MiB)")
+                        f"(default {DEFAULT_MAX_BODY_BYTES}, 1 MiB)")
     p.add_argument("--drain-grace", type=float, default=0.0, metavar="SECONDS",
                    help="after SIGTERM keep answering (/health and new requests: 503) for at "
                         "least this long, even with nothing in flight, so a load balancer's "
@@ -69,7 +73,7 @@ def _check(args: argparse.Namespace) -> None:
         problems.append(f"--max-tokens-limit={args.max_tokens_limit} must be >= 1")
     if args.max_body_bytes < 1:
         problems.append(f"--max-body-bytes={args.max_body_bytes} must be >= 1 (default "
-                        f"{MAX_BODY_BYTES})")
+                        f"{DEFAULT_MAX_BODY_BYTES})")
     if not 0 <= args.drain_grace <= 3600:  # also refuses nan
         problems.append(f"--drain-grace={args.drain_grace} must be in [0, 3600] seconds")
     if args.threads is not None and args.threads < 1:
@@ -103,10 +107,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     """Load the runs, start the server, drain on SIGTERM."""
     _check(args)
-    import torch
-
-    from microtransformer.device import resolve_device
-    from microtransformer.serve.app import create_app, load_served_model
+    # deferred: FastAPI and uvicorn add about 0.3 s to every other command's start-up
+    # (docs/ARCHITECTURE.md)
+    from microtransformer.serve.app import create_app
     from microtransformer.serve.server import serve_until_drained
 
     device = resolve_device(args.device, option="device")

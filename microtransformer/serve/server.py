@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from microtransformer.serve.app import ServerState
+from microtransformer.serve.state import ServerState
 
 DRAIN_POLL_S = 0.05
 

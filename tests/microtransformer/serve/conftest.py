@@ -16,7 +16,9 @@ import uvicorn
 from microtransformer.checkpoint import METRICS_FILE, save_weights
 from microtransformer.config import RunConfig
 from microtransformer.metrics import MetricsLogger
-from microtransformer.serve.app import ServerState, create_app, load_served_model
+from microtransformer.serve.app import create_app
+from microtransformer.serve.loading import load_served_model
+from microtransformer.serve.state import ServerState
 from microtransformer.tokenizer import train_tokenizer
 from model import MicroTransformer, ModelConfig
 

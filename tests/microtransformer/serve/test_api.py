@@ -12,7 +12,8 @@ import torch
 
 from microtransformer.checkpoint import load_run
 from microtransformer.serve.chat import render_chat
-from tests.microtransformer.serve.conftest import start_server
+from microtransformer.serve.protocol import ChatMessage
+from tests.microtransformer.serve.conftest import start_server, write_run
 
 openai = pytest.importorskip("openai")
 
@@ -234,8 +235,6 @@ def test_chat(client, server, reference):
 
 
 def test_render_chat_template():
-    from microtransformer.serve.protocol import ChatMessage
-
     msgs = [ChatMessage(role="system", content=" sys "),
             ChatMessage(role="user", content=[{"type": "text", "text": "hi"}]),
             ChatMessage(role="assistant", content="hello"),
@@ -304,8 +303,6 @@ def test_api_key_required_when_set(tiny_run):
 
 
 def test_two_models_by_name(tiny_run, tmp_path):
-    from tests.microtransformer.serve.conftest import write_run
-
     other = write_run(tmp_path / "other", seed=1)
     live = start_server([tiny_run, other], names=["a", "b"])
     try:
@@ -324,8 +321,8 @@ def test_queue_full_is_429_with_retry_after(tiny_run):
     live = start_server([tiny_run], max_batch=1, max_queue=2)
     engine = live.engine()
     hold = threading.Event()
-    take = engine._take_waiting
-    engine._take_waiting = lambda: take() if hold.is_set() else []  # admit nothing for now
+    take = engine.scheduler.admit
+    engine.scheduler.admit = lambda: take() if hold.is_set() else []  # admit nothing for now
     try:
         url = live.url + "/v1/completions"
         waiting = threading.Thread(target=httpx.post, args=(url,), kwargs=dict(
@@ -360,7 +357,7 @@ def test_engine_failure_mid_stream_sends_error_event(tiny_run):
             return step(*args, **kwargs)
         return failing_step
 
-    for decoder in engine._steps.values():  # one per (rows, columns) bucket
+    for decoder in engine.runner.steps.values():  # one per (rows, columns) bucket
         decoder.step = failing(decoder.step)
     try:
         body = {"prompt": "the", "max_tokens": 20, "stream": True, "ignore_eos": True}

@@ -15,6 +15,7 @@ import time
 
 import httpx
 
+from microtransformer.cli import main
 from tests.conftest import REPO_ROOT
 from tests.microtransformer.serve.conftest import write_run
 
@@ -135,8 +136,6 @@ def test_drain_grace_answers_503_until_the_second_signal(tmp_path):
 
 
 def test_bad_options_are_one_line(tmp_path, capsys):
-    from microtransformer.cli import main
-
     for args, needle in ((["nope-dir"], "does not exist"),
                          ([str(tmp_path), "--max-batch", "0"], "--max-batch=0"),
                          ([str(tmp_path), "--max-body-bytes", "0"], "--max-body-bytes=0"),

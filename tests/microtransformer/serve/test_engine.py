@@ -11,15 +11,10 @@ import pytest
 import torch
 
 from microtransformer.checkpoint import load_run
-from microtransformer.serve.engine import (
-    Engine,
-    Event,
-    QueueFullError,
-    SamplingParams,
-    Sequence,
-    _buckets,
-    _held_back,
-)
+from microtransformer.serve.choice import Choice, Event, SamplingParams
+from microtransformer.serve.engine import Engine
+from microtransformer.serve.scheduler import QueueFullError
+from tests.microtransformer.serve.conftest import write_run
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +43,6 @@ class Collector:
         return out
 
 
-def test_held_back_text():
-    assert _held_back("abc", ()) == "abc"
-    assert _held_back("abc\ufffd", ()) == "abc"  # incomplete character waits
-    assert _held_back("hello wo", ("world",)) == "hello "  # may become the stop string
-    assert _held_back("hello wx", ("world",)) == "hello wx"
-    assert _held_back("ab", ("bc", "abd")) == ""  # the longest possible start wins
-
-
 def test_staggered_joins_match_generate(loaded):
     """Sequences that join a running batch at different steps (and outnumber the slots), and
     leave it at different steps (their rows are repacked: the last busy row moves into a freed
@@ -72,7 +59,7 @@ def test_staggered_joins_match_generate(loaded):
     def submit(i: int) -> None:
         params = SamplingParams(max_tokens=15 - 2 * (i % 3), temperature=0.9, top_k=8,
                                 repetition_penalty=1.2, ignore_eos=True)
-        engine.submit([Sequence(i, prompts[i], params, chain, seed=100 + i)])
+        engine.submit([Choice(i, prompts[i], params, chain, seed=100 + i)])
 
     def chain(event: Event) -> None:  # in the engine thread, between two steps
         sink(event)
@@ -95,11 +82,6 @@ def test_staggered_joins_match_generate(loaded):
         assert events[i][-1].completion_tokens == n_new
 
 
-def test_buckets():
-    assert _buckets(1) == [1] and _buckets(16) == [1, 2, 4, 8, 16]
-    assert _buckets(12) == [1, 2, 4, 8, 12]
-
-
 def test_eos_stops_with_stop_reason(loaded):
     model, tok = loaded
     engine = Engine(model, tok, max_batch=2).start()
@@ -108,7 +90,7 @@ def test_eos_stops_with_stop_reason(loaded):
         # greedy from many prompts: at least one reaches EOS on this random model, or none does
         params = SamplingParams(max_tokens=40, temperature=0)
         for i in range(4):
-            engine.submit([Sequence(i, [tok.eos_token_id, *tok.encode("the " * i)], params,
+            engine.submit([Choice(i, [tok.eos_token_id, *tok.encode("the " * i)], params,
                                     sink)])
         events = sink.wait(4)
     finally:
@@ -125,14 +107,14 @@ def test_cancel_frees_slot_and_queue(loaded):
     try:
         sink = Collector()
         long = SamplingParams(max_tokens=60, ignore_eos=True)
-        running = Sequence(0, [1, 2], long, sink)
+        running = Choice(0, [1, 2], long, sink)
         engine.submit([running])
         while engine.running == 0:
             time.sleep(0.001)
-        waiting = Sequence(1, [1], long, sink)
+        waiting = Choice(1, [1], long, sink)
         engine.submit([waiting])
         with pytest.raises(QueueFullError):
-            engine.submit([Sequence(2, [1], long, sink)])
+            engine.submit([Choice(2, [1], long, sink)])
         engine.cancel([waiting, running])
         deadline = time.monotonic() + 10
         while (engine.running or engine.queue_depth) and time.monotonic() < deadline:
@@ -147,7 +129,7 @@ def test_shutdown_fails_unfinished(loaded):
     model, tok = loaded
     engine = Engine(model, tok, max_batch=1)
     sink = Collector()
-    engine.submit([Sequence(0, [1], SamplingParams(max_tokens=5), sink)])
+    engine.submit([Choice(0, [1], SamplingParams(max_tokens=5), sink)])
     engine.start()
     threading.Thread(target=engine.shutdown).start()
     ev = sink.wait(1)[0][-1]
@@ -157,18 +139,16 @@ def test_shutdown_fails_unfinished(loaded):
 def test_column_buckets_match_generate(tmp_path):
     """Sequences whose steps move up column buckets (64 -> 128 -> 256: the step attends over
     a wider view of the same cache) still draw generate's tokens."""
-    from tests.microtransformer.serve.conftest import write_run
-
     model, tok, _ = load_run(write_run(tmp_path / "long", max_seq_len=256))
     engine = Engine(model, tok, max_batch=2).start()
-    assert engine._col_buckets == [64, 128, 256]
+    assert engine.scheduler.col_buckets == [64, 128, 256]
     try:
         sink = Collector()
         prompts = [[(7 * i + j) % (tok.vocab_size - 2) + 2 for j in range(n)]
                    for i, n in enumerate((50, 5, 120))]
         params = SamplingParams(max_tokens=90, temperature=1.0, ignore_eos=True)
         for i, ids in enumerate(prompts):
-            engine.submit([Sequence(i, ids, params, sink, seed=7 + i)])
+            engine.submit([Choice(i, ids, params, sink, seed=7 + i)])
         events = sink.wait(len(prompts))
     finally:
         engine.shutdown()
@@ -176,3 +156,33 @@ def test_column_buckets_match_generate(tmp_path):
         ref = model.generate(torch.tensor([ids]), max_new_tokens=90,
                              generator=torch.Generator().manual_seed(7 + i))
         assert "".join(e.text for e in events[i]) == tok.decode(ref[0, len(ids):].tolist()), i
+
+
+def test_invalid_logits_fail_only_their_choice(loaded):
+    """A row whose probabilities hold nan (where torch.multinomial raises) fails its choice
+    with that error; the other rows of the same batched sampling go on."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2)
+    step, calls = engine.runner.step, []
+
+    def nan_in_row_0_once(*args, **kwargs):
+        logits = step(*args, **kwargs)
+        if not calls:
+            logits = logits.clone()
+            logits[0] = float("nan")
+        calls.append(1)
+        return logits
+
+    engine.runner.step = nan_in_row_0_once
+    engine.start()
+    sink = Collector()
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    try:
+        with engine.admission_paused():
+            engine.submit([Choice(i, [1, 2], params, sink, seed=i) for i in range(2)])
+        events = sink.wait(2)
+    finally:
+        engine.shutdown()
+    assert events[0][-1].finish_reason == "error"
+    assert "`nan`" in events[0][-1].error and events[0][-1].completion_tokens == 1
+    assert events[1][-1].finish_reason == "length" and events[1][-1].completion_tokens == 5

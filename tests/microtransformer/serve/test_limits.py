@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from microtransformer.commands.serve import MAX_BODY_BYTES
-from microtransformer.serve.app import DEFAULT_MAX_BODY_BYTES
+from microtransformer.cli import build_parser
+from microtransformer.serve.state import DEFAULT_MAX_BODY_BYTES
 from tests.microtransformer.serve.conftest import LiveServer, start_server
 
 LIMIT = 4096  # the small server's --max-body-bytes
@@ -43,7 +43,8 @@ def _chunks(data: bytes, size: int = 1000) -> Iterator[bytes]:
 
 
 def test_default_limit_is_one_mib_in_app_and_command():
-    assert DEFAULT_MAX_BODY_BYTES == MAX_BODY_BYTES == 1 << 20
+    args = build_parser().parse_args(["serve", "some-run"])
+    assert args.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 1 << 20
 
 
 def test_body_over_limit_is_413_by_content_length(small):
