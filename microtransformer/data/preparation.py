@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -127,7 +128,8 @@ def prepare(
 
     # --- split plan: where val starts inside each document that contributes to val
     if split_mode == "val_fraction":
-        val_from = plan_fraction_split(scan.doc_chars, scan.doc_keys, fraction)
+        val_from = plan_fraction_split(scan.doc_chars, scan.doc_keys, fraction,
+                                       cut_large=not instruction)
     else:
         val_from = plan_tail_split(scan.doc_chars, fraction)
     if instruction:  # records are never cut: a record with a val part goes to val whole
@@ -176,10 +178,15 @@ def prepare(
                 )
         unknown = sum(w.unknown for w in writers.values())
         if unknown > max_unknown * scan.chars:
-            raise UserError(unknown_message(
+            message = unknown_message(
                 f"the corpus ({', '.join(str(s.path) for s in scan.sources[:2])}"
                 f"{', ...' if len(scan.sources) > 2 else ''})", unknown, scan.chars,
-                max_unknown, tok, _sample_text(scan, text_field), "--max-unknown"))
+                max_unknown, tok, _sample_text(scan, text_field), "--max-unknown")
+            if tokenizer_path is not None:  # a reused tokenizer (a parent's) cannot grow
+                message = re.sub(r"prepare with a larger --vocab-size \(at least \d+\)|use a "
+                                 r"tokenizer that covers this text", "the reused tokenizer "
+                                 "cannot change (a model keeps its tokenizer)", message)
+            raise UserError(message)
         for w in (*writers.values(), *masks.values()):
             w.commit()
         tok.save(out / "tokenizer.json")
@@ -361,12 +368,14 @@ def _take_chars(texts: Iterator[str], limit: int) -> Iterator[str]:
 
 
 def plan_fraction_split(doc_chars: Sequence[int], doc_keys: Sequence[int],
-                        fraction: float) -> dict[int, int]:
+                        fraction: float, *, cut_large: bool = True) -> dict[int, int]:
     """{document: character offset where its val part starts} for `val_fraction` (see the
     module docstring): large documents are cut at their last `fraction`, small ones go whole
-    (offset 0) by content hash until `fraction` of the small documents' characters. Pure."""
+    (offset 0) by content hash until `fraction` of the small documents' characters. With
+    `cut_large` false every document counts as small (instruction records). Pure."""
     total = sum(doc_chars)
-    large = fraction * total / 10  # above this a document is cut, not held out whole
+    # above this a document is cut, not held out whole
+    large = fraction * total / 10 if cut_large else math.inf
     val_from: dict[int, int] = {}
     small: list[int] = []
     for d, n in enumerate(doc_chars):
