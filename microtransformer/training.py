@@ -2,16 +2,20 @@
 
 Read `train()` top to bottom; it calls one function per phase:
   - `_setup`: check the data, set threads/seed/precision, resolve `batch_size = "auto"` (CUDA),
-    build the model, the optimizer (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader,
-    then the module the step runs: `throughput.prepare_for_gpu` (loss head, DDP wrap, compile
-    on CUDA with `fast_path` or anywhere with `compile`; the one place for wrap and compile);
+    build the model (a fresh fine-tune, `train.init_from`: the parent's weights, once the
+    parent's tokenizer is known to have made the data: `finetune.py`), the optimizer
+    (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader, then the module the step runs:
+    `throughput.prepare_for_gpu` (loss head, DDP wrap, compile on CUDA with `fast_path` or
+    anywhere with `compile`; the one place for wrap and compile);
   - `_restore` (resume): the newest intact checkpoint into a typed `TrainState`;
-  - `_open_run_dir`: config, tokenizer, metrics.jsonl (cut back to the checkpoint on resume);
+  - `_open_run_dir`: config, tokenizer, a fine-tune's lineage.json, metrics.jsonl (cut back
+    to the checkpoint on resume);
   - `_loop`: on CUDA with `fast_path` a `BatchFeeder` prefetches the batches (checkpoints save
     the state of the batches trained on); each step evaluates (every `eval_interval`), sets
     the learning rate from the pure `schedule.get_lr(step, cfg, train_time_s)`, runs
-    `train_step` (gradient-accumulation micro-steps, finiteness check, clip, update), logs
-    (loss, tokens/s, MFU) and checkpoints, until the step budget or the time budget is spent.
+    `train_step` on the run's `StepParts` (gradient-accumulation micro-steps, finiteness
+    check, clip, update), logs (loss, tokens/s, MFU) and checkpoints, until the step budget or
+    the time budget is spent.
     The time budget counts optimizer steps only (the injectable `clock`); evaluation and
     checkpoints are timed apart and reported;
   - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
