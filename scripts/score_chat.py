@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from microtransformer.chat_template import render_prompt  # noqa: E402
-from microtransformer.checkpoint import load_run  # noqa: E402
+from microtransformer.chat_template import render_prompt
+from microtransformer.checkpoint import load_run
 
 
 def _turns(record: dict) -> list[tuple[str, str]]:

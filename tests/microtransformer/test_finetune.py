@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from microtransformer.checkpoint import load_run, load_weights
 from microtransformer.chat_template import chat_segments, render_prompt
+from microtransformer.checkpoint import load_run, load_weights
 from microtransformer.cli import main
 from microtransformer.config import load_config
 from microtransformer.data import BatchLoader, load_meta, prepare
