@@ -27,7 +27,15 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "bread", "candle", "forest", "pencil", "rabbit", "summer", "winter", "yellow", "orange", "basket", "bridge", "castle", "dragon", "flower", "kitten", "letter", "market", "mirror", "needle", "pocket", "rocket", "silver", "spoon", "table", "tiger", "tomato", "turtle", "violin", "wagon", "water", "zebra", "anchor", "button", "carpet", "doctor", "engine", "feather", "guitar", "hammer", "island", "jacket", "ladder", "monkey", "night", "ocean", "pepper", "queen", "rain", "sail", "shadow", "ticket", "umbrella", "valley", "whistle", "yarn", "bottle", "cookie", "desk", "egg", "frog", "glass", "hat", "ink", "jam", "kite", "lamp", "moon", "nest", "owl", "pear", "quilt", "ring", "sun", "tree"]
+_WORD_TEXT = (
+    "apple river stone cloud garden window bread candle forest pencil rabbit summer winter "
+    "yellow orange basket bridge castle dragon flower kitten letter market mirror needle "
+    "pocket rocket silver spoon table tiger tomato turtle violin wagon water zebra anchor "
+    "button carpet doctor engine feather guitar hammer island jacket ladder monkey night ocean "
+    "pepper queen rain sail shadow ticket umbrella valley whistle yarn bottle cookie desk egg "
+    "frog glass hat ink jam kite lamp moon nest owl pear quilt ring sun tree "
+)
+WORDS = tuple(_WORD_TEXT.split())
 SYSTEM = "You are a helpful assistant. Answer with the answer only."
 
 
