@@ -7,13 +7,14 @@ template `serve` uses (`microtransformer.chat_template.render_prompt`); the mode
 greedily until `<|endoftext|>` or a newline (at most --max-new-tokens), and the reply, stripped,
 must equal the record's answer. Records whose question is also in --exclude (the training file)
 are skipped, so the score is on questions the model never saw. Prints the accuracy overall and
-per kind of question (its first three words).
+per kind of question (the generator's tasks).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from microtransformer.chat_template import render_prompt
 from microtransformer.checkpoint import load_run
+
+# the tasks of scripts/make_instructions.py, by the words of their questions
+KINDS = (("addition", r"plus|^Add|\+"), ("subtraction", r"minus|^Subtract"),
+         ("larger of two", r"larger"), ("backwards", r"backwards|^Reverse"),
+         ("capitals", r"capital"), ("first letter", r"first letter"),
+         ("letter count", r"How many letters"))
 
 
 def _turns(record: dict) -> list[tuple[str, str]]:
@@ -52,8 +59,8 @@ def main() -> int:
             out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id)
         reply = tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()
-        kind = " ".join(turns[-2][1].split()[:3])
-        kind = kind if not any(c.isdigit() for c in kind) else turns[-2][1].split()[0]
+        kind = next((name for name, pattern in KINDS if re.search(pattern, turns[-2][1])),
+                    "other")
         total[kind] += 1
         right[kind] += reply == turns[-1][1].strip()
     n, k = sum(total.values()), sum(right.values())
