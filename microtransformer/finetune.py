@@ -23,6 +23,7 @@ The new run records where it came from in `lineage.json` (`lineage_record`; `inf
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,9 +39,11 @@ from microtransformer.config import (
     ResolvedConfig,
     RunConfig,
     TrainConfig,
+    coerce_override,
 )
 from microtransformer.data.tokens import tokenizer_text_sha256
 from microtransformer.errors import UserError
+from microtransformer.export import import_hf, model_config_from_hf, read_hf_config
 from microtransformer.fileio import atomic_write_json
 from microtransformer.tokenizer import Tokenizer
 from model import ModelConfig
@@ -68,19 +71,15 @@ class Parent:
     weights: Path                # the weights file the fine-tune starts from
     tokenizer: Path | None       # its tokenizer.json
 
-    def describe(self) -> str:
-        """e.g. "runs/ts (best.safetensors, step 1200)"."""
-        step = _weights_step(self.weights) if self.kind != HF else None
-        return f"{self.path} ({self.weights.name}" + (f", step {step})" if step is not None
-                                                      else ")")
 
 
-def read_parent(source: str | os.PathLike, which: str = "auto") -> Parent:
+def read_parent(source: str | os.PathLike, which: str = "auto", *,
+                option: str = "--init-from") -> Parent:
     """The parent at `source`, its weights chosen by `which` (see the module docstring);
-    UserError / FileNotFoundError in one line when it is not a run or model directory."""
+    a one-line UserError, naming `option`, when it is not a run or model directory."""
     path = Path(source)
     kind = classify(path)
-    flag = f"--init-from {source}"
+    flag = f"{option} {source}"
     if kind not in (RUN, MODEL, HF):
         what = {"missing": "does not exist", "file": "is a file",
                 "empty": "is an empty directory"}.get(kind, "is not a run or model directory")
@@ -88,8 +87,6 @@ def read_parent(source: str | os.PathLike, which: str = "auto") -> Parent:
                         "directory (`import`) or a Hugging Face GPT-2 directory")
     path = path.resolve()
     if kind == HF:
-        from microtransformer.export import model_config_from_hf, read_hf_config
-
         if which == "best":
             raise UserError(f"{flag} --train.init_weights best: a Hugging Face directory has "
                             "one set of weights; drop --train.init_weights")
@@ -112,19 +109,11 @@ def read_parent(source: str | os.PathLike, which: str = "auto") -> Parent:
     return Parent(path, kind, model, train, weights, tok if tok.is_file() else None)
 
 
-def _weights_step(path: Path) -> int | None:
-    try:
-        step = ckpt.read_safetensors_metadata(path).get("step")
-    except (OSError, UserError):
-        return None
-    return int(step) if step is not None else None
-
-
 # ============================================================================ tokenizer
 def parent_tokenizer(source: str | os.PathLike) -> Path:
     """The tokenizer.json of a run or model directory, checked against the weights it came
     with (`prepare --tokenizer-from`); one-line errors otherwise."""
-    parent = read_parent(source)
+    parent = read_parent(source, option="--tokenizer-from")
     if parent.tokenizer is None:
         raise UserError(f"--tokenizer-from {source}: {parent.path} has no {TOKENIZER_FILE}; "
                         "pass the run or model directory whose tokenizer the model was trained "
@@ -181,8 +170,6 @@ def load_parent_weights(model: nn.Module, parent: Parent) -> None:
                         f"parent in {', '.join(mismatch)}; the architecture comes from the "
                         "parent (drop those --model.* values)")
     if parent.kind == HF:
-        from microtransformer.export import import_hf
-
         source, _ = import_hf(parent.path, with_tokenizer=False)
     else:
         which = "best" if parent.weights.name == BEST_WEIGHTS_FILE else "last"
@@ -217,8 +204,6 @@ def write_lineage(run_dir: Path, parent: Parent) -> None:
 
 def read_lineage(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """A run's lineage.json, or None (not a fine-tune, or unreadable)."""
-    import json
-
     path = Path(run_dir) / LINEAGE_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -248,8 +233,6 @@ def parent_base(parent: Parent) -> RunConfig:
 def check_typed_architecture(typed: dict[str, Any], parent: Parent) -> None:
     """UserError, one line for all of them, when typed `--model.*` values ({"model.x": raw
     text}) contradict the parent's architecture (checked before anything is resolved)."""
-    from microtransformer.config import coerce_override
-
     contradicted = [(name, coerce_override("model", name, typed[f"model.{name}"]))
                     for name in ARCHITECTURE if f"model.{name}" in typed]
     contradicted = [(n, v) for n, v in contradicted if v != getattr(parent.model, n)]
