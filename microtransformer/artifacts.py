@@ -61,7 +61,7 @@ DESCRIPTIONS = {
 RUN_FILES = frozenset({
     "config.json", "tokenizer.json", "model.safetensors", "best.safetensors",
     "model.prev.safetensors", "state.pt", "state.prev.pt", "metrics.jsonl", "loss.png",
-    "data", "tb", "dataset.json",
+    "data", "tb", "dataset.json", "lineage.json",
 })
 DATASET_FILES = frozenset({"train.bin", "val.bin", "tokenizer.json"})  # besides meta.json
 HF_FILES = frozenset({"model.safetensors", "pytorch_model.bin", "tokenizer.json",

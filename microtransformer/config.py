@@ -39,6 +39,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_KINDS = ("bpe", "char")
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+INIT_WEIGHTS = ("auto", "best", "last")  # train.init_weights: which weights of a parent run
 SECTIONS = ("model", "train", "data")
 LOSS_KINDS = ("chunked", "logits")
 BATCH_AUTO = "auto"  # train.batch_size: the largest micro-batch that fits the CUDA device
@@ -125,6 +126,13 @@ class TrainConfig:
     target_tokens_per_step: int = _help("with batch_size auto: gradient-accumulation steps "
                                         "reach at least this many tokens per optimizer step "
                                         "(0 = one micro-batch per step)", default=0)
+    init_from: str | None = _help("fine-tune: start from the weights of this run or model "
+                                  "directory (or a Hugging Face GPT-2 directory) instead of "
+                                  "random ones; optimizer and schedule start fresh "
+                                  "(`train --init-from`, docs/FINETUNE.md)", default=None)
+    init_weights: str = _help("with init_from, which weights of a run: best (best.safetensors) "
+                              "| last (model.safetensors) | auto (best when the run has it, "
+                              "else last)", default="auto")
 
     def __post_init__(self) -> None:
         _normalise_fields(self)
@@ -168,6 +176,12 @@ class TrainConfig:
                                 f"{', '.join(choices)}")
         _check_float(problems, "decay_fraction", self.decay_fraction, low=0.0, high=1.0,
                      low_open=True)
+        if self.init_weights not in INIT_WEIGHTS:
+            problems.append(f"init_weights={self.init_weights!r} must be one of "
+                            f"{', '.join(INIT_WEIGHTS)}")
+        if self.init_from is not None and not (isinstance(self.init_from, str)
+                                               and self.init_from.strip()):
+            problems.append(f"init_from={self.init_from!r} must name a run or model directory")
         if not problems and self.warmup_steps is not None and self.warmup_steps > self.max_steps:
             problems.append(f"warmup_steps={self.warmup_steps} is more than max_steps="
                             f"{self.max_steps}; lower --train.warmup_steps or raise "

@@ -331,6 +331,17 @@ def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
     return model.eval()
 
 
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a Hugging Face model directory (one-line errors)."""
+    cfg_path = Path(hf_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: pass a Hugging Face model directory")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path} is not valid JSON: {exc}") from exc
+
+
 def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
               ) -> tuple[MicroTransformer, Any]:
     """Load a GPT-2-architecture Hugging Face directory as (MicroTransformer, Tokenizer | None).
@@ -339,14 +350,8 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
     with `with_tokenizer`, tokenizer.json when present (it needs an `<|endoftext|>` token).
     """
     hf_dir = Path(hf_dir)
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: pass a Hugging Face model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    config = model_config_from_hf(cfg, source=str(cfg_path))
+    cfg = read_hf_config(hf_dir)
+    config = model_config_from_hf(cfg, source=str(hf_dir / "config.json"))
     weights = hf_dir / WEIGHTS_FILE
     if not weights.is_file():
         if (hf_dir / "model.safetensors.index.json").is_file():

@@ -2,16 +2,20 @@
 
 Read `train()` top to bottom; it calls one function per phase:
   - `_setup`: check the data, set threads/seed/precision, resolve `batch_size = "auto"` (CUDA),
-    build the model, the optimizer (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader,
-    then the module the step runs: `throughput.prepare_for_gpu` (loss head, DDP wrap, compile
-    on CUDA with `fast_path` or anywhere with `compile`; the one place for wrap and compile);
+    build the model (a fresh fine-tune, `train.init_from`: the parent's weights, once the
+    parent's tokenizer is known to have made the data: `finetune.py`), the optimizer
+    (`optim.build_optimizer`: AdamW or Muon+AdamW), the loader, then the module the step runs:
+    `throughput.prepare_for_gpu` (loss head, DDP wrap, compile on CUDA with `fast_path` or
+    anywhere with `compile`; the one place for wrap and compile);
   - `_restore` (resume): the newest intact checkpoint into a typed `TrainState`;
-  - `_open_run_dir`: config, tokenizer, metrics.jsonl (cut back to the checkpoint on resume);
+  - `_open_run_dir`: config, tokenizer, a fine-tune's lineage.json, metrics.jsonl (cut back
+    to the checkpoint on resume);
   - `_loop`: on CUDA with `fast_path` a `BatchFeeder` prefetches the batches (checkpoints save
     the state of the batches trained on); each step evaluates (every `eval_interval`), sets
     the learning rate from the pure `schedule.get_lr(step, cfg, train_time_s)`, runs
-    `train_step` (gradient-accumulation micro-steps, finiteness check, clip, update), logs
-    (loss, tokens/s, MFU) and checkpoints, until the step budget or the time budget is spent.
+    `train_step` on the run's `StepParts` (gradient-accumulation micro-steps, finiteness
+    check, clip, update), logs (loss, tokens/s, MFU) and checkpoints, until the step budget or
+    the time budget is spent.
     The time budget counts optimizer steps only (the injectable `clock`); evaluation and
     checkpoints are timed apart and reported;
   - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
@@ -57,6 +61,7 @@ from microtransformer.config import (
     TrainConfig,
     adapt_to_data,
 )
+from microtransformer.data.loader import IGNORE_INDEX
 from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
@@ -72,6 +77,12 @@ from microtransformer.distributed import (  # re-exported: the loop's distribute
 )
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_bytes
+from microtransformer.finetune import (
+    check_data_tokenizer,
+    load_parent_weights,
+    read_parent,
+    write_lineage,
+)
 from microtransformer.memory import check_training_fits
 from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
@@ -107,7 +118,8 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
              ) -> float:
     """Mean loss per predicted token over `batches`, pooled over ranks.
 
-    Each rank sums its token losses and counts its predicted tokens; one all-reduce adds both,
+    Each rank sums its token losses and counts its predicted tokens (labels -100 predict
+    nothing: the prompts of instruction data); one all-reduce adds both,
     so ranks holding unequal shards (or none) weigh correctly and the result equals what one
     process computes on the union of the shards. Pass the unwrapped model: ranks may run
     different numbers of forward passes. The model is restored to its mode.
@@ -120,9 +132,12 @@ def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
             ids = batch["input_ids"]  # (B, T)
             if ids.shape[0] == 0:
                 continue  # this rank's shard of the batch is empty
+            # positions that predict a learned next token (all of them for plain text)
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if tokens == 0:
+                continue
             with amp():  # loader windows are unpadded; the loss never materialises (B, T, V)
                 loss = model(ids, labels=batch["labels"])
-            tokens = ids.shape[0] * (ids.shape[1] - 1)  # positions that predict a next token
             total += float(loss) * tokens
             count += tokens
     finally:
@@ -140,50 +155,59 @@ class StepOutcome:
     skipped: bool        # True when the update was skipped (non-finite loss or gradient)
 
 
-def train_step(model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
-               next_batch: Callable[[], dict[str, torch.Tensor]], cfg: TrainConfig,
-               ctx: RuntimeContext, amp: Callable[[], contextlib.AbstractContextManager],
-               scaler: torch.amp.GradScaler | None = None,
-               step_begin: Callable[[], None] = lambda: None) -> StepOutcome:
+@dataclass
+class StepParts:
+    """The model and optimizer one optimizer step works on, and how it runs them."""
+
+    model: nn.Module                  # what the step calls: the loss head, DDP-wrapped, compiled
+    raw_model: nn.Module              # the plain model (its gradients are clipped)
+    optimizer: Any                    # torch.optim.AdamW or optim.MuonAdamW
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA: owns inf handling
+    step_begin: Callable[[], None] = lambda: None  # before each micro-step (CUDA graphs)
+
+
+def train_step(parts: StepParts, next_batch: Callable[[], dict[str, torch.Tensor]],
+               cfg: TrainConfig, ctx: RuntimeContext) -> StepOutcome:
     """One optimizer step: `grad_accum_steps` micro-batches, finiteness check, clip, update.
 
     A non-finite loss or gradient skips the update (the gradients are dropped) and reports
-    `skipped=True`; the caller decides when to give up. With fp16, `scaler` owns inf handling.
-    `step_begin` runs before each micro-step's forward (CUDA graphs: `Prepared.step_begin`).
+    `skipped=True`; the caller decides when to give up.
     """
     accum = cfg.grad_accum_steps
     loss_sum = torch.zeros((), device=ctx.device)
     for micro in range(accum):
         batch = next_batch()
-        with micro_step_sync(model, ctx, last=micro == accum - 1):
-            step_begin()
-            with amp():
+        with micro_step_sync(parts.model, ctx, last=micro == accum - 1):
+            parts.step_begin()
+            with parts.amp():
                 # Loader windows are unpadded (all-ones mask), so the mask is not passed: that
                 # skips the model's mask check, a host sync and a torch.compile graph break.
                 # With labels the model returns the loss, computed in chunks of rows without
                 # holding the (B, T, V) logits (measured faster than lm_loss on the logits).
-                loss = model(batch["input_ids"], labels=batch["labels"]) / accum
-            if scaler is not None:
-                scaler.scale(loss).backward()
+                loss = parts.model(batch["input_ids"], labels=batch["labels"]) / accum
+            if parts.scaler is not None:
+                parts.scaler.scale(loss).backward()
             else:
                 loss.backward()
         loss_sum += loss.detach()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    if parts.scaler is not None:
+        parts.scaler.unscale_(parts.optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.raw_model.parameters(), max_norm)
     loss_value = reduce_mean(loss_sum, ctx)  # one host sync per step
     norm_value = float(grad_norm)
-    finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler is not None)
+    finite = math.isfinite(loss_value) and (math.isfinite(norm_value)
+                                            or parts.scaler is not None)
     if not finite:
-        optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(loss_value, norm_value, skipped=True)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
+    if parts.scaler is not None:
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
     else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
     return StepOutcome(loss_value, norm_value, skipped=False)
 
 
@@ -312,6 +336,15 @@ def adapt_to_dataset(resolved: ResolvedConfig, data_dir: str | os.PathLike
     return adapted, meta
 
 
+def val_bytes_per_token(meta: dict[str, Any]) -> float:
+    """UTF-8 bytes per scored val token, for bits per byte: of all the text, or for
+    instruction data of the learned text only (the loss counts learned tokens only)."""
+    masked = meta.get("loss_mask")
+    if masked:
+        return float(masked["bytes_per_learned_token"]["val"])
+    return float(meta["bytes_per_token"]["val"])
+
+
 def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None) -> None:
     """`train` writes only into a new or empty directory or a training run (artifacts.py),
     never into its data directory or around it (its own RUN_DIR/data excepted)."""
@@ -432,19 +465,15 @@ class _Run:
     data_dir: Path
     seq_len: int
     val_bytes_per_token: float
-    raw_model: nn.Module
-    model: nn.Module                  # raw_model's loss head, wrapped (DDP) and compiled
-    optimizer: Any                    # torch.optim.AdamW or optim.MuonAdamW
-    scaler: torch.amp.GradScaler | None
-    amp: Callable[[], contextlib.AbstractContextManager]
+    parts: StepParts                  # the model, its step module, optimizer, precision
     train_loader: Any
     tokens_per_step: int
     num_params: int
     clock: Callable[[], float]
-    step_begin: Callable[[], None]    # before each micro-step (CUDA graphs mark a new step)
     compile_s: float | None           # warm-up step incl. compile, when compiled
     dataset_id: str = ""              # `dataset_identity` of data_dir
     tokenizer_sha256: str = ""        # content hash of the data's tokenizer (in the weights)
+    parent: Any = None                # finetune.Parent of a fresh --init-from run, else None
     switch_data: bool = False         # --switch-data: a resume may change the dataset
     feeder: BatchFeeder | None = None  # CUDA fast path: prefetches batches (built by _loop)
     logger: MetricsLogger | None = None
@@ -541,6 +570,11 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     check_run_output(run_dir, data_dir)
     # sizes, checksums, tokenizer hash and id range
     meta = verify_dataset(require_data_dir(data_dir))
+    # a fresh fine-tune: the parent's tokenizer must have made the data (checked first: a
+    # vocabulary mismatch is then a symptom of it)
+    parent = read_parent(tc.init_from, tc.init_weights) if tc.init_from and not resume else None
+    if parent is not None:
+        check_data_tokenizer(parent, data_dir, meta)
     if int(meta["vocab_size"]) != cfg.model.vocab_size:
         raise UserError(f"vocab mismatch: the model has vocab_size={cfg.model.vocab_size} but "
                         f"{data_dir} was tokenized with {meta['vocab_size']} tokens; set "
@@ -574,6 +608,8 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
     # --- model and optimizer: the one place each is built (compile/wrap below)
     raw_model = MicroTransformer.from_config(cfg.model).to(device)
     raw_model.validate_inputs = False  # ids come from our own tokenizer: checked by vocab match
+    if parent is not None:  # a fresh fine-tune; a resume loads its own checkpoint (_restore)
+        load_parent_weights(raw_model, parent)
     optimizer = build_optimizer(raw_model, tc, device)
 
     # --- data: the loader draws the GLOBAL micro-batch (same seed on every rank); each rank
@@ -584,6 +620,13 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                                device="cpu")
     # Fail early (before any training) when val is shorter than one window.
     BatchLoader(data_dir, "val", tc.batch_size, seq_len, device="cpu")
+    if train_loader.mask is not None and ctx.is_main:
+        skipped = train_loader.records - train_loader.trainable_records
+        print(f"instruction data: loss on {meta['loss_mask']['learned_tokens']['train']:,} "
+              f"learned tokens of {train_loader.records:,} records (prompts masked); windows "
+              "start at records" + (f"; {skipped:,} records whose prompt fills the "
+                                    f"{seq_len}-token window are not trained on"
+                                    if skipped else ""), flush=True)
 
     # --- the module the step runs: the loss head, wrapped for data parallelism, then compiled
     # (on CUDA by default with fast_path; elsewhere only with train.compile)
@@ -598,14 +641,16 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
         if note.startswith("torch.compile failed"):
             warnings.warn(note, stacklevel=2)
     return _Run(cfg=cfg, dir=run_dir, ctx=ctx, data_dir=data_dir, seq_len=seq_len,
-                val_bytes_per_token=float(meta["bytes_per_token"]["val"]),
-                raw_model=raw_model, model=prepared.model, optimizer=optimizer, scaler=scaler,
-                amp=prepared.amp, train_loader=train_loader,
+                val_bytes_per_token=val_bytes_per_token(meta),
+                parts=StepParts(model=prepared.model, raw_model=raw_model,
+                                optimizer=optimizer, amp=prepared.amp, scaler=scaler,
+                                step_begin=prepared.step_begin),
+                train_loader=train_loader,
                 tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
                 num_params=count_parameters(raw_model), clock=clock,
-                step_begin=prepared.step_begin, compile_s=prepared.compile_seconds,
+                compile_s=prepared.compile_seconds,
                 dataset_id=dataset_identity(data_dir, meta),
-                tokenizer_sha256=_data_tokenizer_sha256(data_dir, meta))
+                tokenizer_sha256=_data_tokenizer_sha256(data_dir, meta), parent=parent)
 
 
 def resolve_batch_size(cfg: RunConfig, ctx: RuntimeContext) -> RunConfig:
@@ -648,11 +693,11 @@ def _restore(run: _Run) -> TrainState:
         raise UserError(f"cannot resume {run.dir}: its optimizer state is "
                         f"{state.optimizer_name!r} but train.optimizer={run.tc.optimizer!r}; "
                         f"resume with --train.optimizer {state.optimizer_name}")
-    ckpt.load_weights_into(run.raw_model, point.weights_path)
+    ckpt.load_weights_into(run.parts.raw_model, point.weights_path)
     run.keep_prev, run.saved_step = point.is_current, point.step
-    run.optimizer.load_state_dict(state.optimizer)
-    if run.scaler is not None and state.scaler:
-        run.scaler.load_state_dict(state.scaler)
+    run.parts.optimizer.load_state_dict(state.optimizer)
+    if run.parts.scaler is not None and state.scaler:
+        run.parts.scaler.load_state_dict(state.scaler)
     loader = state.loader
     run.train_loader.load_state_dict(loader[ctx.rank] if isinstance(loader, list) else loader)
     ckpt.restore_rng_state(state.rng)
@@ -710,6 +755,8 @@ def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
         return
     run.dir.mkdir(parents=True, exist_ok=True)
     run.cfg.save_json(run.dir / CONFIG_FILE)
+    if run.parent is not None and not resumed:
+        write_lineage(run.dir, run.parent)
     tok_src = run.data_dir / "tokenizer.json"
     if tok_src.is_file() and tok_src.resolve() != (run.dir / TOKENIZER_FILE).resolve():
         atomic_write_bytes(run.dir / TOKENIZER_FILE, tok_src.read_bytes())
@@ -761,7 +808,7 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
             return feeder.next_batch()  # (B / world, T)
         return take_shard(run.train_loader.next_batch(), ctx, ctx.device)  # (B / world, T)
 
-    run.raw_model.train()
+    run.parts.raw_model.train()
     window_time, window_tokens = state.train_time_s, 0
     try:
         while not any_rank(budget_spent(state.step, tc, state.train_time_s), ctx):
@@ -773,11 +820,10 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
                 prog.eval_s += run.clock() - eval_start
 
             lr = get_lr(state.step, tc, state.train_time_s)
-            for group in run.optimizer.param_groups:
+            for group in run.parts.optimizer.param_groups:
                 group["lr"] = lr
             step_start = run.clock()
-            outcome = train_step(run.model, run.raw_model, run.optimizer, next_batch, tc, ctx,
-                                 run.amp, run.scaler, run.step_begin)
+            outcome = train_step(run.parts, next_batch, tc, ctx)
             step_s = run.clock() - step_start
             if budget is not None and ctx.distributed:
                 step_s = reduce_mean(step_s, ctx)  # one clock for every rank: the same lr
@@ -893,13 +939,13 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
         if run.keep_prev and run.saved_step != state.step:
             ckpt.keep_previous(run.dir)  # the last intact pair survives a crash in this save
         tok = {"tokenizer_sha256": run.tokenizer_sha256} if run.tokenizer_sha256 else {}
-        ckpt.save_weights(run.raw_model, run.dir / WEIGHTS_FILE, step=state.step,
+        ckpt.save_weights(run.parts.raw_model, run.dir / WEIGHTS_FILE, step=state.step,
                           extra=tok)
         if best:
-            ckpt.save_weights(run.raw_model, run.dir / BEST_WEIGHTS_FILE, step=state.step,
+            ckpt.save_weights(run.parts.raw_model, run.dir / BEST_WEIGHTS_FILE, step=state.step,
                               extra={"val_loss": repr(state.best_val_loss), **tok})
-        state.optimizer = run.optimizer.state_dict()
-        state.scaler = run.scaler.state_dict() if run.scaler is not None else None
+        state.optimizer = run.parts.optimizer.state_dict()
+        state.scaler = run.parts.scaler.state_dict() if run.parts.scaler is not None else None
         state.loader = (run.feeder or run.train_loader).state_dict()
         state.rng = ckpt.capture_rng_state()
         state.max_steps, state.world_size = run.tc.max_steps, run.ctx.world_size
@@ -919,7 +965,7 @@ def _record_eval(run: _Run, state: TrainState, prog: _Progress) -> bool:
     # the same global windows as one process; each rank evaluates its rows
     batches = (take_shard(b, ctx, ctx.device) for b in iter_eval_batches(
         run.data_dir, "val", tc.batch_size, run.seq_len, tc.eval_steps, device="cpu"))
-    loss = evaluate(run.raw_model, batches, ctx, run.amp)
+    loss = evaluate(run.parts.raw_model, batches, ctx, run.parts.amp)
     prog.last_val = (loss, bits_per_byte(loss, run.val_bytes_per_token))
     prog.last_eval_step = state.step
     improved = loss < state.best_val_loss

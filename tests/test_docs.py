@@ -4,7 +4,8 @@ Each fenced block of shell commands (``bash``/``sh``/``console`` blocks, and unl
 whose first line is a command) runs as one bash script (`set -euo pipefail`) in one sandbox
 directory, file by file in the order README.md, then docs/ alphabetically, so later commands
 find what earlier ones made. The sandbox has the inputs the docs name: small stand-ins for
-`input.txt`, `more_texts/`, `held_out.txt` and `../shared/data/...`, and a download cache
+`input.txt`, `more_texts/`, `held_out.txt` and `../shared/data/...` (and the repository's
+`scripts/`, as a clone has them), and a download cache
 holding tinyshakespeare (the real file, checked against its pinned sha256) and a small
 TinyStories stand-in, so the named downloads work offline.
 
@@ -267,12 +268,15 @@ def make_sandbox(root: Path) -> tuple[Path, dict[str, str]]:
     (work / "more_texts" / "book.txt").write_text(_text(400, "book"))
     (work / "held_out.txt").write_text(_text(200, "held"))
     (work / "benchmarks").symlink_to(REPO_ROOT / "benchmarks")  # the quick scripts the docs run
+    (work / "scripts").symlink_to(REPO_ROOT / "scripts")  # the repository's scripts, as in a clone
     shared = root / "shared" / "data"
     for name, text in (("tinystories/train.txt", _stories(400)),
                        ("tinystories/valid.txt", _stories(60)),
                        ("tinyshakespeare/input.txt", _text(2000, "shk")),
                        ("gutenberg/book_one.txt", _text(800, "one")),
-                       ("gutenberg/book_two.txt", _text(800, "two"))):
+                       ("gutenberg/book_two.txt", _text(800, "two")),
+                       ("gutenberg/frankenstein.txt", _text(300, "fr")),
+                       ("gutenberg/jane_eyre.txt", _text(300, "je"))):
         (shared / name).parent.mkdir(parents=True, exist_ok=True)
         (shared / name).write_text(text)
     cache = root / "cache"

@@ -8,6 +8,7 @@ from typing import Any
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.errors import UserError
+from microtransformer.finetune import lineage_chain, read_lineage
 from microtransformer.jsonout import json_dumps
 from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, PREV_WEIGHTS_FILE, WEIGHTS_FILE
 
@@ -72,6 +73,7 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
     if trains:
         summary["last_train"] = trains[-1]
     info["training"] = summary
+    info["lineage"] = read_lineage(run)  # a fine-tune: its parent, and theirs
     # what config resolution adapted (defaults, presets and files yield to the data and run)
     info["adapted"] = [n for e in events for n in e.get("config_notes", [])]
     info["files"] = {p.name: p.stat().st_size for p in sorted(run.iterdir()) if p.is_file()
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         "optimizer", "lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "seed")))
     for note in info["adapted"]:
         print(f"  adapted: {note}")
+    if info["lineage"]:
+        print("fine-tuned from: " + " <- ".join(lineage_chain(info["lineage"])))
     print(f"data: {info['config']['data']['data_dir']}")
     if info["weights"]:
         print("weights: " + ", ".join(

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     )
     p.add_argument(
         "sources", nargs="*", metavar="SOURCE",
-        help="files, directories, globs (.txt/.md/.py/.jsonl), 'stdlib', or a dataset name: "
+        help="files, directories, globs (.txt/.md/.py/.jsonl: {\"text\"}, {\"prompt\", "
+        "\"completion\"} or {\"messages\"} records), 'stdlib', or a dataset name: "
         + ", ".join(DATASET_NAMES),
     )
     p.add_argument("--out", required=True, metavar="DATA_DIR",
@@ -33,8 +34,13 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                        help="fraction of documents held out for validation (default: 0.1)")
     split.add_argument("--val-tail", type=float, default=None,
                        help="hold out the last fraction of the corpus characters instead")
-    p.add_argument("--tokenizer-path", default=None, metavar="FILE",
-                   help="reuse this tokenizer.json instead of training one")
+    reuse = p.add_mutually_exclusive_group()
+    reuse.add_argument("--tokenizer-path", default=None, metavar="FILE",
+                       help="reuse this tokenizer.json instead of training one")
+    reuse.add_argument("--tokenizer-from", default=None, metavar="RUN_OR_MODEL_DIR",
+                       help="tokenize with the tokenizer of this run or model directory (to "
+                       "fine-tune it: `train --init-from` it on DATA_DIR); characters it "
+                       "cannot encode are counted and named")
     p.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl records (default: text)")
     p.add_argument("--stdlib-max-bytes", type=int, default=STDLIB_DEFAULT_MAX_BYTES,
@@ -52,7 +58,11 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
 def run(args: argparse.Namespace) -> int:
     """Prepare the data directory and print a short summary."""
     from microtransformer.data import prepare  # heavy imports only when the command runs
+    from microtransformer.finetune import parent_tokenizer
 
+    tokenizer_path = args.tokenizer_path
+    if args.tokenizer_from is not None:
+        tokenizer_path = parent_tokenizer(args.tokenizer_from)
     meta = prepare(
         args.sources,
         args.out,
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
         val_tail=args.val_tail,
-        tokenizer_path=args.tokenizer_path,
+        tokenizer_path=tokenizer_path,
+        tokenizer_from=args.tokenizer_from,
         text_field=args.text_field,
         stdlib_max_bytes=args.stdlib_max_bytes or None,
         force=args.force,
@@ -78,8 +89,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {split:5s} {meta['tokens'][split]:>12,} tokens  "
               f"{meta['documents'][split]:>7,} docs  "
               f"{meta['bytes_per_token'][split]:.3f} bytes/token")
+    if meta.get("loss_mask"):
+        lm = meta["loss_mask"]
+        print(f"  instruction records: {lm['records']['train']:,} train / "
+              f"{lm['records']['val']:,} val; loss on {lm['learned_tokens']['train']:,} / "
+              f"{lm['learned_tokens']['val']:,} learned tokens (completions, assistant "
+              "replies and each record's end), prompts masked")
     unknown = meta["unknown"]
+    whose = (f"the tokenizer of {args.tokenizer_from}" if args.tokenizer_from
+             else "the tokenizer")
     if unknown["tokens"]:
+        shown = ", ".join(repr(c) for c in unknown.get("examples", [])[:10])
         print(f"  unknown: {unknown['tokens']:,} characters ({100 * unknown['fraction']:.3f}%) "
-              "became the unknown token")
+              f"became the unknown token: {whose} cannot encode them"
+              + (f" ({shown})" if shown else ""))
+    elif args.tokenizer_from:
+        print(f"  unknown: none ({whose} encodes every character)")
     return 0

@@ -15,6 +15,10 @@ from microtransformer.config import (
     add_override_arguments,
     collect_overrides,
     load_config,
+    parse_overrides,
+    preset_path,
+    read_config_file,
+    read_toml,
     resolve_config,
 )
 from microtransformer.errors import UserError
@@ -29,6 +33,8 @@ EPILOG = """examples:
   microtransformer train --data data/shakespeare --out runs/shakespeare --preset balanced \\
       --model.max_seq_len 128 --train.max_steps 500 --train.batch_size 16
   microtransformer train --out runs/shakespeare --resume          # continue where it stopped
+  microtransformer train --init-from runs/shakespeare --data data/mine --out runs/ft
+      # fine-tune (docs/FINETUNE.md): weights, architecture and tokenizer from the parent
   torchrun --nproc_per_node 2 -m microtransformer train --data data/shakespeare --out runs/ddp
       # data parallel (docs/DISTRIBUTED.md): train.batch_size is the global micro-batch
 Config precedence: defaults < --preset < --config FILE < --section.key overrides.
@@ -54,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="training-time budget, e.g. 15m, 90s, 1h (= --train.max_time_minutes): "
                         "the LR schedule ends decayed when it is spent; without --preset or "
                         "--config a recipe is chosen for the data and the machine")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="fine-tune: start from the weights of this run, model directory or "
+                        "Hugging Face GPT-2 directory (= --train.init_from; its best weights "
+                        "when a run has them, see --train.init_weights); the architecture and "
+                        "the tokenizer are the parent's, lr and warm-up adapt for fine-tuning "
+                        "(docs/FINETUNE.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR's run from its last checkpoint (reuses its config)")
     p.add_argument("--switch-data", action="store_true",  # checked in training.train
@@ -82,8 +94,11 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
         except ValueError as exc:
             raise UserError(f"--time: {exc}") from None
         overrides.insert(0, f"--train.max_time_minutes={minutes:g}")
+    if args.init_from is not None:
+        overrides.insert(0, f"--train.init_from={Path(args.init_from).resolve()}")
+    init_from = parse_overrides(overrides).get("train.init_from")
     layers: list[tuple[str, dict[str, Any]]] = []
-    if minutes is not None and not (args.preset or args.config or args.resume):
+    if minutes is not None and not (args.preset or args.config or args.resume or init_from):
         recipe = budget_recipe(args.data, minutes, overrides)
         if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun worker
             print(recipe.reason, flush=True)
@@ -96,6 +111,13 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
             raise FileNotFoundError(f"cannot resume: {saved} does not exist; start the run "
                                     "without --resume")
         base = RunConfig.load_json(saved)
+        if init_from is not None and str(Path(str(init_from)).resolve()) != str(
+                Path(str(base.train.init_from)).resolve()):
+            raise UserError(f"cannot resume {run_dir} --init-from {init_from}: a resumed run "
+                            "continues from its own checkpoint"
+                            + (f" (it was started from {base.train.init_from})"
+                               if base.train.init_from else "")
+                            + "; drop --init-from, or start a new run with another --out")
         if args.config or args.preset:
             resolved = resolve_config(args.config, args.preset, overrides, layers=layers)
         else:
@@ -115,11 +137,56 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
         if (run_dir / ckpt.STATE_FILE).is_file():
             raise UserError(f"{run_dir} already holds a training run; add --resume to continue "
                             "it or choose another --out")
-        resolved = resolve_config(args.config, args.preset, overrides, layers=layers)
+        if init_from is not None:
+            resolved = resolve_finetune(args, str(init_from), overrides)
+        else:
+            resolved = resolve_config(args.config, args.preset, overrides, layers=layers)
     if args.data is not None:
         cfg = resolved.config
         resolved = resolved.with_notes(cfg.replace(data=replace(cfg.data, data_dir=args.data)))
     return resolved
+
+
+def resolve_finetune(args: argparse.Namespace, init_from: str, overrides: list[str]
+                     ) -> ResolvedConfig:
+    """A fresh `--init-from` run's config: the parent's model and (a run's) training recipe
+    are the base that a preset, a config file and typed values go on top of; then the
+    architecture is the parent's (`finetune.adapt_to_parent`) and the values nobody typed
+    adapt for fine-tuning (`finetune.finetune_layer`), each with a note."""
+    from microtransformer import finetune
+
+    typed = parse_overrides(overrides)
+    parent = finetune.read_parent(init_from, str(typed.get("train.init_weights", "auto")))
+    finetune.check_typed_architecture(typed, parent)
+    origin = f"the parent {parent.path}"
+    layers = [(f"--init-from {parent.path}", {"model": parent.model.to_dict()})]
+    replaced = finetune.replaced_by_parent(
+        [(f"preset {args.preset!r}", read_toml(preset_path(args.preset))) if args.preset
+         else None, (f"config file {args.config}", read_config_file(args.config))
+         if args.config else None], parent)
+    base = finetune.parent_base(parent)
+    first = resolve_config(args.config, args.preset, overrides, layers=layers, base=base,
+                           base_origin=origin)
+    defaults, notes = finetune.finetune_layer(first)  # adapted from what it would be
+    layers.append(("fine-tuning defaults", defaults))
+    resolved = resolve_config(args.config, args.preset, overrides, layers=layers, base=base,
+                              base_origin=origin)
+    resolved = resolved.with_notes(resolved.config, [*replaced, *notes])
+    return finetune.adapt_to_parent(finetune.without_base_data_origins(resolved, origin), parent)
+
+
+def check_parent_data(cfg: RunConfig) -> None:
+    """Before a fresh fine-tune prepares or adapts to its data: the data must be the parent's
+    tokenizer's (one line with the `prepare --tokenizer-from` command otherwise)."""
+    from microtransformer import finetune
+    from microtransformer.data import load_meta
+    from microtransformer.training import require_data_dir
+
+    if cfg.train.init_from is None or cfg.data.data_dir is None:
+        return
+    meta = load_meta(require_data_dir(cfg.data.data_dir))
+    parent = finetune.read_parent(cfg.train.init_from, cfg.train.init_weights)
+    finetune.check_data_tokenizer(parent, cfg.data.data_dir, meta)
 
 
 def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Recipe:
@@ -185,6 +252,8 @@ def dry_run(resolved: ResolvedConfig, run_dir: Path, *, resuming: bool = False) 
     if data_dir is None and (run_dir / "data" / "meta.json").is_file():
         data_dir = str(run_dir / "data")  # prepared by an earlier call of this run
     meta = None
+    if not resuming:
+        check_parent_data(resolved.config)
     if data_dir is not None:
         resolved, meta = adapt_to_dataset(resolved, data_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: check the batch split
@@ -267,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         return dry_run(resolved, run_dir, resuming=args.resume)
+    if not args.resume:
+        check_parent_data(resolved.config)
     with distributed.runtime(resolved.config.train.device) as ctx:
         show = ctx.is_main
         progress = not args.no_progress and show

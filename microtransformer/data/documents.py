@@ -1,7 +1,8 @@
 """Reading a corpus as documents, and the first pass over it (`scan_sources`).
 
 Documents: each text file is one document, except that a line holding only `<|endoftext|>` (the
-TinyStories format) ends a document inside a file; each record of a `.jsonl` file is one. A long
+TinyStories format) ends a document inside a file; each record of a `.jsonl` file is one (a
+plain-text record, or an instruction / chat record: `data.instructions`). A long
 document is read in pieces of ~256K characters cut where the byte-level BPE pre-tokenizer splits
 anyway, so the tokens do not depend on the piece size.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from microtransformer.data.instructions import is_instruction_record, record_segments
 from microtransformer.data.sources import Source, file_sha256
 from microtransformer.errors import UserError
 from microtransformer.tokenizer import EOS_TOKEN
@@ -101,27 +103,10 @@ def _iter_file_pieces(source: Source, text_field: str) -> Iterator[tuple[bool, s
     anyway, so BPE tokens are unchanged). Empty documents are dropped.
     """
     if source.format == "jsonl":
-        with open(source.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{source.path}:{lineno}: not valid JSON ({exc.msg}); "
-                                    "a .jsonl file needs one JSON object per line") from exc
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise UserError(
-                        f"{source.path}:{lineno}: record has no {text_field!r} field (has "
-                        f"{keys}); pass the right field with --text-field"
-                    )
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise UserError(f"{source.path}:{lineno}: field {text_field!r} is "
-                                    f"{type(text).__name__}, expected a string")
-                if text:
-                    yield True, text
+        for record in iter_jsonl(source, text_field):
+            text = record if isinstance(record, str) else "".join(t for t, _ in record)
+            if text:
+                yield True, text
         return
     buf: list[str] = []
     size = 0
@@ -143,6 +128,51 @@ def _iter_file_pieces(source: Source, text_field: str) -> Iterator[tuple[bool, s
         yield new_doc, "".join(buf)
 
 
+def iter_jsonl(source: Source, text_field: str) -> Iterator[str | list[tuple[str, bool]]]:
+    """The records of a .jsonl file: a plain-text record's text, or an instruction record's
+    (text, learned) pieces (`data.instructions`). Blank lines are skipped; a line that is not a
+    JSON object with the text field or an instruction shape is a UserError naming its line."""
+    with open(source.path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{source.path}:{lineno}: not valid JSON ({exc.msg}); "
+                                "a .jsonl file needs one JSON object per line") from exc
+            if isinstance(record, dict) and is_instruction_record(record, text_field):
+                yield record_segments(record, f"{source.path}:{lineno}")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise UserError(
+                    f"{source.path}:{lineno}: record has no {text_field!r} field (has "
+                    f"{keys}); pass the right field with --text-field, or give instruction "
+                    "records {\"prompt\", \"completion\"} or {\"messages\": [...]}"
+                )
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{source.path}:{lineno}: field {text_field!r} is "
+                                f"{type(text).__name__}, expected a string")
+            yield text
+
+
+def iter_records(sources: Sequence[Source], text_field: str
+                 ) -> Iterator[tuple[int, list[tuple[str, bool]]]]:
+    """(document index, (text, learned) pieces) of instruction sources, numbered as
+    `iter_pieces` numbers them (each instruction record is one document)."""
+    doc = -1
+    for source in sources:
+        for record in iter_jsonl(source, text_field):
+            if isinstance(record, str):
+                raise UserError(f"{source.path}: plain-text records mixed with instruction "
+                                "records; prepare them into separate datasets")
+            if any(text for text, _ in record):
+                doc += 1
+                yield doc, record
+
+
 def _safe_cut(prev_line: str, next_line: str) -> bool:
     """True when cutting between two lines cannot change byte-level BPE pre-tokens: the previous
     line ends "X\\n" and the next starts with Y, X and Y not whitespace."""
@@ -157,6 +187,7 @@ class Scan:
     doc_chars: array                 # per document: its characters
     chars: int                       # total characters of all documents
     records: list[dict[str, Any]]    # meta.json's per-file entries
+    instruction_docs: int = 0        # documents that are instruction / chat records
 
 
 def file_documents(path: str | os.PathLike, text_field: str = "text") -> list[str]:
@@ -189,6 +220,7 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
     doc_chars = array("Q")
     records: list[dict[str, Any]] = []
     chars = 0
+    instruction_docs = 0
     for source in tqdm(sources, desc="scan", unit="file", disable=None if progress else True):
         problem = None
         if _is_binary(source.path):
@@ -221,6 +253,9 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
                 raise UserError(f"{source.path} {problem}")
             warnings.warn(f"skipping {source.path}: it {problem}", stacklevel=2)
             continue
+        if source.format == "jsonl":  # instruction records (a second, cheap pass)
+            instruction_docs += sum(1 for r in iter_jsonl(source, text_field)
+                                    if not isinstance(r, str) and any(t for t, _ in r))
         kept.append(source)
         doc_keys.extend(docs)  # duplicates share a key; ties are broken by document index
         doc_chars.extend(sizes)
@@ -228,6 +263,6 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
         records.append({"path": str(source.path), "origin": source.origin,
                         "format": source.format, "bytes": source.path.stat().st_size,
                         "sha256": file_sha256(source.path), "documents": len(docs)})
-    return Scan(kept, doc_keys, doc_chars, chars, records)
+    return Scan(kept, doc_keys, doc_chars, chars, records, instruction_docs)
 
 

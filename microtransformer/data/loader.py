@@ -1,4 +1,12 @@
-"""Training and evaluation batches: random windows of a prepared split."""
+"""Training and evaluation batches: random windows of a prepared split.
+
+Plain text: a window starts at any token. Instruction data (a split with a loss mask,
+`data.tokens`): a window starts at the first token of a record and runs on through the records
+after it (packed, each after the previous one's end-of-text token), so every learned token has
+its whole prompt before it in the window; labels are -100 (ignored by the loss) except on the
+learned tokens. A record whose learned tokens all lie beyond the window (a prompt longer than
+the window) never starts a window; `BatchLoader.records` / `.trainable_records` count them.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from microtransformer.data.tokens import load_tokens
+from microtransformer.data.tokens import LOSS, START, load_mask, load_tokens
 from microtransformer.errors import UserError
+
+IGNORE_INDEX = -100  # labels the loss ignores (model.transformer.lm_loss / chunked_lm_loss)
 
 
 class BatchLoader:
@@ -46,19 +56,50 @@ class BatchLoader:
         self._gen = torch.Generator().manual_seed(derive_seed(seed, 0))
         self.batches_drawn = 0
         self._offsets = torch.arange(seq_len)
+        self.mask = load_mask(data_dir, split)  # None: plain text, every token is learned
+        self.records = self.trainable_records = 0
+        if self.mask is not None:
+            self.starts = window_starts(self.mask, seq_len)  # (N,) record starts
+            self.records = int(np.count_nonzero(self.mask & START))
+            self.trainable_records = len(self.starts)
+            if not self.trainable_records:
+                raise UserError(
+                    f"no record of the {split} split of {data_dir} has a learned token within "
+                    f"the first {seq_len} tokens (its prompt fills the window); use a longer "
+                    "--train.seq_len or shorter prompts")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch of random windows (see the class docstring)."""
+        if self.mask is not None:
+            return self._next_masked_batch()
         starts = torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,),
                                generator=self._gen)  # (B,)
         index = (starts[:, None] + self._offsets[None, :]).numpy()  # (B, T)
         ids = torch.from_numpy(self.data[index].astype(np.int64))  # (B, T)
         self.batches_drawn += 1
-        if self.device.type == "cuda":
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-        else:
-            ids = ids.to(self.device)
+        ids = self._to_device(ids)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def _next_masked_batch(self) -> dict[str, torch.Tensor]:
+        """Windows starting at records; labels -100 except on learned tokens. A window that
+        runs past the end of the split repeats its last token there, with label -100 (causal
+        attention: the positions before are unchanged by what follows them)."""
+        pick = torch.randint(0, len(self.starts), (self.batch_size,), generator=self._gen)
+        starts = torch.from_numpy(self.starts[pick.numpy()])  # (B,)
+        positions = starts[:, None] + self._offsets[None, :]  # (B, T)
+        index = positions.clamp(max=len(self.data) - 1).numpy()
+        ids = torch.from_numpy(self.data[index].astype(np.int64))  # (B, T)
+        learned = torch.from_numpy((self.mask[index] & LOSS).astype(bool))  # (B, T)
+        learned &= positions < len(self.data)
+        self.batches_drawn += 1
+        labels = apply_loss_mask(ids, learned)
+        return {"input_ids": self._to_device(ids), "attention_mask": torch.ones_like(ids),
+                "labels": self._to_device(labels)}
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -75,6 +116,21 @@ class BatchLoader:
             raise UserError(f"loader state is for split {state['split']!r}, not {self.split!r}")
         self._gen.set_state(state["generator"])
         self.batches_drawn = int(state["batches_drawn"])
+
+
+def apply_loss_mask(ids: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """Labels for `ids` (B, T): the id where `learned` (B, T) is True, else -100 (the loss's
+    ignore_index: with the loss's shift, position t is then not asked to predict token t + 1)."""
+    return torch.where(learned, ids, torch.full_like(ids, IGNORE_INDEX))
+
+
+def window_starts(mask: np.ndarray, seq_len: int) -> np.ndarray:
+    """The record starts (int64 offsets) whose window of `seq_len` tokens holds at least one
+    learned token that the window predicts (positions start + 1 .. start + seq_len - 1)."""
+    starts = np.flatnonzero(mask & START).astype(np.int64)
+    learned = np.concatenate([[0], np.cumsum((mask & LOSS) != 0, dtype=np.int64)])
+    ends = np.minimum(starts + seq_len, len(mask))  # exclusive
+    return starts[learned[ends] - learned[np.minimum(starts + 1, ends)] > 0]
 
 
 def derive_seed(seed: int, stream: int) -> int:

@@ -21,6 +21,14 @@ In the token stream, documents of the same split are separated by one EOS token
 (`<|endoftext|>`); there is no EOS before the first document or after the last one, so a
 one-document corpus is exactly the tokens of its text.
 
+Instruction data: a corpus of `.jsonl` prompt/completion or chat records (`data.instructions`)
+is prepared whole-record: a record goes to one split (a record the split plan would cut goes to
+val whole), each record is `prompt completion <|endoftext|>` in the token stream (no separator
+of its own besides that end), and each split gets a loss mask (`data.tokens`: which tokens are
+learned, where each record starts). meta.json's "loss_mask" counts the learned tokens and their
+UTF-8 bytes; bits per byte of such a run are per byte of learned text. Plain text and
+instruction records cannot be mixed in one dataset.
+
 Output (`out_dir`): `train.bin`, `val.bin`, `tokenizer.json` and `meta.json`, built together in
 a hidden sibling directory and renamed into place when all four are complete
 (`artifacts.begin_stage` / `publish`), so a crash leaves the old directory or the new one, never
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,12 +54,16 @@ from tqdm.auto import tqdm
 
 from microtransformer import __version__
 from microtransformer.artifacts import DATASET, begin_stage, check_output, discard, publish
-from microtransformer.data.documents import iter_pieces, scan_sources
+from microtransformer.data.documents import iter_pieces, iter_records, scan_sources
 from microtransformer.data.sources import STDLIB_DEFAULT_MAX_BYTES, resolve_sources
 from microtransformer.data.tokens import (
+    LOSS,
     SPLITS,
+    START,
+    MaskWriter,
     TokenWriter,
     dataset_id,
+    mask_name,
     tokenizer_text_sha256,
 )
 from microtransformer.errors import UserError
@@ -78,6 +91,7 @@ def prepare(
     progress: bool = True,
     force: bool = False,
     max_unknown: float = MAX_UNKNOWN,
+    tokenizer_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out_dir`/{train.bin, val.bin, tokenizer.json, meta.json}.
 
@@ -102,6 +116,11 @@ def prepare(
     check_output(target, command="prepare", makes=DATASET, replace=force, inputs=inputs)
     scan = scan_sources(resolved, text_field, progress)
     n_docs = len(scan.doc_keys)
+    instruction = scan.instruction_docs > 0
+    if instruction and scan.instruction_docs != n_docs:
+        raise UserError(f"the corpus mixes {scan.instruction_docs:,} instruction/chat records "
+                        f"with {n_docs - scan.instruction_docs:,} plain-text documents; prepare "
+                        "them into separate datasets (the instruction records need a loss mask)")
     if scan.chars == 0:
         raise UserError(
             f"the corpus is empty: {len(resolved)} file(s) gave no text; pass sources with text"
@@ -109,9 +128,12 @@ def prepare(
 
     # --- split plan: where val starts inside each document that contributes to val
     if split_mode == "val_fraction":
-        val_from = plan_fraction_split(scan.doc_chars, scan.doc_keys, fraction)
+        val_from = plan_fraction_split(scan.doc_chars, scan.doc_keys, fraction,
+                                       cut_large=not instruction)
     else:
         val_from = plan_tail_split(scan.doc_chars, fraction)
+    if instruction:  # records are never cut: a record with a val part goes to val whole
+        val_from = dict.fromkeys(val_from, 0)
     val_chars = sum(scan.doc_chars[d] - start for d, start in val_from.items())
     if val_chars in (0, scan.chars):
         raise UserError(
@@ -133,31 +155,20 @@ def prepare(
     # --- encode and write, into a hidden sibling that replaces `target` when complete
     out = begin_stage(target)
     writers = {s: TokenWriter(out / f"{s}.bin", tok.vocab_size) for s in SPLITS}
+    masks = {mask_name(s): MaskWriter(out / mask_name(s)) for s in SPLITS} if instruction else {}
     for w in writers.values():
         w.unknown_id = tok.unknown_token_id
     text_bytes = dict.fromkeys(SPLITS, 0)
+    learned_bytes = dict.fromkeys(SPLITS, 0)
     docs_in = dict.fromkeys(SPLITS, 0)  # documents (or parts of one) per split
-    last_doc: dict[str, int | None] = dict.fromkeys(SPLITS)
     try:
-        pos, current = 0, -1  # character offset of the current piece in its document
-        batch: list[tuple[str, int, str]] = []
-        batch_chars = 0
-        bar = tqdm(total=scan.chars, unit="char", unit_scale=True, desc="tokenize",
-                   disable=None if progress else True)
-        with bar:
-            for doc, text in iter_pieces(scan.sources, text_field):
-                if doc != current:
-                    pos, current = 0, doc
-                for split, part in _route(text, pos, val_from.get(doc)):
-                    batch.append((split, doc, part))
-                    batch_chars += len(part)
-                pos += len(text)
-                if batch_chars >= BATCH_CHARS:
-                    _flush(tok, batch, writers, text_bytes, docs_in, last_doc)
-                    bar.update(batch_chars)
-                    batch, batch_chars = [], 0
-            _flush(tok, batch, writers, text_bytes, docs_in, last_doc)
-            bar.update(batch_chars)
+        if instruction:
+            _encode_records(tok, iter_records(scan.sources, text_field), val_from, writers,
+                            {s: masks[mask_name(s)] for s in SPLITS}, text_bytes,
+                            learned_bytes, docs_in, progress, scan.chars)
+        else:
+            _encode_documents(tok, iter_pieces(scan.sources, text_field), val_from, writers,
+                              text_bytes, docs_in, progress, scan.chars)
         for split in SPLITS:
             if writers[split].count == 0:
                 raise UserError(
@@ -167,15 +178,20 @@ def prepare(
                 )
         unknown = sum(w.unknown for w in writers.values())
         if unknown > max_unknown * scan.chars:
-            raise UserError(unknown_message(
+            message = unknown_message(
                 f"the corpus ({', '.join(str(s.path) for s in scan.sources[:2])}"
                 f"{', ...' if len(scan.sources) > 2 else ''})", unknown, scan.chars,
-                max_unknown, tok, _sample_text(scan, text_field), "--max-unknown"))
-        for w in writers.values():
+                max_unknown, tok, _sample_text(scan, text_field), "--max-unknown")
+            if tokenizer_path is not None:  # a reused tokenizer (a parent's) cannot grow
+                message = re.sub(r"prepare with a larger --vocab-size \(at least \d+\)|use a "
+                                 r"tokenizer that covers this text", "the reused tokenizer "
+                                 "cannot change (a model keeps its tokenizer)", message)
+            raise UserError(message)
+        for w in (*writers.values(), *masks.values()):
             w.commit()
         tok.save(out / "tokenizer.json")
     except BaseException:
-        for w in writers.values():
+        for w in (*writers.values(), *masks.values()):
             w.abort()
         discard(out)
         raise
@@ -184,7 +200,9 @@ def prepare(
         "format_version": META_VERSION,
         "created_by": f"microtransformer {__version__}",
         "tokenizer": {"kind": tok.kind, "file": "tokenizer.json",
-                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                      **({"from": str(Path(tokenizer_from).resolve())} if tokenizer_from
+                         else {})},
         "kind": tok.kind,
         "vocab_size": tok.vocab_size,
         "eos_token_id": tok.eos_token_id,
@@ -198,23 +216,109 @@ def prepare(
         "text_field": text_field,
         "sources": scan.records,
     }
-    _publish_dataset(out, target, meta, tok, writers, unknown, max_unknown)
+    if instruction:
+        meta["loss_mask"] = {
+            "records": docs_in,
+            "learned_tokens": {s: masks[mask_name(s)].learned for s in SPLITS},
+            "learned_bytes": learned_bytes,
+            "bytes_per_learned_token": {s: learned_bytes[s] / masks[mask_name(s)].learned
+                                        for s in SPLITS}}
+    examples = tok.unknown_characters(_sample_text(scan, text_field)) if unknown else []
+    _publish_dataset(out, target, meta, tok, {**writers, **masks}, unknown, max_unknown,
+                     examples)
     return meta
 
 
+def _encode_documents(tok: Tokenizer, pieces: Iterator[tuple[int, str]],
+                      val_from: dict[int, int], writers: dict[str, TokenWriter],
+                      text_bytes: dict[str, int], docs_in: dict[str, int], progress: bool,
+                      chars: int) -> None:
+    """Encode plain-text documents into the token writers, each piece routed to its split,
+    documents of a split separated by one end-of-text token."""
+    last_doc: dict[str, int | None] = dict.fromkeys(SPLITS)
+    pos, current = 0, -1  # character offset of the current piece in its document
+    batch: list[tuple[str, int, str]] = []
+    batch_chars = 0
+    bar = tqdm(total=chars, unit="char", unit_scale=True, desc="tokenize",
+               disable=None if progress else True)
+    with bar:
+        for doc, text in pieces:
+            if doc != current:
+                pos, current = 0, doc
+            for split, part in _route(text, pos, val_from.get(doc)):
+                batch.append((split, doc, part))
+                batch_chars += len(part)
+            pos += len(text)
+            if batch_chars >= BATCH_CHARS:
+                _flush(tok, batch, writers, text_bytes, docs_in, last_doc)
+                bar.update(batch_chars)
+                batch, batch_chars = [], 0
+        _flush(tok, batch, writers, text_bytes, docs_in, last_doc)
+        bar.update(batch_chars)
+
+
+def _encode_records(tok: Tokenizer, records: Iterator[tuple[int, list[tuple[str, bool]]]],
+                    val_from: dict[int, int], writers: dict[str, TokenWriter],
+                    masks: dict[str, MaskWriter], text_bytes: dict[str, int],
+                    learned_bytes: dict[str, int], docs_in: dict[str, int], progress: bool,
+                    chars: int) -> None:
+    """Encode instruction records whole into their split: each piece on its own (the prompt's
+    tokens are those `serve` would feed), then the learned end-of-text token; the mask marks
+    learned tokens (LOSS) and each record's first token (START)."""
+    backend = tok.backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    bar = tqdm(total=chars, unit="char", unit_scale=True, desc="tokenize",
+               disable=None if progress else True)
+
+    def flush(batch: list[tuple[int, list[tuple[str, bool]]]]) -> None:
+        texts = [text for _, pieces in batch for text, _ in pieces]
+        encodings = iter(encode(texts, add_special_tokens=False))
+        for doc, pieces in batch:
+            split = "val" if doc in val_from else "train"
+            ids: list[int] = []
+            bits: list[int] = []
+            for text, learned in pieces:
+                piece_ids = next(encodings).ids
+                ids += piece_ids
+                bits += [LOSS if learned else 0] * len(piece_ids)
+                text_bytes[split] += len(text.encode("utf-8"))
+                if learned:
+                    learned_bytes[split] += len(text.encode("utf-8"))
+            ids.append(tok.eos_token_id)  # learned: the model learns to stop
+            bits.append(LOSS)
+            bits[0] |= START
+            writers[split].append(ids)
+            masks[split].append(bits)
+            docs_in[split] += 1
+        bar.update(sum(len(text) for _, pieces in batch for text, _ in pieces))
+
+    with bar:
+        batch: list[tuple[int, list[tuple[str, bool]]]] = []
+        batch_chars = 0
+        for doc, pieces in records:
+            batch.append((doc, pieces))
+            batch_chars += sum(len(text) for text, _ in pieces)
+            if batch_chars >= BATCH_CHARS:
+                flush(batch)
+                batch, batch_chars = [], 0
+        flush(batch)
+
+
 def _publish_dataset(out: Path, target: Path, meta: dict[str, Any], tok: Tokenizer,
-                     writers: dict[str, TokenWriter], unknown: int, max_unknown: float) -> None:
+                     writers: dict[str, TokenWriter | MaskWriter], unknown: int,
+                     max_unknown: float, unknown_examples: list[str]) -> None:
     """Add the identity and unknown share to `meta`, write meta.json into the stage `out` and
-    move it over `target`: all four files appear at once (the stage is deleted on failure)."""
+    move it over `target`: all files appear at once (the stage is deleted on failure).
+    `writers`: the token writers by split, and the mask writers by their file name."""
     try:
         tok_hash = tokenizer_text_sha256(tok.to_json())
-        files = {f"{s}.bin": {"bytes": writers[s].count * writers[s].dtype.itemsize,
-                              "sha256": writers[s].sha256.hexdigest()} for s in SPLITS}
+        files = {w.path.name: {"bytes": w.path.stat().st_size, "sha256": w.sha256.hexdigest()}
+                 for w in writers.values()}
         meta["identity"] = {
             "tokenizer_sha256": tok_hash, "files": files,
             "dataset_id": dataset_id(tok_hash, {k: v["sha256"] for k, v in files.items()})}
         meta["unknown"] = {"tokens": unknown, "fraction": unknown / max(meta["characters"], 1),
-                           "limit": max_unknown}
+                           "limit": max_unknown, "examples": unknown_examples[:20]}
         atomic_write_json(out / "meta.json", meta, sort_keys=True)
         publish(out, target)
     except BaseException:
@@ -264,12 +368,14 @@ def _take_chars(texts: Iterator[str], limit: int) -> Iterator[str]:
 
 
 def plan_fraction_split(doc_chars: Sequence[int], doc_keys: Sequence[int],
-                        fraction: float) -> dict[int, int]:
+                        fraction: float, *, cut_large: bool = True) -> dict[int, int]:
     """{document: character offset where its val part starts} for `val_fraction` (see the
     module docstring): large documents are cut at their last `fraction`, small ones go whole
-    (offset 0) by content hash until `fraction` of the small documents' characters. Pure."""
+    (offset 0) by content hash until `fraction` of the small documents' characters. With
+    `cut_large` false every document counts as small (instruction records). Pure."""
     total = sum(doc_chars)
-    large = fraction * total / 10  # above this a document is cut, not held out whole
+    # above this a document is cut, not held out whole
+    large = fraction * total / 10 if cut_large else math.inf
     val_from: dict[int, int] = {}
     small: list[int] = []
     for d, n in enumerate(doc_chars):

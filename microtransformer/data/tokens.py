@@ -4,9 +4,14 @@
 65536), written atomically by `TokenWriter`; `meta.json` (written by `prepare`) records the
 dtype, vocabulary, token and byte counts and the sources. `load_tokens` maps a split read-only.
 
+Instruction data (meta.json "loss_mask", `prepare` of prompt/completion or chat records) has one
+more file per split, `train.mask` / `val.mask`: one byte per token, bit `LOSS` set when the token
+is a target of the loss (its label is the token; every other label is -100, ignored) and bit
+`START` on the first token of each record (training windows start only there: `BatchLoader`).
+
 Identity (meta.json "identity", written by `prepare` since format_version 2):
     tokenizer_sha256   content hash of tokenizer.json (`tokenizer_sha256`: its JSON, keys sorted)
-    files              {"train.bin": {"bytes", "sha256"}, "val.bin": {...}}
+    files              {"train.bin": {"bytes", "sha256"}, "val.bin": {...}} (and the .mask files)
     dataset_id         sha256 over the three hashes above: what a run records as "its data"
 Every reader checks a directory with `verify_dataset` before use: each .bin file's size
 against the token count (all versions), its sha256 and the tokenizer's hash (when recorded), and
@@ -29,6 +34,8 @@ from microtransformer.errors import UserError
 from microtransformer.fileio import AtomicFile
 
 SPLITS = ("train", "val")
+LOSS = 1   # mask bit: the token is a target of the loss
+START = 2  # mask bit: the token is the first of a record
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -88,6 +95,60 @@ class TokenWriter:
             self.commit()
         else:
             self.abort()
+
+
+def mask_name(split: str) -> str:
+    """The file name of a split's loss mask (instruction data)."""
+    return f"{split}.mask"
+
+
+class MaskWriter:
+    """Appends mask bytes (`LOSS` | `START` bits, one per token) to a file, atomically like
+    `TokenWriter`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self.learned = 0  # tokens with the LOSS bit
+        self.sha256 = hashlib.sha256()
+        self._out = AtomicFile(self.path)
+
+    def append(self, bits: Sequence[int] | np.ndarray) -> None:
+        """Append one mask byte per token."""
+        arr = np.asarray(bits, dtype=np.uint8)
+        data = arr.tobytes()
+        self._out.file.write(data)
+        self.sha256.update(data)
+        self.count += int(arr.size)
+        self.learned += int((arr & LOSS).astype(bool).sum())
+
+    def commit(self) -> None:
+        """Flush, fsync and move the file into place."""
+        self._out.commit()
+
+    def abort(self) -> None:
+        """Close and delete the temp file."""
+        self._out.abort()
+
+
+def load_mask(data_dir: str | os.PathLike, split: str) -> np.ndarray | None:
+    """The loss mask of a split (read-only memmap of uint8), or None when the dataset has none
+    (plain text: every token is a target)."""
+    meta = load_meta(data_dir)
+    if not meta.get("loss_mask"):
+        return None
+    path = Path(data_dir) / mask_name(split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the dataset's loss mask is missing; "
+                                "prepare the data directory again")
+    expected = (meta.get("tokens") or {}).get(split)
+    size = path.stat().st_size
+    if isinstance(expected, int) and size != expected:
+        raise UserError(f"{path} is truncated or corrupted: {size:,} bytes but meta.json records "
+                        f"{expected:,} tokens; prepare the data directory again")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -256,6 +317,13 @@ def verify_dataset(data_dir: str | os.PathLike, splits: Sequence[str] = SPLITS, 
                 and file_sha256_of(path) != record["sha256"]):
             raise UserError(f"{path} is corrupted: its sha256 differs from the one "
                                 f"meta.json records (same size, changed content); {fix}")
+        if meta.get("loss_mask"):
+            load_mask(d, split)  # exists, one byte per token
+            mrecord = (identity or {}).get("files", {}).get(mask_name(split))
+            if (checksums and isinstance(mrecord, dict) and "sha256" in mrecord
+                    and file_sha256_of(d / mask_name(split)) != mrecord["sha256"]):
+                raise UserError(f"{d / mask_name(split)} is corrupted: its sha256 differs from "
+                                f"the one meta.json records; {fix}")
         if len(tokens) and int(tokens.max()) >= vocab:
             raise UserError(f"{path} holds token id {int(tokens.max())} but the vocabulary "
                             f"has {vocab} ids (meta.json): the file was made by another "

@@ -11,15 +11,16 @@ template is plain text a base model can continue, the way a transcript reads:
 
 The prompt ends with "Assistant:" and the model writes the reply after it. Generation also
 stops at "\\nUser:" (added to the request's own stop strings), so the model does not go on to
-write the user's next turn. Message text is stripped of leading/trailing whitespace.
+write the user's next turn. Message text is stripped of leading/trailing whitespace. The
+template is `microtransformer.chat_template`, shared with `prepare` (chat records for fine-tuning).
 """
 
 from __future__ import annotations
 
+from microtransformer.chat_template import render_prompt
 from microtransformer.serve.protocol import ChatMessage
 
 CHAT_STOP = ("\nUser:",)
-ROLE_PREFIX = {"user": "User: ", "assistant": "Assistant: "}
 
 
 def message_text(message: ChatMessage) -> str:
@@ -30,13 +31,5 @@ def message_text(message: ChatMessage) -> str:
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
-    """Messages -> the prompt text of the template above."""
-    parts = []
-    for message in messages:
-        text = message_text(message).strip()
-        if message.role in ("system", "developer"):
-            parts.append(f"{text}\n\n")
-        else:
-            parts.append(f"{ROLE_PREFIX[message.role]}{text}\n")
-    parts.append("Assistant:")
-    return "".join(parts)
+    """Messages -> the prompt text of the template above (`chat_template.render_prompt`)."""
+    return render_prompt([(message.role, message_text(message)) for message in messages])

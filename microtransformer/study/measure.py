@@ -20,7 +20,7 @@ from torch import nn
 
 from microtransformer.config import TrainConfig
 from microtransformer.device import default_autocast
-from microtransformer.training import RuntimeContext, build_optimizer, train_step
+from microtransformer.training import RuntimeContext, StepParts, build_optimizer, train_step
 from model import MicroTransformer, ModelConfig
 
 BUCKET = 32  # width of the early / late loss-by-position buckets
@@ -173,7 +173,8 @@ def measure_throughput(config: ModelConfig, *, vocab_size: int, seq_len: int, ba
     ctx = RuntimeContext(device=torch.device(device))
 
     def step() -> None:
-        train_step(model, model, opt, lambda: batch, tc, ctx, lambda: default_autocast(device))
+        parts = StepParts(model, model, opt, amp=lambda: default_autocast(device))
+        train_step(parts, lambda: batch, tc, ctx)
 
     step()  # warm-up (allocations, kernels)
     step()

@@ -78,6 +78,15 @@ MATRIX: list[tuple[str, str, str]] = [
      "cannot read tokenizer file", "a config.json passed as the tokenizer"),
     ("prepare {T}/corpus.txt --out {O} --vocab-size -5", "vocab_size=-5 is too small",
      "a negative vocabulary size"),
+    ("prepare {T}/corpus.txt --out {O} --tokenizer-from {T}/notes",
+     "is not a run or model directory", "--tokenizer-from a directory of unrelated files"),
+    ("prepare {T}/zh.txt --out {O} --tokenizer-from {T}/run",
+     "the reused tokenizer cannot change", "Chinese text through the parent run's English char "
+     "tokenizer"),
+    ("prepare {T}/bad_chat.jsonl --out {O}", "bad_chat.jsonl:2: messages[1] has role 'bot'",
+     "a chat record with a role the template does not know"),
+    ("prepare {T}/mixed.jsonl --out {O}", "mixes 1 instruction/chat records with 1 plain-text",
+     "instruction records and plain-text records in one dataset"),
     # ---------------------------------------------------------------- train: outputs
     ("train --out {T}/data " + D, "its own input", "train with --out = --data"),
     ("train --out {T}/data2 " + D, "is a prepared dataset (it holds meta.json), not a training run",
@@ -123,6 +132,21 @@ MATRIX: list[tuple[str, str, str]] = [
      "resume on another dataset without --switch-data"),
     ("train --out {O} " + D + " --switch-data", "--switch-data only applies with --resume",
      "--switch-data on a new run"),
+    # ---------------------------------------------------------------- train: fine-tune
+    ("train --out {O} --data {T}/d_foreign --init-from {T}/run --no-progress",
+     "was tokenized by another tokenizer than the parent's",
+     "fine-tune on data made by another tokenizer (the fix: `prepare --tokenizer-from`)"),
+    ("train --out {O} --data {T}/data --init-from {T}/run --model.num_layers 3",
+     "--model.num_layers=3 contradicts --init-from", "a typed architecture other than the "
+     "parent's"),
+    ("train --out {O} --data {T}/data --init-from {T}/notes", "is not a run or model directory",
+     "--init-from a directory of unrelated files"),
+    ("train --out {O} --data {T}/data --init-from {T}/imported --train.init_weights best",
+     "has no best.safetensors", "the best weights of a model that has none"),
+    ("train --out {T}/run --resume --init-from {T}/imported",
+     "a resumed run continues from its own checkpoint", "--init-from on a resume"),
+    ("train --out {O} " + D + " --train.init_weights first", "init_weights='first' must be one of",
+     "an unknown choice of parent weights"),
     ("train --out {T}/run --resume --train.max_steps 1", "at step 2 but train.max_steps=1",
      "resume with max_steps below the current step"),
     ("train --out {T}/data --resume", "cannot resume", "resume a dataset"),
@@ -261,6 +285,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (T / "bin.dat").write_bytes(bytes(range(256)) * 10)
     (T / "latin1.txt").write_bytes(b"x" * 1000 + b"\n" + b"y" * 233 + "é".encode("latin-1"))
     (T / "late_nul.txt").write_bytes(b"a" * 20_000 + b"\x00rest\n")
+    (T / "bad_chat.jsonl").write_text(json.dumps({"prompt": "q", "completion": " a"}) + "\n"
+                                      + json.dumps({"messages": [
+                                          {"role": "user", "content": "hi"},
+                                          {"role": "bot", "content": "yo"}]}) + "\n")
+    (T / "mixed.jsonl").write_text(json.dumps({"prompt": "q", "completion": " a"}) + "\n"
+                                   + json.dumps({"text": "plain"}) + "\n")
     (T / "zh.txt").write_text("从前有一只小猫，它住在山上。每天早上它都去河边喝水。\n" * 20)
     (T / "srcdata").mkdir()
     for name in ("meta.json", "train.bin", "val.bin", "tokenizer.json"):

@@ -237,6 +237,20 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(
     assert max_diff(one, mixed) < ATOL and logits_diff(one, mixed, char_data) < ATOL
 
 
+def test_a_fine_tune_under_two_processes_matches_one_process(char_data: Path,
+                                                             tmp_path: Path) -> None:
+    """`--init-from` under torchrun: every rank starts from the parent's weights (loaded
+    before the DDP wrap), and 2 processes end where 1 process ends."""
+    parent, one, two = tmp_path / "parent", tmp_path / "ft1", tmp_path / "ft2"
+    assert main(["train", "--data", str(char_data), "--out", str(parent), *SHORT]) == 0
+    finetune = ["--init-from", str(parent), *SHORT]
+    assert main(["train", "--data", str(char_data), "--out", str(one), *finetune]) == 0
+    out = run_torchrun(standalone(2, *train_cli(char_data, two, *finetune)))
+    assert "2 processes (gloo)" in out and "train.lr: 0.001" in out
+    assert max_diff(one, two) < ATOL and logits_diff(one, two, char_data) < ATOL
+    assert (two / "lineage.json").is_file()
+
+
 def test_odd_global_batch_is_rejected_before_training(char_data: Path, tmp_path: Path) -> None:
     """A global batch that does not split evenly fails before any collective or file write
     (the same check runs in every rank under torchrun)."""

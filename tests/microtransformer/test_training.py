@@ -21,6 +21,7 @@ from microtransformer.metrics import loss_series, read_metrics
 from microtransformer.optim import MuonAdamW, build_optimizer, split_matrices
 from microtransformer.training import (
     RuntimeContext,
+    StepParts,
     TrainingError,
     TrainState,
     get_lr,
@@ -128,9 +129,9 @@ def test_train_step_overfits_one_batch_with_accumulation() -> None:
     ids = torch.randint(0, 64, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     ctx = RuntimeContext()
-    outcomes = [train_step(model, model, optimizer, lambda: batch, cfg, ctx,
-                           lambda: autocast_context(ctx.device, torch.float32))
-                for _ in range(60)]
+    parts = StepParts(model, model, optimizer,
+                      amp=lambda: autocast_context(ctx.device, torch.float32))
+    outcomes = [train_step(parts, lambda: batch, cfg, ctx) for _ in range(60)]
     assert not any(o.skipped for o in outcomes)
     assert outcomes[0].loss == pytest.approx(math.log(64), abs=0.6)
     assert outcomes[-1].loss < 0.3 * outcomes[0].loss
@@ -205,8 +206,7 @@ def test_train_step_skips_non_finite_update() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 64, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    out = train_step(model, model, optimizer, lambda: batch, cfg, RuntimeContext(),
-                     lambda: autocast_context(torch.device("cpu"), torch.float32))
+    out = train_step(StepParts(model, model, optimizer), lambda: batch, cfg, RuntimeContext())
     assert out.skipped and not math.isfinite(out.loss)
     after = model.state_dict()
     for k, v in before.items():
@@ -533,9 +533,10 @@ def test_train_step_calls_step_begin_before_every_micro_step() -> None:
         return {"input_ids": ids, "labels": ids}
 
     optimizer = build_optimizer(model, tc, ctx.device)
-    train_step(model, model, optimizer, next_batch, tc, ctx,
-               lambda: autocast_context(ctx.device, torch.float32),
-               step_begin=lambda: events.append("begin"))
+    parts = StepParts(model, model, optimizer,
+                      amp=lambda: autocast_context(ctx.device, torch.float32),
+                      step_begin=lambda: events.append("begin"))
+    train_step(parts, next_batch, tc, ctx)
     assert events == ["batch", "begin"] * 3
 
 
