@@ -161,26 +161,23 @@ class Engine:
             self.sampler.move_row(*move)
 
     def _start(self, admitted: list[Choice]) -> None:
-        """Prefill each admitted prompt into its row, then sample their first tokens (an
-        echo goes out just before its choice's first token, as one choice at a time did)."""
-        ready, logits, echoes = [], [], {}
+        """Prefill each admitted prompt into its row and sample its first token at once (its
+        time to first token does not wait for the prefills of the others admitted with it)."""
         for choice in admitted:
             try:
-                row_logits = self.runner.prefill(choice.row, choice.prompt_ids)  # (V,)
+                logits = self.runner.prefill(choice.row, choice.prompt_ids)  # (V,)
                 self.sampler.start(choice)
                 self.output.start(choice)
                 if choice.params.echo:
                     prompt_logits = (self.runner.prompt_logits(choice.prompt_ids)
                                      if choice.params.logprobs is not None else None)
-                    echoes[choice] = self.output.echo(choice, prompt_logits)
+                    self._emit(choice, self.output.echo(choice, prompt_logits))
                 choice.col = len(choice.prompt_ids)
-                ready.append(choice)
-                logits.append(row_logits)
             except Exception as exc:  # one bad choice must not stop the others
                 self._fail(choice, f"{type(exc).__name__}: {exc}")
                 self._free(choice)
-        if ready:
-            self._advance(ready, torch.stack(logits), echoes)
+                continue
+            self._advance([choice], logits[None])
 
     def _step(self) -> None:
         """One batched decode step for every busy slot, then sample all rows."""
@@ -205,18 +202,14 @@ class Engine:
             choice.col += 1
         self._advance(busy, logits)
 
-    def _advance(self, choices: list[Choice], logits: torch.Tensor,
-                 echoes: dict[Choice, Event] | None = None) -> None:
-        """Sample the next token of every choice from its logits row (B, V), emit the events
-        (each after the choice's echo, if any), free the choices that finished."""
-        echoes = echoes or {}
+    def _advance(self, choices: list[Choice], logits: torch.Tensor) -> None:
+        """Sample the next token of every choice from its logits row (B, V), emit the events,
+        free the choices that finished."""
         try:
             tokens, invalid = self.sampler.sample(logits, choices)
             logprobs = self.output.logprobs(logits, tokens, choices)
         except Exception as exc:
             for choice in choices:
-                if choice in echoes:
-                    self._emit(choice, echoes[choice])
                 self._fail(choice, f"{type(exc).__name__}: {exc}")
                 self._free(choice)
             return
@@ -224,8 +217,6 @@ class Engine:
         finished = []
         for choice, token, bad, logprob in zip(choices, tokens, invalid, logprobs,
                                                strict=True):
-            if choice in echoes:
-                self._emit(choice, echoes[choice])
             if bad:  # where torch.multinomial would have raised
                 self._fail(choice, f"RuntimeError: {INVALID_PROBS}")
                 finished.append(choice)
