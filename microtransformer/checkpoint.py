@@ -2,7 +2,6 @@
 
 Layout of a run directory (see docs/ARCHITECTURE.md); the names of the files a model directory
 shares with it (config.json, the weights, tokenizer.json) are `model.io`'s:
-
     config.json             full RunConfig ({"model", "train", "data"})
     tokenizer.json          copied from the data directory
     model.safetensors       latest weights        (metadata: step, sha256 of the tensors)
@@ -33,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import pickle
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from microtransformer.config import RunConfig
+from microtransformer.data.tokens import tokenizer_sha256
 from microtransformer.errors import UserError
 from microtransformer.fileio import (
     TMP_SUFFIX,
@@ -54,6 +57,8 @@ from microtransformer.fileio import (
     write_error,
 )
 from microtransformer.fileio import atomic_write_json as atomic_write_json  # re-exported
+from microtransformer.tokenizer import Tokenizer
+from model import MicroTransformer, ModelConfig
 from model import io as model_io
 from model.io import CONFIG_FILE, PREV_WEIGHTS_FILE, TOKENIZER_FILE, WEIGHT_FILES, WEIGHTS_FILE
 from model.io import save_weights as save_weights  # re-exported: the weights format's writer
@@ -176,7 +181,6 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     is the torch.save bytes of the state (as a uint8 tensor) and `sha256` their checksum, so a
     corrupted file is detected even where the zip container still parses.
     """
-    import io
 
     buf = io.BytesIO()
     torch.save(_to_storable(state), buf)
@@ -195,7 +199,6 @@ def _safe_torch_load(source: Any, path: Path, map_location: str | torch.device) 
     weights_only=True restricts unpickling to tensors and plain containers: a file that asks
     for any other object (the way a malicious pickle runs code) is refused before it runs.
     """
-    import pickle
 
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
@@ -229,7 +232,6 @@ def load_training_state(path: str | os.PathLike, map_location: str | torch.devic
     corrupted or refused file raises CheckpointError naming it. Files from before the
     checksum envelope (a bare state dict) are still read.
     """
-    import io
 
     path = Path(path)
     if not path.is_file():
@@ -363,7 +365,6 @@ def find_resume_point(run_dir: str | os.PathLike, *, cleanup: bool = True) -> Re
 def read_model_config(directory: str | os.PathLike) -> Any:
     """The ModelConfig in `directory/config.json`: nested under "model" (run and model
     directories) or flat; errors are one-line UserErrors naming the file."""
-    from model import ModelConfig
 
     with user_errors():
         return model_io.read_model_config(directory, ModelConfig)
@@ -372,7 +373,6 @@ def read_model_config(directory: str | os.PathLike) -> Any:
 def load_tokenizer(directory: str | os.PathLike, vocab_size: int | None = None) -> Any:
     """The Tokenizer in `directory/tokenizer.json`; with `vocab_size` (the model's), a
     tokenizer of another size is refused: the ids would not mean what the model learned."""
-    from microtransformer.tokenizer import Tokenizer
 
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
@@ -391,7 +391,6 @@ def check_weights_tokenizer(directory: str | os.PathLike, which: str = "last") -
     """UserError when the weights record the content hash of the tokenizer they were trained
     with (runs since format v2 of meta.json) and `directory`/tokenizer.json is another one,
     even of the same size: the ids would decode to other text."""
-    from microtransformer.data.tokens import tokenizer_sha256
 
     directory = Path(directory)
     weights = directory / WEIGHT_FILES.get(which, WEIGHTS_FILE)
@@ -423,7 +422,6 @@ def load_model(directory: str | os.PathLike, which: str = "last",
     class (default MicroTransformer). `config`: the ModelConfig when the caller has read it.
     `require_tokenizer`: a missing tokenizer.json is an error (checked before the weights).
     """
-    from model import MicroTransformer
 
     directory = Path(directory)
     if config is None:
@@ -465,7 +463,6 @@ def load_run(run_dir: str | os.PathLike, which: str = "last",
     The run's config.json must hold a RunConfig and its tokenizer.json must be there; the model
     is loaded by `load_model` (vocabulary check, fallback to the previous weights generation).
     """
-    from microtransformer.config import RunConfig
 
     run = Path(run_dir)
     if run.exists() and not run.is_dir():

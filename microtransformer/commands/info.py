@@ -7,10 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from microtransformer import checkpoint as ckpt
+from microtransformer.config import RunConfig
 from microtransformer.errors import UserError
 from microtransformer.finetune import lineage_chain, read_lineage
 from microtransformer.jsonout import json_dumps
+from microtransformer.metrics import read_metrics
+from model import MicroTransformer
 from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, PREV_WEIGHTS_FILE, WEIGHTS_FILE
+from model.utils import count_parameters, get_model_size_mb
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -24,10 +28,6 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 def run_info(run_dir: str | Path) -> dict[str, Any]:
     """Everything `info` shows, as a dict (reads files only; no model weights are needed
     except to count parameters exactly)."""
-    from microtransformer.config import RunConfig
-    from microtransformer.metrics import read_metrics
-    from model import MicroTransformer
-    from model.utils import count_parameters, get_model_size_mb
 
     run = Path(run_dir)
     if run.exists() and not run.is_dir():

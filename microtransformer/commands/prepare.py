@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from microtransformer.data import prepare
+from microtransformer.finetune import parent_tokenizer
+
 # Kept literal (not imported from microtransformer.data) so `--help` does not import torch;
 # tests/microtransformer/test_cli_prepare.py checks they match the data module.
 DATASET_NAMES = ("tinyshakespeare", "tinystories", "tinystories-train")
@@ -57,8 +60,6 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the data directory and print a short summary."""
-    from microtransformer.data import prepare  # heavy imports only when the command runs
-    from microtransformer.finetune import parent_tokenizer
 
     tokenizer_path = args.tokenizer_path
     if args.tokenizer_from is not None:

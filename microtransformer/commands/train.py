@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from microtransformer import checkpoint as ckpt
+from microtransformer import distributed, finetune
 from microtransformer.config import (
     ResolvedConfig,
     RunConfig,
@@ -21,10 +22,23 @@ from microtransformer.config import (
     read_toml,
     resolve_config,
 )
+from microtransformer.data import load_meta
+from microtransformer.device import resolve_device, resolve_dtype
+from microtransformer.distributed import RuntimeContext, restart_count
 from microtransformer.errors import UserError
 from microtransformer.recipe import Recipe, choose_recipe, this_machine
-from microtransformer.schedule import parse_duration
+from microtransformer.schedule import budget_spent, parse_duration
+from microtransformer.throughput.mfu import format_mfu, run_mfu
+from microtransformer.training import (
+    adapt_to_dataset,
+    prepare_data,
+    require_data_dir,
+    resolve_batch_size,
+    resolve_threads,
+    train,
+)
 from model.io import CONFIG_FILE
+from model.utils import parameter_formula
 
 EPILOG = """examples:
   microtransformer train --data data/shakespeare --out runs/budget --time 15m
@@ -153,7 +167,6 @@ def resolve_finetune(args: argparse.Namespace, init_from: str, overrides: list[s
     are the base that a preset, a config file and typed values go on top of; then the
     architecture is the parent's (`finetune.adapt_to_parent`) and the values nobody typed
     adapt for fine-tuning (`finetune.finetune_layer`), each with a note."""
-    from microtransformer import finetune
 
     typed = parse_overrides(overrides)
     parent = finetune.read_parent(init_from, str(typed.get("train.init_weights", "auto")))
@@ -178,9 +191,6 @@ def resolve_finetune(args: argparse.Namespace, init_from: str, overrides: list[s
 def check_parent_data(cfg: RunConfig) -> None:
     """Before a fresh fine-tune prepares or adapts to its data: the data must be the parent's
     tokenizer's (one line with the `prepare --tokenizer-from` command otherwise)."""
-    from microtransformer import finetune
-    from microtransformer.data import load_meta
-    from microtransformer.training import require_data_dir
 
     if cfg.train.init_from is None or cfg.data.data_dir is None:
         return
@@ -192,8 +202,6 @@ def check_parent_data(cfg: RunConfig) -> None:
 def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Recipe:
     """The recipe `--time` picks without a preset: from the prepared data's meta.json, or
     (when the data is prepared by this run) from the requested tokenizer kind."""
-    from microtransformer.data import load_meta
-    from microtransformer.training import require_data_dir
 
     if data is not None:
         meta = load_meta(require_data_dir(data))
@@ -207,10 +215,6 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
                 resuming: Path | None = None) -> str:
     """The three lines `train` prints before training: model, data, and the step plan.
     `meta` None: the data is still to be prepared into the run."""
-    from microtransformer import distributed
-    from microtransformer.device import resolve_dtype
-    from microtransformer.training import resolve_threads
-    from model.utils import parameter_formula
 
     tc, mc = cfg.train, cfg.model
     device = ctx.device
@@ -244,9 +248,6 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
 def dry_run(resolved: ResolvedConfig, run_dir: Path, *, resuming: bool = False) -> int:
     """`train --dry-run`: resolve the config against the data (without preparing any), check
     it, print what would be adapted and the plan. Nothing is trained or written."""
-    from microtransformer.device import resolve_device
-    from microtransformer.distributed import RuntimeContext
-    from microtransformer.training import adapt_to_dataset, resolve_batch_size
 
     data_dir = resolved.config.data.data_dir
     if data_dir is None and (run_dir / "data" / "meta.json").is_file():
@@ -274,7 +275,6 @@ def finished_note(run_dir: Path, cfg: RunConfig) -> str | None:
     """The line `train --resume` prints, instead of training, when the run in `run_dir` has
     already spent its budget under `cfg` (None when there is training left to do, or when its
     last checkpoint is not intact: the resume then falls back or refuses, and says why)."""
-    from microtransformer.schedule import budget_spent
 
     if not (run_dir / ckpt.STATE_FILE).is_file():
         return None
@@ -302,7 +302,6 @@ def restart_resume(args: argparse.Namespace) -> str | None:
     is above 0 and a checkpoint exists, `args.resume` is switched on. Returns the log line to
     print (None when this is not a restart).
     """
-    from microtransformer.distributed import restart_count
 
     restarts = restart_count()
     if restarts == 0:
@@ -321,10 +320,6 @@ def run(args: argparse.Namespace) -> int:
     Under torchrun every process runs this; the process group lives for the duration of
     `distributed.runtime` and only rank 0 prints.
     """
-    from microtransformer import distributed
-    from microtransformer.data import load_meta
-    from microtransformer.throughput.mfu import format_mfu, run_mfu
-    from microtransformer.training import prepare_data, resolve_batch_size, train
 
     restart_note = restart_resume(args)
     resolved = resolve_run_config(args)
