@@ -201,6 +201,23 @@ def test_lr_sweep_and_gradient_claims_from_fake_results(tmp_path):
 
 
 # ---------------------------------------------------------------- resume
+def fake_runner(calls: list[str], killed_at: int | None = None):
+    """A run function writing fake_result records; `calls` collects the run ids it ran, and
+    the run numbered `killed_at` (from 1) raises KeyboardInterrupt, as a killed study would."""
+
+    def runner(spec, data_dir, run_dir):
+        if killed_at is not None and len(calls) == killed_at - 1:
+            raise KeyboardInterrupt
+        calls.append(spec.run_id)
+        res = fake_result(spec.group, spec.corpus, spec.config, spec.init, spec.seed)
+        res["spec"] = asdict(spec)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(res))
+        return res
+
+    return runner
+
+
 class FnExecutor:
     """An executor that calls `fn(spec, data_dir, run_dir)` in this process, one at a time."""
 
@@ -217,14 +234,7 @@ class FnExecutor:
 def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
     calls: list[str] = []
-
-    def runner(spec, data_dir, run_dir):
-        calls.append(spec.run_id)
-        res = fake_result(spec.group, spec.corpus, spec.config, spec.init, spec.seed)
-        res["spec"] = asdict(spec)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").write_text(json.dumps(res))
-        return res
+    runner = fake_runner(calls)
 
     s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
                         seq_len=64, batch_size=8, device="cpu", lr_sweep=())
@@ -253,16 +263,7 @@ def test_finished_runs_are_skipped_on_rerun(tmp_path, monkeypatch):
 def test_killed_study_resumes_with_the_runs_it_had_not_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
     calls: list[str] = []
-
-    def runner(spec, data_dir, run_dir):
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the study is killed during its third run
-        calls.append(spec.run_id)
-        res = fake_result(spec.group, spec.corpus, spec.config, spec.init, spec.seed)
-        res["spec"] = asdict(spec)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").write_text(json.dumps(res))
-        return res
+    runner = fake_runner(calls, killed_at=3)  # the study is killed during its third run
 
     s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens",), tokens=1024,
                         seq_len=64, batch_size=8, device="cpu", lr_sweep=())
