@@ -177,11 +177,11 @@ def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
                 diffs = [x - y for x, y in zip(late, early, strict=True)]
                 sides: tuple[list[float], list[float]] = (late, early)
             else:
-                diffs = paired_diffs(a, b, _metric(c.metric))
-                seeds = {r["spec"]["seed"] for r in b}
-                sides = ([_metric(c.metric)(r) for r in a if r["spec"]["seed"] in seeds],
-                         [_metric(c.metric)(r) for r in b
-                          if r["spec"]["seed"] in {x["spec"]["seed"] for x in a}])
+                metric = _metric(c.metric)
+                diffs = paired_diffs(a, b, metric)
+                common = {r["spec"]["seed"] for r in a} & {r["spec"]["seed"] for r in b}
+                sides = ([metric(r) for r in a if r["spec"]["seed"] in common],
+                         [metric(r) for r in b if r["spec"]["seed"] in common])
             diffs = [d for d in diffs if math.isfinite(d)]
             rows.append({"claim": c.text, "corpus": corpus,
                          "diffs": ", ".join(f"{d:+.4g}" for d in diffs) or "-",
