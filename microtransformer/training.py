@@ -57,7 +57,7 @@ from microtransformer.config import (
     TrainConfig,
     adapt_to_data,
 )
-from microtransformer.device import resolve_device, resolve_dtype
+from microtransformer.device import cpu_has_native_bf16, resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
     any_rank,
@@ -75,7 +75,6 @@ from microtransformer.fileio import atomic_write_bytes
 from microtransformer.memory import check_training_fits
 from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
-from microtransformer.recipe import cpu_has_native_bf16
 from microtransformer.schedule import budget_spent, get_lr, time_budget_s
 from microtransformer.throughput.batch_size import resolve_auto_batch
 from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu

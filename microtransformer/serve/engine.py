@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from microtransformer.fast_generate import DecodeStep
+from microtransformer.decoding.step import DecodeStep
 from model.sampling import apply_repetition_penalty, sample_next_token
 
 MIN_COLUMNS = 64  # the smallest column bucket of a step
