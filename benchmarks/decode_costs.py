@@ -1,4 +1,4 @@
-"""Measure the constants behind `fast_generate.choose_decode_path`: per-step time of the eager
+"""Measure the constants behind `decoding.generator.choose_decode_path`: per-step time of the eager
 and the compiled decode step at several batch sizes, and the compile time of the step cold
 (empty inductor cache) and cached (a fresh process, same shapes, the cache left by the first).
 
@@ -27,8 +27,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import PRESETS, cpu_description  # noqa: E402
-from microtransformer import fast_generate  # noqa: E402
-from microtransformer.fast_generate import DecodeStep, StaticKVDecoder  # noqa: E402
+from microtransformer.decoding import step as fixed_step  # noqa: E402
+from microtransformer.decoding.generator import FixedShapeDecoder  # noqa: E402
+from microtransformer.decoding.step import DecodeStep  # noqa: E402
 from model.transformer import MicroTransformer  # noqa: E402
 
 
@@ -41,13 +42,13 @@ def build(preset: str, seed: int) -> MicroTransformer:
 def step_seconds(model: MicroTransformer, batch: int, length: int, compile_: bool,
                  precision: str, steps: int) -> tuple[float, float]:
     """(compile seconds, seconds per decode step) of greedy generation through DecodeStep."""
-    dec = StaticKVDecoder(DecodeStep(model, batch, length, dtype=precision, compile=compile_))
+    dec = FixedShapeDecoder(DecodeStep(model, batch, length, dtype=precision, compile=compile_))
     prompt = torch.randint(0, 5000, (batch, 16))
     t0 = time.perf_counter()
-    dec.decode.model.generate(prompt, max_new_tokens=2, do_sample=False, decoder=dec)
+    dec.fixed_step.model.generate(prompt, max_new_tokens=2, do_sample=False, decoder=dec)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dec.decode.model.generate(prompt, max_new_tokens=steps + 1, do_sample=False, decoder=dec)
+    dec.fixed_step.model.generate(prompt, max_new_tokens=steps + 1, do_sample=False, decoder=dec)
     per_step = (time.perf_counter() - t0) / steps
     return first, per_step
 
@@ -66,17 +67,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads (FastGenerator decodes with 1 by default)")
+                    help="intra-op threads")
     ap.add_argument("--freezing", type=int, choices=[0, 1], default=None,
                     help="override inductor freezing for the compiled step (default: as "
-                         "fast_generate.COMPILE_OPTIONS)")
+                         "decoding.step.COMPILE_OPTIONS)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.freezing is not None:
-        fast_generate.COMPILE_OPTIONS = fast_generate.COMPILE_OPTIONS | {
+        fixed_step.COMPILE_OPTIONS = fixed_step.COMPILE_OPTIONS | {
             "freezing": bool(args.freezing)}
     if args.child:
         child(args)
@@ -84,7 +85,7 @@ def main() -> int:
     out: dict = {"cpu": cpu_description(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "preset": args.preset,
                  "precision": args.precision, "command": " ".join(sys.argv),
-                 "compile_options": fast_generate.COMPILE_OPTIONS}
+                 "compile_options": fixed_step.COMPILE_OPTIONS}
     model = build(args.preset, 0)
     for b in (int(x) for x in args.batches.split(",")):
         eager, compiled = [], []

@@ -1,6 +1,6 @@
 """Batch-1 greedy decoding speed of one model in four runtimes, on this machine:
 
-- ours: `FastGenerator`, the path `microtransformer generate` takes (eager, no compile here),
+- ours: `AutoPathGenerator`, the path `microtransformer generate` takes (eager, no compile here),
 - Hugging Face GPT-2: the `export --format hf` directory, `model.generate(do_sample=False)`,
 - llama.cpp: the `export --format gguf` files (f32 and q8_0) through node-llama-cpp
   (interop/llama.mjs) with its best settings for this size: flash attention off, f32 KV cache,
@@ -47,15 +47,16 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import PRESETS, cpu_description  # noqa: E402
+from microtransformer.checkpoint import load_run  # noqa: E402
+from microtransformer.decoding.generator import AutoPathGenerator  # noqa: E402
 from microtransformer.export import export_hf  # noqa: E402
 from microtransformer.export_gguf import export_gguf  # noqa: E402
 from microtransformer.export_web import export_web  # noqa: E402
-from microtransformer.fast_generate import FastGenerator  # noqa: E402
 from microtransformer.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from model import MicroTransformer  # noqa: E402
 
 RUNTIMES = ("ours", "hf_gpt2", "llama_cpp", "llama_cpp_q8_0", "web_chromium")
-LABELS = {"ours": "ours (FastGenerator)", "hf_gpt2": "HF GPT-2 (transformers)",
+LABELS = {"ours": "ours (AutoPathGenerator)", "hf_gpt2": "HF GPT-2 (transformers)",
           "llama_cpp": "llama.cpp (node-llama-cpp, f32)",
           "llama_cpp_q8_0": "llama.cpp (node-llama-cpp, q8_0)",
           "web_chromium": "web page (Chromium, ORT Web wasm)"}
@@ -65,8 +66,6 @@ LABELS = {"ours": "ours (FastGenerator)", "hf_gpt2": "HF GPT-2 (transformers)",
 def build_model(args: argparse.Namespace) -> tuple[MicroTransformer, Tokenizer, str]:
     """(model, tokenizer, description) from --run or a random-initialised preset."""
     if args.run:
-        from microtransformer.checkpoint import load_run
-
         model, tok, _ = load_run(args.run, "last", "cpu")
         return model.eval(), tok, f"run {Path(args.run).name}"
     sources = sorted(Path(os.__file__).parent.glob("*.py"))
@@ -88,7 +87,7 @@ class Runtimes:
         self.prompt_ids = tok.encode(args.prompt)
         self.input_ids = torch.tensor([self.prompt_ids])  # (1, T0)
         torch.set_num_threads(args.threads)
-        self.fast = FastGenerator(model, compile=False, threads=args.threads)
+        self.fast = AutoPathGenerator(model, compile=False, threads=args.threads)
         self.model = model
         from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 temperature 0.8): where the time of a decode step goes, per op.
 
     python benchmarks/profile_decode.py --batch 8 --threads 2      # model.generate as before
-    python benchmarks/profile_decode.py --batch 8 --threads 1      # what FastGenerator runs
+    python benchmarks/profile_decode.py --batch 8 --threads 1      # what AutoPathGenerator runs
 
 Prints the table (self CPU time, sorted) and ms per step; asserts nothing.
 """

@@ -38,7 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from model.transformer import MicroTransformer, lm_loss  # noqa: E402
+from benchmarks.static_loop import StaticLoopGenerator  # noqa: E402
+from microtransformer.decoding.generator import AutoPathGenerator, DecodeCosts  # noqa: E402
+from microtransformer.device import check_precision, cpu_has_native_bf16, intra_op_threads  # noqa: E402
+from model.losses import lm_loss  # noqa: E402
+from model.transformer import MicroTransformer  # noqa: E402
 from model.utils import count_parameters, flops_per_token  # noqa: E402
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -174,22 +178,20 @@ def ours_side(model: MicroTransformer, device: torch.device, args: argparse.Name
     gen_fn = None
     static = args.static_decode == "on" or (args.static_decode == "auto" and amp)
     if static:
-        from microtransformer.fast_generate import StaticDecoder
-
-        decoders: dict[tuple[int, int], StaticDecoder] = {}
+        decoders: dict[tuple[int, int], StaticLoopGenerator] = {}
         dtype = torch.bfloat16 if amp else torch.float32
         graph = device.type == "cuda"
         compiled = bool(args.compile_decode) and not graph
         if compiled and args.compile_decode == "max-autotune":
             compiled = "max-autotune"
-        notes.append(f"generation: StaticDecoder (static KV cache, {dtype}, "
+        notes.append(f"generation: StaticLoopGenerator (static KV cache, {dtype}, "
                      f"CUDA graph {graph}, torch.compile step {compiled})")
 
         def gen_fn(prompt: torch.Tensor, n_new: int) -> None:
             key = (prompt.size(0), prompt.size(1) + n_new)
             if key not in decoders:
-                decoders[key] = StaticDecoder(model, prompt.size(0), key[1], dtype=dtype,
-                                              cuda_graph=graph, compile=compiled)
+                decoders[key] = StaticLoopGenerator(model, prompt.size(0), key[1], dtype=dtype,
+                                                   cuda_graph=graph, compile=compiled)
             dec = decoders[key]
             fresh = compiled and dec.compile_seconds == 0.0
             dec.generate(prompt, n_new, temperature=0.8, top_k=50)
@@ -335,8 +337,6 @@ def our_generator(model: MicroTransformer, variant: str, note: list[str]
     """Generation for one of our variants: "generate" (plain `model.generate`, eager fp32) or
     PRECISION-MODE with MODE "default" (what `microtransformer generate` does: the measured
     rule picks compiled or eager for the request), "compiled" (always compile) or "eager"."""
-    from microtransformer.fast_generate import DecodeCosts, FastGenerator, check_precision
-
     if variant == "generate":
         def plain(prompt: torch.Tensor, n_new: int) -> None:
             model.generate(prompt, max_new_tokens=n_new, temperature=0.8, top_k=50)
@@ -349,7 +349,7 @@ def our_generator(model: MicroTransformer, variant: str, note: list[str]
         note.append(f"{variant} skipped: {exc}")
         return None
     costs = {"compiled": DecodeCosts(compile_cold=0.0, compile_cached=0.0)}.get(mode)
-    fast = FastGenerator(model, precision=precision, compile=mode != "eager",
+    fast = AutoPathGenerator(model, precision=precision, compile=mode != "eager",
                          **({"costs": costs} if costs else {}))
 
     def run(prompt: torch.Tensor, n_new: int) -> None:
@@ -363,8 +363,6 @@ def hf_generator(hf: Any, device: torch.device, bf16: bool, threads: int | None 
                  ) -> Callable[[torch.Tensor, int], None]:
     """GPT-2's own `generate` (KV cache), fp32 or under bf16 autocast, at `threads` intra-op
     threads (None: the process's setting)."""
-    from microtransformer.fast_generate import intra_op_threads
-
     hf.generation_config.pad_token_id = 0
 
     def run(prompt: torch.Tensor, n_new: int) -> None:
@@ -383,8 +381,6 @@ def bench_generation_paths(ours: MicroTransformer, hf: Any, device: torch.device
     threads and at 1 thread on CPU, are all timed every round and the ratio is ours / the
     fastest of them in that round. Interleaved: in each round
     every variant and both GPT-2 settings run once, in alternating order."""
-    from microtransformer.fast_generate import cpu_has_native_bf16
-
     notes: list[str] = []
     ours_fns = {v: our_generator(ours, v, notes) for v in args.gen_paths}
     ours_fns = {v: f for v, f in ours_fns.items() if f is not None}
@@ -593,11 +589,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="train ours with lm_loss on full logits instead of the chunked loss "
                          "that the training loop uses")
     ap.add_argument("--static-decode", choices=["auto", "on", "off"], default="auto",
-                    help="our generation via microtransformer.fast_generate.StaticDecoder "
+                    help="our generation via benchmarks.static_loop.StaticLoopGenerator "
                          "(auto: on CUDA, with a CUDA graph) or model.generate")
     ap.add_argument("--compile-decode", nargs="?", const="default", default=None,
                     choices=["default", "max-autotune"],
-                    help="with --static-decode on, CPU: torch.compile the StaticDecoder step "
+                    help="with --static-decode on, CPU: torch.compile the StaticLoopGenerator step "
                          "(compiled in the untimed warm-up); max-autotune also autotunes GEMMs")
     ap.add_argument("--gen-paths", default="",
                     help="comma-separated generation variants to time against GPT-2 at its best "

@@ -51,11 +51,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as prof
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.static_loop import StaticLoopGenerator  # noqa: E402
 from microtransformer.data import BatchLoader  # noqa: E402
 from microtransformer.search import SEED_PRESETS  # noqa: E402
 from microtransformer.throughput.batch_size import (  # noqa: E402
@@ -361,14 +364,12 @@ def run_phase(stages: list[Stage], cfg: ModelConfig, data_dir: Path, B: int, T: 
 # ---------------------------------------------------------------------------- generation
 def bench_generation(cfg: ModelConfig, device: torch.device, args: argparse.Namespace
                      ) -> dict[str, Any]:
-    """StaticDecoder (CUDA graph on CUDA) at batch --gen-batch, top-k 50, T 0.8."""
-    from microtransformer.fast_generate import StaticDecoder
-
+    """StaticLoopGenerator (CUDA graph on CUDA) at batch --gen-batch, top-k 50, T 0.8."""
     torch.manual_seed(0)
     model = MicroTransformer.from_config(cfg).to(device).eval()
     B, P, N = args.gen_batch, args.prompt_len, args.new_tokens
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dec = StaticDecoder(model, B, P + N, dtype=dtype)
+    dec = StaticLoopGenerator(model, B, P + N, dtype=dtype)
     prompt = torch.randint(0, cfg.vocab_size, (B, P), device=device)
     dec.generate(prompt, N, temperature=0.8, top_k=50)  # capture / warm-up
     rates = []
@@ -387,9 +388,6 @@ def bench_generation(cfg: ModelConfig, device: torch.device, args: argparse.Name
 # ---------------------------------------------------------------------------- profiler
 def profile(r: Runner, device: torch.device, path: Path, steps: int) -> None:
     """torch.profiler over `steps` steps; top kernels by device (else CPU) time to `path`."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     set_precision(r.stage, device)
     with prof(activities=acts) as p:
@@ -449,7 +447,7 @@ def markdown(res: dict[str, Any]) -> str:
     g = res.get("generation")
     if g:
         t = g["tokens_per_s"]
-        lines += ["", f"Generation, StaticDecoder, batch {g['batch']}, {g['new_tokens']} new "
+        lines += ["", f"Generation, StaticLoopGenerator, batch {g['batch']}, {g['new_tokens']} new "
                   f"tokens after {g['prompt']}, {g['dtype']}, CUDA graph {g['cuda_graph']}: "
                   f"{t['median']:,.0f} tokens/s ({t['min']:,.0f}-{t['max']:,.0f})."]
     if res.get("partial"):

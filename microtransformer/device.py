@@ -1,4 +1,5 @@
-"""Devices, compute dtypes and autocast: the one place every command and loop resolves them.
+"""Devices, compute dtypes, autocast and inference precision: the one place every command and
+loop resolves them.
 
 Depends on torch and `microtransformer.errors` only, so any module may import it (the
 training loop, the distributed runtime, the study, the CLI commands, the server).
@@ -7,10 +8,18 @@ training loop, the distributed runtime, the study, the CLI commands, the server)
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
+from torch import nn
+from torch.ao.quantization import quantize_dynamic
 
 from microtransformer.errors import UserError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -77,3 +86,80 @@ def default_autocast(device: torch.device | str) -> contextlib.AbstractContextMa
     """Autocast for `dtype="auto"` on `device`: bf16 (or fp16) on CUDA, nothing elsewhere."""
     device = torch.device(device) if isinstance(device, str) else device
     return autocast_context(device, resolve_dtype("auto", device))
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `torch.set_num_threads(threads)` (None: unchanged), then restore."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------- inference precision
+PRECISIONS = ("fp32", "bf16", "int8")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU's flags list native bf16 arithmetic (avx512_bf16 or amx_bf16).
+
+    cpuinfo: the text of Linux's /proc/cpuinfo (None: read `CPUINFO`; False where it cannot be
+    read, e.g. not Linux).
+    """
+    if cpuinfo is None:
+        try:
+            with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def check_precision(precision: str, device: torch.device,
+                    cpuinfo: str | None = None) -> None:
+    """Raise ValueError naming the precision, what this machine lacks and the fix.
+
+    precision: one of PRECISIONS; cpuinfo: as for `cpu_has_native_bf16`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"dtype={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16(cpuinfo):
+        raise ValueError("dtype='bf16' needs a CPU with native bf16 (avx512_bf16 or amx_bf16 "
+                         "in /proc/cpuinfo) or a CUDA device; this CPU has neither: use fp32 "
+                         "or int8")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"dtype='int8' (dynamic quantization of the linear layers) runs on "
+                         f"the CPU only, not on {device.type}: use --device cpu, or bf16")
+
+
+def prepare_model(model: ModuleT, precision: str) -> ModuleT:
+    """An eval-mode model for inference in `precision`: the model itself for fp32, a bf16
+    copy, or a copy whose linear layers (the tied head included) are int8 dynamically
+    quantized (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantized
+    per call; embeddings and LayerNorms stay fp32)."""
+    if precision == "fp32":
+        return model.eval()
+    if precision == "bf16":
+        out = copy.deepcopy(model).to(torch.bfloat16).eval()
+    elif precision == "int8":
+        # The eager quantization API warns it will move to torchao; it stays because torchao's
+        # int8 linear is slower eagerly on CPU (docs/PERFORMANCE.md, "Precision").
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear},
+                                   dtype=torch.qint8)
+    else:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    out.requires_grad_(False)
+    return out

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from microtransformer.device import cpu_has_native_bf16
 
 # Measured training throughput of the recipes on the idle 2-core AMD EPYC, 2 threads
 # (docs/RESULTS.md, section 5): used only to say how many passes over the data a budget buys.
@@ -69,20 +70,6 @@ def this_machine() -> Machine:
         cores = os.cpu_count() or 1
     return Machine(cores=max(1, cores), cuda=torch.cuda.is_available(),
                    native_bf16=cpu_has_native_bf16())
-
-
-def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """True when the CPU advertises native bf16 arithmetic (avx512_bf16 or amx_bf16 flags);
-    False where the flags cannot be read (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:

@@ -36,6 +36,7 @@ Distributed seams (defined in `microtransformer.distributed`, re-exported here):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from microtransformer import checkpoint as ckpt
 from microtransformer.artifacts import RUN, check_output
@@ -61,8 +63,16 @@ from microtransformer.config import (
     TrainConfig,
     adapt_to_data,
 )
+from microtransformer.data import (
+    BatchLoader,
+    iter_eval_batches,
+    load_meta,
+    prepare,
+    tokenizer_sha256,
+    verify_dataset,
+)
 from microtransformer.data.loader import IGNORE_INDEX
-from microtransformer.device import resolve_device, resolve_dtype
+from microtransformer.device import cpu_has_native_bf16, resolve_device, resolve_dtype
 from microtransformer.distributed import (  # re-exported: the loop's distributed seams
     RuntimeContext,
     any_rank,
@@ -86,7 +96,6 @@ from microtransformer.finetune import (
 from microtransformer.memory import check_training_fits
 from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
-from microtransformer.recipe import cpu_has_native_bf16
 from microtransformer.schedule import budget_spent, get_lr, time_budget_s
 from microtransformer.throughput.batch_size import resolve_auto_batch
 from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
@@ -290,7 +299,6 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
     `RunConfig` nothing counts as typed. Returns the resolved config, `data.data_dir`
     absolute, with a note per adapted value.
     """
-    from microtransformer.data import prepare
 
     resolved = cfg if isinstance(cfg, ResolvedConfig) else ResolvedConfig(cfg, {}, frozenset())
     data_dir = resolved.config.data.data_dir
@@ -327,7 +335,6 @@ def require_data_dir(data_dir: str | os.PathLike) -> Path:
 def adapt_to_dataset(resolved: ResolvedConfig, data_dir: str | os.PathLike
                      ) -> tuple[ResolvedConfig, dict[str, Any]]:
     """(`config.adapt_to_data` for the prepared dataset in `data_dir`, its meta.json)."""
-    from microtransformer.data import load_meta
 
     meta = load_meta(require_data_dir(data_dir))
     adapted = adapt_to_data(resolved, vocab_size=int(meta["vocab_size"]),
@@ -363,12 +370,10 @@ def check_run_output(run_dir: str | os.PathLike, data_dir: str | os.PathLike | N
 def dataset_identity(data_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
     """What a run records as its data: meta.json's dataset_id, or for directories prepared
     before identities existed a hash of their tokenizer and the .bin files' sizes."""
-    import hashlib
 
     identity = meta.get("identity")
     if isinstance(identity, dict) and identity.get("dataset_id"):
         return str(identity["dataset_id"])
-    from microtransformer.data import tokenizer_sha256
 
     d = Path(data_dir)
     h = hashlib.sha256(b"legacy")
@@ -382,7 +387,6 @@ def dataset_identity(data_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
 
 def _data_tokenizer_sha256(data_dir: Path, meta: dict[str, Any]) -> str:
     """The content hash of a dataset's tokenizer ("" when it has no tokenizer.json)."""
-    from microtransformer.data import tokenizer_sha256
 
     identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
     if identity.get("tokenizer_sha256"):
@@ -395,7 +399,6 @@ def check_tokenizer_match(run_dir: Path, data_dir: Path, meta: dict[str, Any], w
                           ) -> None:
     """UserError unless the run's tokenizer.json has the content of the data's tokenizer
     (the ids would mean other characters: a model cannot switch tokenizers)."""
-    from microtransformer.data import tokenizer_sha256
 
     run_tok = run_dir / TOKENIZER_FILE
     if not run_tok.is_file():
@@ -558,7 +561,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume: bool,
            clock: Callable[[], float]) -> _Run:
     """Check the data, set threads and seeds, build the model, optimizer and loader."""
-    from microtransformer.data import BatchLoader, verify_dataset
 
     tc = cfg.train
     if ctx is None:
@@ -959,7 +961,6 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
 def _record_eval(run: _Run, state: TrainState, prog: _Progress) -> bool:
     """Evaluate on the val windows, remember the result (and the best); True when it is the
     best so far."""
-    from microtransformer.data import iter_eval_batches
 
     tc, ctx = run.tc, run.ctx
     # the same global windows as one process; each rank evaluates its rows
@@ -999,7 +1000,6 @@ def _progress_bar(start: int, total: int | None, *, enabled: bool) -> Any:
     """A tqdm bar (loss, tokens/s, ETA) on a TTY; None otherwise (plain log lines instead)."""
     if not enabled or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=True)
 

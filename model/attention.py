@@ -37,25 +37,40 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache_start: int = 0,
+        cache_pos: int | torch.Tensor = 0,
+        *,
+        explicit_attention: bool = False,
     ) -> torch.Tensor:
-        """Attend over `x` (B, T, C).
+        """Attend over `x` (B, T, C), or (B, C) for one token per row (decoding: no time axis,
+        so the linear layers and norms run on 2-D inputs); training, prefill and decoding alike.
 
-        attn_mask: boolean (B, 1, T, S), True = may attend; None = plain causal attention.
-        kv_cache: per-layer (k, v) buffers of shape (B, H, T_max, hs); the new keys/values are
-            written at positions cache_start .. cache_start + T and attention runs over all
-            cached positions up to there.
+        attn_mask: boolean, broadcastable to (B, 1, T, S), True = may attend; None = causal.
+        kv_cache: per-layer (k, v) buffers of shape (B, nh, T_max, hs), in one of two modes:
+          - `cache_pos` an int: the new keys/values are written at columns
+            cache_pos .. cache_pos + T - 1 and attention covers columns 0 .. cache_pos + T - 1
+            (the queries being the last T of them);
+          - `cache_pos` a LongTensor (B,), one token per row (T = 1): row b writes its own
+            column cache_pos[b] and attention runs over the whole buffer, so shapes never
+            change (CUDA graphs, torch.compile, slots of a continuous batch at different
+            lengths). attn_mask (B, 1, 1, T_max) is required and must allow exactly the
+            columns each row may see (its own included).
+        explicit_attention: attention as two matmuls and a masked softmax instead of
+            `scaled_dot_product_attention` (same result up to float rounding; no attention
+            dropout, so inference only); torch.compile's CPU backend fuses this form better
+            than the flash kernel for one query row.
+
+        The linear layers are called as functions on their parameters (`linear`): a
+        one-token step is bound by per-call overhead, not arithmetic.
         """
-        B, T, C = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # each (B, nh, T, hs)
+        B, T = x.size(0), (x.size(1) if x.dim() == 3 else 1)
+        qkv = linear(self.qkv, x)  # (B, T, 3C) or (B, 3C)
+        if x.dim() == 3:
+            q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:  # one token per row: the same layout without a permute
+            q, k, v = qkv.view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)
+        # q, k, v: each (B, nh, T, hs)
         if kv_cache is not None:
-            k_buf, v_buf = kv_cache  # (B, nh, T_max, hs)
-            end = cache_start + T
-            k_buf[:, :, cache_start:end] = k
-            v_buf[:, :, cache_start:end] = v
-            k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, S, hs)
+            k, v = self._write_cache(kv_cache, k, v, cache_pos, attn_mask)  # (B, nh, S, hs)
         S = k.size(2)
         is_causal = False
         if attn_mask is None and T > 1:
@@ -64,67 +79,47 @@ class MultiHeadAttention(nn.Module):
             else:  # queries are the last T of S positions
                 q_pos = torch.arange(S - T, S, device=x.device)
                 attn_mask = torch.arange(S, device=x.device)[None, :] <= q_pos[:, None]  # (T, S)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-    def decode_step(
-        self,
-        x: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
-        pos: int | torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-        *,
-        explicit_attention: bool = False,
-    ) -> torch.Tensor:
-        """One decoding position for every row, inference only (no dropout).
-
-        The lean twin of `forward(x[:, None], key_mask, (k_buf, v_buf), pos)`: it takes the
-        hidden state without a time axis, calls the functional ops on the parameters directly
-        (no submodule calls, no mask building) and returns the projected output.
-
-        x: (B, C); k_buf, v_buf: (B, nh, T_max, hs). Two cache modes:
-          - `pos` an int (dynamic): every row writes column `pos` and attention covers columns
-            0 .. pos; key_mask is None or boolean (B, 1, 1, pos + 1), True = real key.
-          - `pos` a LongTensor (B,) (static): row b writes its own column pos[b] and attention
-            runs over the whole buffer, so shapes never change (CUDA graphs, torch.compile,
-            slots of a continuous batch at different lengths). key_mask (B, 1, 1, T_max) is
-            required and must allow exactly the columns each row may see (its own included).
-        explicit_attention: attention as two matmuls and a masked softmax instead of
-            `scaled_dot_product_attention` (same result up to float rounding); torch.compile's
-            CPU backend fuses this form better than the flash kernel for one query row.
-        """
-        B = x.size(0)
-        qkv = linear(self.qkv, x)  # (B, 3C)
-        qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)  # (B, 3, nh, 1, hs)
-        if isinstance(pos, torch.Tensor):
-            if key_mask is None:
-                raise ValueError("decode_step with per-row positions needs key_mask "
-                                 "(B, 1, 1, T_max)")
-            rows = torch.arange(B, device=x.device)
-            k_buf[rows, :, pos] = qkv[:, 1, :, 0]  # (B, nh, hs) into column pos[b] of row b
-            v_buf[rows, :, pos] = qkv[:, 2, :, 0]
-            k, v = k_buf, v_buf  # (B, nh, T_max, hs)
-        else:
-            end = pos + 1
-            k_buf[:, :, pos:end] = qkv[:, 1]
-            v_buf[:, :, pos:end] = qkv[:, 2]
-            k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nh, S, hs)
-        q = qkv[:, 0]  # (B, nh, 1, hs)
         if explicit_attention:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nh, 1, S)
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask, float("-inf"))
-            y = torch.matmul(scores.softmax(-1), v)  # (B, nh, 1, hs)
+            if is_causal:
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nh, T, S)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            y = torch.matmul(scores.softmax(-1), v)  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, nh, 1, hs)
-        return linear(self.proj, y.reshape(B, self.embed_dim))
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+            )  # (B, nh, T, hs)
+        y = y.transpose(1, 2) if x.dim() == 3 else y  # (B, T, nh, hs) or (B, nh, 1, hs)
+        y = linear(self.proj, y.reshape(x.shape))  # (B, T, C) or (B, C)
+        return self.resid_dropout(y) if self.training else y
+
+    @staticmethod
+    def _write_cache(
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache_pos: int | torch.Tensor,
+        attn_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values k, v (B, nh, T, hs) into the cache at `cache_pos`
+        (see `forward`); returns the keys/values to attend over, each (B, nh, S, hs)."""
+        k_buf, v_buf = kv_cache  # (B, nh, T_max, hs)
+        if isinstance(cache_pos, torch.Tensor):
+            if attn_mask is None or k.size(2) != 1:
+                raise ValueError("per-row cache positions take one token per row and need "
+                                 "a key mask (B, 1, 1, T_max)")
+            rows = torch.arange(k.size(0), device=k.device)
+            k_buf[rows, :, cache_pos] = k[:, :, 0]  # (B, nh, hs) into column pos[b] of row b
+            v_buf[rows, :, cache_pos] = v[:, :, 0]
+            return k_buf, v_buf
+        end = cache_pos + k.size(2)
+        k_buf[:, :, cache_pos:end] = k
+        v_buf[:, :, cache_pos:end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

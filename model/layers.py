@@ -22,6 +22,11 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps)
 
 
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` as a direct `F.layer_norm` call (the same op, without the module call)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 class TokenEmbedding(nn.Module):
     """Token ids -> vectors, scaled by sqrt(embed_dim) as in the original Transformer."""
 
@@ -36,7 +41,7 @@ class TokenEmbedding(nn.Module):
         return self.embedding.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids) * self.scale  # (B, T, C)
+        return F.embedding(input_ids, self.weight) * self.scale  # (B, T, C)
 
 
 class PositionEmbedding(nn.Module):
@@ -52,21 +57,21 @@ class PositionEmbedding(nn.Module):
         return self.embedding.weight
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(position_ids)  # (B, T, C) or (T, C)
+        return F.embedding(position_ids, self.weight)  # (B, T, C) or (T, C)
 
 
 class FeedForward(nn.Module):
-    """Two-layer MLP with exact (erf) GELU: C -> ff_dim -> C, then dropout."""
+    """Two-layer MLP with exact (erf) GELU: C -> ff_dim -> C, then dropout (when training)."""
 
     def __init__(self, embed_dim: int, ff_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc = nn.Linear(embed_dim, ff_dim)
-        self.act = nn.GELU()
         self.proj = nn.Linear(ff_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
+        h = linear(self.proj, F.gelu(linear(self.fc, x)))  # (B, T, C)
+        return self.dropout(h) if self.training else h
 
 
 class TransformerBlock(nn.Module):
@@ -85,31 +90,16 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache_start: int = 0,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attn_mask, kv_cache, cache_start)  # (B, T, C)
-        return x + self.ff(self.ln2(x))  # (B, T, C)
-
-    def decode_step(
-        self,
-        x: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
-        pos: int | torch.Tensor,
-        key_mask: torch.Tensor | None = None,
+        cache_pos: int | torch.Tensor = 0,
         *,
         explicit_attention: bool = False,
     ) -> torch.Tensor:
-        """`forward` for one new position per row with a KV cache, inference only.
+        """x (B, T, C) -> (B, T, C), or (B, C) -> (B, C) for one token per row; the mask and
+        cache arguments are `MultiHeadAttention.forward`'s.
 
-        x: (B, C) without a time axis; see `MultiHeadAttention.decode_step` for the rest.
-        Functional ops on the parameters directly: decoding one token is bound by per-op
-        overhead, not arithmetic, so skipping module calls is most of the win.
+        The parts are called through their `forward` and the norms as functions
+        (`layer_norm`), not through `nn.Module.__call__`: see `MicroTransformer.hidden_states`.
         """
-        ln1, ln2 = self.ln1, self.ln2
-        h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # (B, C)
-        x = x + self.attn.decode_step(h, k_buf, v_buf, pos, key_mask,
-                                      explicit_attention=explicit_attention)  # (B, C)
-        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-        h = F.gelu(linear(self.ff.fc, h))  # (B, ff_dim)
-        return x.add_(linear(self.ff.proj, h))  # (B, C); x is a fresh tensor here
+        x = x + self.attn.forward(layer_norm(self.ln1, x), attn_mask, kv_cache, cache_pos,
+                                  explicit_attention=explicit_attention)  # (B, T, C)
+        return x + self.ff.forward(layer_norm(self.ln2, x))  # (B, T, C)

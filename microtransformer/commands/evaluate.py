@@ -18,9 +18,8 @@ from microtransformer.checkpoint import load_run
 from microtransformer.data import load_tokens, verify_dataset
 from microtransformer.data.documents import file_documents, read_text
 from microtransformer.data.preparation import check_unknown_limit, unknown_message
-from microtransformer.device import resolve_device
+from microtransformer.device import PRECISIONS, check_precision, prepare_model, resolve_device
 from microtransformer.errors import UserError
-from microtransformer.fast_generate import PRECISIONS, check_precision, prepare_model
 from microtransformer.jsonout import json_dumps
 from microtransformer.memory import check_eval_fits
 from microtransformer.training import check_tokenizer_match

@@ -9,9 +9,9 @@ from typing import Any, TextIO
 import torch
 
 from microtransformer.checkpoint import check_finite_weights, load_run
-from microtransformer.device import resolve_device
+from microtransformer.decoding.generator import AutoPathGenerator
+from microtransformer.device import PRECISIONS, check_precision, resolve_device
 from microtransformer.errors import UserError
-from microtransformer.fast_generate import PRECISIONS, FastGenerator, check_precision
 from microtransformer.memory import check_generation_fits
 from model.sampling import validate_sampling_args
 
@@ -113,7 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything, load the run, encode the prompt, then sample `--num-samples`
-    continuations through the fastest exact path (`fast_generate.FastGenerator`)."""
+    continuations through the fastest exact path (`decoding.generator.AutoPathGenerator`)."""
 
     check_args(args)
     device = resolve_device(args.device, option="device")
@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
     start = prompt_ids or [tokenizer.eos_token_id]
     check_finite_weights(model, args.run_dir, probe_ids=start)
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
-    fast = FastGenerator(model, precision=args.dtype, compile=not args.no_compile,
-                         threads=args.threads, expected_calls=args.num_samples)
+    fast = AutoPathGenerator(model, precision=args.dtype, compile=not args.no_compile,
+                             threads=args.threads, expected_calls=args.num_samples)
     # the serve engine reproduces --seed S with exactly this generator
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())

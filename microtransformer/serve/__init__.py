@@ -1,7 +1,7 @@
 """Serving trained runs: an OpenAI-compatible HTTP API with continuous batching.
 
 The engine (`engine`, one thread per model) in three parts: `scheduler` (admission, slot
-packing, buckets; pure), `runner` (the model step on `fast_generate.DecodeStep`), and `sampler`
+packing, buckets; pure), `runner` (the model step on `decoding.step.DecodeStep`), and `sampler`
 (batched sampling) with `output` (incremental detokenization by `detokenizer`, stop strings,
 logprobs); `choice` holds what they share. The HTTP side: `app` (assembles the FastAPI app),
 `routes` (one module per endpoint), `responses` (OpenAI formats, SSE), `errors`, `middleware`,

@@ -1,7 +1,7 @@
 """The step that runs the model: one KV cache of `max_batch` rows x the context, prefill of a
 prompt into a row, and one batched decode step over a (rows, columns) bucket of it.
 
-One `fast_generate.DecodeStep` per bucket, each over a view of the first rows and columns of
+One `decoding.step.DecodeStep` per bucket, each over a view of the first rows and columns of
 the one shared cache (the largest bucket owns it), so a step over few short rows runs a small
 fixed-shape step. Each row is at its own column (position == column: prompts are not padded).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from microtransformer.fast_generate import DecodeStep
+from microtransformer.decoding.step import DecodeStep
 
 
 class ModelRunner:

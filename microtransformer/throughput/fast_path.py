@@ -31,7 +31,7 @@ from torch import nn
 
 from microtransformer.config import LOSS_KINDS
 from microtransformer.device import autocast_context, resolve_dtype
-from model.transformer import lm_loss
+from model.losses import lm_loss
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

@@ -23,7 +23,7 @@ from microtransformer.export import export_hf
 from microtransformer.finetune import read_lineage
 from microtransformer.tokenizer import Tokenizer, train_tokenizer
 from microtransformer.training import _setup, prepare_data, train
-from model.transformer import lm_loss
+from model.losses import lm_loss
 from tests.microtransformer.test_cli_errors import refused_in_one_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,8 +1,6 @@
-"""The budget command's choice of preset and schedule, and the CPU bf16 check."""
+"""The budget command's choice of preset and schedule."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +11,6 @@ from microtransformer.recipe import (
     REGULARISATION,
     Machine,
     choose_recipe,
-    cpu_has_native_bf16,
 )
 
 TWO_CORES = Machine(cores=2)
@@ -53,18 +50,6 @@ def test_the_machine_is_named_and_a_gpu_keeps_the_preset() -> None:
     gpu = choose_recipe({"kind": "char", "tokens": {"train": 10**6}}, 5,
                         Machine(cores=16, cuda=True))
     assert gpu.preset == "cpu_char" and "CUDA" in gpu.reason
-
-
-@pytest.mark.parametrize(("flags", "native"), [
-    ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", True),
-    ("fpu sse avx2 amx_tile amx_bf16", True),
-    ("fpu sse avx2 avx512f", False),
-])
-def test_cpu_native_bf16_from_cpuinfo_flags(tmp_path: Path, flags: str, native: bool) -> None:
-    info = tmp_path / "cpuinfo"
-    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    assert cpu_has_native_bf16(info) is native
-    assert cpu_has_native_bf16(tmp_path / "missing") is False
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])

@@ -45,7 +45,7 @@ from microtransformer.cli import main
 from microtransformer.data import sources as data_mod
 from microtransformer.errors import UserError
 from model import MicroTransformer
-from model import transformer as model_transformer
+from model import losses as model_losses
 from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, PREV_WEIGHTS_FILE, WEIGHTS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -582,7 +582,7 @@ def test_interrupt_inside_a_write_leaves_old_file_and_no_temp(tmp_path: Path,
 def test_non_finite_steps_stop_with_one_line_and_keep_last_good_checkpoint(
     char_data: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    real_loss = model_transformer.chunked_lm_loss
+    real_loss = model_losses.chunked_lm_loss
     calls = {"n": 0}
 
     def nan_after_5(hidden, head, labels, **kwargs):
@@ -593,7 +593,7 @@ def test_non_finite_steps_stop_with_one_line_and_keep_last_good_checkpoint(
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(model_transformer, "chunked_lm_loss", nan_after_5)
+    monkeypatch.setattr(model_losses, "chunked_lm_loss", nan_after_5)
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="update skipped"):
         rc = main(["train", "--data", str(char_data), "--out", str(run), *RUN,

@@ -33,7 +33,7 @@ from microtransformer.training import (
     train_step,
 )
 from model import MicroTransformer
-from model import transformer as model_transformer
+from model import losses as model_losses
 from model.io import WEIGHTS_FILE
 
 TINY_MODEL = ["--model.max_seq_len", "16", "--model.embed_dim", "32", "--model.num_heads", "2",
@@ -219,7 +219,7 @@ def test_max_bad_steps_stops_and_keeps_last_good_checkpoint(
     char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real_loss = model_transformer.chunked_lm_loss
+    real_loss = model_losses.chunked_lm_loss
 
     def flaky_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
                    **kwargs: object) -> torch.Tensor:
@@ -230,7 +230,7 @@ def test_max_bad_steps_stops_and_keeps_last_good_checkpoint(
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(model_transformer, "chunked_lm_loss", flaky_loss)
+    monkeypatch.setattr(model_losses, "chunked_lm_loss", flaky_loss)
     cfg = tiny_cfg(char_data, "--train.max_steps", "30", "--train.eval_interval", "100",
                    "--train.checkpoint_interval", "5", "--train.max_bad_steps", "3")
     with pytest.warns(UserWarning, match="non-finite loss"), \

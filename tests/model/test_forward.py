@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import MicroTransformer
-from model.transformer import lm_loss
+from model.losses import lm_loss
 from model.utils import create_causal_mask, get_sample_data, load_model_config, save_model_config
 from tests.conftest import TINY
 
@@ -172,8 +173,6 @@ def test_attn_dropout_defaults_to_dropout_and_can_be_set_apart() -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's "kernel not used" notes
 def test_attn_dropout_zero_keeps_training_on_the_fused_cpu_kernel() -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     ids, _ = get_sample_data(2, 16, TINY["vocab_size"], seed=3)
     apart = MicroTransformer(**TINY, dropout=0.1, attn_dropout=0.0).train()
     seed_model = MicroTransformer(**TINY, dropout=0.1).train()

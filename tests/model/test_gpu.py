@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import MicroTransformer
-from model.transformer import lm_loss
+from model.losses import lm_loss
 from model.utils import get_sample_data
 
 pytestmark = [

@@ -64,7 +64,7 @@ def test_hidden_states_and_logits_match_gpt2(pair):
     model, hf = pair
     ids = torch.randint(0, CFG["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours_hidden = model._hidden(ids, torch.arange(40), None)
+        ours_hidden = model.hidden_states(ids, torch.arange(40))
         theirs = hf(ids, output_hidden_states=True)
         theirs_hidden = theirs.hidden_states[-1]  # after ln_f
         torch.testing.assert_close(ours_hidden, theirs_hidden, atol=1e-5, rtol=1e-4)

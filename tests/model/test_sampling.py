@@ -102,3 +102,16 @@ def test_sampling_distribution_follows_probabilities():
 def test_invalid_sampling_arguments(args):
     with pytest.raises(ValueError):
         validate_sampling_args(*args)
+
+
+def test_top_k_before_temperature_draws_the_same_tokens() -> None:
+    """Scaling by 1/T after top-k gives bit-identical values, hence identical draws."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 300) * 3
+    for temperature in (0.3, 0.8, 1.7):
+        g1 = torch.Generator().manual_seed(5)
+        got = sample_next_token(logits, temperature=temperature, top_k=20, generator=g1)
+        g2 = torch.Generator().manual_seed(5)
+        values, idx = torch.topk(logits / temperature, 20, dim=-1)
+        ref = idx.gather(-1, torch.multinomial(values.softmax(-1), 1, generator=g2)).squeeze(-1)
+        assert torch.equal(got, ref)

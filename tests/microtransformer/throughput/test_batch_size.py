@@ -18,7 +18,7 @@ from microtransformer.throughput.batch_size import (
     static_train_bytes,
 )
 from model import MicroTransformer, ModelConfig
-from model.transformer import lm_loss
+from model.losses import lm_loss
 
 SMALL = ModelConfig(vocab_size=300, max_seq_len=64, embed_dim=48, num_heads=4, num_layers=2,
                     ff_dim=192, dropout=0.0)

@@ -14,7 +14,7 @@ from microtransformer.throughput.fast_path import (
     resolve_compile,
 )
 from model import MicroTransformer
-from model.transformer import lm_loss
+from model.losses import lm_loss
 from tests.conftest import TINY
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU

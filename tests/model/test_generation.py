@@ -1,4 +1,5 @@
-"""Generation: KV cache == recompute, batching, sampling semantics, stopping, sliding window."""
+"""Generation: KV cache == recompute, batching, sampling semantics, stopping, sliding window;
+the prefill and one-token decode step over the model's one forward."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import pytest
 import torch
 
 from model import MicroTransformer
+from model.attention import KVCache
+from model.generation import decode_step, prefill
 from tests.conftest import TINY
 
 V = TINY["vocab_size"]
+SMALL = {"vocab_size": 97, "max_seq_len": 48, "embed_dim": 32, "num_heads": 4,
+         "num_layers": 3, "ff_dim": 64, "dropout": 0.0}
+
+
+def _model(seed: int = 0) -> MicroTransformer:
+    torch.manual_seed(seed)
+    return MicroTransformer(**SMALL).eval()
 
 
 def prompt(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -166,3 +176,102 @@ def test_right_padded_prompts_are_rejected(tiny_model):
     mask[1, -2:] = 0
     with pytest.raises(ValueError, match="left"):
         tiny_model.generate(ids, attention_mask=mask, max_new_tokens=3)
+
+
+# ---------------------------------------------------------------- prefill and decode step
+def test_sampled_generate_same_with_and_without_cache_small_model() -> None:
+    model = _model(3)
+    prompt = torch.randint(0, SMALL["vocab_size"], (3, 6))
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(11)
+        outs.append(model.generate(prompt, max_new_tokens=20, temperature=0.8, top_k=10,
+                                   generator=g, use_cache=use_cache))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_model_decode_step_per_row_columns_matches_full_forward() -> None:
+    """Static mode: rows at different lengths (slots of a continuous batch) decode together."""
+    model = _model(3)
+    cfg = model.config
+    lengths = [3, 7, 1]  # each row's prompt length: its next token goes to that column
+    S = 12
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, SMALL["vocab_size"], (n,)) for n in lengths]
+    nxt = torch.randint(0, SMALL["vocab_size"], (len(lengths),))
+    cache = KVCache(cfg.num_layers, len(lengths), cfg.num_heads, S, cfg.head_dim,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):  # prefill each slot on its own
+            model.hidden_states(prompt[None], torch.arange(len(prompt)), None,
+                                cache.rows(row, row + 1), 0)
+        cols = torch.tensor(lengths)  # (B,)
+        mask = (torch.arange(S)[None, :] <= cols[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        got = decode_step(model, nxt, cols, cache, cols, mask)  # (B, V)
+        for row, prompt in enumerate(prompts):
+            full = torch.cat([prompt, nxt[row:row + 1]])[None]
+            ref = model(full)[0, -1]
+            torch.testing.assert_close(got[row], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_per_row_columns_needs_a_mask() -> None:
+    model = _model()
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 1, cfg.num_heads, 4, cfg.head_dim,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="key mask"):
+        decode_step(model, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                    cache, torch.zeros(1, dtype=torch.long))
+
+
+def test_explicit_attention_decode_step_matches_sdpa() -> None:
+    model = _model(11)
+    cfg = model.config
+    prompt = torch.randint(0, SMALL["vocab_size"], (2, 6))
+    logits = []
+    for explicit in (False, True):
+        cache = KVCache(cfg.num_layers, 2, cfg.num_heads, 10, cfg.head_dim,
+                        dtype=torch.float32, device=torch.device("cpu"))
+        with torch.no_grad():
+            prefill(model, prompt, cache)
+            cols = torch.tensor([6, 6])
+            mask = (torch.arange(10)[None, :] <= cols[:, None])[:, None, None, :]
+            logits.append(decode_step(model, prompt[:, -1], cols, cache, cols, mask,
+                                      explicit_attention=explicit))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_block_one_token_cached_forward_matches_full_forward() -> None:
+    """One block forward serves all: T tokens then one more through the cache (one column for
+    all rows, or per-row columns) give the full causal forward's last position."""
+    model = _model()
+    block = model.blocks[0]
+    B, T, C = 2, 5, SMALL["embed_dim"]
+    x = torch.randn(B, T + 1, C)
+    nh, hs = SMALL["num_heads"], C // SMALL["num_heads"]
+    with torch.no_grad():
+        full = block(x)  # (B, T + 1, C), no cache
+        cache = KVCache(1, B, nh, T + 1, hs, dtype=x.dtype, device=x.device)
+        block(x[:, :T], None, cache.layer(0), 0)
+        last = block(x[:, T:], None, cache.layer(0), T)  # (B, 1, C)
+        rows = KVCache(1, B, nh, T + 1, hs, dtype=x.dtype, device=x.device)
+        block(x[:, :T], None, rows.layer(0), 0)
+        mask = torch.ones(B, 1, 1, T + 1, dtype=torch.bool)
+        last_rows = block(x[:, T:], mask, rows.layer(0), torch.full((B,), T))
+    torch.testing.assert_close(last[:, 0], full[:, T])
+    torch.testing.assert_close(last_rows, last)
+    torch.testing.assert_close(rows.k, cache.k)
+    torch.testing.assert_close(rows.v, cache.v)
+
+
+def test_explicit_attention_forward_matches_sdpa() -> None:
+    model = _model(2)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for attn_mask in (None, model.attention_mask_4d(mask)):
+            positions = torch.arange(9)
+            ref = model.hidden_states(ids, positions, attn_mask)
+            got = model.hidden_states(ids, positions, attn_mask, explicit_attention=True)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
