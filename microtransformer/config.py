@@ -83,6 +83,11 @@ class TrainConfig:
                           default="cosine")
     decay_fraction: float = _help("wsd: share of the run (steps or time budget) spent decaying",
                                   default=0.2)
+    stop_patience: int = _help("held-out stopping (wsd only): after this many evaluations in a "
+                               "row without a new best val loss, start the decay at once (over "
+                               "decay_fraction / (1 - decay_fraction) of the steps so far) and "
+                               "end the run there, before the budget is spent; 0 = off",
+                               default=0)
     optimizer: str = _help("adamw | muon (torch.optim.Muon on the blocks' 2-D weight "
                            "matrices, AdamW on embeddings, biases and norms)", default="adamw")
     weight_decay: float = _help("decoupled decay on 2-D matmul weights (none on biases, "
@@ -146,6 +151,7 @@ class TrainConfig:
             _check_int(problems, "warmup_steps", self.warmup_steps, minimum=0)
         _check_int(problems, "seed", self.seed, minimum=0)
         _check_int(problems, "cpu_threads", self.cpu_threads, minimum=0)
+        _check_int(problems, "stop_patience", self.stop_patience, minimum=0)
         _check_float(problems, "lr", self.lr, low=0.0, low_open=True)
         _check_float(problems, "min_lr", self.min_lr, low=0.0)
         _check_float(problems, "weight_decay", self.weight_decay, low=0.0)
@@ -182,6 +188,10 @@ class TrainConfig:
         if self.init_from is not None and not (isinstance(self.init_from, str)
                                                and self.init_from.strip()):
             problems.append(f"init_from={self.init_from!r} must name a run or model directory")
+        if not problems and self.stop_patience and self.schedule != "wsd":
+            problems.append(f"stop_patience={self.stop_patience} needs schedule=wsd (held-out "
+                            f"stopping starts wsd's decay early), not {self.schedule!r}; add "
+                            "--train.schedule wsd or set --train.stop_patience 0")
         if not problems and self.warmup_steps is not None and self.warmup_steps > self.max_steps:
             problems.append(f"warmup_steps={self.warmup_steps} is more than max_steps="
                             f"{self.max_steps}; lower --train.warmup_steps or raise "

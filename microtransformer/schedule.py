@@ -13,6 +13,11 @@ to a learning rate:
 
 Without a time budget the step formula is the classic one: cosine over
 `(step - warmup_steps) / (max_steps - warmup_steps)`.
+
+Held-out stopping (`train.stop_patience`, wsd only) can end a run before its budgets: when the
+val loss has not improved for that many evaluations in the stable phase, `held_out_stop` says
+so, the loop records the step (`stop_step`), and from there the decay runs over
+`cooldown_steps(stop_step)` steps (wsd's share of a run that had ended there) and the run ends.
 """
 
 from __future__ import annotations
@@ -28,15 +33,43 @@ def time_budget_s(cfg: TrainConfig) -> float | None:
     return None if cfg.max_time_minutes is None else cfg.max_time_minutes * 60.0
 
 
-def schedule_progress(step: int, cfg: TrainConfig, train_time_s: float = 0.0) -> float:
+def cooldown_steps(stop_step: int, cfg: TrainConfig) -> int:
+    """Steps of the decay that held-out stopping starts at `stop_step`: wsd's share of a run
+    that would have ended there, decay_fraction / (1 - decay_fraction) x its steps after
+    warm-up (at least 1)."""
+    stable = max(0, stop_step - cfg.warmup)
+    if cfg.decay_fraction >= 1.0:  # no stable phase: held-out stopping never starts a decay
+        return max(1, cfg.max_steps - stop_step)
+    return max(1, round(stable * cfg.decay_fraction / (1.0 - cfg.decay_fraction)))
+
+
+def schedule_progress(step: int, cfg: TrainConfig, train_time_s: float = 0.0,
+                      stop_step: int | None = None) -> float:
     """Fraction of the run spent after warm-up, in [0, 1]: the larger of the step fraction
-    and (with a time budget) the training-time fraction."""
+    and (with a time budget) the training-time fraction. After held-out stopping at
+    `stop_step`, at least the decay's start plus its share of `cooldown_steps` done."""
     span = max(1, cfg.max_steps - cfg.warmup)
     progress = (step - cfg.warmup) / span
     budget = time_budget_s(cfg)
     if budget is not None:
         progress = max(progress, train_time_s / budget)
+    if stop_step is not None:
+        start = 1.0 - cfg.decay_fraction
+        done = (step - stop_step) / cooldown_steps(stop_step, cfg)
+        progress = max(progress, start + cfg.decay_fraction * done)
     return min(1.0, max(0.0, progress))
+
+
+def held_out_stop(evals_since_best: int, step: int, cfg: TrainConfig,
+                  train_time_s: float = 0.0) -> bool:
+    """True when held-out stopping should start the decay at `step`: it is on
+    (`stop_patience` > 0), the last `stop_patience` evaluations brought no new best val loss,
+    and the run is past warm-up and still in its stable phase (a decay under way just
+    finishes). The cool-down then fits in both budgets: it is decay_fraction / (1 -
+    decay_fraction) of a run that has used less than 1 - decay_fraction of each."""
+    if cfg.stop_patience <= 0 or evals_since_best < cfg.stop_patience or step < cfg.warmup:
+        return False
+    return schedule_progress(step, cfg, train_time_s) < 1.0 - cfg.decay_fraction
 
 
 def decay_factor(progress: float, shape: str, decay_fraction: float) -> float:
@@ -55,21 +88,26 @@ def decay_factor(progress: float, shape: str, decay_fraction: float) -> float:
     raise ValueError(f"unknown schedule {shape!r}; use cosine or wsd")
 
 
-def get_lr(step: int, cfg: TrainConfig, train_time_s: float = 0.0) -> float:
+def get_lr(step: int, cfg: TrainConfig, train_time_s: float = 0.0,
+           stop_step: int | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based) after `train_time_s` seconds of
     training: linear warm-up in steps, then the decay shape of `cfg.schedule` over the run's
-    progress (steps, or the time budget when that runs out first)."""
+    progress (steps, or the time budget when that runs out first, or the cool-down after
+    held-out stopping at `stop_step`)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = schedule_progress(step, cfg, train_time_s)
+    progress = schedule_progress(step, cfg, train_time_s, stop_step)
     return cfg.min_lr + decay_factor(progress, cfg.schedule, cfg.decay_fraction) * (
         cfg.lr - cfg.min_lr)
 
 
-def budget_spent(step: int, cfg: TrainConfig, train_time_s: float) -> bool:
-    """True when the run is over: max_steps done, or the time budget used up."""
+def budget_spent(step: int, cfg: TrainConfig, train_time_s: float,
+                 stop_step: int | None = None) -> bool:
+    """True when the run is over: max_steps done, the time budget used up, or the cool-down
+    after held-out stopping at `stop_step` done."""
     budget = time_budget_s(cfg)
-    return step >= cfg.max_steps or (budget is not None and train_time_s >= budget)
+    return (step >= cfg.max_steps or (budget is not None and train_time_s >= budget)
+            or (stop_step is not None and step >= stop_step + cooldown_steps(stop_step, cfg)))
 
 
 def parse_duration(text: str) -> float:

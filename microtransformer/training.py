@@ -96,7 +96,13 @@ from microtransformer.finetune import (
 from microtransformer.memory import check_training_fits
 from microtransformer.metrics import MetricsLogger, plot_loss_curve, truncate_metrics
 from microtransformer.optim import build_optimizer, param_groups  # noqa: F401 - re-exported
-from microtransformer.schedule import budget_spent, get_lr, time_budget_s
+from microtransformer.schedule import (
+    budget_spent,
+    cooldown_steps,
+    get_lr,
+    held_out_stop,
+    time_budget_s,
+)
 from microtransformer.throughput.batch_size import resolve_auto_batch
 from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
 from microtransformer.throughput.feeder import BatchFeeder
@@ -275,7 +281,8 @@ class TrainResult:
     tokens_per_s: float            # training throughput of this call (eval time excluded)
     elapsed_s: float               # wall time of this call
     num_params: int
-    stop_reason: str               # "completed" | "time budget" | "interrupted" | "stop_at"
+    stop_reason: str               # "completed" | "time budget" | "held-out stopping"
+    #                                | "interrupted" | "stop_at"
     train_time_s: float = 0.0      # training time of the whole run (the time budget's clock)
     eval_time_s: float = 0.0       # evaluation + checkpoint time of this call (not budgeted)
     mfu: float | None = None       # model FLOPs utilisation of tokens_per_s; None off CUDA
@@ -436,6 +443,8 @@ class TrainState:
     max_steps: int = 0
     world_size: int = 1
     optimizer_name: str = "adamw"   # train.optimizer that wrote `optimizer`
+    evals_since_best: int = 0       # evaluations in a row without a new best val loss
+    stop_step: int | None = None    # where held-out stopping started the decay (None: not)
     dataset_id: str | None = None   # the data trained on (`dataset_identity`); None: older file
     data_dir: str | None = None     # where that data was
     optimizer: dict[str, Any] | None = None
@@ -733,7 +742,7 @@ def _check_data_switch(run: _Run, state: TrainState) -> dict[str, Any] | None:
                         "again); resume without --data, or pass --switch-data to continue on "
                         "the new data (the run records the switch and restarts its best val "
                         "loss)")
-    state.best_val_loss = math.inf
+    state.best_val_loss, state.evals_since_best = math.inf, 0
     return {"from": old_dir, "to": str(run.data_dir), "from_id": state.dataset_id,
             "to_id": run.dataset_id}
 
@@ -778,7 +787,8 @@ def _open_run_dir(run: _Run, state: TrainState, *, resumed: bool) -> None:
 
 def _evaluates_at(step: int, tc: TrainConfig, state: TrainState) -> bool:
     """True when the loop evaluates before training step `step + 1`."""
-    return step % tc.eval_interval == 0 and not budget_spent(step, tc, state.train_time_s)
+    return step % tc.eval_interval == 0 and not budget_spent(step, tc, state.train_time_s,
+                                                              state.stop_step)
 
 
 def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) -> _Progress:
@@ -813,15 +823,20 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
     run.parts.raw_model.train()
     window_time, window_tokens = state.train_time_s, 0
     try:
-        while not any_rank(budget_spent(state.step, tc, state.train_time_s), ctx):
+        while not any_rank(budget_spent(state.step, tc, state.train_time_s, state.stop_step),
+                           ctx):
             if _evaluates_at(state.step, tc, state):
                 eval_start = run.clock()
                 if _record_eval(run, state, prog):
                     _save_checkpoint(run, state, best=True)
                 _log_eval(run, state, prog, bar)
                 prog.eval_s += run.clock() - eval_start
+                if state.stop_step is None and held_out_stop(
+                        state.evals_since_best, state.step, tc, state.train_time_s):
+                    state.stop_step = state.step  # every rank saw the same val loss
+                    _note_held_out_stop(run, state, bar)
 
-            lr = get_lr(state.step, tc, state.train_time_s)
+            lr = get_lr(state.step, tc, state.train_time_s, state.stop_step)
             for group in run.parts.optimizer.param_groups:
                 group["lr"] = lr
             step_start = run.clock()
@@ -837,7 +852,7 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
 
             if bar is not None:
                 bar.update(1)
-            done = budget_spent(state.step, tc, state.train_time_s)
+            done = budget_spent(state.step, tc, state.train_time_s, state.stop_step)
             if state.step % tc.log_interval == 0 or done:
                 tps = window_tokens / max(state.train_time_s - window_time, 1e-9)
                 window_time, window_tokens = state.train_time_s, 0
@@ -861,7 +876,9 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
                 prog.stop_reason = "stop_at"
                 break
         else:
-            if state.step < tc.max_steps:
+            if state.stop_step is not None:
+                prog.stop_reason = "held-out stopping"
+            elif state.step < tc.max_steps:
                 prog.stop_reason = "time budget"
     finally:
         stop.restore()
@@ -896,7 +913,8 @@ def _count_bad_step(run: _Run, state: TrainState, outcome: StepOutcome, prog: _P
 def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
     """Final evaluation (skipped on interrupt, to exit quickly), checkpoint, plot, result."""
     final_start = run.clock()
-    if prog.stop_reason in ("completed", "time budget") and prog.last_eval_step != state.step:
+    if (prog.stop_reason in ("completed", "time budget", "held-out stopping")
+            and prog.last_eval_step != state.step):
         _save_checkpoint(run, state, best=_record_eval(run, state, prog))
         _log_eval(run, state, prog, None)
     else:
@@ -972,7 +990,25 @@ def _record_eval(run: _Run, state: TrainState, prog: _Progress) -> bool:
     improved = loss < state.best_val_loss
     if improved:
         state.best_val_loss, prog.best_bpb = prog.last_val
+    state.evals_since_best = 0 if improved else state.evals_since_best + 1
     return improved
+
+
+def _note_held_out_stop(run: _Run, state: TrainState, bar: Any) -> None:
+    """Say (once, on the main process) that held-out stopping started the decay, and why."""
+    if not run.ctx.is_main:
+        return
+    tc = run.tc
+    end = state.stop_step + cooldown_steps(state.stop_step, tc)
+    line = (f"note: held-out stopping at step {state.stop_step}: the val loss has not "
+            f"improved for {state.evals_since_best} evaluations (best "
+            f"{state.best_val_loss:.4f}), so the decay starts now and the run ends at step "
+            f"{end}: more steps would fit the training text, not new text "
+            "(train.stop_patience; 0 turns this off)")
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
 
 
 def _log_eval(run: _Run, state: TrainState, prog: _Progress, bar: Any) -> None:

@@ -10,8 +10,10 @@ from microtransformer.config import TrainConfig
 from microtransformer.errors import UserError
 from microtransformer.schedule import (
     budget_spent,
+    cooldown_steps,
     decay_factor,
     get_lr,
+    held_out_stop,
     parse_duration,
     schedule_progress,
 )
@@ -90,3 +92,57 @@ def test_parse_duration(text: str, minutes: float) -> None:
 def test_parse_duration_rejects_with_the_accepted_forms(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+# ---------------------------------------------------------------- held-out stopping
+def stop_cfg(**kw) -> TrainConfig:
+    base = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 1000,
+            "schedule": "wsd", "decay_fraction": 0.2, "stop_patience": 3}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_cooldown_is_wsd_share_of_a_run_that_ended_at_the_stop() -> None:
+    cfg = stop_cfg()
+    assert cooldown_steps(410, cfg) == 100  # 400 steps after warm-up, 0.2 / 0.8 of them
+    assert cooldown_steps(10, cfg) == 1  # never zero
+    assert cooldown_steps(410, stop_cfg(decay_fraction=0.5)) == 400
+
+
+def test_after_held_out_stopping_the_lr_decays_linearly_to_min_lr_and_the_run_ends() -> None:
+    cfg = stop_cfg()
+    assert get_lr(410, cfg, stop_step=410) == pytest.approx(1e-3)  # the decay starts here
+    assert get_lr(460, cfg, stop_step=410) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert get_lr(510, cfg, stop_step=410) == pytest.approx(1e-4)
+    lrs = [get_lr(s, cfg, stop_step=410) for s in range(410, 511)]
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    assert not budget_spent(509, cfg, 0.0, stop_step=410)
+    assert budget_spent(510, cfg, 0.0, stop_step=410)
+    # without a stop the same steps are still in the stable phase
+    assert get_lr(460, cfg) == pytest.approx(1e-3) and not budget_spent(510, cfg, 0.0)
+
+
+def test_a_time_budget_running_out_during_the_cooldown_still_ends_decayed() -> None:
+    cfg = stop_cfg(max_steps=10**6, max_time_minutes=10.0)
+    assert get_lr(450, cfg, 600.0, stop_step=410) == pytest.approx(1e-4)
+    assert budget_spent(450, cfg, 600.0, stop_step=410)
+
+
+def test_held_out_stop_needs_patience_and_the_stable_phase() -> None:
+    cfg = stop_cfg()
+    assert held_out_stop(3, 410, cfg)
+    assert not held_out_stop(2, 410, cfg)  # not patient enough yet
+    assert not held_out_stop(3, 410, stop_cfg(stop_patience=0))  # off
+    assert not held_out_stop(3, 5, cfg)  # still warming up
+    assert not held_out_stop(3, 900, cfg)  # the planned decay is already under way
+    assert not held_out_stop(3, 790, stop_cfg(max_steps=900, warmup_steps=0))  # decaying
+    # with a time budget the phase is the time's: at 79% of 600 s still stable, at 80% not
+    timed = stop_cfg(max_steps=10**6, max_time_minutes=10.0)
+    assert held_out_stop(3, 410, timed, 474.0)
+    assert not held_out_stop(3, 410, timed, 480.0)
+
+
+def test_held_out_stopping_needs_the_wsd_schedule() -> None:
+    with pytest.raises(UserError, match=r"stop_patience=3 needs schedule=wsd.*schedule wsd"):
+        TrainConfig(stop_patience=3, schedule="cosine")
+    with pytest.raises(UserError, match="stop_patience=-1"):
+        TrainConfig(stop_patience=-1, schedule="wsd")

@@ -19,6 +19,7 @@ from microtransformer.device import autocast_context
 from microtransformer.errors import UserError
 from microtransformer.metrics import loss_series, read_metrics
 from microtransformer.optim import MuonAdamW, build_optimizer, split_matrices
+from microtransformer.schedule import cooldown_steps
 from microtransformer.training import (
     RuntimeContext,
     StepParts,
@@ -333,6 +334,71 @@ def test_resume_keeps_the_remaining_time_budget(char_data: Path, tmp_path: Path)
     c, _ = load_weights(tmp_path / "c" / "model.safetensors")
     for k in a:
         assert torch.equal(a[k], c[k]), k
+
+
+# ---------------------------------------------------------------- held-out stopping
+STOP_RUN = ("--train.max_steps", "200", "--train.eval_interval", "5", "--train.schedule", "wsd",
+            "--train.stop_patience", "2", "--train.checkpoint_interval", "100")
+# val loss by evaluation step: best at step 10, no better at 15 and 20 -> stop at step 20
+VAL_BY_STEP = {0: 4.0, 5: 3.0, 10: 2.0, 15: 2.1, 20: 2.05}
+
+
+def scripted_val(monkeypatch: pytest.MonkeyPatch, first_step: int) -> list[int]:
+    """Make the loop's evaluations return VAL_BY_STEP (later steps: 2.5), in eval order
+    from `first_step`; returns the list of steps evaluated."""
+    seen: list[int] = []
+
+    def fake_evaluate(*_args, **_kwargs) -> float:
+        step = first_step + 5 * len(seen)
+        seen.append(step)
+        return VAL_BY_STEP.get(step, 2.5)
+
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    return seen
+
+
+def test_held_out_stopping_decays_from_the_stop_and_ends_the_run(
+        char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_cfg(char_data, *STOP_RUN)
+    seen = scripted_val(monkeypatch, 0)
+    result = train(cfg, tmp_path / "run", progress=False)
+    tc = cfg.train
+    end = 20 + cooldown_steps(20, tc)  # round(17 * 0.2 / 0.8) = 4 steps of decay
+    assert end == 24 and (result.step, result.stop_reason) == (end, "held-out stopping")
+    assert seen[:5] == [0, 5, 10, 15, 20]
+    assert "held-out stopping at step 20" in capsys.readouterr().out
+    lrs = {e["step"]: e["lr"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")
+           if "lr" in e}  # logged every 2 steps: the lr of the step just taken
+    assert lrs[20] == pytest.approx(tc.lr)  # stable until the stop
+    assert [lrs[22], lrs[24]] == pytest.approx([get_lr(s, tc, stop_step=20) for s in (21, 23)])
+    assert lrs[24] < lrs[22] < tc.lr
+    state = load_training_state(tmp_path / "run" / "state.pt")
+    assert state["stop_step"] == 20  # and the final evaluation (step 24) was the third
+    assert state["evals_since_best"] == 3  # in a row without a new best
+    # without held-out stopping the same val losses let the run go on to max_steps
+    monkeypatch.undo()
+    scripted_val(monkeypatch, 0)
+    plain = train(tiny_cfg(char_data, *STOP_RUN[:-4], "--train.max_steps", "40"),
+                  tmp_path / "plain", progress=False)
+    assert (plain.step, plain.stop_reason) == (40, "completed")
+
+
+def test_a_run_killed_in_its_cooldown_resumes_to_the_same_end(
+        char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_cfg(char_data, *STOP_RUN)
+    scripted_val(monkeypatch, 0)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    scripted_val(monkeypatch, 0)
+    part = train(cfg, tmp_path / "b", progress=False, stop_at=22)
+    assert part.interrupted and part.step == 22
+    scripted_val(monkeypatch, 25)  # the resumed call evaluates from step 25 on (it ends first)
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert (resumed.step, resumed.stop_reason) == (straight.step, "held-out stopping")
+    a, _ = load_weights(tmp_path / "a" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # ---------------------------------------------------------------- run state
