@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from microtransformer.config import preset_path, read_toml
 from microtransformer.device import cpu_has_native_bf16
 
 # Measured training throughput of the recipes on the idle 2-core AMD EPYC, 2 threads
@@ -27,6 +28,13 @@ MANY_EPOCHS = 10.0
 # step; 2e-3 per step (weight decay 1.0 at lr 2e-3) was measured, so 0.5 at the presets' 4e-3.
 REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 0.0,
                                     "train.weight_decay": 0.5}
+# And held-out stopping (`train.stop_patience`): regularised or not, a small text seen many times
+# is learnt by heart before the budget is spent (the in-run val loss turns up and the score on
+# other text falls with it: docs/RESULTS.md, section 7), so the run evaluates every half pass
+# over the text (at least every MIN_EVAL_INTERVAL steps: whatever the budget, the same steps)
+# and, after STOP_PATIENCE evaluations without a new best val loss, decays and ends early.
+STOP_PATIENCE = 3
+MIN_EVAL_INTERVAL = 25
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,23 @@ def this_machine() -> Machine:
                    native_bf16=cpu_has_native_bf16())
 
 
+def tokens_per_step(preset: str) -> int:
+    """Training tokens per optimizer step of a preset (batch x training window)."""
+    cfg = read_toml(preset_path(preset))
+    train, model = cfg.get("train", {}), cfg.get("model", {})
+    window = train.get("seq_len") or model["max_seq_len"]
+    return int(train["batch_size"]) * int(train.get("grad_accum_steps", 1)) * int(window)
+
+
 def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:
     """Pick the preset and schedule for a prepared data dir's `meta` (meta.json), a budget of
     `minutes` of training and `machine`.
 
     - tokenizer: char text -> `cpu_char`; BPE text -> `cpu_bpe` (both time-budget recipes);
     - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
-      model would memorise the text, so REGULARISATION (residual dropout, weight decay) is
-      switched on;
+      model would memorise the text, so REGULARISATION (residual dropout, weight decay) and
+      held-out stopping (evaluate every half pass; decay and end the run after
+      STOP_PATIENCE evaluations without a new best val loss) are switched on;
     - machine: every core this process may use (a GPU, when present, runs the same preset in
       bf16 autocast, the loop's default there).
     """
@@ -100,10 +117,15 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
     else:
         regime = f"{size}, ~{epochs:.0f} passes in {minutes:g} min"
         if epochs > MANY_EPOCHS:
+            interval = max(MIN_EVAL_INTERVAL, round(train_tokens / tokens_per_step(preset) / 2))
             overrides.update(REGULARISATION)
+            overrides.update({"train.stop_patience": STOP_PATIENCE,
+                              "train.eval_interval": interval})
             regime += (f" > {MANY_EPOCHS:g}: against memorising, dropout "
-                       f"{REGULARISATION['model.dropout']:g} (attention kept fused) and weight "
-                       f"decay {REGULARISATION['train.weight_decay']:g}")
+                       f"{REGULARISATION['model.dropout']:g} (attention kept fused), weight "
+                       f"decay {REGULARISATION['train.weight_decay']:g}, and held-out stopping "
+                       f"(val every {interval} steps; the decay starts after "
+                       f"{STOP_PATIENCE} without a new best and the run ends there)")
     reason = (f"budget mode: preset {preset} ({kind} tokenizer; {regime}; {where}); LR "
               f"schedule over {minutes:g} min of training time, ending decayed")
     return Recipe(preset=preset, overrides=overrides, reason=reason)

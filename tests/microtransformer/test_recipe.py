@@ -8,9 +8,12 @@ from microtransformer.config import load_config
 from microtransformer.recipe import (
     MANY_EPOCHS,
     MEASURED_TOKENS_PER_S,
+    MIN_EVAL_INTERVAL,
     REGULARISATION,
+    STOP_PATIENCE,
     Machine,
     choose_recipe,
+    tokens_per_step,
 )
 
 TWO_CORES = Machine(cores=2)
@@ -71,3 +74,27 @@ def test_unprepared_data_is_not_taken_for_an_empty_corpus() -> None:
     recipe = choose_recipe({"kind": "bpe", "tokens": {}}, 15, Machine(cores=2))
     assert "model.dropout" not in recipe.overrides
     assert "not known before it is prepared" in recipe.reason
+
+
+def test_a_small_corpus_gets_held_out_stopping_every_half_pass_whatever_the_budget() -> None:
+    tokens = 40 * tokens_per_step("cpu_bpe")  # 40 steps per pass: evaluate every 20 -> 25
+    big = 120 * tokens_per_step("cpu_bpe")  # 60 steps per half pass; > 10 passes in 15 min
+    fifteen, thirty = (choose_recipe({"kind": "bpe", "tokens": {"train": big}}, m, TWO_CORES)
+                       for m in (15, 30))
+    assert fifteen.overrides["train.eval_interval"] == thirty.overrides["train.eval_interval"] == 60
+    tiny = choose_recipe({"kind": "bpe", "tokens": {"train": tokens}}, 15, TWO_CORES)
+    assert tiny.overrides["train.eval_interval"] == MIN_EVAL_INTERVAL
+    for recipe in (fifteen, thirty, tiny):
+        assert recipe.overrides["train.stop_patience"] == STOP_PATIENCE
+        assert "held-out stopping (val every" in recipe.reason
+        cfg = load_config(preset=recipe.preset, overrides=recipe.override_tokens())
+        assert cfg.train.schedule == "wsd" and cfg.train.stop_patience == STOP_PATIENCE
+    large = choose_recipe({"kind": "bpe", "tokens": {"train": 50_000_000}}, 15, TWO_CORES)
+    assert "train.stop_patience" not in large.overrides  # a plateau there is not memorising
+
+
+def test_tokens_per_step_reads_the_preset() -> None:
+    for preset in ("cpu_bpe", "cpu_char", "balanced"):
+        cfg = load_config(preset=preset)
+        window = cfg.train.seq_len or cfg.model.max_seq_len
+        assert tokens_per_step(preset) == cfg.train.batch_size * cfg.train.grad_accum_steps * window
