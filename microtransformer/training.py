@@ -834,7 +834,8 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
                 if state.stop_step is None and held_out_stop(
                         state.evals_since_best, state.step, tc, state.train_time_s):
                     state.stop_step = state.step  # every rank saw the same val loss
-                    _note_held_out_stop(run, state, bar)
+                    best_step = _return_to_best(run)
+                    _note_held_out_stop(run, state, best_step, bar)
 
             lr = get_lr(state.step, tc, state.train_time_s, state.stop_step)
             for group in run.parts.optimizer.param_groups:
@@ -994,17 +995,25 @@ def _record_eval(run: _Run, state: TrainState, prog: _Progress) -> bool:
     return improved
 
 
-def _note_held_out_stop(run: _Run, state: TrainState, bar: Any) -> None:
+def _return_to_best(run: _Run) -> int:
+    """Load the best weights (best.safetensors, written at the best evaluation) back into the
+    model on every rank; the step they are from."""
+    barrier(run.ctx)  # the main rank wrote the file; every rank reads it
+    meta = ckpt.load_weights_into(run.parts.raw_model, run.dir / BEST_WEIGHTS_FILE)
+    return int(meta.get("step", -1))
+
+
+def _note_held_out_stop(run: _Run, state: TrainState, best_step: int, bar: Any) -> None:
     """Say (once, on the main process) that held-out stopping started the decay, and why."""
     if not run.ctx.is_main:
         return
     tc = run.tc
     end = state.stop_step + cooldown_steps(state.stop_step, tc)
     line = (f"note: held-out stopping at step {state.stop_step}: the val loss has not "
-            f"improved for {state.evals_since_best} evaluations (best "
-            f"{state.best_val_loss:.4f}), so the decay starts now and the run ends at step "
-            f"{end}: more steps would fit the training text, not new text "
-            "(train.stop_patience; 0 turns this off)")
+            f"improved for {state.evals_since_best} evaluations, so the run goes back to its "
+            f"best weights (step {best_step}, val loss {state.best_val_loss:.4f}), decays from "
+            f"there and ends at step {end}: more steps would fit the training text, not new "
+            "text (train.stop_patience; 0 turns this off)")
     if bar is not None:
         bar.write(line)
     else:

@@ -367,7 +367,9 @@ def test_held_out_stopping_decays_from_the_stop_and_ends_the_run(
     end = 20 + cooldown_steps(20, tc)  # round(17 * 0.2 / 0.8) = 4 steps of decay
     assert end == 24 and (result.step, result.stop_reason) == (end, "held-out stopping")
     assert seen[:5] == [0, 5, 10, 15, 20]
-    assert "held-out stopping at step 20" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out stopping at step 20" in out
+    assert "goes back to its best weights (step 10, val loss 2.0000)" in out
     lrs = {e["step"]: e["lr"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")
            if "lr" in e}  # logged every 2 steps: the lr of the step just taken
     assert lrs[20] == pytest.approx(tc.lr)  # stable until the stop
