@@ -3,11 +3,11 @@
 Starts the real server (a subprocess on 127.0.0.1, a free port) twice on the same run: with
 `--max-batch B` (continuous batching) and with `--max-batch 1` (one sequence at a time, what a
 server without batching does), both with `--server-args` (default `--compile-after 1`: every
-bucket's step is compiled on first use; the warm-up triggers them and the measurement starts
-once `/metrics` shows no compile pending). The servers share a fresh inductor cache folder, so
-the first compiles cold and the second reuses the cache (compile seconds from the logs). At
-each concurrency level (default 1, 8, 32 streaming clients, each sending requests back to back)
-it measures:
+bucket's step is compiled on first use; warm-up passes of every level trigger them until a pass
+compiles nothing new, and the measurement starts once `/metrics` shows no compile pending).
+The servers share a fresh inductor cache folder, so the first compiles cold and the second
+reuses the cache (compile seconds from the logs). At each concurrency level (default 1, 8, 32
+streaming clients, each sending requests back to back) it measures:
 
 - TTFT: time to first token (request sent -> first chunk with text), p50 / p99
 - TPOT: time per output token after the first, per request ((e2e - ttft) / (tokens - 1)), p50 / p99
@@ -370,11 +370,16 @@ def main(argv: list[str] | None = None) -> int:
             result["server_commands"][name] = " ".join(
                 ["microtransformer", *server.cmd[3:]]).replace(str(run), "RUN")
             start = time.perf_counter()
-            for clients in sorted({1, *levels}):  # warm-up: every bucket the levels use
-                asyncio.run(run_level(server.url, clients, 1, body, args.time_limit))
-            if not server.wait_compiled(args.compile_wait):
-                print(f"{name}: compiles still running after {args.compile_wait} s",
-                      flush=True)
+            for _ in range(3):  # warm-up passes of every level until no new bucket compiles
+                before = len(server.compile_seconds())
+                for clients in levels:
+                    asyncio.run(run_level(server.url, clients, args.requests_per_client, body,
+                                          args.time_limit))
+                if not server.wait_compiled(args.compile_wait):
+                    print(f"{name}: compiles still running after {args.compile_wait} s",
+                          flush=True)
+                if len(server.compile_seconds()) == before:
+                    break
             print(f"{name}: warm-up and compiles {time.perf_counter() - start:.0f} s, "
                   f"compiled {server.compile_seconds()}", flush=True)
             result["rounds_raw"][name] = {c: [] for c in levels}
