@@ -125,6 +125,10 @@ class Server:
                 out[f"{m.group(1)}x{m.group(2)}"] = float(m.group(3))
         return out
 
+    def compile_failures(self) -> list[str]:
+        """The buckets whose compile failed (they stay eager), from the server's log."""
+        return [line for line in self.lines if "compiling bucket" in line and "failed" in line]
+
     def wait_compiled(self, timeout: float) -> bool:
         """Wait until no bucket is queued or compiling (`/metrics`); False on timeout."""
         deadline = time.monotonic() + timeout
@@ -297,7 +301,9 @@ def markdown(result: dict[str, Any]) -> str:
                   "second):", ""]
         for name, buckets in comp.items():
             total = sum(buckets.values())
-            lines.append(f"- {name}: {len(buckets)} buckets, {total:.1f} s in all; " +
+            failed = len(result.get("compile_failures", {}).get(name, []))
+            lines.append(f"- {name}: {len(buckets)} buckets, {total:.1f} s in all "
+                         f"({failed} failed); " +
                          ", ".join(f"{b} {t:.1f}" for b, t in buckets.items()))
     return "\n".join(lines) + "\n"
 
@@ -310,6 +316,37 @@ def summarize(levels: list[dict[str, Any]]) -> dict[str, Any]:
         if key.endswith("_ms") or key == "tokens_per_s":
             out[key] = spread([lv[key] for lv in levels])
     return out
+
+
+COMPILE_PROBE = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from microtransformer.checkpoint import load_run
+from microtransformer.serve.engine import Engine
+model, tok, _ = load_run(sys.argv[1])
+engine = Engine(model, tok, max_batch=int(sys.argv[2]), dtype=sys.argv[3], compile=True)
+out = {}
+for bucket in json.loads(sys.argv[4]):
+    start = time.perf_counter()
+    engine.runner.compiled_step(tuple(bucket))
+    out["x".join(map(str, bucket))] = time.perf_counter() - start
+print(json.dumps(out))
+"""
+
+
+def compile_times(run: Path, max_batch: int, precision: str, buckets: list[list[int]],
+                  repeats: int = 2) -> dict[str, Any]:
+    """Compile `buckets` in fresh processes with no traffic: first with an empty inductor
+    cache (cold), then `repeats - 1` more times over the same cache (cached)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": cache}
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", COMPILE_PROBE, str(run), str(max_batch),
+                                  precision, json.dumps(buckets)], capture_output=True,
+                                 text=True, env=env, cwd=ROOT, timeout=900, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+    return {"cold": runs[0], "cached": runs[1:]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                         "folder, so the first server compiles cold)")
     p.add_argument("--no-llama", action="store_true", help="leave out the llama.cpp column")
     p.add_argument("--llama-threads", type=int, default=1)
+    p.add_argument("--compile-times", action="store_true",
+                   help="only time the compile of buckets 1x64 and 32x128 in fresh processes, "
+                        "cold (empty inductor cache) then cached, with no traffic")
+    p.add_argument("--precision", default="fp32", help="precision for --compile-times")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_cpu"),
                    help="output path without extension (.json and .md are written)")
     args = p.parse_args(argv)
@@ -340,6 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run) if args.run else build_random_run(Path(tmp.name) / "balanced-random")
     from microtransformer.tokenizer import Tokenizer
 
+    if args.compile_times:
+        times = compile_times(run, args.max_batch, args.precision, [[1, 64], [args.max_batch, 128]],
+                              repeats=1 + args.rounds)
+        times.update(command="python benchmarks/serve.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]), environment=environment())
+        print(json.dumps(times, indent=2))
+        out = Path(args.out)
+        from microtransformer.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(out.with_suffix(".json"), (json.dumps(times, indent=2) + "\n").encode())
+        tmp.cleanup()
+        return 0
     prompt_ids = Tokenizer.load(run / "tokenizer.json").encode(PROMPT)
     body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.8, "top_k": 50,
             "stream": True, "ignore_eos": True}
@@ -385,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                 if len(server.compile_seconds()) == before:
                     break
             print(f"{name}: warm-up and compiles {time.perf_counter() - start:.0f} s, "
-                  f"compiled {server.compile_seconds()}", flush=True)
+                  f"compiled {server.compile_seconds()}, failed {server.compile_failures()}",
+                  flush=True)
             result["rounds_raw"][name] = {c: [] for c in levels}
         if llama:
             result["rounds_raw"]["llama.cpp"] = {c: [] for c in levels}
@@ -406,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{lv['tokens_per_s']:8.0f} tok/s, TTFT p50 {lv['ttft_p50_ms']:7.0f} "
                           f"p99 {lv['ttft_p99_ms']:7.0f} ms", flush=True)
         result["compile_seconds"] = {name: s.compile_seconds() for name, s in servers.items()}
-        result["server_logs"] = {name: s.lines for name, s in servers.items()}
+        result["compile_failures"] = {name: s.compile_failures() for name, s in servers.items()}
+        result["server_logs"] = {name: [line for line in s.lines if "compil" in line]
+                                 for name, s in servers.items()}  # no machine paths
     finally:
         for server in servers.values():
             server.stop()

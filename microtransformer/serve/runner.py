@@ -101,6 +101,14 @@ class ModelRunner:
         scratch cache of the real cache's shape, then point it at the real cache's view.
         Raises RuntimeError when torch.compile failed (the bucket stays eager)."""
         rows, cols = bucket
+        # deferred: only compiling needs dynamo's config. Every bucket's DecodeStep compiles
+        # the same `_step` code, and dynamo counts each as a recompile of it: past its limit
+        # (8 by default) the compile fails, so the limit must hold every bucket
+        import torch._dynamo.config as dynamo_config
+
+        needed = len(self.steps) + 8
+        if dynamo_config.recompile_limit < needed:
+            dynamo_config.recompile_limit = needed
         with self._scratch_lock:
             if self._scratch is None:
                 big = self.decoder.cache
