@@ -8,7 +8,8 @@
 //           "repeats": 3, "threads": 1}
 // RESULT:  {"sequences": N, "tokens": M, "threads": T, "context_size": per-sequence cells,
 //           "runs": [{"wall_s", "tokens_per_s" (all tokens / wall), "ttft_ms": [per sequence],
-//                     "generated": [tokens per sequence]}, ...]}
+//                     "generated": [tokens per sequence]}, ...],
+//           "tokens_out": [[ids] per sequence]   (the last run's greedy tokens)}
 // Every sequence starts from the same prompt ids and runs exactly `tokens` greedy tokens
 // (temperature 0; end-of-text does not stop it), as the server benchmark's requests do
 // (`ignore_eos`). A warm-up round of 8 tokens per sequence runs first, untimed.
@@ -30,18 +31,19 @@ const context = await model.createContext({
 });
 const prompt = request.prompt;
 const sequences = Array.from({ length: n }, () => context.getSequence());
+let lastTokens = [];
 
 async function one(sequence, tokens, start) {
   // `tokens` greedy tokens after the prompt on `sequence`; the time its first token came.
   let ttft = null;
-  let got = 0;
+  const ids = [];
   const options = { temperature: 0, yieldEogToken: true };
   for await (const token of sequence.evaluate(prompt, options)) {
     if (ttft === null) ttft = performance.now() - start;
-    got += 1;
-    if (got >= tokens) break;
+    ids.push(token);
+    if (ids.length >= tokens) break;
   }
-  return { ttft, got };
+  return { ttft, got: ids.length, ids };
 }
 
 async function round(tokens) {
@@ -52,6 +54,7 @@ async function round(tokens) {
   const results = await Promise.all(sequences.map((s) => one(s, tokens, start)));
   const wall = (performance.now() - start) / 1000;
   const total = results.reduce((a, r) => a + r.got, 0);
+  lastTokens = results.map((r) => r.ids);
   return { wall_s: wall, tokens_per_s: total / wall, ttft_ms: results.map((r) => r.ttft),
            generated: results.map((r) => r.got) };
 }
@@ -60,6 +63,7 @@ await round(Math.min(8, count)); // warm-up
 const result = { sequences: n, tokens: count, threads, context_size: context.contextSize,
                  runs: [] };
 for (let r = 0; r < (request.repeats ?? 3); r++) result.runs.push(await round(count));
+result.tokens_out = lastTokens;
 for (const s of sequences) s.dispose();
 await context.dispose();
 await model.dispose();
