@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="--compile-after 1",
                    help="extra options for both servers (default: compile every bucket on "
                         "first use)")
+    p.add_argument("--baseline-args", default="",
+                   help="extra options for the one-at-a-time server only (after "
+                        "--server-args), e.g. --no-compile for the eager baseline")
     p.add_argument("--compile-wait", type=float, default=900.0,
                    help="seconds to wait for the warm-up's compiles before measuring")
     p.add_argument("--inductor-cache", default=None,
@@ -422,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, max_batch in ((f"batched (--max-batch {args.max_batch})", args.max_batch),
                                 ("one at a time (--max-batch 1)", 1)):
-            server = Server(run, max_batch, extra, env={"TORCHINDUCTOR_CACHE_DIR": cache})
+            server = Server(run, max_batch,
+                            extra + (args.baseline_args.split() if max_batch == 1 else []),
+                            env={"TORCHINDUCTOR_CACHE_DIR": cache})
             servers[name] = server
             result["server_commands"][name] = " ".join(
                 ["microtransformer", *server.cmd[3:]]).replace(str(run), "RUN")
