@@ -325,19 +325,35 @@ from microtransformer.checkpoint import load_run
 from microtransformer.serve.engine import Engine
 model, tok, _ = load_run(sys.argv[1])
 engine = Engine(model, tok, max_batch=int(sys.argv[2]), dtype=sys.argv[3], compile=True)
-out = {}
+out, steps = {}, {}
 for bucket in json.loads(sys.argv[4]):
     start = time.perf_counter()
-    engine.runner.compiled_step(tuple(bucket))
-    out["x".join(map(str, bucket))] = time.perf_counter() - start
-print(json.dumps(out))
+    fast = engine.runner.compiled_step(tuple(bucket))
+    name = "x".join(map(str, bucket))
+    out[name] = time.perf_counter() - start
+    eager = engine.runner.steps[tuple(bucket)]
+    rows = bucket[0]
+    tokens = torch.zeros(rows, dtype=torch.long)
+    cols = torch.full((rows,), 50)
+    times = {"eager_ms": [], "compiled_ms": []}
+    for _ in range(5):  # alternating blocks of 100 steps
+        for key, step in (("eager_ms", eager), ("compiled_ms", fast)):
+            step.step(tokens, cols, cols)
+            t = time.perf_counter()
+            for _ in range(100):
+                step.step(tokens, cols, cols)
+            times[key].append((time.perf_counter() - t) * 10)
+    steps[name] = times
+print(json.dumps({"compile_s": out, "steps": steps}))
 """
 
 
 def compile_times(run: Path, max_batch: int, precision: str, buckets: list[list[int]],
                   repeats: int = 2) -> dict[str, Any]:
     """Compile `buckets` in fresh processes with no traffic: first with an empty inductor
-    cache (cold), then `repeats - 1` more times over the same cache (cached)."""
+    cache (cold), then `repeats - 1` more times over the same cache (cached); in each process
+    also the eager and the compiled step of each bucket, 5 alternating blocks of 100 steps
+    (ms per step, and compiled / eager per block)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": cache}
         runs = []
@@ -346,7 +362,15 @@ def compile_times(run: Path, max_batch: int, precision: str, buckets: list[list[
                                   precision, json.dumps(buckets)], capture_output=True,
                                  text=True, env=env, cwd=ROOT, timeout=900, check=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
-    return {"cold": runs[0], "cached": runs[1:]}
+    ratios = {b: spread([c / e for run in runs for e, c in zip(run["steps"][b]["eager_ms"],
+                                                               run["steps"][b]["compiled_ms"],
+                                                               strict=True)])
+              for b in runs[0]["steps"]}
+    return {"precision": precision, "cold": runs[0]["compile_s"],
+            "cached": [r["compile_s"] for r in runs[1:]],
+            "step_ms": {b: {k: spread([v for run in runs for v in run["steps"][b][k]])
+                            for k in ("eager_ms", "compiled_ms")} for b in runs[0]["steps"]},
+            "compiled_over_eager": ratios, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:

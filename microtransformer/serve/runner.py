@@ -6,8 +6,8 @@ the one shared cache (the largest bucket owns it), so a step over few short rows
 fixed-shape step. Each row is at its own column (position == column: prompts are not padded).
 
 With `compile=True` each bucket also gets a compiled step (torch.compile, inductor C++: about
-2.7x faster than the eager step at 1 row x 64 columns, 1.4x at 32 x 128 on the benchmark's
-CPU, docs/SERVING.md), built in the background by `compiler.BucketCompiler` once the bucket
+0.6-0.7x the eager step's time in fp32, 0.4-0.5x in bf16, on the benchmark's CPU;
+docs/SERVING.md, "Compiled bucket steps"), built in the background by `compiler.BucketCompiler` once the bucket
 has served `compile_after` eager steps, and swapped in when ready: serving never waits for a
 compile. The compiled step is built over a scratch cache of the same shape and strides (its
 compiling call writes into the cache it runs on, and the engine thread keeps using the real
