@@ -7,12 +7,13 @@ fixed-shape step. Each row is at its own column (position == column: prompts are
 
 With `compile=True` each bucket also gets a compiled step (torch.compile, inductor C++: about
 0.6-0.7x the eager step's time in fp32, 0.4-0.5x in bf16, on the benchmark's CPU;
-docs/SERVING.md, "Compiled bucket steps"), built in the background by `compiler.BucketCompiler` once the bucket
-has served `compile_after` eager steps, and swapped in when ready: serving never waits for a
-compile. The compiled step is built over a scratch cache of the same shape and strides (its
-compiling call writes into the cache it runs on, and the engine thread keeps using the real
-one meanwhile), then pointed at the real cache's view: same shapes, strides and dtypes, so
-torch.compile's guards still hold and nothing recompiles.
+docs/SERVING.md, "Compiled bucket steps"), built in the background by
+`compiler.BucketCompiler` once the bucket has served `compile_after` eager steps, and swapped
+in when ready: serving never waits for a compile. The compiled step is built over a scratch
+cache of the same shape and strides (its compiling call writes into the cache it runs on, and
+the engine thread keeps using the real one meanwhile), then pointed at the real cache's view:
+same shapes, strides, dtypes and aliasing, so torch.compile's guards still hold and nothing
+recompiles.
 """
 
 from __future__ import annotations
