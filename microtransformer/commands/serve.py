@@ -16,12 +16,13 @@ import sys
 
 import torch
 
-from microtransformer.device import resolve_device
+from microtransformer.device import check_precision, resolve_device
 from microtransformer.errors import UserError
 from microtransformer.serve.loading import load_served_model
 from microtransformer.serve.state import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "MICROTRANSFORMER_API_KEY"
+COMPILE_AFTER = 64  # a bucket that served this many steps is likely to serve many more
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -55,6 +56,17 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="weights and KV cache of the served copy: fp32 (default), bf16 (a CPU "
+                        "with avx512_bf16 / amx_bf16, or CUDA; outputs differ from fp32 by "
+                        "rounding), int8 (dynamically quantized linears, CPU, never compiled)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="never compile the decode steps (default on CPU: each (rows, columns) "
+                        "bucket's step is compiled in a background thread once it has served "
+                        "--compile-after steps, the eager step serving meanwhile)")
+    p.add_argument("--compile-after", type=int, default=COMPILE_AFTER, metavar="STEPS",
+                   help=f"decode steps a bucket serves eagerly before it is queued for "
+                        f"compiling (default {COMPILE_AFTER}; 1: on first use)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on CPU: the ops of a tiny model's step "
                         "are too small to split, and the HTTP side gets a core)")
@@ -76,6 +88,8 @@ def _check(args: argparse.Namespace) -> None:
                         f"{DEFAULT_MAX_BODY_BYTES})")
     if not 0 <= args.drain_grace <= 3600:  # also refuses nan
         problems.append(f"--drain-grace={args.drain_grace} must be in [0, 3600] seconds")
+    if args.compile_after < 1:
+        problems.append(f"--compile-after={args.compile_after} must be >= 1")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads={args.threads} must be >= 1")
     names = args.model_name
@@ -115,10 +129,20 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, option="device")
     if args.threads is not None or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    try:
+        check_precision(args.precision, device)
+    except ValueError as exc:
+        raise UserError(f"--precision {args.precision}: {exc}") from None
+    # the compiled step is inductor's C++ CPU code; int8's packed linears cannot be traced
+    compile_why = ("--no-compile" if args.no_compile else
+                   "CPU only" if device.type != "cpu" else
+                   "int8 is never compiled" if args.precision == "int8" else None)
     names = args.model_name or [None] * len(args.run_dirs)
     models = [load_served_model(run_dir, name=name, which="best" if args.best else "last",
                                 device=device, max_batch=args.max_batch,
-                                max_queue=args.max_queue)
+                                max_queue=args.max_queue, precision=args.precision,
+                                compile=compile_why is None,
+                                compile_after=args.compile_after)
               for run_dir, name in zip(args.run_dirs, names, strict=True)]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(models, api_key=api_key, cors=args.cors, ui=not args.no_ui,
@@ -130,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
     for m in models:
         card = m.card
         print(f"model {m.name}: {card['parameters']:,} parameters, context "
-              f"{card['max_model_len']}, {card['tokenizer']} tokenizer, on {device}",
+              f"{card['max_model_len']}, {card['tokenizer']} tokenizer, on {device}, "
+              f"{args.precision}; compiled steps: "
+              + (f"off ({compile_why})" if compile_why else
+                 f"built in the background after {args.compile_after} steps per bucket"),
               file=sys.stderr)
     print(f"serving on http://{url_host}:{port} (API /v1, "
           f"{'no playground' if args.no_ui else 'playground /'}, "

@@ -6,7 +6,8 @@ thread runs three parts in turn:
 - the `scheduler.Scheduler` (pure bookkeeping) admits waiting choices into free slots, keeps
   busy slots packed, and picks each step's (rows, columns) bucket;
 - the `runner.ModelRunner` prefills an admitted prompt into its row and runs one batched decode
-  step for all busy rows;
+  step for all busy rows (each bucket's eager step, swapped for its compiled step once a
+  background thread has built it, with `compile=True`);
 - the `sampler.Sampler` samples every row in one call (each choice with its own settings and
   generator), and the `output.OutputProcessor` turns each token into the choice's next event
   (incremental detokenization, stop strings, logprobs), handed to the choice's `sink` (a
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -54,15 +55,25 @@ class Engine:
         tokenizer: the run's tokenizer (decode, eos_token_id, vocab_size).
         max_batch: slots in the decode batch (rows of the KV cache).
         max_queue: choices that may wait for a slot; `submit` raises QueueFullError beyond.
+        dtype: weights and KV cache: a torch dtype or a precision name ("fp32", "bf16",
+            "int8"; `decoding.step.DecodeStep`); None: the model's.
+        compile: compile each (rows, columns) bucket's step in a background thread once it
+            has served `compile_after` steps, the eager step serving meanwhile
+            (`runner.ModelRunner`); `build_step` replaces the compile (a test seam).
+        log: where the compile progress lines go (None: nowhere).
         observer: optional metrics sink.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16,
-                 max_queue: int = 256, dtype: torch.dtype | None = None,
+                 max_queue: int = 256, dtype: torch.dtype | str | None = None,
+                 compile: bool = False, compile_after: int = 1,
+                 build_step: Callable[[tuple[int, int]], Any] | None = None,
+                 log: Callable[[str], None] | None = None,
                  observer: EngineObserver | None = None) -> None:
         self.scheduler = Scheduler(max_batch, max_queue, model.max_seq_len)
         self.runner = ModelRunner(model, max_batch, self.scheduler.row_buckets,
-                                  self.scheduler.col_buckets, dtype=dtype)
+                                  self.scheduler.col_buckets, dtype=dtype, compile=compile,
+                                  compile_after=compile_after, build_step=build_step, log=log)
         self.model, self.device = self.runner.model, self.runner.device
         self.sampler = Sampler(max_batch, tokenizer.vocab_size, self.device)
         self.output = OutputProcessor(tokenizer, model.max_seq_len)
@@ -95,13 +106,15 @@ class Engine:
         return self
 
     def shutdown(self) -> None:
-        """Stop the thread; choices still waiting or running get an error event."""
+        """Stop the thread; choices still waiting or running get an error event. A bucket
+        compile in progress is waited for (the queued ones are dropped)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.runner.close()
 
     def submit(self, choices: list[Choice]) -> None:
         """Queue all of `choices` (one request's) or none: QueueFullError if no room."""

@@ -3,7 +3,9 @@ tokenizer and `/v1/models` card)."""
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +45,25 @@ class ServedModel:
         return (self.max_model_len - 1) * self.max_token_chars
 
 
+def stderr_log(name: str) -> Callable[[str], None]:
+    """A log function printing `model NAME: line` on stderr (the server's log)."""
+
+    def log(line: str) -> None:
+        print(f"model {name}: {line}", file=sys.stderr, flush=True)
+
+    return log
+
+
 def load_served_model(run_dir: str | Path, *, name: str | None = None, which: str = "last",
-                      device: Any = "cpu", max_batch: int = 16, max_queue: int = 256
-                      ) -> ServedModel:
-    """Load a training run (`checkpoint.load_run`) and put an engine on it."""
+                      device: Any = "cpu", max_batch: int = 16, max_queue: int = 256,
+                      precision: str = "fp32", compile: bool = False, compile_after: int = 1,
+                      log: Callable[[str], None] | None = None) -> ServedModel:
+    """Load a training run (`checkpoint.load_run`) and put an engine on it.
+
+    precision: "fp32", "bf16" or "int8" (`device.check_precision` must allow it; a copy of
+    the model in that precision); compile / compile_after: compile the engine's bucket steps
+    in the background (`Engine`); log: where the compile progress goes (default: stderr,
+    `model NAME: ...`)."""
     model, tokenizer, _ = load_run(run_dir, which=which, device=device)
     name = name or Path(run_dir).resolve().name
     evals = [e for e in read_metrics(Path(run_dir) / METRICS_FILE)
@@ -56,6 +73,8 @@ def load_served_model(run_dir: str | Path, *, name: str | None = None, which: st
             "owned_by": "microtransformer", "max_model_len": model.max_seq_len,
             "parameters": count_parameters(model), "best_val_loss": best.get("val_loss"),
             "bits_per_byte": best.get("val_bpb"), "tokenizer": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size, "weights": which}
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+            "vocab_size": tokenizer.vocab_size, "weights": which, "precision": precision}
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                    dtype=precision, compile=compile, compile_after=compile_after,
+                    log=log or stderr_log(name))
     return ServedModel(name, engine, tokenizer, card)

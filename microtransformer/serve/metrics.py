@@ -59,6 +59,12 @@ class ServeMetrics:
                                "waits for)", registry=r)
         self.running = Gauge("microtransformer_running_sequences", "sequences in the running "
                              "batch", ["model"], registry=r)
+        self.compiled = Gauge("microtransformer_compiled_buckets", "(rows, columns) buckets "
+                              "whose compiled decode step is serving", ["model"], registry=r)
+        self.compiling = Gauge("microtransformer_compile_pending", "buckets queued for "
+                               "compiling or compiling now", ["model"], registry=r)
+        self.compile_seconds = Gauge("microtransformer_compile_seconds", "time spent "
+                                     "compiling bucket steps so far", ["model"], registry=r)
         self.ttft = Histogram("microtransformer_time_to_first_token_seconds", "from "
                               "submission to the first generated token", ["model"],
                               buckets=TTFT_BUCKETS, registry=r)
@@ -77,4 +83,9 @@ class ServeMetrics:
         for name, engine in engines:
             self.queue_depth.labels(name).set(engine.queue_depth)
             self.running.labels(name).set(engine.running)
+            compiler = engine.runner.compiler
+            if compiler is not None:
+                self.compiled.labels(name).set(len(engine.runner.fast))
+                self.compiling.labels(name).set(compiler.pending)
+                self.compile_seconds.labels(name).set(sum(compiler.seconds.values()))
         return generate_latest(self.registry)

@@ -138,6 +138,9 @@ async def stream(engine: Engine, choices: list[Choice], queue: asyncio.Queue[Eve
     """Server-sent events: one chunk per event, the usage chunk, then [DONE]. If the client
     goes away (this generator is cancelled or closed) the choices are cancelled at once."""
     head = {"id": rid, "object": fmt.chunk_object, "created": created, "model": fmt.model}
+    # every chunk is sse({**head, "choices": [delta], "usage": None}): the head's JSON is
+    # written once and only the delta per token (the same bytes)
+    opening = sse(head)[:-len("}\n\n")] + ',"choices":['
     counts = [0] * len(choices)
     left = len(choices)
     try:
@@ -161,7 +164,9 @@ async def stream(engine: Engine, choices: list[Choice], queue: asyncio.Queue[Eve
                 if event.finish_reason is not None:
                     left -= 1
                 if event.text or event.logprobs or event.finish_reason:
-                    out.append(sse({**head, "choices": [fmt.delta(event)], "usage": None}))
+                    delta = json.dumps(fmt.delta(event), ensure_ascii=False, allow_nan=False,
+                                       separators=(",", ":"))
+                    out.append(f'{opening}{delta}],"usage":null}}\n\n')
             if out:
                 yield "".join(out)
         if include_usage:
