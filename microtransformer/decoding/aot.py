@@ -151,10 +151,11 @@ class AOTDecodeStep:
     """The decode step of `model` at `batch_size` rows from its AOTInductor package (compiled
     on first use, then loaded from disk), with a KV cache of max_seq_len + 1 columns.
 
-    `precision` "fp32" (exact up to float rounding) or "bf16" (a bf16 copy of the model:
-    weights, activations and cache). `prefill(input_ids, attention_mask)` writes a prompt
-    into columns 0..T-1 of every row; `step(tokens, positions, cols, key_mask)` feeds one
-    token per row at columns cols (B,) and attends over the first key_mask.size(-1) columns.
+    `precision` "fp32" (exact up to float rounding) or "bf16" (bf16 weights, activations and
+    cache: a bf16 copy of the model unless it is one already). `prefill(input_ids,
+    attention_mask)` writes a prompt into columns 0..T-1 of every row; `step(tokens,
+    positions, cols, key_mask)` feeds one token per row at columns cols (B,) and attends
+    over the first key_mask.size(-1) columns.
     After construction: `compiled_now` (this call compiled the package), `seconds` (compile
     or load time), `path`. Raises `AOTCompileError` if exporting, compiling or loading fails.
     """
@@ -167,7 +168,10 @@ class AOTDecodeStep:
         if precision not in PRECISIONS:
             raise AOTCompileError(f"precision {precision!r} cannot be compiled ahead of time")
         check_precision(precision, device)
-        self.model = prepare_model(model, precision).eval()
+        wanted = torch.bfloat16 if precision == "bf16" else torch.float32
+        # a model already in this precision is used as it is (its tensors become the constants)
+        self.model = (model.eval() if model.ln_f.weight.dtype == wanted
+                      else prepare_model(model, precision))
         self.dtype = self.model.ln_f.weight.dtype
         self.batch_size = batch_size
         self.max_len = model.config.max_seq_len
