@@ -185,7 +185,7 @@ class AOTDecodeStep:
         except Exception as exc:  # any export/compile/load failure: the caller falls back
             raise AOTCompileError(f"{type(exc).__name__}: {exc}") from exc
         self.seconds = time.perf_counter() - start
-        self._run = self._runner.loader.boxed_run
+        self._run = self._runner.boxed_run
         self.cache = _new_cache(self.model, batch_size, self.dtype)
         self._kv = [t for kv in self.cache.layers for t in kv]
 
@@ -204,19 +204,30 @@ class AOTDecodeStep:
 
 def _load(path: Path, model: MicroTransformer) -> Any:
     """Load the package and point its constants at `model`'s tensors (kept alive by the
-    caller; the tied head shares the embedding's tensor)."""
-    import torch._inductor
+    caller; the tied head shares the embedding's tensor); returns the package's loader.
 
-    runner = torch._inductor.aoti_load_package(str(path))
+    The loader is built directly (`torch._C._aoti.AOTIModelPackageLoader`, what
+    `torch._inductor.aoti_load_package` builds too): the public helper first imports
+    torch._inductor and the export serialiser, about 2 s of a command's start-up, where the
+    loader itself takes milliseconds (docs/PERFORMANCE.md).
+    """
+    aoti = getattr(torch._C, "_aoti", None)
+    if aoti is not None and hasattr(aoti, "AOTIModelPackageLoader"):
+        loader = aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    else:  # a torch without the private class: the public (slower to import) helper
+        from torch._inductor import aoti_load_package
+
+        loader = aoti_load_package(str(path)).loader
     state = {f"model.{k}": v.detach() for k, v in model.state_dict(keep_vars=True).items()}
-    names = runner.get_constant_fqns()
+    names = loader.get_constant_fqns()
     missing = [n for n in names if n not in state]
     if missing:
         raise AOTCompileError(f"package {path.name} needs constants {missing[:3]} the model "
                               "lacks")
-    runner.load_constants({n: state[n] for n in names}, check_full_update=True,
-                          user_managed=True)
-    return runner
+    # (constants, use the inactive buffer, check every constant is given, user-managed:
+    # the model's own tensors are used in place, no copy, allow a host-to-device copy)
+    loader.load_constants({n: state[n] for n in names}, False, True, True, False)
+    return loader
 
 
 class AOTDecoder:

@@ -71,12 +71,12 @@ class DecodeCosts:
     this one (1: the compile must repay itself within this request).
     """
 
-    eager_step_base: float = 0.45e-3
-    eager_step_per_row: float = 0.30e-3
-    compiled_step_base: float = 0.10e-3
-    compiled_step_per_row: float = 0.12e-3
+    eager_step_base: float = 0.90e-3
+    eager_step_per_row: float = 0.15e-3
+    compiled_step_base: float = 0.06e-3
+    compiled_step_per_row: float = 0.15e-3
     compile_cold: float = 20.0
-    compile_cached: float = 0.05
+    compile_cached: float = 0.02
     package_reuse: int = 1
 
 
