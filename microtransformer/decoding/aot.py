@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +131,18 @@ def compile_package(model: MicroTransformer, batch_size: int, path: Path) -> Non
     keys = torch.export.Dim("keys", min=1, max=model.config.max_seq_len)
     n_kv = 2 * model.config.num_layers
     shapes = (None, None, None, {3: keys}, [None] * n_kv)
-    with torch.no_grad():
-        exported = torch.export.export(graph, _example_inputs(model, batch_size, dtype),
-                                       dynamic_shapes=shapes, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=tmp,
-            inductor_configs={"aot_inductor.package_constants_in_so": False})
+        with warnings.catch_warnings():  # torch's own deprecation notices, not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            with torch.no_grad():
+                exported = torch.export.export(graph, _example_inputs(model, batch_size, dtype),
+                                               dynamic_shapes=shapes, strict=False)
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=tmp,
+                inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
