@@ -1,6 +1,8 @@
-"""Measure the constants behind `decoding.generator.choose_decode_path`: per-step time of the eager
-and the compiled decode step at several batch sizes, and the compile time of the step cold
-(empty inductor cache) and cached (a fresh process, same shapes, the cache left by the first).
+"""Per-step time of the eager and the torch.compile'd `DecodeStep` (the serve engine's step) at
+several batch sizes, and its compile time cold (empty inductor cache) and cached (a fresh
+process, same shapes, the cache left by the first). These were the constants of
+`decoding.generator.choose_decode_path` before the default compiled path became the packaged
+step of `decoding.aot` (its costs: `benchmarks/interop.py`, `benchmarks/profile_decode.py`).
 
     python benchmarks/decode_costs.py                  # balanced preset, batches 1 and 8
     python benchmarks/decode_costs.py --precision bf16

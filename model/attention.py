@@ -50,10 +50,12 @@ class MultiHeadAttention(nn.Module):
             cache_pos .. cache_pos + T - 1 and attention covers columns 0 .. cache_pos + T - 1
             (the queries being the last T of them);
           - `cache_pos` a LongTensor (B,), one token per row (T = 1): row b writes its own
-            column cache_pos[b] and attention runs over the whole buffer, so shapes never
-            change (CUDA graphs, torch.compile, slots of a continuous batch at different
-            lengths). attn_mask (B, 1, 1, T_max) is required and must allow exactly the
-            columns each row may see (its own included).
+            column cache_pos[b] and attention runs over the first S columns of the buffer,
+            S = attn_mask.size(-1) <= T_max, so shapes do not depend on the values (CUDA
+            graphs, torch.compile, slots of a continuous batch at different lengths; S a
+            dynamic size lets one compiled step attend over only the filled columns).
+            attn_mask (B, 1, 1, S) is required and must allow exactly the columns each row
+            may see (its own included, so cache_pos[b] < S).
         explicit_attention: attention as two matmuls and a masked softmax instead of
             `scaled_dot_product_attention` (same result up to float rounding; no attention
             dropout, so inference only); torch.compile's CPU backend fuses this form better
@@ -115,7 +117,8 @@ class MultiHeadAttention(nn.Module):
             rows = torch.arange(k.size(0), device=k.device)
             k_buf[rows, :, cache_pos] = k[:, :, 0]  # (B, nh, hs) into column pos[b] of row b
             v_buf[rows, :, cache_pos] = v[:, :, 0]
-            return k_buf, v_buf
+            S = attn_mask.size(-1)  # the columns attended over: (B, nh, S, hs)
+            return k_buf[:, :, :S], v_buf[:, :, :S]
         end = cache_pos + k.size(2)
         k_buf[:, :, cache_pos:end] = k
         v_buf[:, :, cache_pos:end] = v

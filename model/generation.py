@@ -56,7 +56,8 @@ def decode_step(
     serving engine): the model's forward on one token per row, then the head. Keys/values go
     into `cache` at column `pos`: an int (every row the same column, attention over columns
     0..pos; `key_mask` None or (B, 1, 1, pos + 1)) or a LongTensor (B,) of per-row columns
-    with a (B, 1, 1, T_max) `key_mask` (fixed shapes; see `MultiHeadAttention.forward`).
+    with a (B, 1, 1, S) `key_mask`, S <= T_max: attention over the first S columns (fixed or
+    dynamic shapes; see `MultiHeadAttention.forward`).
     Eval mode only (no dropout). `explicit_attention` writes attention as matmuls + softmax
     (the form torch.compile fuses best on CPU); same result up to float rounding.
     """

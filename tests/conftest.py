@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,16 @@ SEED_PRESETS = {
 }
 
 TINY = dict(vocab_size=97, max_seq_len=32, embed_dim=32, num_heads=4, num_layers=2, ff_dim=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decode_package_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Compiled decode-step packages (`microtransformer.decoding.aot`) of the whole session
+    go to a temporary folder, never the user's cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("decode-packages")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MICROTRANSFORMER_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture

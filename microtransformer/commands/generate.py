@@ -43,12 +43,12 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help="inference precision: fp32 (exact), bf16 (CPUs with avx512_bf16/amx, "
                         "or CUDA) or int8 (dynamically quantized linear layers, CPU)")
     p.add_argument("--no-compile", action="store_true",
-                   help="never torch.compile the decode step (by default it is compiled when "
-                        "enough tokens are generated to repay the compile; see "
-                        "docs/PERFORMANCE.md)")
+                   help="always decode eagerly (by default the decode step is compiled ahead "
+                        "of time once per model shape, batch size and precision, cached on "
+                        "disk and loaded in milliseconds after; see docs/PERFORMANCE.md)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads while decoding (default: torch's, all cores; 1 is faster "
-                        "when other jobs keep a core busy)")
+                   help="CPU threads while decoding (default: 1 on the compiled step, torch's "
+                        "on the eager one)")
     p.set_defaults(func=run)
 
 

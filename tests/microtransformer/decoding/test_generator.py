@@ -1,7 +1,10 @@
 """The generator: `generate` on a `FixedShapeDecoder` gives `generate`'s tokens, the path rule
-picks compiled only when it repays itself, and lower precisions stay close to fp32."""
+picks compiled only when it repays itself, and lower precisions stay close to fp32. (The
+packaged compiled step itself: test_aot.py.)"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,6 @@ from microtransformer.decoding.generator import (
     AutoPathGenerator,
     DecodeCosts,
     FixedShapeDecoder,
-    cache_length,
     choose_decode_path,
 )
 from microtransformer.decoding.step import DecodeStep
@@ -62,26 +64,33 @@ def test_choose_decode_path_rule() -> None:
     for kw in ({"allow_compile": False}, {"device_type": "cuda"}, {"fits_cache": False}):
         assert choose_decode_path(10**9, 1, costs=costs, **kw) == "eager"
     assert choose_decode_path(0, 1, costs=DecodeCosts(compile_cold=0.0)) == "eager"
+    # a package on disk serves later runs: a cold compile spread over 1,000 of them costs
+    # 10 ms here, repaid after 17 steps at batch 1
+    reused = DecodeCosts(eager_step_base=1e-3, eager_step_per_row=0.2e-3,
+                         compiled_step_base=0.5e-3, compiled_step_per_row=0.1e-3,
+                         compile_cold=10.0, compile_cached=0.02, package_reuse=1000)
+    assert choose_decode_path(16, 1, costs=reused) == "eager"
+    assert choose_decode_path(17, 1, costs=reused) == "compiled"
+    # on disk: loading (20 ms) is repaid after 34 steps
+    assert choose_decode_path(33, 1, compile_cached=True, costs=reused) == "eager"
+    assert choose_decode_path(34, 1, compile_cached=True, costs=reused) == "compiled"
 
 
-def test_cache_length_buckets() -> None:
-    assert [cache_length(n, 512) for n in (1, 64, 65, 272, 513)] == [64, 64, 128, 512, 512]
-    assert cache_length(100, 96) == 96
-
-
-def test_auto_path_generator_eager_path_equals_generate() -> None:
+def test_auto_path_generator_eager_path_equals_generate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROTRANSFORMER_CACHE_DIR", str(tmp_path))  # nothing compiled here
     model = _model(13)
     prompt = torch.randint(0, SMALL["vocab_size"], (2, 5))
-    fast = AutoPathGenerator(model)  # 20 tokens never repay a compile
-    assert fast.plan(2, 5, 20)[0] == "eager"
-    got = fast.generate(prompt, max_new_tokens=20, do_sample=False)
+    fast = AutoPathGenerator(model, quiet=True)  # 5 tokens never repay a compile
+    assert fast.plan(2, 5, 5) == "eager"
+    got = fast.generate(prompt, max_new_tokens=5, do_sample=False)
     assert fast.last_path == "eager"
-    assert torch.equal(got, model.generate(prompt, max_new_tokens=20, do_sample=False))
-    assert AutoPathGenerator(model, compile=False).plan(1, 5, 10**7)[0] == "eager"
-    # 40 tokens x 10**6 expected calls repay any compile; a sequence past the context never
-    assert AutoPathGenerator(model, expected_calls=10**6).plan(1, 5, 40)[0] == "compiled"
-    assert AutoPathGenerator(model, expected_calls=10**6).plan(1, 5, 44)[0] == "eager"
-    assert AutoPathGenerator(model).plan(1, 5, 10**7, use_cache=False)[0] == "eager"
+    assert torch.equal(got, model.generate(prompt, max_new_tokens=5, do_sample=False))
+    assert AutoPathGenerator(model, compile=False).plan(1, 5, 10**7) == "eager"
+    # 40 tokens repay the (spread) compile; a sequence past the context never
+    assert AutoPathGenerator(model).plan(1, 5, 40) == "compiled"
+    assert AutoPathGenerator(model).plan(1, 5, 44) == "eager"
+    assert AutoPathGenerator(model).plan(1, 5, 40, use_cache=False) == "eager"
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16", 0.1), ("int8", 0.5)])
@@ -114,8 +123,9 @@ def test_lower_precision_logits_within_tolerance(precision: str, tolerance: floa
 
 @pytest.mark.slow
 def test_auto_path_generator_compiled_path_equals_generate() -> None:
-    """Compiled fixed-shape DecodeStep through generate: greedy tokens equal, sampled tokens
-    equal with the same generator (penalty, nucleus, EOS); ~20-60 s of compiling."""
+    """The compiled path through generate (the packaged step, `decoding.aot`): greedy tokens
+    equal, sampled tokens equal with the same generator (penalty, nucleus, EOS); and the
+    serve engine's compiled `DecodeStep`; ~20-60 s of compiling."""
     model = _model(15)
     prompt = torch.randint(0, SMALL["vocab_size"], (2, 6))
     mask = torch.ones_like(prompt)
