@@ -169,6 +169,12 @@ def runtime(device_name: str = "auto", environ: Mapping[str, str] | None = None
     try:
         yield RuntimeContext(rank=env.rank, world_size=env.world_size,
                              local_rank=env.local_rank, device=device, backend=backend)
+        # every rank done before any tears its connections down: a rank still writing its
+        # last files (the main one) while another destroyed the group could abort the other
+        # in gloo's teardown ("terminate called without an active exception", seen once
+        # under heavy load). On an error torchrun stops the other ranks, so no rank waits
+        # here for one that failed.
+        dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
