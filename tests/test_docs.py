@@ -276,7 +276,10 @@ def make_sandbox(root: Path) -> tuple[Path, dict[str, str]]:
                        ("gutenberg/book_one.txt", _text(800, "one")),
                        ("gutenberg/book_two.txt", _text(800, "two")),
                        ("gutenberg/frankenstein.txt", _text(300, "fr")),
-                       ("gutenberg/jane_eyre.txt", _text(300, "je"))):
+                       ("gutenberg/jane_eyre.txt", _text(300, "je")),
+                       ("gutenberg/tom_sawyer.txt", _text(800, "tom")),
+                       ("gutenberg/huckleberry_finn.txt", _text(300, "huck")),
+                       ("gutenberg/alice_in_wonderland.txt", _text(300, "alice"))):
         (shared / name).parent.mkdir(parents=True, exist_ok=True)
         (shared / name).write_text(text)
     cache = root / "cache"
