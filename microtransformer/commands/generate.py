@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     input_ids = torch.tensor([start], dtype=torch.long, device=device)  # (1, T0)
     fast = AutoPathGenerator(model, precision=args.dtype, compile=not args.no_compile,
                              threads=args.threads, expected_calls=args.num_samples)
+    if fast.plan(1, input_ids.size(1), args.max_new_tokens) == "compiled":
+        fast.decoder(1)  # compile or load it now, so its note is not printed inside the text
     # the serve engine reproduces --seed S with exactly this generator
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
