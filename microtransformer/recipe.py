@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from microtransformer.config import preset_path, read_toml
+from microtransformer.config import load_config
 from microtransformer.device import cpu_has_native_bf16
 
 # Measured training throughput of the recipes on the idle 2-core AMD EPYC, 2 threads
@@ -82,10 +82,9 @@ def this_machine() -> Machine:
 
 def tokens_per_step(preset: str) -> int:
     """Training tokens per optimizer step of a preset (batch x training window)."""
-    cfg = read_toml(preset_path(preset))
-    train, model = cfg.get("train", {}), cfg.get("model", {})
-    window = train.get("seq_len") or model["max_seq_len"]
-    return int(train["batch_size"]) * int(train.get("grad_accum_steps", 1)) * int(window)
+    cfg = load_config(preset=preset)  # the preset as resolved, defaults included
+    window = cfg.train.seq_len or cfg.model.max_seq_len
+    return int(cfg.train.batch_size) * cfg.train.grad_accum_steps * window
 
 
 def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:
