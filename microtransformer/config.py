@@ -485,7 +485,8 @@ def adapt_to_run(merged: dict[str, dict[str, Any]], origins: dict[str, str],
     Pure: `merged` is {section: {name: typed value}} before validation, `origins` says where
     each value came from. Rules: a warm-up longer than the run shrinks to a tenth of it; a
     min_lr above lr drops to lr / 10; a training window longer than the position table is cut
-    to it; a step cap under a typed time budget is lifted so the time is the budget. Where
+    to it; a step cap under a typed time budget is lifted so the time is the budget; held-out
+    stopping is switched off under a schedule other than wsd. Where
     the contradicting values are all typed nothing changes and validation refuses them.
     """
     notes: list[str] = []
@@ -519,6 +520,11 @@ def adapt_to_run(merged: dict[str, dict[str, Any]], origins: dict[str, str],
             and "train.seq_len" not in typed):
         change("train", "seq_len", context,
                f"longer than model.max_seq_len={context} (the position table)")
+    schedule, patience = get("train", "schedule"), get("train", "stop_patience")
+    if (schedule != "wsd" and _plain_int(patience) and patience > 0
+            and "train.stop_patience" not in typed):
+        change("train", "stop_patience", 0,
+               f"held-out stopping needs the wsd schedule, not {schedule!r}")
     return notes
 
 

@@ -76,6 +76,19 @@ def test_typed_time_budget_lifts_a_step_cap_nobody_typed() -> None:
     assert typed.config.train.max_steps == 300 and not typed.notes
 
 
+def test_held_out_stopping_nobody_typed_is_switched_off_under_a_typed_cosine() -> None:
+    recipe = [("the budget recipe", {"train": {"stop_patience": 3}})]
+    r = resolve_config(preset="cpu_bpe", overrides=["--train.schedule", "cosine"],
+                       layers=recipe)
+    assert r.config.train.stop_patience == 0
+    assert any(n.startswith("train.stop_patience: 3 (the budget recipe) -> 0") for n in r.notes)
+    kept = resolve_config(preset="cpu_bpe", layers=recipe)  # the preset's wsd
+    assert kept.config.train.stop_patience == 3
+    with pytest.raises(UserError, match=r"stop_patience=3 needs schedule=wsd"):
+        resolve_config(preset="cpu_bpe", overrides=["--train.schedule", "cosine",
+                                                    "--train.stop_patience", "3"])
+
+
 def test_budget_recipe_layer_is_not_typed() -> None:
     r = resolve_config(preset="cpu_bpe", overrides=["--train.max_steps", "30"],
                        layers=[("the budget recipe", {"train": {"warmup_steps": 200}})])
