@@ -220,6 +220,9 @@ class DataConfig:
     val_fraction: float = _help("fraction of documents held out for validation", default=0.1)
     val_tail: float | None = _help("hold out this final fraction of characters instead "
                                    "(e.g. 0.1 = nanoGPT's tinyshakespeare split)", default=None)
+    vary_breaks: bool = _help("give half of the training documents that put one paragraph "
+                              "per line blank lines between them (prepare --no-vary-breaks)",
+                              default=True)
 
     def __post_init__(self) -> None:
         _normalise_fields(self)

@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                        help="tokenize with the tokenizer of this run or model directory (to "
                        "fine-tune it: `train --init-from` it on DATA_DIR); characters it "
                        "cannot encode are counted and named")
+    p.add_argument("--vary-breaks", action=argparse.BooleanOptionalAction, default=True,
+                   help="give half of the training documents that put one paragraph per line "
+                   "(no blank line, long lines) a blank line after each line break, so that "
+                   "blank lines between paragraphs do not cost the model (default: on; the val "
+                   "split, hard-wrapped text and code are never changed)")
     p.add_argument("--text-field", default="text",
                    help="field holding the text in .jsonl records (default: text)")
     p.add_argument("--stdlib-max-bytes", type=int, default=STDLIB_DEFAULT_MAX_BYTES,
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         stdlib_max_bytes=args.stdlib_max_bytes or None,
         force=args.force,
         max_unknown=args.max_unknown,
+        vary_breaks=args.vary_breaks,
     )
     n_files = len(meta["sources"])
     split = meta["split"]
@@ -86,6 +92,13 @@ def run(args: argparse.Namespace) -> int:
           f"{split['documents_whole_in_val']:,} document(s) whole in val, "
           f"{split['documents_cut']:,} cut (their tail in val); val holds "
           f"{split['val_share_of_chars']:.1%} of the characters")
+    breaks = meta["paragraph_breaks"]
+    if breaks["one_paragraph_per_line"]:
+        print(f"paragraph breaks: {breaks['one_paragraph_per_line']:,} document(s) put one "
+              "paragraph per line; " + (f"{breaks['given_blank_lines']:,} of them got blank "
+                                        "lines between paragraphs in train (--no-vary-breaks: "
+                                        "keep them as they are)" if breaks["vary"]
+                                        else "kept as they are (--no-vary-breaks)"))
     for split in ("train", "val"):
         print(f"  {split:5s} {meta['tokens'][split]:>12,} tokens  "
               f"{meta['documents'][split]:>7,} docs  "

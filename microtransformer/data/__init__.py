@@ -5,6 +5,7 @@ One module per reason to change:
     sources.py      what a source argument means: files, directories, globs, "stdlib" and the
                     named public datasets (download, sha256 check, cache)
     documents.py    how a file is read as documents (EOS lines, .jsonl records) and scanned
+    formatting.py   which training documents get blank lines between paragraphs (pure)
     preparation.py  `prepare`: split, tokenizer, encoding, meta.json
     tokens.py       the on-disk format: train.bin / val.bin (`TokenWriter`, `load_tokens`) and
                     meta.json (`load_meta`)

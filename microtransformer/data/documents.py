@@ -16,12 +16,13 @@ import os
 import warnings
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from microtransformer.data.formatting import LineShape
 from microtransformer.data.instructions import is_instruction_record, record_segments
 from microtransformer.data.sources import Source, file_sha256
 from microtransformer.errors import UserError
@@ -188,6 +189,8 @@ class Scan:
     chars: int                       # total characters of all documents
     records: list[dict[str, Any]]    # meta.json's per-file entries
     instruction_docs: int = 0        # documents that are instruction / chat records
+    paragraph_lines: array = field(default_factory=lambda: array("B"))  # per document: 1 when
+    # it puts one paragraph per line (data.formatting.LineShape)
 
 
 def file_documents(path: str | os.PathLike, text_field: str = "text") -> list[str]:
@@ -221,31 +224,38 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
     records: list[dict[str, Any]] = []
     chars = 0
     instruction_docs = 0
+    paragraph_lines = array("B")
     for source in tqdm(sources, desc="scan", unit="file", disable=None if progress else True):
         problem = None
         if _is_binary(source.path):
             problem = text_problem(source.path)
         docs: list[int] = []
         sizes: list[int] = []
+        shapes: list[bool] = []
         n_chars = 0
         if problem is None:
             try:
                 h = None
+                shape = LineShape()
                 for new_doc, text in _iter_file_pieces(source, text_field):
                     if new_doc:
                         if h is not None:
                             docs.append(int.from_bytes(h.digest()[:8], "little"))
+                            shapes.append(shape.one_paragraph_per_line())
                         h = hashlib.sha256()
+                        shape = LineShape()
                         sizes.append(0)
                     if "\x00" in text:
                         problem = (text_problem(source.path)
                                    or "holds a NUL character (\\u0000) in its text")
                         break
                     h.update(text.encode("utf-8", "surrogatepass"))
+                    shape.update(text)
                     n_chars += len(text)
                     sizes[-1] += len(text)
                 if h is not None:
                     docs.append(int.from_bytes(h.digest()[:8], "little"))
+                    shapes.append(shape.one_paragraph_per_line())
             except UnicodeDecodeError:
                 problem = text_problem(source.path) or "is not UTF-8 text"
         if problem is not None:
@@ -257,12 +267,13 @@ def scan_sources(sources: Sequence[Source], text_field: str, progress: bool) -> 
             instruction_docs += sum(1 for r in iter_jsonl(source, text_field)
                                     if not isinstance(r, str) and any(t for t, _ in r))
         kept.append(source)
+        paragraph_lines.extend(shapes)
         doc_keys.extend(docs)  # duplicates share a key; ties are broken by document index
         doc_chars.extend(sizes)
         chars += n_chars
         records.append({"path": str(source.path), "origin": source.origin,
                         "format": source.format, "bytes": source.path.stat().st_size,
                         "sha256": file_sha256(source.path), "documents": len(docs)})
-    return Scan(kept, doc_keys, doc_chars, chars, records, instruction_docs)
+    return Scan(kept, doc_keys, doc_chars, chars, records, instruction_docs, paragraph_lines)
 
 

@@ -17,6 +17,13 @@ is a fraction of the text as the user means it, whatever the sizes of the files.
 `meta.json`'s "split" records what was done (documents whole and cut, the val share of
 characters); `prepare` prints it and warns when the share is lopsided (outside [f/2, 2f]).
 
+Paragraph breaks (`vary_breaks`, on by default): a document that puts one paragraph per line
+and has no blank line (`formatting.LineShape`: TinyStories' files, much generated or scraped
+prose) gets, with probability 1/2 keyed by its content hash, a blank line after each line break
+in the training split, so the model expects both formats and a text that separates paragraphs
+with blank lines does not cost it much more (docs/RESULTS.md, section 6). Hard-wrapped prose,
+code and the val split are never touched; meta.json's "paragraph_breaks" counts both.
+
 In the token stream, documents of the same split are separated by one EOS token
 (`<|endoftext|>`); there is no EOS before the first document or after the last one, so a
 one-document corpus is exactly the tokens of its text.
@@ -46,6 +53,7 @@ import math
 import os
 import re
 import warnings
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +63,7 @@ from tqdm.auto import tqdm
 from microtransformer import __version__
 from microtransformer.artifacts import DATASET, begin_stage, check_output, discard, publish
 from microtransformer.data.documents import iter_pieces, iter_records, scan_sources
+from microtransformer.data.formatting import add_blank_lines, chosen
 from microtransformer.data.sources import STDLIB_DEFAULT_MAX_BYTES, resolve_sources
 from microtransformer.data.tokens import (
     LOSS,
@@ -92,6 +101,7 @@ def prepare(
     force: bool = False,
     max_unknown: float = MAX_UNKNOWN,
     tokenizer_from: str | os.PathLike | None = None,
+    vary_breaks: bool = True,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out_dir`/{train.bin, val.bin, tokenizer.json, meta.json}.
 
@@ -100,8 +110,11 @@ def prepare(
     tokenizer.json instead (its kind and vocab size win). `val_tail`, when given, replaces the
     document split `val_fraction` (see the module docstring). Memory stays bounded: files are
     streamed, encoded in batches with the multithreaded `tokenizers` encoder and appended to the
-    .bin files. The output is a pure function of the inputs (byte-identical when run again).
-    Returns the meta dict also written to meta.json.
+    .bin files. `vary_breaks`: half of the training documents that put one paragraph per line
+    (chosen by a hash of their content) get a blank line after each line break, so that a model
+    does not pay for blank lines it never saw (`data.formatting`; the val split and every other
+    document stay as they are). The output is a pure function of the inputs (byte-identical when
+    run again). Returns the meta dict also written to meta.json.
     """
     split_mode, fraction = _check_split_args(val_fraction, val_tail)
     if tokenizer_path is None and (
@@ -142,6 +155,9 @@ def prepare(
             "split; use a larger corpus or another fraction"
         )
     split_note = _describe_split(scan, val_from, val_chars, split_mode, fraction)
+    varied = (array("B", (flat and chosen(key) for flat, key in
+                          zip(scan.paragraph_lines, scan.doc_keys, strict=True)))
+              if vary_breaks and not instruction else array("B", bytes(n_docs)))
 
     # --- tokenizer: reuse or train (streaming, on a bounded sample)
     if tokenizer_path is not None:
@@ -167,8 +183,8 @@ def prepare(
                             {s: masks[mask_name(s)] for s in SPLITS}, text_bytes,
                             learned_bytes, docs_in, progress, scan.chars)
         else:
-            _encode_documents(tok, iter_pieces(scan.sources, text_field), val_from, writers,
-                              text_bytes, docs_in, progress, scan.chars)
+            _encode_documents(tok, iter_pieces(scan.sources, text_field), val_from, varied,
+                              writers, text_bytes, docs_in, progress, scan.chars)
         for split in SPLITS:
             if writers[split].count == 0:
                 raise UserError(
@@ -213,6 +229,10 @@ def prepare(
         "documents": docs_in,
         "characters": scan.chars,
         "split": {"method": split_mode, **split_note},
+        "paragraph_breaks": {"vary": vary_breaks and not instruction,
+                             "one_paragraph_per_line": sum(scan.paragraph_lines),
+                             "given_blank_lines": sum(1 for d, v in enumerate(varied)
+                                                      if v and val_from.get(d) != 0)},
         "text_field": text_field,
         "sources": scan.records,
     }
@@ -230,13 +250,15 @@ def prepare(
 
 
 def _encode_documents(tok: Tokenizer, pieces: Iterator[tuple[int, str]],
-                      val_from: dict[int, int], writers: dict[str, TokenWriter],
+                      val_from: dict[int, int], varied: array, writers: dict[str, TokenWriter],
                       text_bytes: dict[str, int], docs_in: dict[str, int], progress: bool,
                       chars: int) -> None:
     """Encode plain-text documents into the token writers, each piece routed to its split,
-    documents of a split separated by one end-of-text token."""
+    documents of a split separated by one end-of-text token; the training text of a document
+    flagged in `varied` gets blank lines between its lines (`formatting.add_blank_lines`)."""
     last_doc: dict[str, int | None] = dict.fromkeys(SPLITS)
     pos, current = 0, -1  # character offset of the current piece in its document
+    carry = ""  # a line break that ended the last training piece of a varied document
     batch: list[tuple[str, int, str]] = []
     batch_chars = 0
     bar = tqdm(total=chars, unit="char", unit_scale=True, desc="tokenize",
@@ -244,8 +266,10 @@ def _encode_documents(tok: Tokenizer, pieces: Iterator[tuple[int, str]],
     with bar:
         for doc, text in pieces:
             if doc != current:
-                pos, current = 0, doc
+                pos, current, carry = 0, doc, ""
             for split, part in _route(text, pos, val_from.get(doc)):
+                if split == "train" and varied[doc]:
+                    part, carry = add_blank_lines(part, carry)
                 batch.append((split, doc, part))
                 batch_chars += len(part)
             pos += len(text)
