@@ -1,11 +1,13 @@
 """Plot validation loss against training time for several runs (docs/RESULTS.md's figures).
 
     python scripts/plot_recipes.py OUT.png "label=RUN_DIR" ["label=RUN_DIR" ...] [--title T]
-        [--ref "label=VALUE"] [--key val_loss|val_bpb] [--ylim LOW,HIGH]
+        [--ref "label=VALUE"] [--key val_loss|val_bpb] [--ylim LOW,HIGH] [--rate label=TOK_S]
 
 Reads each run's metrics.jsonl; the x axis is `train_time_s` (the time budget's clock:
 optimizer steps only) where the log has it, else `elapsed_s` (older logs: wall time of the
-call, evaluation included).
+call, evaluation included). `--rate label=TOKENS_PER_S`: that run's x is its tokens seen at a
+measured rate instead (for runs that fixed the steps a budget buys and ran on a busy machine,
+whose own clock says nothing about the budget).
 """
 
 from __future__ import annotations
@@ -34,13 +36,20 @@ def main() -> None:
     p.add_argument("--ref", action="append", default=[],
                    help="label=VALUE: a horizontal reference line (e.g. an earlier result)")
     p.add_argument("--ylim", default=None, help="LOW,HIGH: the y range (e.g. to cut step 0)")
+    p.add_argument("--rate", action="append", default=[],
+                   help="label=TOKENS_PER_S: plot that run's tokens seen at this rate")
     args = p.parse_args()
+    rates = {label: float(v) for label, _, v in (r.partition("=") for r in args.rate)}
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
     for item in args.runs:
         label, _, run = item.partition("=")
         events = read_metrics(Path(run) / "metrics.jsonl")
         x = "train_time_s" if any("train_time_s" in e for e in events) else "elapsed_s"
-        points = loss_series(events, args.key, x=x)
+        if label in rates:
+            points = [(n / rates[label], v)
+                      for n, v in loss_series(events, args.key, x="tokens_seen")]
+        else:
+            points = loss_series(events, args.key, x=x)
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot([t / 60 for t in xs], ys, "o-", markersize=3, label=label)
@@ -57,7 +66,7 @@ def main() -> None:
     if args.ylim:
         low, high = (float(v) for v in args.ylim.split(","))
         ax.set_ylim(low, high)
-    ax.set_xlabel("training time (min)")
+    ax.set_xlabel("training time (min)" + (", at the measured rate where --rate" if rates else ""))
     ax.set_ylabel(args.ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
