@@ -7,12 +7,13 @@ untouched, so the head gets its own int8 copy of the tied embedding.
 
 Two ways of computing the same product, chosen by where the layer runs:
 
-- traced by torch.compile / torch.export with one token per row (a (B, K) input: the decode
+- traced by torch.compile / torch.export with one token (a (1, K) input: the batch-1 decode
   step): `(x[:, None, :] * w_int8.float()).sum(-1) * scale + bias`, which inductor turns into
   one reduction kernel reading the int8 weights and converting them in registers: a quarter of
   the fp32 weight traffic, and no dequantized copy (docs/PERFORMANCE.md, "int8 weight-only");
-- otherwise (eager; prompts, evaluation windows): the weight dequantized to fp32 for the call,
-  then `F.linear` (MKL), which is exact for the dequantized weight.
+- otherwise (eager; prompts, evaluation windows; several rows, where that reduction measured
+  20x slower than fp32 at batch 8): the weight dequantized to fp32 for the call, then
+  `F.linear`.
 
 Both compute `x @ (w_int8 * scale).T + bias` up to float rounding.
 """
@@ -63,7 +64,7 @@ class Int8WeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) fp32 -> (..., N) fp32."""
-        if x.dim() == 2 and torch.compiler.is_compiling():
+        if x.dim() == 2 and x.size(0) == 1 and torch.compiler.is_compiling():
             # one token per row, traced: one fused reduction over the int8 weight
             y = (x[:, None, :] * self.weight_int8.to(x.dtype)).sum(-1) * self.scale
         else:
