@@ -2,9 +2,9 @@
 
 - ours: `AutoPathGenerator` as `microtransformer generate` runs it without flags (the
   ahead-of-time compiled step, `decoding.aot`; its one-off compile is done in the untimed
-  warm-up and reported, cold and loaded from disk), `ours_bf16` the same with
-  `precision="bf16"`, `ours_eager` the eager cached decode (`compile=False`, the default
-  before the compiled step),
+  warm-up and reported, cold and loaded from disk), `ours_bf16` and `ours_int8wo` the same
+  with `precision="bf16"` / `"int8wo"` (int8 weight-only linears), `ours_eager` the eager
+  cached decode (`compile=False`, the default before the compiled step),
 - Hugging Face GPT-2: the `export --format hf` directory, `model.generate(do_sample=False)`,
 - llama.cpp: the `export --format gguf` files (f32 and q8_0) through node-llama-cpp
   (interop/llama.mjs) with its best settings for this size: flash attention off, f32 KV cache,
@@ -67,14 +67,15 @@ from microtransformer.export_web import export_web  # noqa: E402
 from microtransformer.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from model import MicroTransformer  # noqa: E402
 
-RUNTIMES = ("ours", "ours_bf16", "ours_eager", "hf_gpt2", "llama_cpp", "llama_cpp_q8_0",
-            "web_chromium")
+RUNTIMES = ("ours", "ours_bf16", "ours_int8wo", "ours_eager", "hf_gpt2", "llama_cpp",
+            "llama_cpp_q8_0", "web_chromium")
 # what each runtime reports: its wall-clock rate, and llama.cpp's own timer as well
 SERIES = {"llama_cpp": ("llama_cpp", "llama_cpp_own"),
           "llama_cpp_q8_0": ("llama_cpp_q8_0", "llama_cpp_q8_0_own")}
 BATCH1_ONLY = ("web_chromium",)
 LABELS = {"ours": "ours, default path (AutoPathGenerator, fp32, compiled step)",
           "ours_bf16": "ours, bf16 (AutoPathGenerator precision=bf16)",
+          "ours_int8wo": "ours, int8 weight-only (AutoPathGenerator precision=int8wo)",
           "ours_eager": "ours, eager decode (compile=False)",
           "hf_gpt2": "HF GPT-2 (transformers)",
           "llama_cpp": "llama.cpp f32 (node-llama-cpp, wall)",
@@ -115,6 +116,7 @@ class Runtimes:
         self.ours: dict[str, AutoPathGenerator] = {
             "ours": AutoPathGenerator(model, threads=args.threads),
             "ours_bf16": AutoPathGenerator(model, precision="bf16", threads=args.threads),
+            "ours_int8wo": AutoPathGenerator(model, precision="int8wo", threads=args.threads),
             "ours_eager": AutoPathGenerator(model, compile=False, threads=args.threads)}
         if "hf_gpt2" in wanted:
             from transformers import AutoModelForCausalLM

@@ -155,11 +155,14 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[s
     """One streamed completion -> ttft, e2e (seconds) and tokens received.
 
     The client shares the server's cores, so it is kept cheap: the raw bytes are split into
-    events and a token is an event with a choice (`"choices":[{`, which cannot occur escaped
-    inside a JSON string), without parsing each event's JSON."""
+    events without parsing each event's JSON; the first event with a choice (`"choices":[{`,
+    which cannot occur escaped inside a JSON string) is the first token, and the tokens
+    received are the usage chunk's `completion_tokens` (`stream_options.include_usage`: one
+    event may carry several tokens when the server coalesces a stream's pending tokens)."""
     start = time.perf_counter()
     ttft, tokens = None, 0
     buffer = b""
+    body = {**body, "stream_options": {"include_usage": True}}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -168,10 +171,10 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[s
             for event in events:
                 if event.startswith(b'data: {"error"'):
                     raise RuntimeError(json.loads(event[6:])["error"]["message"])
-                if b'"choices":[{' in event:
-                    tokens += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
+                if ttft is None and b'"choices":[{' in event:
+                    ttft = time.perf_counter() - start
+                elif b'"choices":[],' in event:
+                    tokens = json.loads(event[6:])["usage"]["completion_tokens"]
     e2e = time.perf_counter() - start
     return {"ttft": ttft or e2e, "e2e": e2e, "tokens": tokens,
             "tpot": (e2e - (ttft or e2e)) / max(tokens - 1, 1)}

@@ -1,7 +1,8 @@
 """Devices, compute dtypes, autocast and inference precision: the one place every command and
 loop resolves them.
 
-Depends on torch and `microtransformer.errors` only, so any module may import it (the
+Depends on torch, `microtransformer.errors` and `microtransformer.quantization` only, so any
+module may import it (the
 training loop, the distributed runtime, the study, the CLI commands, the server).
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
 from microtransformer.errors import UserError
+from microtransformer.quantization import quantize_int8_weights
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -103,7 +105,7 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- inference precision
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8wo")
 CPUINFO = "/proc/cpuinfo"
 
 
@@ -145,9 +147,11 @@ def check_precision(precision: str, device: torch.device,
 
 def prepare_model(model: ModuleT, precision: str) -> ModuleT:
     """An eval-mode model for inference in `precision`: the model itself for fp32, a bf16
-    copy, or a copy whose linear layers (the tied head included) are int8 dynamically
+    copy, or a copy whose linear layers (the tied head included) are int8: "int8" dynamically
     quantized (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantized
-    per call; embeddings and LayerNorms stay fp32)."""
+    per call), "int8wo" weight-only (`quantization.Int8WeightLinear`: int8 weights with
+    per-row scales, fp32 activations; what the compiled decode step runs). Embeddings and
+    LayerNorms stay fp32."""
     if precision == "fp32":
         return model.eval()
     if precision == "bf16":
@@ -159,6 +163,8 @@ def prepare_model(model: ModuleT, precision: str) -> ModuleT:
             warnings.simplefilter("ignore")
             out = quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear},
                                    dtype=torch.qint8)
+    elif precision == "int8wo":
+        return quantize_int8_weights(model)  # type: ignore[return-value]
     else:
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     out.requires_grad_(False)

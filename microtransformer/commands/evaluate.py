@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         "windows (stride max_seq_len)")
     p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
                    help="inference precision: fp32, bf16 (CPUs with avx512_bf16/amx, or "
-                        "CUDA) or int8 (dynamically quantized linear layers, CPU)")
+                        "CUDA), int8 (dynamically quantized linear layers, CPU) or int8wo "
+                        "(int8 weight-only linear layers, fp32 activations)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="evaluate at most this many tokens (from the start)")
     p.add_argument("--best", action="store_true", help="use best.safetensors")

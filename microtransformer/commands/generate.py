@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
     p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
                    help="inference precision: fp32 (exact), bf16 (CPUs with avx512_bf16/amx, "
-                        "or CUDA) or int8 (dynamically quantized linear layers, CPU)")
+                        "or CUDA), int8 (dynamically quantized linear layers, CPU, eager) or "
+                        "int8wo (int8 weight-only linear layers: the fastest compiled step at "
+                        "batch 1)")
     p.add_argument("--no-compile", action="store_true",
                    help="always decode eagerly (by default the decode step is compiled ahead "
                         "of time once per model shape, batch size and precision, cached on "

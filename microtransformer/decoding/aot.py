@@ -30,15 +30,18 @@ import torch
 from torch import nn
 
 from microtransformer.device import check_precision, prepare_model
+from microtransformer.quantization import Int8WeightLinear
 from model.attention import KVCache
 from model.generation import decode_step, prefill
 from model.transformer import MicroTransformer
 
 # the fields of ModelConfig that change the compiled graph (dropout and init do not)
 SHAPE_FIELDS = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim")
-PRECISIONS = ("fp32", "bf16")  # int8 (quantize_dynamic's packed linears) cannot be exported
+# int8 (quantize_dynamic's packed linears) cannot be exported; int8wo (int8 weight-only) can
+PRECISIONS = ("fp32", "bf16", "int8wo")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
+REALIZE_OPCOUNT_THRESHOLD = 0  # (inductor's CPU default is 50: see `_inductor_configs`)
 compile_count = 0  # packages compiled by this process (tests check that a cached one is reused)
 
 
@@ -141,8 +144,7 @@ def compile_package(model: MicroTransformer, batch_size: int, path: Path) -> Non
                 exported = torch.export.export(graph, _example_inputs(model, batch_size, dtype),
                                                dynamic_shapes=shapes, strict=False)
             torch._inductor.aoti_compile_and_package(
-                exported, package_path=tmp,
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
+                exported, package_path=tmp, inductor_configs=_inductor_configs(model))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -150,12 +152,25 @@ def compile_package(model: MicroTransformer, batch_size: int, path: Path) -> Non
     compile_count += 1
 
 
+def _inductor_configs(model: MicroTransformer) -> dict[str, Any]:
+    """Inductor settings for the package: constants not stored in it; for int8 weight-only
+    linears, every value a later kernel reads more than once (a LayerNorm or GELU output
+    broadcast over a linear's output rows) computed once into a buffer instead of being
+    recomputed inside the reduction for each output row."""
+    configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+    if isinstance(model.lm_head, Int8WeightLinear):
+        configs["realize_opcount_threshold"] = REALIZE_OPCOUNT_THRESHOLD
+    return configs
+
+
 class AOTDecodeStep:
     """The decode step of `model` at `batch_size` rows from its AOTInductor package (compiled
     on first use, then loaded from disk), with a KV cache of max_seq_len + 1 columns.
 
-    `precision` "fp32" (exact up to float rounding) or "bf16" (bf16 weights, activations and
-    cache: a bf16 copy of the model unless it is one already). `prefill(input_ids,
+    `precision` "fp32" (exact up to float rounding), "bf16" (bf16 weights, activations and
+    cache: a bf16 copy of the model unless it is one already) or "int8wo" (int8 weight-only
+    linear layers, fp32 activations and cache: `quantization.Int8WeightLinear`; a quantized
+    copy unless the model is one already). `prefill(input_ids,
     attention_mask)` writes a prompt into columns 0..T-1 of every row; `step(tokens,
     positions, cols, key_mask)` feeds one token per row at columns cols (B,) and attends
     over the first key_mask.size(-1) columns.
@@ -171,9 +186,8 @@ class AOTDecodeStep:
         if precision not in PRECISIONS:
             raise AOTCompileError(f"precision {precision!r} cannot be compiled ahead of time")
         check_precision(precision, device)
-        wanted = torch.bfloat16 if precision == "bf16" else torch.float32
         # a model already in this precision is used as it is (its tensors become the constants)
-        self.model = (model.eval() if model.ln_f.weight.dtype == wanted
+        self.model = (model.eval() if _in_precision(model, precision)
                       else prepare_model(model, precision))
         self.dtype = self.model.ln_f.weight.dtype
         self.batch_size = batch_size
@@ -203,6 +217,15 @@ class AOTDecodeStep:
         """Feed tokens (B,) at positions (B,) into columns cols (B,), attending over the
         key_mask (B, 1, 1, S) columns (S <= max_seq_len); logits (B, V) fp32."""
         return self._run([tokens, positions, cols, key_mask, *self._kv])[0]
+
+
+def _in_precision(model: MicroTransformer, precision: str) -> bool:
+    """True when `model` is already prepared for `precision` (`device.prepare_model`)."""
+    int8wo = isinstance(model.lm_head, Int8WeightLinear)
+    if precision == "int8wo":
+        return int8wo
+    wanted = torch.bfloat16 if precision == "bf16" else torch.float32
+    return not int8wo and model.ln_f.weight.dtype == wanted
 
 
 def _load(path: Path, model: MicroTransformer) -> Any:

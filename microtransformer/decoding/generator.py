@@ -109,7 +109,7 @@ class AutoPathGenerator:
     The same sampling loop (`MicroTransformer.generate`: repetition penalty, then
     `sample_next_token` with the caller's generator, EOS, streaming) runs on either the eager
     cached decode or, when `choose_decode_path` says so, the ahead-of-time compiled step
-    (`decoding.aot.AOTDecodeStep`, fp32 or bf16; compiled once per model shape, batch size
+    (`decoding.aot.AOTDecodeStep`, fp32, bf16 or int8wo; compiled once per model shape, batch size
     and precision and cached on disk, a one-line note on stderr while it compiles). Greedy
     tokens are those of `model.generate`; sampled ones too unless float rounding between
     the two steps flips a draw. Sequences longer than the context (sliding window),

@@ -174,23 +174,40 @@ class Engine:
             self.sampler.move_row(*move)
 
     def _start(self, admitted: list[Choice]) -> None:
-        """Prefill each admitted prompt into its row and sample its first token at once (its
-        time to first token does not wait for the prefills of the others admitted with it)."""
+        """Prefill the admitted prompts into their rows and sample their first tokens. Prompts
+        of one length admitted together are prefilled as one batch (`prefill_rows`: one
+        forward over n x T tokens costs far less than n forwards over T; the first tokens of
+        a group wait for that one forward); each length's group is sampled at once."""
+        groups: dict[int, list[Choice]] = {}
         for choice in admitted:
+            groups.setdefault(len(choice.prompt_ids), []).append(choice)
+        for group in groups.values():
             try:
-                logits = self.runner.prefill(choice.row, choice.prompt_ids)  # (V,)
-                self.sampler.start(choice)
-                self.output.start(choice)
-                if choice.params.echo:
-                    prompt_logits = (self.runner.prompt_logits(choice.prompt_ids)
-                                     if choice.params.logprobs is not None else None)
-                    self._emit(choice, self.output.echo(choice, prompt_logits))
-                choice.col = len(choice.prompt_ids)
-            except Exception as exc:  # one bad choice must not stop the others
-                self._fail(choice, f"{type(exc).__name__}: {exc}")
-                self._free(choice)
+                logits = self.runner.prefill_rows([c.row for c in group],
+                                                  [c.prompt_ids for c in group])  # (n, V)
+            except Exception as exc:  # a bad group must not stop the others
+                for choice in group:
+                    self._fail(choice, f"{type(exc).__name__}: {exc}")
+                    self._free(choice)
                 continue
-            self._advance([choice], logits[None])
+            started, rows = [], []
+            for i, choice in enumerate(group):
+                try:
+                    self.sampler.start(choice)
+                    self.output.start(choice)
+                    if choice.params.echo:
+                        prompt_logits = (self.runner.prompt_logits(choice.prompt_ids)
+                                         if choice.params.logprobs is not None else None)
+                        self._emit(choice, self.output.echo(choice, prompt_logits))
+                    choice.col = len(choice.prompt_ids)
+                except Exception as exc:  # one bad choice must not stop the others
+                    self._fail(choice, f"{type(exc).__name__}: {exc}")
+                    self._free(choice)
+                    continue
+                started.append(choice)
+                rows.append(i)
+            if started:
+                self._advance(started, logits if len(rows) == len(group) else logits[rows])
 
     def _step(self) -> None:
         """One batched decode step for every busy slot, then sample all rows."""

@@ -132,11 +132,34 @@ def response_body(fmt: ResponseFormat, rid: str, created: int,
             "usage": usage(usage_prompt, completion_tokens)}
 
 
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge each choice's events (in order) into one: the text and logprob entries joined,
+    the last finish reason, error and token count. An error event ends the merge of its
+    choice (what follows it is dropped, as the stream stops there)."""
+    merged: dict[int, Event] = {}
+    for event in events:
+        into = merged.get(event.index)
+        if into is None:
+            merged[event.index] = Event(event.index, event.text, list(event.logprobs),
+                                        event.finish_reason, event.error,
+                                        event.completion_tokens)
+        elif into.finish_reason is None:
+            into.text += event.text
+            into.logprobs.extend(event.logprobs)
+            into.finish_reason, into.error = event.finish_reason, event.error
+            into.completion_tokens = max(into.completion_tokens, event.completion_tokens)
+    return list(merged.values())
+
+
 async def stream(engine: Engine, choices: list[Choice], queue: asyncio.Queue[Event],
                  fmt: ResponseFormat, rid: str, created: int, usage_prompt: int,
                  include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per event, the usage chunk, then [DONE]. If the client
-    goes away (this generator is cancelled or closed) the choices are cancelled at once."""
+    """Server-sent events: without logprobs, one chunk per choice per wake-up (the events that
+    arrived since the last write, merged per choice by `coalesce`: when the engine makes
+    tokens faster than this stream is written, several tokens share one chunk); with logprobs,
+    one chunk per event (a token's text and its entry stay together); then the usage chunk
+    and [DONE]. If the client goes away (this generator is cancelled or closed) the choices
+    are cancelled at once."""
     head = {"id": rid, "object": fmt.chunk_object, "created": created, "model": fmt.model}
     # every chunk is sse({**head, "choices": [delta], "usage": None}): the head's JSON is
     # written once and only the delta per token (the same bytes)
@@ -151,6 +174,8 @@ async def stream(engine: Engine, choices: list[Choice], queue: asyncio.Queue[Eve
             events = [await queue.get()]
             while not queue.empty():  # send what is ready in one write
                 events.append(queue.get_nowait())
+            if not fmt.logprobs:  # with logprobs: a chunk per token (the playground's spans)
+                events = coalesce(events)
             out = []
             for event in events:
                 counts[event.index] = max(counts[event.index], event.completion_tokens)

@@ -27,6 +27,7 @@ import torch
 from microtransformer.decoding.step import DecodeStep
 from microtransformer.serve.compiler import BucketCompiler
 from model.attention import KVCache
+from model.generation import prefill
 
 Bucket = tuple[int, int]  # (rows, columns)
 
@@ -76,6 +77,30 @@ class ModelRunner:
         """Write the prompt into row `row` (columns 0..T-1); the last position's logits (V,)."""
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)  # (T,)
         return self.decoder.prefill(row, prompt)
+
+    def prefill_rows(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Write prompts of one length into rows `rows` (columns 0..T-1) with one forward
+        over all of them -> the last position's logits (n, V) fp32. One prompt is
+        `prefill`; several run as one (n, T) batch over a scratch cache whose columns are
+        then copied into their rows (the same values up to float rounding: one GEMM of
+        n x T rows instead of n of T)."""
+        if len(prompts) == 1:
+            return self.prefill(rows[0], prompts[0])[None]
+        T = len(prompts[0])
+        if any(len(p) != T for p in prompts):
+            raise ValueError("prefill_rows needs prompts of one length")
+        if not 1 <= T <= self.context:
+            raise ValueError(f"prompt of {T} tokens must be in [1, {self.context}]")
+        big = self.decoder.cache
+        scratch = KVCache(big.k.size(0), len(rows), big.k.size(2), T, big.k.size(4),
+                          dtype=big.k.dtype, device=big.k.device)
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)  # (n, T)
+        with torch.inference_mode():
+            logits = prefill(self.model, ids, scratch).float()  # (n, V)
+            index = torch.tensor(rows, device=self.device)
+            big.k[:, :, :, :T].index_copy_(1, index, scratch.k)  # (L, B, nh, T, hs)
+            big.v[:, :, :, :T].index_copy_(1, index, scratch.v)
+        return logits
 
     def step(self, rows: int, columns: int, tokens: list[int], cols: list[int]
              ) -> torch.Tensor:

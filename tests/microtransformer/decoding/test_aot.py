@@ -16,6 +16,7 @@ import torch
 from microtransformer.decoding import aot
 from microtransformer.decoding.aot import AOTDecoder, AOTDecodeStep
 from microtransformer.decoding.generator import AutoPathGenerator, DecodeCosts
+from microtransformer.quantization import Int8WeightLinear
 from model import MicroTransformer
 
 SMALL = {"vocab_size": 61, "max_seq_len": 40, "embed_dim": 32, "num_heads": 4,
@@ -124,3 +125,34 @@ def test_int8_and_other_devices_are_not_compiled() -> None:
     with pytest.raises(aot.AOTCompileError, match="int8"):
         AOTDecodeStep(model, 1, precision="int8")
     assert AutoPathGenerator(model, precision="int8", costs=ALWAYS).plan(1, 7, 30) == "eager"
+
+
+def test_int8_weight_only_package_computes_the_quantized_model(package_folder: Path) -> None:
+    """int8wo: the packaged step (one fused reduction per linear over the int8 weights)
+    computes what the eager int8 weight-only model computes: step logits equal up to float
+    rounding, greedy tokens equal to the last context column; the fp32 model is untouched."""
+    model = _model(5)
+    prompt, _ = _prompt(1, False)
+    step = AOTDecodeStep(model, 1, precision="int8wo")
+    quantized = step.model
+    assert isinstance(quantized.lm_head, Int8WeightLinear)
+    assert quantized.lm_head.weight_int8.dtype == torch.int8
+    assert type(model.lm_head) is torch.nn.Linear  # a copy was quantized
+    n_new = SMALL["max_seq_len"] - prompt.size(1)
+    ref = quantized.generate(prompt, max_new_tokens=n_new, do_sample=False)
+    got = quantized.generate(prompt, max_new_tokens=n_new, do_sample=False,
+                             decoder=AOTDecoder(step))
+    assert torch.equal(got, ref)
+    # one step's logits against the eager step of the same quantized model
+    eager = quantized.generate(prompt, max_new_tokens=1, do_sample=False)
+    dec = AOTDecoder(step)
+    dec.prefill(prompt, None)
+    T = prompt.size(1)
+    packaged = dec.step(eager[:, -1], torch.tensor([T]), T, None)
+    with torch.no_grad():
+        full = quantized(eager)[:, -1].float()  # (1, V): eager forward over the sequence
+    torch.testing.assert_close(packaged, full, atol=1e-4 * float(full.std()) + 1e-5, rtol=0)
+    fast = AutoPathGenerator(model, precision="int8wo", quiet=True)
+    assert fast.plan(1, 7, 30) == "compiled"  # the package is on disk
+    assert torch.equal(fast.generate(prompt, max_new_tokens=30, do_sample=False),
+                       ref[:, :T + 30])

@@ -186,3 +186,39 @@ def test_invalid_logits_fail_only_their_choice(loaded):
     assert events[0][-1].finish_reason == "error"
     assert "`nan`" in events[0][-1].error and events[0][-1].completion_tokens == 1
     assert events[1][-1].finish_reason == "length" and events[1][-1].completion_tokens == 5
+
+
+def test_prompts_of_one_length_admitted_together_are_prefilled_as_one_batch(loaded):
+    """Equal-length prompts admitted at the same step go through one batched prefill
+    (`ModelRunner.prefill_rows`): the cache rows and first logits are those of one-by-one
+    prefills (up to float rounding), and each choice still draws `generate`'s tokens."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=4, max_queue=16)
+    runner = engine.runner
+    prompts = [[5, 9, 2, 7], [3, 3, 8, 1], [6, 2, 4, 9]]
+    with torch.inference_mode():
+        one = torch.stack([runner.prefill(r, p) for r, p in zip((0, 2, 3), prompts,
+                                                                strict=True)])
+        k_one = runner.decoder.cache.k[:, [0, 2, 3], :, :4].clone()
+        runner.decoder.cache.k.zero_()
+        many = runner.prefill_rows([0, 2, 3], prompts)
+        k_many = runner.decoder.cache.k[:, [0, 2, 3], :, :4]
+    torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_many, k_one, atol=1e-5, rtol=1e-5)
+    assert float(runner.decoder.cache.k[:, 1].abs().max()) == 0.0  # row 1 untouched
+    with pytest.raises(ValueError, match="one length"):
+        runner.prefill_rows([0, 1], [[1, 2], [1, 2, 3]])
+    sink = Collector()
+    params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+    ids = [*prompts, [4, 4]]  # three of one length (one batch) and one alone
+    engine.start()
+    try:
+        with engine.admission_paused():  # all admitted at one step
+            engine.submit([Choice(i, ids[i], params, sink) for i in range(len(ids))])
+        events = sink.wait(len(ids))
+    finally:
+        engine.shutdown()
+    for i, prompt in enumerate(ids):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+        assert "".join(e.text for e in events[i]) == tok.decode(ref[0, len(prompt):].tolist())
+        assert events[i][-1].completion_tokens == 8
