@@ -72,7 +72,7 @@ def package_key(model: MicroTransformer, batch_size: int, precision: str) -> str
     cfg = model.config.to_dict()
     spec = {"shape": {k: cfg[k] for k in SHAPE_FIELDS}, "batch": batch_size,
             "precision": precision, "torch": torch.__version__, "cpu": _cpu_flags(),
-            "format": 1}
+            "format": 2}  # 2: int8wo as one reduction at batch 1 (packages built before rebuild)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     return f"step-b{batch_size}-{precision}-{digest}"
 
