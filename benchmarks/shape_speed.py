@@ -1,0 +1,86 @@
+"""Training speed of model shapes relative to each other, side by side in one process.
+
+    python benchmarks/shape_speed.py --preset cpu_bpe --vocab-size 5000 \
+        --shape "192x5=" --shape "128x4=embed_dim=128,num_heads=4,num_layers=4"
+
+Each `--shape NAME=FIELD=VALUE,...` is the preset's model with those fields changed (an empty
+list: the preset's own shape); `batch_size` among the fields changes that shape's batch, and
+`max_seq_len` its window. Every round times each shape in turn (forward, backward and an
+AdamW step on the same random batch of the preset's batch x window), 1 thread by default; the
+best round of each is printed with its speed relative to the first shape. Used to give each
+shape the steps a time budget buys (docs/RESULTS.md, section 8). Run it on an idle machine; the
+ratio holds better than separate runs when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from microtransformer.config import load_config
+from model import MicroTransformer
+
+
+def ms_per_step(model: MicroTransformer, opt: torch.optim.Optimizer, ids: torch.Tensor,
+                steps: int) -> float:
+    """Mean milliseconds of `steps` forward + backward + optimizer steps on `ids` (B, T)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(ids, labels=ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def parse_shape(text: str) -> tuple[str, dict[str, int]]:
+    """"NAME=FIELD=VALUE,..." -> (NAME, {FIELD: VALUE})."""
+    name, _, fields = text.partition("=")
+    pairs = (f.split("=", 1) for f in fields.split(",") if f)
+    return name, {k: int(v) for k, v in pairs}
+
+
+def main() -> None:
+    """Parse the arguments, run the paired rounds, print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu_bpe")
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--shape", action="append", required=True, metavar="NAME=FIELD=VALUE,...")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(preset=args.preset)
+    m, t = cfg.model, cfg.train
+    seq = t.seq_len or m.max_seq_len
+    vocab = args.vocab_size or m.vocab_size
+    base = m.to_dict() | {"vocab_size": vocab, "dropout": 0.0, "attn_dropout": None}
+    torch.manual_seed(0)
+    shapes = {}
+    for name, fields in map(parse_shape, args.shape):
+        batch = fields.pop("batch_size", t.batch_size)
+        window = fields.get("max_seq_len", seq)
+        model = MicroTransformer(**base | fields).train()
+        ids = torch.randint(0, vocab, (batch, window))  # (B, T)
+        shapes[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), ids)
+    times: dict[str, list[float]] = {name: [] for name in shapes}
+    for model, opt, ids in shapes.values():  # warm-up: allocator, kernels
+        ms_per_step(model, opt, ids, 1)
+    for _ in range(args.rounds):
+        for name, (model, opt, ids) in shapes.items():
+            times[name].append(ms_per_step(model, opt, ids, args.steps))
+    print(f"{args.preset}, vocab {vocab}: {args.threads} thread(s), torch {torch.__version__}; "
+          "ms per forward + backward + AdamW step; speed = tokens/s relative to the first")
+    rates = {name: shapes[name][2].numel() / min(row) for name, row in times.items()}
+    first = next(iter(rates.values()))
+    for name, row in times.items():
+        model, _, ids = shapes[name]
+        params = sum(q.numel() for q in model.parameters())
+        print(f"  {name:12s} {params:>11,} params  {ids.size(0):>3} x {ids.size(1):<4} "
+              f"best {min(row):.0f} ms   speed {rates[name] / first:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
