@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from microtransformer.data import DATASETS
@@ -18,7 +19,9 @@ from microtransformer.errors import UserError
 from microtransformer.study import (
     StudySettings,
     corpus_sources,
+    holdout_files,
     parse_corpus_paths,
+    parse_holdout_paths,
     plan_runs,
     run_study,
     shell_command,
@@ -81,6 +84,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--corpus", action="append", default=[], metavar="NAME=PATH",
                    help="read corpus NAME from a local file, directory or glob instead of its "
                         "named source, e.g. stories=../shared/data/tinystories (repeatable)")
+    p.add_argument("--holdout", action="append", default=[], metavar="NAME=PATH",
+                   help="files that are corpus NAME's validation text, whole, never trained on "
+                        "(e.g. novels=../shared/data/gutenberg/frankenstein.txt: a book held "
+                        "out of the novels; taken out of the corpus's directory; repeatable)")
     p.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     p.add_argument("--compare", default="tokens,time",
                    help="comparisons: tokens (equal tokens), time (equal wall-clock)")
@@ -148,7 +155,11 @@ def dry_run(settings: Any) -> int:
 
     for corpus in settings.corpora:
         sources, _ = corpus_sources(corpus, int(settings.corpus_max_mb * 2**20),
-                                    settings.corpus_paths)
+                                    settings.corpus_paths, settings.holdout_paths)
+        held = holdout_files(corpus, settings.holdout_paths)
+        if held:
+            print(f"corpus {corpus} is scored on {len(held)} held-out file(s): "
+                  + ", ".join(Path(h).name for h in held))
         named = [s for s in sources if s in DATASETS]
         print(f"corpus {corpus}: {', '.join(sources[:3])}"
               + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
@@ -170,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         configs=_names(args.configs, "--configs"), inits=_names(args.inits, "--inits"),
         init_configs=_names(args.init_configs, "--init-configs"),
         corpora=_names(args.corpora, "--corpora"),
-        corpus_paths=parse_corpus_paths(args.corpus), seeds=_ints(args.seeds, "--seeds"),
+        corpus_paths=parse_corpus_paths(args.corpus),
+        holdout_paths=parse_holdout_paths(args.holdout), seeds=_ints(args.seeds, "--seeds"),
         compare=_names(args.compare, "--compare"),
         tokens=_number(args.tokens, "--tokens", int),
         minutes=_number(args.minutes, "--minutes"),

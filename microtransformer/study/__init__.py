@@ -27,7 +27,9 @@ from microtransformer.study.corpora import (
     CORPORA,
     Corpus,
     corpus_sources,
+    holdout_files,
     parse_corpus_paths,
+    parse_holdout_paths,
     prepare_corpus,
 )
 from microtransformer.study.executors import SubmititExecutor, SubprocessExecutor
@@ -52,7 +54,13 @@ from microtransformer.study.plan import (
 )
 from microtransformer.study.plots import COLORS, write_plots
 from microtransformer.study.report import write_report
-from microtransformer.study.runner import load_finished, run_study, shell_command
+from microtransformer.study.runner import (
+    TIME_FOLD,
+    load_finished,
+    run_study,
+    same_length,
+    shell_command,
+)
 from microtransformer.study.stats import (
     CLAIMS,
     Claim,
@@ -76,6 +84,7 @@ __all__ = [
     "CORPORA",
     "OVERHEAD_S",
     "TIME_CAP",
+    "TIME_FOLD",
     "Claim",
     "Corpus",
     "PeakMemory",
@@ -91,6 +100,7 @@ __all__ = [
     "fmt",
     "grad_depth_ratio",
     "group_results",
+    "holdout_files",
     "load_finished",
     "loss_at_fraction",
     "loss_by_position",
@@ -99,11 +109,13 @@ __all__ = [
     "measure_throughput",
     "paired_diffs",
     "parse_corpus_paths",
+    "parse_holdout_paths",
     "plan_runs",
     "position_buckets",
     "prepare_corpus",
     "run_in_subprocess",
     "run_study",
+    "same_length",
     "shell_command",
     "size_budget",
     "smooth_positions",

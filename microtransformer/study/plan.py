@@ -42,6 +42,7 @@ class StudySettings:
     init_configs: tuple[str, ...] = ("narrow_deep",)
     corpora: tuple[str, ...] = ("code", "stories")
     corpus_paths: tuple[tuple[str, str], ...] = ()  # --corpus NAME=PATH: local copies
+    holdout_paths: tuple[tuple[str, str], ...] = ()  # --holdout NAME=PATH: val text, whole
     seeds: tuple[int, ...] = (0, 1)
     compare: tuple[str, ...] = ("tokens", "time")
     tokens: int | None = None
@@ -73,7 +74,7 @@ class StudySettings:
         for c in self.corpora:
             if c not in CORPORA:
                 problems.append(f"unknown corpus {c!r}; choose from {', '.join(CORPORA)}")
-        problems += check_corpus_paths(self.corpora, self.corpus_paths)
+        problems += check_corpus_paths(self.corpora, self.corpus_paths, self.holdout_paths)
         for i in self.inits:
             if i not in ("kaiming", "gpt2"):
                 problems.append(f"unknown init {i!r}; choose from kaiming, gpt2")

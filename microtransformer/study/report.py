@@ -96,6 +96,11 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
               f"Peak MB: {kind} (CPU: growth of the run process's RSS high-water mark during "
               "training, which includes allocator caching; CUDA: torch max allocated).", ""]
 
+    folded = sorted((r["run_id"], r["same_run_as"]) for r in results if r.get("same_run_as"))
+    if folded:
+        L += ["Equal wall-clock runs whose config's measured speed is within 5% of the anchor's "
+              "were not trained again: the equal-token run stands for each of them "
+              f"({len(folded)}: " + ", ".join(f"{a} = {b}" for a, b in folded) + ").", ""]
     if sweep:
         rates = sorted({lr for by_seed in sweep.values() for v in by_seed.values() for lr in v})
         L += [f"## Learning-rate sweep ({corpora[0]}, equal tokens)", "",

@@ -70,7 +70,7 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
         data_dirs[corpus] = prepare_corpus(corpus, out / "data" / corpus,
                                            vocab_size=s.vocab_size,
                                            max_bytes=int(s.corpus_max_mb * 2**20),
-                                           paths=s.corpus_paths)
+                                           paths=s.corpus_paths, holdout=s.holdout_paths)
     if throughput is None:
         vocab = int(load_meta(data_dirs[s.corpora[0]])["vocab_size"])
         throughput = {c: measure_throughput(seed_model_config(c), vocab_size=vocab,
@@ -108,6 +108,9 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
 
     for res in results:
         note_speed(res)
+    finished = {r["run_id"]: r for r in results}
+    token_steps = steps_for_tokens(tokens, s.batch_size, s.seq_len)
+    anchor = "balanced" if "balanced" in s.configs else s.configs[0]  # as `size_budget`
     todo = [(i, spec) for i, spec in enumerate(kept, start=1) if spec.run_id not in done]
 
     def next_specs() -> Iterator[RunSpec]:
@@ -117,10 +120,27 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
         for i, spec in todo:
             if spec.group == "time" and spec.config in measured:
                 # Equal-time steps from this config's measured speed in the equal-token runs
-                # so far (best window, median over runs); else the calibration's.
-                spec = replace(spec, max_steps=steps_for_tokens(
-                    statistics.median(measured[spec.config]) * minutes * 60, spec.batch_size,
-                    spec.seq_len))
+                # so far (best window, median over runs); else the calibration's. When the
+                # minutes come from --tokens, the wall-clock is the anchor config's equal-token
+                # run's: its speed measured the same way.
+                speed = statistics.median(measured[spec.config])
+                if s.minutes is None and anchor in measured:
+                    steps = round(token_steps * speed / statistics.median(measured[anchor]))
+                else:
+                    steps = steps_for_tokens(speed * minutes * 60, spec.batch_size,
+                                             spec.seq_len)
+                spec = replace(spec, max_steps=max(1, steps))
+            twin = replace(spec, group="tokens", max_steps=token_steps, max_minutes=None)
+            if spec.group == "time" and same_length(spec.max_steps, token_steps) and (
+                    twin.run_id in finished):
+                # Within 5% of the equal-token run's length: that run is this one's equal-time
+                # run too (the speeds differ by less than 5%), recorded as such, not retrained.
+                folded = fold_time_run(spec, finished[twin.run_id], out)
+                finished[spec.run_id] = folded
+                results.append(folded)
+                log(f"[{i}/{len(kept)}] {spec.run_id}: {spec.max_steps} steps is within "
+                    f"{TIME_FOLD:.0%} of {twin.run_id}'s {token_steps}: that run stands for it")
+                continue
             est = estimate_seconds(spec, throughput)
             if deadline is not None and time.perf_counter() + est > deadline:
                 skipped.append(spec)  # the runs so far took longer than planned
@@ -131,6 +151,8 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
             yield spec
 
     for spec, outcome in executor.run(next_specs(), data_dirs, out):
+        if not isinstance(outcome, Exception):
+            finished[spec.run_id] = outcome
         if isinstance(outcome, Exception):
             failed.append(f"{spec.run_id}: {str(outcome)[:300]}")
             log(f"  {spec.run_id} FAILED: {str(outcome)[:300]}")
@@ -148,6 +170,25 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                           skipped=[r.run_id for r in skipped], failed=failed,
                           elapsed_s=time.perf_counter() - t_start)
     return {"report": report, "results": results, "skipped": skipped, "failed": failed}
+
+
+TIME_FOLD = 0.05  # an equal-time run this close in steps to its equal-token run is that run
+
+
+def same_length(time_steps: int, token_steps: int) -> bool:
+    """True when an equal-time run's steps are within TIME_FOLD of the equal-token run's (the
+    config's measured speed is within 5% of the anchor's): one run serves both comparisons."""
+    return abs(time_steps - token_steps) <= TIME_FOLD * token_steps
+
+
+def fold_time_run(spec: RunSpec, twin: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The record of an equal-time run that its equal-token twin stands for: the twin's
+    measurements under the time run's id and spec, with `same_run_as` naming the twin. Written
+    to RUN/result.json like a trained run, so a rerun skips it."""
+    record = {**twin, "run_id": spec.run_id, "spec": asdict(spec),
+              "same_run_as": twin["run_id"]}
+    atomic_write_json(out / "runs" / spec.run_id / "result.json", record)
+    return record
 
 
 def shell_command(argv: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from microtransformer.checkpoint import load_weights_into
+from microtransformer.checkpoint import has_checkpoint, load_weights_into
 from microtransformer.config import DataConfig, RunConfig, TrainConfig
 from microtransformer.data import BatchLoader, iter_eval_batches, load_meta
 from microtransformer.fileio import atomic_write_json
@@ -38,6 +38,8 @@ from microtransformer.training import train
 from model import MicroTransformer
 from model.io import WEIGHTS_FILE
 from model.utils import count_parameters
+
+CHECKPOINTS = 8  # checkpoints per run: a killed run loses at most an eighth of its steps
 
 
 def train_config_class() -> type:
@@ -68,14 +70,19 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
         batch_size=spec.batch_size, max_steps=steps, lr=spec.lr,
         **recipe_train_values(spec.recipe, spec.lr),
         warmup_steps=min(100, max(1, steps // 10)), eval_interval=max(1, steps // 4),
-        eval_steps=4, log_interval=max(1, min(10, steps // 20)), checkpoint_interval=steps,
+        eval_steps=4, log_interval=max(1, min(10, steps // 20)),
+        checkpoint_interval=max(1, steps // CHECKPOINTS),
         seed=spec.seed, device=spec.device, max_time_minutes=spec.max_minutes,
     )
     cfg = RunConfig(model=model_cfg, train=train_cfg, data=DataConfig(data_dir=str(data_dir)))
     # The training run lives in RUN/train (a run directory of its own: `train` refuses a
     # directory holding other files, and RUN also holds spec.json, train.log, result.json).
+    # A run killed part-way (a study stopped, a machine taken back) left a checkpoint there:
+    # it continues from it exactly (`train(resume=True)`); anything else starts over.
     train_dir = run_dir / "train"
-    shutil.rmtree(train_dir, ignore_errors=True)  # an unfinished earlier attempt starts over
+    resume = has_checkpoint(train_dir)
+    if not resume:
+        shutil.rmtree(train_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # Gradient norm per block at initialisation, on the run's first training batch.
@@ -87,7 +94,7 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
     del probe
 
     with PeakMemory(spec.device) as mem:
-        result = train(cfg, train_dir, progress=progress)
+        result = train(cfg, train_dir, resume=resume, progress=progress)
 
     # The final weights, as trained (dropout off for evaluation).
     model = MicroTransformer.from_config(model_cfg).to(spec.device)
@@ -158,8 +165,12 @@ def run_in_subprocess(spec: RunSpec, data_dir: Path, run_dir: Path) -> dict[str,
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
-    atomic_write_json(spec_path, {"spec": asdict(spec), "data_dir": str(data_dir)})
-    with open(run_dir / "train.log", "w", encoding="utf-8") as log:
+    record = {"spec": asdict(spec), "data_dir": str(data_dir)}
+    if spec_path.is_file() and json.loads(spec_path.read_text(encoding="utf-8")) != record:
+        # An earlier attempt of another spec (a changed plan): its checkpoint is not this run's.
+        shutil.rmtree(run_dir / "train", ignore_errors=True)
+    atomic_write_json(spec_path, record)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
         proc = subprocess.run([sys.executable, "-m", "microtransformer.study", "--worker",
                                str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
                               check=False)

@@ -280,6 +280,57 @@ def test_killed_study_resumes_with_the_runs_it_had_not_finished(tmp_path, monkey
     assert (tmp_path / "report.md").is_file()
 
 
+def test_equal_time_runs_within_five_percent_are_their_equal_token_runs(tmp_path, monkeypatch):
+    """Equal-time steps come from the measured speeds relative to the anchor (balanced); a config
+    within 5% of the anchor's speed is not retrained: its equal-token run stands for it."""
+    monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
+    calls: list[str] = []
+    s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens", "time"), tokens=5120,
+                        seq_len=64, batch_size=8, device="cpu", lr_sweep=(), inits=("kaiming",))
+    tps = {c: 1000.0 for c in s.configs}  # calibration: all equal; measured (fake): not
+    out = S.run_study(s, tmp_path, executor=FnExecutor(fake_runner(calls)),
+                      throughput=dict(tps), log=lambda _: None)
+    assert sorted(calls) == sorted(["tokens__code__wide_shallow__kaiming__s0",
+                                    "tokens__code__narrow_deep__kaiming__s0",
+                                    "tokens__code__balanced__kaiming__s0",
+                                    "time__code__wide_shallow__kaiming__s0",
+                                    "time__code__narrow_deep__kaiming__s0"])
+    by_id = {r["run_id"]: r for r in out["results"]}
+    folded = by_id["time__code__balanced__kaiming__s0"]
+    assert folded["same_run_as"] == "tokens__code__balanced__kaiming__s0"
+    assert folded["spec"]["group"] == "time" and folded["val_loss"] == by_id[
+        "tokens__code__balanced__kaiming__s0"]["val_loss"]
+    # fake speeds: wide 1000, balanced 850, narrow 700 tokens/s; 10 steps at equal tokens
+    runs = {p.parent.name: json.loads(p.read_text())
+            for p in (tmp_path / "runs").glob("*/result.json")}
+    assert runs["time__code__balanced__kaiming__s0"]["same_run_as"]
+    assert S.load_finished(tmp_path)["time__code__balanced__kaiming__s0"]["same_run_as"]
+    assert "stands for" in (tmp_path / "report.md").read_text()
+    calls.clear()  # a rerun trains nothing: the folded run is finished too
+    S.run_study(s, tmp_path, executor=FnExecutor(fake_runner(calls)), throughput=dict(tps),
+                log=lambda _: None)
+    assert calls == []
+
+
+def test_time_steps_follow_the_measured_speed_ratio(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_runner, "prepare_corpus", lambda name, out_dir, **_: out_dir)
+    seen: dict[str, int] = {}
+
+    def runner(spec, data_dir, run_dir):
+        seen[spec.run_id] = spec.max_steps
+        return fake_runner([])(spec, data_dir, run_dir)
+
+    s = S.StudySettings(corpora=("code",), seeds=(0,), compare=("tokens", "time"), tokens=5120,
+                        seq_len=64, batch_size=8, device="cpu", lr_sweep=(), inits=("kaiming",))
+    S.run_study(s, tmp_path, executor=FnExecutor(runner), throughput=dict.fromkeys(s.configs,
+                                                                                   1.0),
+                log=lambda _: None)
+    assert seen["tokens__code__balanced__kaiming__s0"] == 10
+    assert seen["time__code__wide_shallow__kaiming__s0"] == round(10 * 1000 / 850)
+    assert seen["time__code__narrow_deep__kaiming__s0"] == round(10 * 700 / 850)
+    assert S.same_length(105, 100) and not S.same_length(106, 100)
+
+
 # ---------------------------------------------------------------- a real tiny run
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
@@ -320,6 +371,53 @@ def test_execute_run_trains_and_measures(tiny_data, tmp_path):
     assert len(res["grad_norms_init"]) == 2 and all(g > 0 for g in res["grad_norms_init"])
     assert res["peak_memory_mb"] >= 0 and isinstance(res["sample"], str)
     assert math.isclose(res["val_bpb"], res["val_loss"] / math.log(2) / res["bytes_per_token"])
+
+
+@pytest.mark.skipif(not _has_train_seq_len(), reason="needs TrainConfig.seq_len (train.seq_len)")
+def test_a_killed_run_resumes_from_its_checkpoint_exactly(tiny_data, tmp_path, monkeypatch):
+    """A study killed during a run (the machine taken back) continues that run from its last
+    checkpoint when rerun, and ends with the weights of the run that was never interrupted."""
+    from microtransformer.study import worker
+
+    spec = S.RunSpec("tokens", "balanced", "kaiming", "code", 0, seq_len=64, batch_size=2,
+                     max_steps=16, device="cpu", eval_windows=4, gen_tokens=4,
+                     model_overrides=TINY)
+    whole = S.execute_run(spec, tiny_data, tmp_path / "whole")
+
+    real_train = worker.train
+
+    def killed(cfg, run_dir, **kw):  # checkpoints at step 6 and stops, as an interrupt would
+        real_train(cfg, run_dir, stop_at=6, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        S.execute_run(spec, tiny_data, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "result.json").exists()
+    monkeypatch.setattr(worker, "train", real_train)
+    resumed = S.execute_run(spec, tiny_data, tmp_path / "killed")
+    assert resumed["steps"] == 16 and resumed["stop_reason"] == whole["stop_reason"]
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
+    assert [e[0] for e in resumed["curve"]] == [e[0] for e in whole["curve"]]
+    # A run whose training finished but whose evaluation was cut short is evaluated again.
+    (tmp_path / "killed" / "result.json").unlink()
+    again = S.execute_run(spec, tiny_data, tmp_path / "killed")
+    assert again["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
+
+
+def test_a_changed_spec_does_not_resume_the_old_attempt(tiny_data, tmp_path):
+    spec = S.RunSpec("tokens", "balanced", "kaiming", "code", 0, seq_len=64, batch_size=2,
+                     max_steps=4, device="cpu", eval_windows=4, gen_tokens=4,
+                     model_overrides=TINY)
+    run_dir = tmp_path / "runs" / spec.run_id
+    S.execute_run(spec, tiny_data, run_dir)
+    (run_dir / "result.json").unlink()
+    (run_dir / "spec.json").write_text(json.dumps({"spec": asdict(replace(spec, max_steps=3)),
+                                                   "data_dir": str(tiny_data)}))
+    res = S.run_in_subprocess(replace(spec, max_steps=8), tiny_data, run_dir)
+    fresh = S.execute_run(replace(spec, max_steps=8), tiny_data, tmp_path / "fresh")
+    assert res["steps"] == 8  # trained afresh (the old 4-step checkpoint was discarded)
+    assert res["val_loss"] == pytest.approx(fresh["val_loss"], abs=1e-6)
 
 
 # ---------------------------------------------------------------- the seed's configurations
