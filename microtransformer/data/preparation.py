@@ -238,6 +238,11 @@ def prepare(
                 message = re.sub(r"prepare with a larger --vocab-size \(at least \d+\)|use a "
                                  r"tokenizer that covers this text", "the reused tokenizer "
                                  "cannot change (a model keeps its tokenizer)", message)
+            elif val_args and tok.kind == "char":  # val-only characters are unknown to it
+                message = message.replace(
+                    "prepare with a larger --vocab-size", "the tokenizer learns from the "
+                    "training sources only, so add training text that has them or prepare "
+                    "with a larger --vocab-size")
             raise UserError(message)
         for w in (*writers.values(), *masks.values()):
             w.commit()
