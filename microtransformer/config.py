@@ -223,6 +223,9 @@ class DataConfig:
     vary_breaks: bool = _help("give half of the training documents that put one paragraph "
                               "per line blank lines between them (prepare --no-vary-breaks)",
                               default=True)
+    val_sources: tuple[str, ...] = _help("files, dirs or globs whose text is the whole val "
+                                         "split, never trained on (prepare --val-from); "
+                                         "sources then all go to train", default=())
 
     def __post_init__(self) -> None:
         _normalise_fields(self)
@@ -238,6 +241,13 @@ class DataConfig:
                          low_open=True, high_open=True)
         if not all(isinstance(s, str) for s in self.sources):
             problems.append(f"sources={list(self.sources)!r} must be a list of strings")
+        if not all(isinstance(s, str) and s for s in self.val_sources):
+            problems.append(f"val_sources={list(self.val_sources)!r} must be a list of files, "
+                            "directories or globs")
+        elif self.val_sources and self.val_tail is not None:
+            problems.append(f"val_sources={list(self.val_sources)} and val_tail={self.val_tail} "
+                            "both choose the val split; set one (drop --data.val_tail, or "
+                            "--data.val_sources)")
         if problems:
             raise UserError("invalid data config: " + "; ".join(problems))
 
@@ -271,6 +281,7 @@ class RunConfig:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["train"]["betas"] = list(self.train.betas)
         out["data"]["sources"] = list(self.data.sources)
+        out["data"]["val_sources"] = list(self.data.val_sources)
         return out
 
     @classmethod

@@ -316,7 +316,7 @@ def prepare_data(cfg: RunConfig | ResolvedConfig, run_dir: str | os.PathLike, *,
             d = resolved.config.data
             prepare(list(d.sources), target, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                     val_fraction=d.val_fraction, val_tail=d.val_tail, vary_breaks=d.vary_breaks,
-                    progress=progress)
+                    val_sources=list(d.val_sources), progress=progress)
         data_dir = str(target)
     resolved, _ = adapt_to_dataset(resolved, data_dir)
     cfg = resolved.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from microtransformer.data import prepare
+from microtransformer.errors import UserError
 from microtransformer.finetune import parent_tokenizer
 
 # Kept literal (not imported from microtransformer.data) so `--help` does not import torch;
@@ -37,6 +38,13 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                        help="fraction of documents held out for validation (default: 0.1)")
     split.add_argument("--val-tail", type=float, default=None,
                        help="hold out the last fraction of the corpus characters instead")
+    split.add_argument("--val-from", nargs="+", action="extend", default=None,
+                       metavar="VAL_SOURCE",
+                       help="files, directories or globs whose text is the whole val split, "
+                       "never trained on (nor used to train the tokenizer); every SOURCE then "
+                       "goes to train. Name the training SOURCEs first: `prepare train.txt "
+                       "--val-from valid.txt --out DATA_DIR`. A val file inside a training "
+                       "directory or glob is left out of training; one named as both is an error")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--tokenizer-path", default=None, metavar="FILE",
                        help="reuse this tokenizer.json instead of training one")
@@ -66,6 +74,10 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
 def run(args: argparse.Namespace) -> int:
     """Prepare the data directory and print a short summary."""
 
+    if args.val_from and not args.sources:
+        raise UserError(f"--val-from {' '.join(args.val_from)} needs the training SOURCE(s) "
+                        "too, named before it: `prepare TRAIN... --val-from VAL... --out "
+                        "DATA_DIR` (pass `stdlib` to train on the standard library)")
     tokenizer_path = args.tokenizer_path
     if args.tokenizer_from is not None:
         tokenizer_path = parent_tokenizer(args.tokenizer_from)
@@ -83,15 +95,25 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         max_unknown=args.max_unknown,
         vary_breaks=args.vary_breaks,
+        val_sources=args.val_from,
     )
     n_files = len(meta["sources"])
     split = meta["split"]
     print(f"prepared {args.out}: {meta['kind']} tokenizer, vocab {meta['vocab_size']}, "
-          f"{meta['dtype']}, {n_files} file(s)\n"
-          f"split by {split['method']} {split[split['method']]:g}: "
-          f"{split['documents_whole_in_val']:,} document(s) whole in val, "
-          f"{split['documents_cut']:,} cut (their tail in val); val holds "
-          f"{split['val_share_of_chars']:.1%} of the characters")
+          f"{meta['dtype']}, {n_files} file(s)")
+    if split["method"] == "val_sources":
+        print(f"val from {', '.join(split['val_files'])}: "
+              f"{split['documents_whole_in_val']:,} document(s), whole and never trained on"
+              + ("" if tokenizer_path else " (nor used to train the tokenizer)")
+              + f"; val holds {split['val_share_of_chars']:.1%} of the characters")
+        if split["excluded_from_train"]:
+            print(f"left out of training (validation files inside a training source): "
+                  f"{', '.join(split['excluded_from_train'])}")
+    else:
+        print(f"split by {split['method']} {split[split['method']]:g}: "
+              f"{split['documents_whole_in_val']:,} document(s) whole in val, "
+              f"{split['documents_cut']:,} cut (their tail in val); val holds "
+              f"{split['val_share_of_chars']:.1%} of the characters")
     breaks = meta["paragraph_breaks"]
     if breaks["one_paragraph_per_line"]:
         print(f"paragraph breaks: {breaks['one_paragraph_per_line']:,} document(s) put one "

@@ -232,6 +232,7 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
     data = (f"data: {d.data_dir} ({meta['kind']} tokenizer, {meta['tokens']['train']:,} train "
             f"/ {meta['tokens']['val']:,} val tokens)" if meta is not None else
             f"data: to be prepared from {', '.join(d.sources) or 'the Python stdlib corpus'} "
+            + (f"(val: {', '.join(d.val_sources)}) " if d.val_sources else "") +
             f"({d.tokenizer} tokenizer, vocab {d.vocab_size}); model.vocab_size and the "
             "window then follow it")
     return (f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "

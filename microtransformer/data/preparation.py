@@ -14,6 +14,13 @@ is a fraction of the text as the user means it, whatever the sizes of the files.
     nanoGPT's split of tinyshakespeare for f=0.1 (`val = text[int(n * 0.9):]`). With several
     files this is the end of the last file(s); `prepare` warns when a file that is most of val
     is all in val (none of it trained on).
+  - `val_sources=[...]`: these sources (files, directories, globs, as `sources`) are the val
+    split, whole and as written; the training sources go to train whole (neither fraction
+    applies; `val_tail` with them is an error). The tokenizer is trained on the training text
+    only. A val file that a training directory or glob also matches is left out of training
+    (meta.json's "split" names it under "excluded_from_train", and `prepare` prints it), so
+    `prepare books/ --val-from books/frankenstein.txt` holds one book out; a file named
+    explicitly as both a training and a val source is an error (say which one it is).
 `meta.json`'s "split" records what was done (documents whole and cut, the val share of
 characters); `prepare` prints it and warns when the share is lopsided (outside [f/2, 2f]).
 
@@ -62,9 +69,14 @@ from tqdm.auto import tqdm
 
 from microtransformer import __version__
 from microtransformer.artifacts import DATASET, begin_stage, check_output, discard, publish
-from microtransformer.data.documents import iter_pieces, iter_records, scan_sources
+from microtransformer.data.documents import Scan, iter_pieces, iter_records, scan_sources
 from microtransformer.data.formatting import add_blank_lines, chosen
-from microtransformer.data.sources import STDLIB_DEFAULT_MAX_BYTES, resolve_sources
+from microtransformer.data.sources import (
+    DATASETS,
+    STDLIB_DEFAULT_MAX_BYTES,
+    Source,
+    resolve_sources,
+)
 from microtransformer.data.tokens import (
     LOSS,
     SPLITS,
@@ -102,21 +114,26 @@ def prepare(
     max_unknown: float = MAX_UNKNOWN,
     tokenizer_from: str | os.PathLike | None = None,
     vary_breaks: bool = True,
+    val_sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out_dir`/{train.bin, val.bin, tokenizer.json, meta.json}.
 
     `tokenizer` ("bpe" | "char") and `vocab_size` choose the tokenizer trained on the corpus (on
     its first `tokenizer_sample_chars` characters at most); `tokenizer_path` reuses an existing
     tokenizer.json instead (its kind and vocab size win). `val_tail`, when given, replaces the
-    document split `val_fraction` (see the module docstring). Memory stays bounded: files are
-    streamed, encoded in batches with the multithreaded `tokenizers` encoder and appended to the
-    .bin files. `vary_breaks`: half of the training documents that put one paragraph per line
-    (chosen by a hash of their content) get a blank line after each line break, so that a model
-    does not pay for blank lines it never saw (`data.formatting`; the val split and every other
-    document stay as they are). The output is a pure function of the inputs (byte-identical when
-    run again). Returns the meta dict also written to meta.json.
+    document split `val_fraction` (see the module docstring); `val_sources`, when given, are
+    the val split whole and `sources` all go to train (`val_fraction` is then unused, `val_tail`
+    an error; a val file inside a training directory or glob is left out of training). Memory
+    stays bounded: files are streamed, encoded in batches with the multithreaded `tokenizers`
+    encoder and appended to the .bin files. `vary_breaks`: half of the training documents that
+    put one paragraph per line (chosen by a hash of their content) get a blank line after each
+    line break, so that a model does not pay for blank lines it never saw (`data.formatting`;
+    the val split and every other document stay as they are). The output is a pure function of
+    the inputs (byte-identical when run again). Returns the meta dict also written to meta.json.
     """
-    split_mode, fraction = _check_split_args(val_fraction, val_tail)
+    val_args = _check_val_sources(val_sources, val_tail)
+    split_mode, fraction = (("val_sources", 0.0) if val_args
+                            else _check_split_args(val_fraction, val_tail))
     if tokenizer_path is None and (
         tokenizer not in KINDS or vocab_size < min_vocab_size(tokenizer)
     ):  # fail before reading the corpus: this call raises the argument's UserError
@@ -125,9 +142,19 @@ def prepare(
     check_unknown_limit(max_unknown)
     check_output(target, command="prepare", makes=DATASET, replace=force)
     resolved = resolve_sources(sources, stdlib_max_bytes=stdlib_max_bytes)
-    inputs = [s.path for s in resolved]  # tokenizer_path may lie in `target`: read up front
+    val_resolved: list[Source] = []
+    excluded: list[Source] = []
+    if val_args:
+        val_resolved = resolve_sources(val_args, stdlib_max_bytes=stdlib_max_bytes)
+        resolved, excluded = _separate_val_files(resolved, val_resolved)
+    inputs = [s.path for s in (*resolved, *val_resolved)]  # tokenizer_path may lie in `target`
     check_output(target, command="prepare", makes=DATASET, replace=force, inputs=inputs)
-    scan = scan_sources(resolved, text_field, progress)
+    if val_args:
+        train_scan = scan_sources(resolved, text_field, progress)
+        val_scan = scan_sources(val_resolved, text_field, progress)
+        scan = _join_scans(train_scan, val_scan)
+    else:
+        train_scan = scan = scan_sources(resolved, text_field, progress)
     n_docs = len(scan.doc_keys)
     instruction = scan.instruction_docs > 0
     if instruction and scan.instruction_docs != n_docs:
@@ -140,7 +167,11 @@ def prepare(
         )
 
     # --- split plan: where val starts inside each document that contributes to val
-    if split_mode == "val_fraction":
+    if val_args:
+        _check_val_sources_split(train_scan, val_scan, val_args)
+        n_train = len(train_scan.doc_keys)
+        val_from = dict.fromkeys(range(n_train, n_docs), 0)
+    elif split_mode == "val_fraction":
         val_from = plan_fraction_split(scan.doc_chars, scan.doc_keys, fraction,
                                        cut_large=not instruction)
     else:
@@ -154,7 +185,11 @@ def prepare(
             f"{'tail' if val_tail is not None else 'fraction'} of {fraction} leaves an empty "
             "split; use a larger corpus or another fraction"
         )
-    split_note = _describe_split(scan, val_from, val_chars, split_mode, fraction)
+    if val_args:
+        split_note = _describe_val_sources(scan, val_from, val_chars, val_args, val_scan,
+                                           excluded)
+    else:
+        split_note = _describe_split(scan, val_from, val_chars, split_mode, fraction)
     varied = (array("B", (flat and chosen(key) for flat, key in
                           zip(scan.paragraph_lines, scan.doc_keys, strict=True)))
               if vary_breaks and not instruction else array("B", bytes(n_docs)))
@@ -163,7 +198,8 @@ def prepare(
     if tokenizer_path is not None:
         tok = Tokenizer.load(tokenizer_path)
     else:
-        sample = _take_chars((t for _, t in iter_pieces(scan.sources, text_field)),
+        # the training text only: the val split never shapes the tokenizer
+        sample = _take_chars((t for _, t in iter_pieces(train_scan.sources, text_field)),
                              tokenizer_sample_chars)
         tok = train_tokenizer(sample, kind=tokenizer, vocab_size=vocab_size,
                               show_progress=False)
@@ -190,7 +226,7 @@ def prepare(
                 raise UserError(
                     f"the corpus is too small for the split: the {split} split got no tokens "
                     f"({n_docs} document(s), {scan.chars} characters); use a larger corpus "
-                    "or change --val-fraction / --val-tail"
+                    "or change --val-fraction / --val-tail / --val-from"
                 )
         unknown = sum(w.unknown for w in writers.values())
         if unknown > max_unknown * scan.chars:
@@ -202,6 +238,11 @@ def prepare(
                 message = re.sub(r"prepare with a larger --vocab-size \(at least \d+\)|use a "
                                  r"tokenizer that covers this text", "the reused tokenizer "
                                  "cannot change (a model keeps its tokenizer)", message)
+            elif val_args and tok.kind == "char":  # val-only characters are unknown to it
+                message = message.replace(
+                    "prepare with a larger --vocab-size", "the tokenizer learns from the "
+                    "training sources only, so add training text that has them or prepare "
+                    "with a larger --vocab-size")
             raise UserError(message)
         for w in (*writers.values(), *masks.values()):
             w.commit()
@@ -379,6 +420,86 @@ def _check_split_args(val_fraction: float, val_tail: float | None) -> tuple[str,
     if not isinstance(value, (int, float)) or not 0 < value < 1 or math.isnan(value):
         raise UserError(f"{name}={value} must be between 0 and 1 (exclusive), e.g. 0.1")
     return name, float(value)
+
+
+def _check_val_sources(val_sources: Sequence[str] | None, val_tail: float | None
+                       ) -> list[str]:
+    """The val sources as a list of strings ([] when none are given); UserError for a bad
+    value or for `val_tail` given with them (two answers to "what is val")."""
+    if val_sources is None:
+        return []
+    if isinstance(val_sources, (str, os.PathLike)):
+        val_sources = [val_sources]
+    args = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in val_sources]
+    if not all(isinstance(v, str) and v for v in args):
+        raise UserError(f"val_sources={args!r} must be a list of files, directories or globs")
+    if args and val_tail is not None:
+        raise UserError(f"val_sources={args} and val_tail={val_tail} both choose the val split; "
+                        "pass one: the val sources are the whole val split (drop --val-tail), "
+                        "or drop --val-from to hold out the corpus tail")
+    return args
+
+
+def _named_explicitly(source: Source) -> bool:
+    """True when `source` came from an argument naming this one file (a path or a dataset
+    name), not from a directory, a glob or the stdlib corpus."""
+    return source.origin in DATASETS or Path(source.origin).expanduser().is_file()
+
+
+def _separate_val_files(train: list[Source], val: list[Source]
+                        ) -> tuple[list[Source], list[Source]]:
+    """(training sources without the val files, the training sources left out because they
+    are val files). A val file that a training directory or glob found is left out of
+    training; one named explicitly as a training source too is a UserError."""
+    val_paths = {s.path.resolve() for s in val}
+    kept: list[Source] = []
+    excluded: list[Source] = []
+    for source in train:
+        if source.path.resolve() not in val_paths:
+            kept.append(source)
+        elif _named_explicitly(source):
+            raise UserError(f"{source.path} is both a training and a validation source; drop it "
+                            "from one (the SOURCE list or --val-from)")
+        else:
+            excluded.append(source)
+    if train and not kept:
+        origins = ", ".join(sorted({s.origin for s in train}))
+        raise UserError(f"no training files are left: every file of {origins} is a validation "
+                        "source; pass training text besides the --val-from files")
+    return kept, excluded
+
+
+def _join_scans(train: Scan, val: Scan) -> Scan:
+    """One scan of the training then the val sources (documents numbered in that order),
+    each file's record marked with its split."""
+    records = ([{**r, "split": "train"} for r in train.records]
+               + [{**r, "split": "val"} for r in val.records])
+    return Scan(train.sources + val.sources, train.doc_keys + val.doc_keys,
+                train.doc_chars + val.doc_chars, train.chars + val.chars, records,
+                train.instruction_docs + val.instruction_docs,
+                train.paragraph_lines + val.paragraph_lines)
+
+
+def _check_val_sources_split(train: Scan, val: Scan, val_args: Sequence[str]) -> None:
+    """UserError when the training or the val sources give no text."""
+    if train.chars == 0:
+        raise UserError(f"the training sources are empty: {len(train.sources)} file(s) gave no "
+                        "text; pass training text besides the --val-from files")
+    if val.chars == 0:
+        raise UserError(f"the validation sources {', '.join(val_args)} are empty: "
+                        f"{len(val.sources)} file(s) gave no text; pass --val-from files with "
+                        "text")
+
+
+def _describe_val_sources(scan: Scan, val_from: dict[int, int], val_chars: int,
+                          val_args: Sequence[str], val_scan: Scan, excluded: Sequence[Source]
+                          ) -> dict[str, Any]:
+    """meta.json's account of a split by `val_sources`."""
+    return {"val_sources": list(val_args),
+            "val_files": [str(s.path) for s in val_scan.sources],
+            "excluded_from_train": [str(s.path) for s in excluded],
+            "documents_whole_in_val": len(val_from), "documents_cut": 0,
+            "val_share_of_chars": round(val_chars / scan.chars, 6)}
 
 
 def _take_chars(texts: Iterator[str], limit: int) -> Iterator[str]:
