@@ -476,6 +476,45 @@ def test_corpora_are_named_sources_or_given_paths(tmp_path, monkeypatch):
         [str(one)], None)
 
 
+def test_held_out_books_are_the_val_split_and_never_trained_on(tmp_path):
+    """--holdout novels=FILE: the corpus's val split is exactly that book; its directory's other
+    books are the training text (the held-out one is taken out of it)."""
+    from microtransformer.data import load_tokens
+    from microtransformer.tokenizer import Tokenizer
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for i, name in enumerate(("a.txt", "b.txt", "held.txt")):
+        words = " ".join(f"w{i}{j % 7}" for j in range(400))
+        (books / name).write_text(f"Book {name}. {words}\n")
+    corpus = S.parse_corpus_paths([f"novels={books}"])
+    holdout = S.parse_holdout_paths([f"novels={books / 'held.txt'}"])
+    s = S.StudySettings(corpora=("novels",), corpus_paths=corpus, holdout_paths=holdout)
+    files, _ = S.corpus_sources("novels", 10**6, s.corpus_paths, s.holdout_paths)
+    assert [Path(f).name for f in files] == ["a.txt", "b.txt"]
+    out = S.prepare_corpus("novels", tmp_path / "data", vocab_size=300, max_bytes=10**6,
+                           paths=corpus, holdout=holdout)
+    tok = Tokenizer.load(out / "tokenizer.json")
+    val = tok.decode(load_tokens(out, "val").tolist())
+    train = tok.decode(load_tokens(out, "train").tolist())
+    assert val == (books / "held.txt").read_text()
+    assert "held.txt" not in train and "a.txt" in train and "b.txt" in train
+
+
+def test_holdout_errors(tmp_path):
+    with pytest.raises(ValueError, match="must be NAME=PATH"):
+        S.parse_holdout_paths(["novels"])
+    with pytest.raises(ValueError, match="not in --corpora"):
+        S.StudySettings(corpora=("code",), holdout_paths=(("stories", str(tmp_path)),))
+    with pytest.raises(ValueError, match="does not exist"):
+        S.StudySettings(corpora=("code", "stories"),
+                        holdout_paths=(("stories", str(tmp_path / "nope.txt")),))
+    one = tmp_path / "only.txt"
+    one.write_text("text")
+    with pytest.raises(ValueError, match="no file left for training"):
+        S.corpus_sources("novels", 10**6, (("novels", str(one)),), (("novels", str(one)),))
+
+
 @pytest.mark.parametrize("args, needle", [
     (["stories"], "must be NAME=PATH"),
     (["stories=a", "stories=b"], "twice"),
