@@ -67,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--compile-after", type=int, default=COMPILE_AFTER, metavar="STEPS",
                    help=f"decode steps a bucket serves eagerly before it is queued for "
                         f"compiling (default {COMPILE_AFTER}; 1: on first use)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where each model's engine runs: process (default: a child process "
+                        "per model, so the model steps and the HTTP side use two cores "
+                        "instead of sharing one GIL) or thread (a thread of the server's "
+                        "process)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on CPU: the ops of a tiny model's step "
                         "are too small to split, and the HTTP side gets a core)")
@@ -145,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
                                 device=device, max_batch=args.max_batch,
                                 max_queue=args.max_queue, precision=args.precision,
                                 compile=compile_why is None,
-                                compile_after=args.compile_after)
+                                compile_after=args.compile_after,
+                                process=args.engine == "process",
+                                threads=args.threads or (1 if device.type == "cpu" else None))
               for run_dir, name in zip(args.run_dirs, names, strict=True)]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(models, api_key=api_key, cors=args.cors, ui=not args.no_ui,
@@ -158,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         card = m.card
         print(f"model {m.name}: {card['parameters']:,} parameters, context "
               f"{card['max_model_len']}, {card['tokenizer']} tokenizer, on {device}, "
-              f"{args.precision}; compiled steps: "
+              f"{args.precision}, engine in a "
+              + (f"process (pid {m.engine.process.pid})" if args.engine == "process"
+                 else "thread") + "; compiled steps: "
               + (f"off ({compile_why})" if compile_why else
                  f"built in the background after {args.compile_after} steps per bucket"),
               file=sys.stderr)
