@@ -56,10 +56,12 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8wo"), default="fp32",
                    help="weights and KV cache of the served copy: fp32 (default), bf16 (a CPU "
                         "with avx512_bf16 / amx_bf16, or CUDA; outputs differ from fp32 by "
-                        "rounding), int8 (dynamically quantized linears, CPU, never compiled)")
+                        "rounding), int8 (dynamically quantized linears, CPU, never compiled), "
+                        "int8wo (int8 weight-only linears with fp32 activations and cache, as "
+                        "`generate --dtype int8wo`; compiled like fp32)")
     p.add_argument("--no-compile", action="store_true",
                    help="never compile the decode steps (default on CPU: each (rows, columns) "
                         "bucket's step is compiled in a background thread once it has served "

@@ -56,7 +56,7 @@ class Engine:
         max_batch: slots in the decode batch (rows of the KV cache).
         max_queue: choices that may wait for a slot; `submit` raises QueueFullError beyond.
         dtype: weights and KV cache: a torch dtype or a precision name ("fp32", "bf16",
-            "int8"; `decoding.step.DecodeStep`); None: the model's.
+            "int8", "int8wo"; `decoding.step.DecodeStep`); None: the model's.
         compile: compile each (rows, columns) bucket's step in a background thread once it
             has served `compile_after` steps, the eager step serving meanwhile
             (`runner.ModelRunner`); `build_step` replaces the compile (a test seam).

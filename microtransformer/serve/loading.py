@@ -62,7 +62,7 @@ def load_served_model(run_dir: str | Path, *, name: str | None = None, which: st
                       threads: int | None = None) -> ServedModel:
     """Load a training run (`checkpoint.load_run`) and put an engine on it.
 
-    precision: "fp32", "bf16" or "int8" (`device.check_precision` must allow it; a copy of
+    precision: "fp32", "bf16", "int8" or "int8wo" (`device.check_precision` must allow it; a copy of
     the model in that precision); compile / compile_after: compile the engine's bucket steps
     in the background (`Engine`); log: where the compile progress goes (default: stderr,
     `model NAME: ...`). process: run the engine in a child process (`serve.process`; it
