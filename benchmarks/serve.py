@@ -3,8 +3,10 @@
 Starts the real server (a subprocess on 127.0.0.1, a free port) twice on the same run: with
 `--max-batch B` (continuous batching) and with `--max-batch 1` (one sequence at a time, what a
 server without batching does), both with `--server-args` (default `--compile-after 1`: every
-bucket's step is compiled on first use; warm-up passes of every level trigger them until a pass
-compiles nothing new, and the measurement starts once `/metrics` shows no compile pending).
+bucket's step is compiled on first use; warm-up passes of every level, and of every power of two
+of clients below the largest level (so each row bucket is used with both column buckets, not
+only by chance at a level's tail), trigger them until a pass compiles nothing new, and the
+measurement starts once `/metrics` shows no compile pending).
 The servers share a fresh inductor cache folder, so the first compiles cold and the second
 reuses the cache (compile seconds from the logs). At each concurrency level (default 1, 8, 32
 streaming clients, each sending requests back to back) it measures:
@@ -459,9 +461,14 @@ def main(argv: list[str] | None = None) -> int:
             result["server_commands"][name] = " ".join(
                 ["microtransformer", *server.cmd[3:]]).replace(str(run), "RUN")
             start = time.perf_counter()
-            for _ in range(3):  # warm-up passes of every level until no new bucket compiles
+            # warm-up passes until no new bucket compiles: every level, and every power of two
+            # of clients below the largest (a bucket of few rows at 128 columns was otherwise
+            # first used, and compiled, during a measured round now and then)
+            warm = sorted(set(levels) | {1 << i for i in range(max(levels).bit_length())
+                                         if 1 << i < max(levels)})
+            for _ in range(3):
                 before = len(server.compile_seconds())
-                for clients in levels:
+                for clients in warm:
                     asyncio.run(run_level(server.url, clients, args.requests_per_client, body,
                                           args.time_limit))
                 if not server.wait_compiled(args.compile_wait):

@@ -56,10 +56,12 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground at /")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8wo"), default="fp32",
                    help="weights and KV cache of the served copy: fp32 (default), bf16 (a CPU "
                         "with avx512_bf16 / amx_bf16, or CUDA; outputs differ from fp32 by "
-                        "rounding), int8 (dynamically quantized linears, CPU, never compiled)")
+                        "rounding), int8 (dynamically quantized linears, CPU, never compiled), "
+                        "int8wo (int8 weight-only linears with fp32 activations and cache, as "
+                        "`generate --dtype int8wo`; compiled like fp32)")
     p.add_argument("--no-compile", action="store_true",
                    help="never compile the decode steps (default on CPU: each (rows, columns) "
                         "bucket's step is compiled in a background thread once it has served "
@@ -67,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--compile-after", type=int, default=COMPILE_AFTER, metavar="STEPS",
                    help=f"decode steps a bucket serves eagerly before it is queued for "
                         f"compiling (default {COMPILE_AFTER}; 1: on first use)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where each model's engine runs: process (default: a child process "
+                        "per model, so the model steps and the HTTP side use two cores "
+                        "instead of sharing one GIL) or thread (a thread of the server's "
+                        "process)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on CPU: the ops of a tiny model's step "
                         "are too small to split, and the HTTP side gets a core)")
@@ -106,7 +113,10 @@ def _bind(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         family = socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose socket
+    # says TCP, and without it a response's body waits behind its headers for the
+    # client's delayed ACK (~40 ms per response on a kept-alive connection)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -142,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
                                 device=device, max_batch=args.max_batch,
                                 max_queue=args.max_queue, precision=args.precision,
                                 compile=compile_why is None,
-                                compile_after=args.compile_after)
+                                compile_after=args.compile_after,
+                                process=args.engine == "process",
+                                threads=args.threads or (1 if device.type == "cpu" else None))
               for run_dir, name in zip(args.run_dirs, names, strict=True)]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(models, api_key=api_key, cors=args.cors, ui=not args.no_ui,
@@ -155,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         card = m.card
         print(f"model {m.name}: {card['parameters']:,} parameters, context "
               f"{card['max_model_len']}, {card['tokenizer']} tokenizer, on {device}, "
-              f"{args.precision}; compiled steps: "
+              f"{args.precision}, engine in a "
+              + (f"process (pid {m.engine.process.pid})" if args.engine == "process"
+                 else "thread") + "; compiled steps: "
               + (f"off ({compile_why})" if compile_why else
                  f"built in the background after {args.compile_after} steps per bucket"),
               file=sys.stderr)

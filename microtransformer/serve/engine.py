@@ -56,12 +56,15 @@ class Engine:
         max_batch: slots in the decode batch (rows of the KV cache).
         max_queue: choices that may wait for a slot; `submit` raises QueueFullError beyond.
         dtype: weights and KV cache: a torch dtype or a precision name ("fp32", "bf16",
-            "int8"; `decoding.step.DecodeStep`); None: the model's.
+            "int8", "int8wo"; `decoding.step.DecodeStep`); None: the model's.
         compile: compile each (rows, columns) bucket's step in a background thread once it
             has served `compile_after` steps, the eager step serving meanwhile
             (`runner.ModelRunner`); `build_step` replaces the compile (a test seam).
         log: where the compile progress lines go (None: nowhere).
         observer: optional metrics sink.
+        flush: called by the engine thread after each admission and step, and once more after
+            the shutdown's error events (`serve.process`: the choices' sinks collect a step's
+            events and this sends them to the HTTP process in one message).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16,
@@ -69,7 +72,8 @@ class Engine:
                  compile: bool = False, compile_after: int = 1,
                  build_step: Callable[[tuple[int, int]], Any] | None = None,
                  log: Callable[[str], None] | None = None,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None,
+                 flush: Callable[[], None] | None = None) -> None:
         self.scheduler = Scheduler(max_batch, max_queue, model.max_seq_len)
         self.runner = ModelRunner(model, max_batch, self.scheduler.row_buckets,
                                   self.scheduler.col_buckets, dtype=dtype, compile=compile,
@@ -81,6 +85,8 @@ class Engine:
         self.max_model_len = model.max_seq_len
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer
+        self.flush = flush
+        self.failure: str | None = None  # why the engine cannot serve (a thread engine: never)
         self._wake = threading.Condition()  # guards the scheduler's queue
         self._stopping = False
         self._paused = False  # admission paused: submitted choices wait (admission_paused)
@@ -97,6 +103,14 @@ class Engine:
     def running(self) -> int:
         """Choices holding a slot."""
         return self.scheduler.running
+
+    def compile_status(self) -> tuple[int, int, float] | None:
+        """(compiled buckets serving, buckets queued or compiling, compile seconds so far), or
+        None when the engine does not compile."""
+        compiler = self.runner.compiler
+        if compiler is None:
+            return None
+        return len(self.runner.fast), compiler.pending, sum(compiler.seconds.values())
 
     def start(self) -> Engine:
         """Start the engine thread (idempotent)."""
@@ -123,6 +137,11 @@ class Engine:
                 raise RuntimeError("the engine is shut down")
             self.scheduler.submit(choices)
             self._wake.notify()
+
+    async def submit_async(self, choices: list[Choice]) -> None:
+        """`submit` for the HTTP handlers (the engine process's proxy answers
+        asynchronously; here the queue is this process's)."""
+        self.submit(choices)
 
     @contextlib.contextmanager
     def admission_paused(self) -> Iterator[None]:
@@ -162,9 +181,13 @@ class Engine:
                     self._start(admitted)
                 if scheduler.running:
                     self._step()
+                if self.flush is not None:
+                    self.flush()
         for choice in [*scheduler.waiting, *scheduler.busy()]:
             self._fail(choice, "the server is shutting down")
         scheduler.waiting.clear()
+        if self.flush is not None:
+            self.flush()
 
     def _free(self, choice: Choice) -> None:
         """Release the slot of `choice`; the cache and sampler rows follow a packing move."""

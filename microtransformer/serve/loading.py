@@ -13,6 +13,7 @@ from typing import Any
 from microtransformer.checkpoint import METRICS_FILE, load_run
 from microtransformer.metrics import read_metrics
 from microtransformer.serve.engine import Engine
+from microtransformer.serve.process import EngineProcess
 from model.utils import count_parameters
 
 
@@ -21,7 +22,7 @@ class ServedModel:
     """One model behind the API: its engine, tokenizer and `/v1/models` entry."""
 
     name: str
-    engine: Engine
+    engine: Engine | EngineProcess
     tokenizer: Any
     card: dict[str, Any] = field(default_factory=dict)
 
@@ -57,14 +58,18 @@ def stderr_log(name: str) -> Callable[[str], None]:
 def load_served_model(run_dir: str | Path, *, name: str | None = None, which: str = "last",
                       device: Any = "cpu", max_batch: int = 16, max_queue: int = 256,
                       precision: str = "fp32", compile: bool = False, compile_after: int = 1,
-                      log: Callable[[str], None] | None = None) -> ServedModel:
+                      log: Callable[[str], None] | None = None, process: bool = False,
+                      threads: int | None = None) -> ServedModel:
     """Load a training run (`checkpoint.load_run`) and put an engine on it.
 
-    precision: "fp32", "bf16" or "int8" (`device.check_precision` must allow it; a copy of
+    precision: "fp32", "bf16", "int8" or "int8wo" (`device.check_precision` must allow it; a copy of
     the model in that precision); compile / compile_after: compile the engine's bucket steps
     in the background (`Engine`); log: where the compile progress goes (default: stderr,
-    `model NAME: ...`)."""
-    model, tokenizer, _ = load_run(run_dir, which=which, device=device)
+    `model NAME: ...`). process: run the engine in a child process (`serve.process`; it
+    loads the run itself, with `threads` torch threads, and logs to stderr) instead of a
+    thread of this one; this process then keeps only the tokenizer."""
+    model, tokenizer, _ = load_run(run_dir, which=which,
+                                   device="cpu" if process else device)
     name = name or Path(run_dir).resolve().name
     evals = [e for e in read_metrics(Path(run_dir) / METRICS_FILE)
              if e.get("val_loss") is not None]
@@ -74,6 +79,14 @@ def load_served_model(run_dir: str | Path, *, name: str | None = None, which: st
             "parameters": count_parameters(model), "best_val_loss": best.get("val_loss"),
             "bits_per_byte": best.get("val_bpb"), "tokenizer": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "weights": which, "precision": precision}
+    if process:
+        max_model_len = model.max_seq_len
+        del model  # the child loads its own
+        spec = {"run_dir": str(run_dir), "which": which, "device": str(device), "name": name,
+                "max_batch": max_batch, "max_queue": max_queue, "precision": precision,
+                "compile": compile, "compile_after": compile_after, "threads": threads}
+        return ServedModel(name, EngineProcess(spec, tokenizer=tokenizer,
+                                               max_model_len=max_model_len), tokenizer, card)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                     dtype=precision, compile=compile, compile_after=compile_after,
                     log=log or stderr_log(name))

@@ -83,9 +83,10 @@ class ServeMetrics:
         for name, engine in engines:
             self.queue_depth.labels(name).set(engine.queue_depth)
             self.running.labels(name).set(engine.running)
-            compiler = engine.runner.compiler
-            if compiler is not None:
-                self.compiled.labels(name).set(len(engine.runner.fast))
-                self.compiling.labels(name).set(compiler.pending)
-                self.compile_seconds.labels(name).set(sum(compiler.seconds.values()))
+            status = engine.compile_status()
+            if status is not None:
+                compiled, pending, seconds = status
+                self.compiled.labels(name).set(compiled)
+                self.compiling.labels(name).set(pending)
+                self.compile_seconds.labels(name).set(seconds)
         return generate_latest(self.registry)

@@ -37,7 +37,7 @@ class ModelRunner:
     (both ascending, ending with max_batch and the model's context).
 
     Args:
-        dtype: a torch dtype, or a precision name ("fp32", "bf16", "int8": see
+        dtype: a torch dtype, or a precision name ("fp32", "bf16", "int8", "int8wo": see
             `DecodeStep`; a copy of the model when it differs from the model's).
         compile: build compiled bucket steps in the background (see the module docstring).
         compile_after: eager steps a bucket serves before it is queued for compiling.

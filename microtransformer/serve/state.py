@@ -21,11 +21,16 @@ class Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop's thread (`mailbox`)
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue, Event]] = []
 
     def post(self, queue: asyncio.Queue, event: Event) -> None:
-        """Thread-safe; raises RuntimeError once the loop is closed."""
+        """Thread-safe; raises RuntimeError once the loop is closed. On the loop's own thread
+        (the engine process's events, read by the loop) the event goes in at once."""
+        if threading.get_ident() == self._loop_thread:
+            queue.put_nowait(event)
+            return
         with self._lock:
             self._pending.append((queue, event))
             if len(self._pending) > 1:
@@ -57,6 +62,12 @@ class ServerState:
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         return self._mailbox
+
+    @property
+    def failure(self) -> str | None:
+        """Why a model's engine cannot serve (its process died), or None."""
+        return next((m.engine.failure for m in self.models.values()
+                     if m.engine.failure is not None), None)
 
     @property
     def idle(self) -> bool:

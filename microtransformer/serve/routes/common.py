@@ -17,12 +17,19 @@ from microtransformer.serve.chat import render_chat
 from microtransformer.serve.choice import Choice, Event, SamplingParams
 from microtransformer.serve.errors import short_repr
 from microtransformer.serve.loading import ServedModel
+from microtransformer.serve.process import EngineUnavailable
 from microtransformer.serve.protocol import APIError, ChatMessage
 from microtransformer.serve.responses import ResponseFormat, collect, response_body, stream
 from microtransformer.serve.scheduler import QueueFullError
 from microtransformer.serve.state import ServerState
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
+
+def unavailable(why: str) -> APIError:
+    """The 503 of a model whose engine process is gone."""
+    return APIError(503, f"the model cannot serve: {why}", type="service_unavailable",
+                    code=503)
 
 
 def server_state(request: Request) -> ServerState:
@@ -151,11 +158,13 @@ async def generate(request: Request, state: ServerState, served: ServedModel,
                        f"this server queues at most {engine.max_queue}; send fewer",
                        param="n")
     try:
-        engine.submit(choices)
+        await engine.submit_async(choices)
     except QueueFullError as exc:
         raise APIError(429, f"server busy: {exc}; retry after {RETRY_AFTER_S} s",
                        type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineUnavailable as exc:
+        raise unavailable(str(exc)) from None
     usage_prompt = sum(len(ids) for ids in prompts)
     rid, created = f"{fmt.prefix}-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -177,6 +186,8 @@ async def generate(request: Request, state: ServerState, served: ServedModel,
         return Response(status_code=499)  # nobody reads it
     texts, completion_tokens, error = collecting.result()
     if error is not None:
+        if engine.failure is not None:
+            raise unavailable(engine.failure)
         raise APIError(500, f"generation failed: {error}", type="server_error", code=500)
     return JSONResponse(response_body(fmt, rid, created, texts, usage_prompt,
                                       completion_tokens))

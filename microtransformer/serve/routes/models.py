@@ -23,6 +23,10 @@ async def health(request: Request) -> JSONResponse:
                                           "new requests to another instance",
                                           "service_unavailable", code=503),
                              "status": "draining"}, status_code=503)
+    if state.failure is not None:  # an engine process died: this instance cannot serve
+        return JSONResponse({**error_body(f"the model cannot serve: {state.failure}",
+                                          "service_unavailable", code=503),
+                             "status": "failed"}, status_code=503)
     return JSONResponse({"status": "ok", "models": list(state.models)})
 
 

@@ -82,10 +82,13 @@ class LiveServer:
 
 
 def start_server(run_dirs: list[Path], *, names: list[str] | None = None, max_batch: int = 4,
-                 max_queue: int = 64, **app_options) -> LiveServer:
-    """Load the runs and serve them (options as for `create_app`)."""
+                 max_queue: int = 64, process: bool = False, precision: str = "fp32",
+                 **app_options) -> LiveServer:
+    """Load the runs and serve them (options as for `create_app`; `process`: each engine in
+    a child process, as `microtransformer serve` runs it)."""
     names = names or [None] * len(run_dirs)
-    models = [load_served_model(d, name=n, max_batch=max_batch, max_queue=max_queue)
+    models = [load_served_model(d, name=n, max_batch=max_batch, max_queue=max_queue,
+                                process=process, precision=precision)
               for d, n in zip(run_dirs, names, strict=True)]
     return LiveServer(create_app(models, **app_options))
 
