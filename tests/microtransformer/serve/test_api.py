@@ -404,9 +404,11 @@ def test_playground_routes(server, tiny_run):
         live.stop()
 
 
-def test_non_streaming_client_gone_cancels(tiny_run):
-    """A client that hangs up before a (long) non-streamed answer frees its slots at once."""
-    live = start_server([tiny_run], max_batch=1)
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_non_streaming_client_gone_cancels(tiny_run, process):
+    """A client that hangs up before a (long) non-streamed answer frees its slots at once, the
+    engine in the server's process or in its own (then the child cancels)."""
+    live = start_server([tiny_run], max_batch=1, process=process)
     engine = live.engine()
     try:
         body = {"prompt": "the", "max_tokens": 60, "n": 16, "ignore_eos": True}  # 16 x 59 steps
