@@ -95,6 +95,12 @@ def execute_run(spec: RunSpec, data_dir: Path, run_dir: Path, *, progress: bool 
 
     with PeakMemory(spec.device) as mem:
         result = train(cfg, train_dir, resume=resume, progress=progress)
+    if result.interrupted:
+        # Stopped by a signal (the study killed, the machine taken back): the checkpoint is
+        # saved and the run continues from it when the study is rerun; no result.json, since
+        # a result would mark it finished.
+        raise KeyboardInterrupt(f"run {spec.run_id} interrupted at step {result.step} of "
+                                f"{steps}; rerun the study to continue it")
 
     # The final weights, as trained (dropout off for evaluation).
     model = MicroTransformer.from_config(model_cfg).to(spec.device)

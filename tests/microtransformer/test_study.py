@@ -394,6 +394,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_exactly(tiny_data, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         S.execute_run(spec, tiny_data, tmp_path / "killed")
     assert not (tmp_path / "killed" / "result.json").exists()
+
+    def stopped(cfg, run_dir, **kw):  # SIGTERM: `train` checkpoints and returns "interrupted"
+        return real_train(cfg, run_dir, stop_at=10, **kw)
+
+    monkeypatch.setattr(worker, "train", stopped)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 10"):
+        S.execute_run(spec, tiny_data, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "result.json").exists()  # not marked finished
     monkeypatch.setattr(worker, "train", real_train)
     resumed = S.execute_run(spec, tiny_data, tmp_path / "killed")
     assert resumed["steps"] == 16 and resumed["stop_reason"] == whole["stop_reason"]
