@@ -130,16 +130,16 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
                     steps = steps_for_tokens(speed * minutes * 60, spec.batch_size,
                                              spec.seq_len)
                 spec = replace(spec, max_steps=max(1, steps))
-            twin = replace(spec, group="tokens", max_steps=token_steps, max_minutes=None)
+            twin = replace(spec, group="tokens").run_id
             if spec.group == "time" and same_length(spec.max_steps, token_steps) and (
-                    twin.run_id in finished):
+                    twin in finished):
                 # Within 5% of the equal-token run's length: that run is this one's equal-time
                 # run too (the speeds differ by less than 5%), recorded as such, not retrained.
-                folded = fold_time_run(spec, finished[twin.run_id], out)
+                folded = fold_time_run(spec, finished[twin], out)
                 finished[spec.run_id] = folded
                 results.append(folded)
                 log(f"[{i}/{len(kept)}] {spec.run_id}: {spec.max_steps} steps is within "
-                    f"{TIME_FOLD:.0%} of {twin.run_id}'s {token_steps}: that run stands for it")
+                    f"{TIME_FOLD:.0%} of {twin}'s {token_steps}: that run stands for it")
                 continue
             est = estimate_seconds(spec, throughput)
             if deadline is not None and time.perf_counter() + est > deadline:
@@ -151,8 +151,6 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
             yield spec
 
     for spec, outcome in executor.run(next_specs(), data_dirs, out):
-        if not isinstance(outcome, Exception):
-            finished[spec.run_id] = outcome
         if isinstance(outcome, Exception):
             failed.append(f"{spec.run_id}: {str(outcome)[:300]}")
             log(f"  {spec.run_id} FAILED: {str(outcome)[:300]}")
@@ -160,6 +158,7 @@ def run_study(s: StudySettings, out_dir: str | os.PathLike, *, command: str = ""
         log(f"  {spec.run_id}: val loss {outcome['val_loss']:.4f}, "
             f"{outcome['tokens_per_s_best']:,.0f} tok/s")
         results.append(outcome)
+        finished[spec.run_id] = outcome
         note_speed(outcome)
 
     settings = {**asdict(s), "tokens_per_run": tokens, "minutes_per_time_run": minutes,
