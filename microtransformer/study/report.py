@@ -133,7 +133,9 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
               "Paired per-seed differences (same seed = same data order and eval windows). "
               "'supported' / 'contradicted' = every seed's difference agrees and the two sides' "
               "spreads over seeds (mean ± std) do not overlap; 'not distinguishable' = seeds "
-              "disagree or the spreads overlap (within seed noise at this budget).", ""]
+              "disagree or the spreads overlap (within seed noise at this budget), or, for speed "
+              "and memory, the two are less than 5% apart (separately timed runs vary by "
+              "that much, and it is too small to choose a shape by).", ""]
         L += _table(["claim", "corpus", "per-seed difference", "verdict"],
                     [[r["claim"], r["corpus"], r["diffs"], r["verdict"]] for r in claims])
         L.append("")

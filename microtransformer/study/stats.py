@@ -62,19 +62,26 @@ def spreads_overlap(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def verdict(diffs: Sequence[float], claim_positive: bool, a: Sequence[float] = (),
-            b: Sequence[float] = ()) -> str:
+            b: Sequence[float] = (), min_rel: float = 0.0) -> str:
     """The verdict on a claim from its paired per-seed differences `diffs` (a - b per seed;
     `claim_positive`: the claim predicts them > 0) and, when given, each side's values.
 
     'supported' / 'contradicted': every seed's difference has the same sign and the two sides'
     spreads over seeds (mean ± std) do not overlap. 'not distinguishable': seeds disagree, or
-    the spreads overlap (the difference is within the seed-to-seed noise at this budget). One
-    seed gives 'one seed: ...' (no spread to judge by).
+    the spreads overlap (the difference is within the seed-to-seed noise at this budget), or
+    (`min_rel` > 0) the mean difference is below that fraction of b's mean: a speed or memory
+    gap of a few percent is within what separately timed runs vary by, and too small to choose
+    a shape by. One seed gives 'one seed: ...' (no spread to judge by).
     """
     if not diffs:
         return "not run"
     signs = {d > 0 for d in diffs}
     word = "supported" if signs == {claim_positive} else "contradicted"
+    if min_rel > 0 and b:
+        rel = abs(statistics.fmean(diffs)) / max(abs(statistics.fmean(b)), 1e-12)
+        if rel < min_rel:
+            small = f"not distinguishable (< {min_rel:.0%} apart)"
+            return f"one seed: {small}" if len(diffs) == 1 else small
     if len(diffs) == 1:
         return f"one seed: {word}" if diffs[0] != 0 else "one seed: no difference"
     if len(signs) > 1 or any(d == 0 for d in diffs) or (a and b and spreads_overlap(a, b)):
@@ -94,6 +101,8 @@ class Claim:
     metric: str
     positive: bool  # the claim predicts metric(a) - metric(b) > 0
     init_b: str | None = None  # compare inits of config a (b = init name)
+    min_rel: float = 0.0  # a mean difference below this fraction of b's is 'not distinguishable'
+    threshold: float | None = None  # compare config a with this constant (b unused)
 
 
 def _metric(name: str) -> Callable[[dict[str, Any]], float]:
@@ -110,6 +119,8 @@ def _metric(name: str) -> Callable[[dict[str, Any]], float]:
     }[name]
 
 
+SPEED_MARGIN = 0.05  # the issue's own line: speeds within 5% are "the same speed"
+
 CLAIMS: tuple[Claim, ...] = (
     Claim("Wide & Shallow reaches a lower loss than Narrow & Deep on code (equal tokens)",
           "tokens", "code", "narrow_deep", "wide_shallow", "val_loss", True),
@@ -118,18 +129,25 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("Wide & Shallow reaches a lower loss than Narrow & Deep at equal wall-clock",
           "time", None, "narrow_deep", "wide_shallow", "val_loss", True),
     Claim("Wide & Shallow trains faster (tokens/s) than Narrow & Deep",
-          "tokens", None, "wide_shallow", "narrow_deep", "tokens_per_s", True),
+          "tokens", None, "wide_shallow", "narrow_deep", "tokens_per_s", True,
+          min_rel=SPEED_MARGIN),
     Claim("Narrow & Deep generates slower (KV-cache tokens/s) than Wide & Shallow",
-          "tokens", None, "wide_shallow", "narrow_deep", "gen_tokens_per_s", True),
+          "tokens", None, "wide_shallow", "narrow_deep", "gen_tokens_per_s", True,
+          min_rel=SPEED_MARGIN),
     Claim("Narrow & Deep generates slower at batch 8 (KV-cache tokens/s per sequence)",
-          "tokens", None, "wide_shallow", "narrow_deep", "gen_tokens_per_s_b8", True),
+          "tokens", None, "wide_shallow", "narrow_deep", "gen_tokens_per_s_b8", True,
+          min_rel=SPEED_MARGIN),
     Claim("Narrow & Deep uses less training memory than Wide & Shallow",
-          "tokens", None, "wide_shallow", "narrow_deep", "peak_memory_mb", True),
+          "tokens", None, "wide_shallow", "narrow_deep", "peak_memory_mb", True,
+          min_rel=SPEED_MARGIN),
     Claim("Narrow & Deep is harder to train: higher train loss than Wide & Shallow at 25% of "
           "the run", "tokens", None, "narrow_deep", "wide_shallow", "loss25", True),
-    Claim("Narrow & Deep has vanishing gradients: first-block / last-block gradient norm at "
-          "initialisation lower than Wide & Shallow's", "tokens", None, "wide_shallow",
-          "narrow_deep", "grad_ratio", True),
+    Claim("Narrow & Deep has vanishing gradients: its first-block gradient norm at "
+          "initialisation is below its last block's (ratio < 1)", "tokens", None,
+          "narrow_deep", "", "grad_ratio", False, threshold=1.0),
+    Claim("Narrow & Deep's gradients shrink more toward the input than Wide & Shallow's: "
+          "first-block / last-block gradient norm at initialisation lower", "tokens", None,
+          "wide_shallow", "narrow_deep", "grad_ratio", True),
     Claim("Narrow & Deep is harder to train: its val loss varies more over the learning-rate "
           "sweep than Wide & Shallow's", "lr", None, "narrow_deep", "wide_shallow",
           "lr_spread", True),
@@ -170,7 +188,13 @@ def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
         for corpus in targets:
             a = groups.get((c.group, corpus, c.a, base_init), [])
             b = groups.get((c.group, corpus, c.b, base_init), [])
-            if c.metric == "long_range":
+            if c.threshold is not None:
+                # config a against a constant: metric(a) - threshold per seed
+                metric = _metric(c.metric)
+                values = [metric(r) for r in a]
+                diffs = [v - c.threshold for v in values]
+                sides = (values, [c.threshold] * len(values))
+            elif c.metric == "long_range":
                 # (WS - ND) at late positions minus (WS - ND) at early positions > 0
                 late = paired_diffs(b, a, _metric("late"))
                 early = paired_diffs(b, a, _metric("early"))
@@ -185,7 +209,7 @@ def claim_rows(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
             diffs = [d for d in diffs if math.isfinite(d)]
             rows.append({"claim": c.text, "corpus": corpus,
                          "diffs": ", ".join(f"{d:+.4g}" for d in diffs) or "-",
-                         "verdict": verdict(diffs, c.positive, *sides)})
+                         "verdict": verdict(diffs, c.positive, *sides, min_rel=c.min_rel)})
     # Balanced in the middle (val loss strictly between the other two, each seed).
     for group in ("tokens", "time"):
         for corpus in corpora:

@@ -168,6 +168,20 @@ def test_verdict_words():
     assert S.verdict([0.3, 0.3], True, [4.30, 4.31], [4.00, 4.01]) == "supported"
 
 
+def test_verdict_margin_for_speed_and_memory():
+    # 3% faster on both seeds, spreads apart: supported without a margin, not with 5%
+    faster, slower = [1030.0, 1040.0], [1000.0, 1010.0]
+    diffs = [x - y for x, y in zip(faster, slower, strict=True)]
+    assert S.verdict(diffs, True, faster, slower) == "supported"
+    assert S.verdict(diffs, True, faster, slower, min_rel=0.05) == \
+        "not distinguishable (< 5% apart)"
+    assert S.verdict(diffs[:1], True, faster[:1], slower[:1], min_rel=0.05) == \
+        "one seed: not distinguishable (< 5% apart)"
+    # 40% apart clears the margin; the sign still decides
+    assert S.verdict([400.0, 410.0], False, [1400, 1420], [1000, 1010], min_rel=0.05) == \
+        "contradicted"
+
+
 def test_claim_with_overlapping_seed_spreads_is_not_distinguishable(tmp_path):
     results = fake_results()
     # seeds far apart (a large seed effect) and configs close: paired diffs agree in sign,
@@ -191,9 +205,28 @@ def test_lr_sweep_and_gradient_claims_from_fake_results(tmp_path):
     rows = S.claim_rows(S.group_results(results), ["code", "stories"], "kaiming", sweep)
     lr_row = next(r for r in rows if "learning-rate sweep" in r["claim"])
     assert lr_row["verdict"] == "supported"  # narrow_deep's spread 0.2 vs 0.05
-    grad = next(r for r in rows if "vanishing gradients" in r["claim"] and r["corpus"] == "code")
+    grad = next(r for r in rows if "shrink more toward the input" in r["claim"]
+                and r["corpus"] == "code")
     # fake norms grow with depth faster for narrow_deep: first/last lower -> supported
     assert grad["verdict"] == "supported"
+    # and narrow_deep's own first/last ratio (0.45 on both seeds) is below 1: vanishing
+    vanish = next(r for r in rows if "vanishing gradients" in r["claim"]
+                  and r["corpus"] == "code")
+    assert vanish["verdict"] == "supported" and vanish["diffs"].startswith("-0.5455")
+    for r in results:  # gradients that grow toward the input instead: ratio 2.2
+        if r["spec"]["config"] == "narrow_deep":
+            r["grad_norms_init"] = r["grad_norms_init"][::-1]
+    rows = S.claim_rows(S.group_results(results), ["code", "stories"], "kaiming", sweep)
+    vanish = next(r for r in rows if "vanishing gradients" in r["claim"]
+                  and r["corpus"] == "code")
+    assert vanish["verdict"] == "contradicted"
+    # a training-speed gap of 2% is within the 5% margin, whatever the seeds say
+    for r in results:
+        if r["spec"]["config"] == "wide_shallow":
+            r["tokens_per_s_best"] = 1.02 * 700.0
+    rows = S.claim_rows(S.group_results(results), ["code", "stories"], "kaiming", sweep)
+    speed = next(r for r in rows if "trains faster" in r["claim"] and r["corpus"] == "code")
+    assert speed["verdict"] == "not distinguishable (< 5% apart)"
     path = S.write_report(tmp_path, results, settings={"corpora": ["code", "stories"]})
     text = path.read_text()
     assert "## Learning-rate sweep (code, equal tokens)" in text
