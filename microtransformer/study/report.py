@@ -60,6 +60,14 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
           "val windows; bpb = bits per UTF-8 byte",
           "- early / late = mean loss at context positions "
           f"1-{BUCKET} / last {BUCKET} positions; gain = early - late", ""]
+    trained = [r for r in results if not r.get("same_run_as")]  # a folded run cost nothing
+    if trained:
+        wall = sum(r.get("train_seconds", 0.0) for r in trained)
+        idle = sum(r["steps"] * r["step_time_ms"] / 1e3 for r in trained
+                   if r.get("step_time_ms"))
+        L.insert(len(L) - 1, f"- machine time: {wall / 3600:.2f} h of training loops over "
+                 f"{len(trained)} trained runs (wall-clock, pauses and other jobs included; "
+                 f"at each run's best logged speed {idle / 3600:.2f} h)")
     if elapsed_s is not None:
         L.insert(len(L) - 1, f"- study wall-clock this invocation: {elapsed_s / 60:.1f} min")
 

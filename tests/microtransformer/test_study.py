@@ -100,6 +100,7 @@ def fake_result(group: str, corpus: str, config: str, init: str, seed: int) -> d
         "run_id": spec.run_id, "spec": asdict(spec), "params": 2_000_000, "steps": 10,
         "tokens": 5120, "val_loss": sum(per_pos) / 64, "val_bpb": 1.5, "tokens_per_s": tps,
         "tokens_per_s_best": tps, "step_time_ms": 500.0, "loss_by_position": per_pos,
+        "train_seconds": 9.0,
         "position_buckets": S.position_buckets(per_pos), "peak_memory_mb": 100 + 10 * seed,
         "memory_kind": "rss_high_water_growth", "gen_tokens_per_s": 200 - 100 * width,
         "max_grad_norm": 1.0, "curve": [[s, s * 512, s * 0.5, 6 - 0.1 * s] for s in
@@ -142,6 +143,10 @@ def test_report_from_fake_results(tmp_path):
     assert "## Initialisation" in text and "time__code__balanced__kaiming__s9" in text
     # mean ± std over the two seeds (0.01 apart): std = 0.00707
     assert "± 0.007" in text
+    # machine time: 9 s of training loop per run, 10 steps of 500 ms at the best speed
+    n = len(results)
+    assert (f"- machine time: {n * 9 / 3600:.2f} h of training loops over {n} trained runs"
+            in text) and f"best logged speed {n * 5 / 3600:.2f} h)" in text
     # the fake numbers make wide_shallow best everywhere: the narrative claim is contradicted
     line = next(ln for ln in text.splitlines() if "on narrative" in ln)
     assert line.rstrip(" |").endswith("contradicted")
