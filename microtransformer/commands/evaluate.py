@@ -22,7 +22,7 @@ from microtransformer.device import PRECISIONS, check_precision, prepare_model, 
 from microtransformer.errors import UserError
 from microtransformer.jsonout import json_dumps
 from microtransformer.memory import check_eval_fits
-from microtransformer.training import check_tokenizer_match
+from microtransformer.rundata import check_tokenizer_match
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:

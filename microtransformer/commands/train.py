@@ -27,16 +27,10 @@ from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import RuntimeContext, restart_count
 from microtransformer.errors import UserError
 from microtransformer.recipe import Recipe, choose_recipe, this_machine
+from microtransformer.rundata import adapt_to_dataset, prepare_data, require_data_dir
 from microtransformer.schedule import budget_spent, parse_duration
 from microtransformer.throughput.mfu import format_mfu, run_mfu
-from microtransformer.training import (
-    adapt_to_dataset,
-    prepare_data,
-    require_data_dir,
-    resolve_batch_size,
-    resolve_threads,
-    train,
-)
+from microtransformer.training import resolve_batch_size, resolve_threads, train
 from model.io import CONFIG_FILE
 from model.utils import parameter_formula
 

@@ -25,7 +25,7 @@ from microtransformer.cli import main
 from microtransformer.data import prepare, verify_dataset
 from microtransformer.errors import UserError
 from microtransformer.metrics import read_metrics
-from microtransformer.training import check_run_output, check_tokenizer_match
+from microtransformer.rundata import check_run_output, check_tokenizer_match
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
