@@ -10,6 +10,14 @@ from typing import Any
 from microtransformer.study.measure import smooth_positions
 
 COLORS = {"wide_shallow": "tab:blue", "narrow_deep": "tab:red", "balanced": "tab:green"}
+SMOOTH = 9  # logged train losses per moving-average window in the loss plots
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average (the window shrinks at the ends); same length as `values`."""
+    half = window // 2
+    return [statistics.fmean(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
 
 
 def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str, Any]]],
@@ -48,17 +56,42 @@ def write_plots(out: Path, groups: dict[tuple[str, str, str, str], list[dict[str
                                     ("time", 2, "training seconds", "study_loss_time.png")):
         if not any(k[0] == group for k in groups):
             continue
-        fig, axes = panels(f"train loss, equal {'tokens' if group == 'tokens' else 'time'}")
-        for ax, corpus in zip(axes, corpora, strict=True):
+        # top: train loss, smoothed, mean over seeds; bottom: val loss at the in-run
+        # evaluations (a few batches) and the final one (the fixed val windows), per seed
+        fig, grid = plt.subplots(2, len(corpora), figsize=(4.2 * len(corpora), 5.6), dpi=80,
+                                 squeeze=False, sharex="col")
+        fig.suptitle(f"loss against {xlabel} (equal {'tokens' if group == 'tokens' else 'time'}"
+                     "): train loss smoothed, mean over seeds (top); val loss per seed "
+                     "(bottom)", fontsize=9)
+        for col, corpus in enumerate(corpora):
+            top, bottom = grid[0][col], grid[1][col]
+            low: list[float] = []
             for (g, c, cfg, init), rs in sorted(groups.items()):
                 if g != group or c != corpus or init != base_init:
                     continue
+                n = min(len(r["curve"]) for r in rs)
+                xs = [statistics.fmean(r["curve"][i][xi] for r in rs) for i in range(n)]
+                ys = smooth([statistics.fmean(r["curve"][i][3] for r in rs) for i in range(n)],
+                            SMOOTH)
+                top.plot(xs, ys, color=COLORS.get(cfg), linewidth=1.2, label=cfg)
+                low += ys[n // 10:]
                 for j, r in enumerate(rs):
-                    xs = [e[xi] for e in r["curve"]]
-                    ys = [e[3] for e in r["curve"]]
-                    ax.plot(xs, ys, color=COLORS.get(cfg), alpha=0.8, linewidth=1,
-                            label=cfg if j == 0 else None)
-            style(ax, corpus, xlabel)
+                    vc = r.get("val_curve") or []
+                    # in-run evaluations at their x (the curve's entry at that step), then
+                    # the final score on the fixed windows at the run's end
+                    at = {e[0]: e[xi] for e in r["curve"]}
+                    pts = [(at.get(e[0], e[1] if xi == 1 else float("nan")), e[2])
+                           for e in vc if e[0] > 0]
+                    pts.append((r["curve"][-1][xi], r["val_loss"]))
+                    bottom.plot([x for x, _ in pts], [y for _, y in pts], "o-",
+                                markersize=3, linewidth=1, alpha=0.85, color=COLORS.get(cfg),
+                                label=cfg if j == 0 else None)
+            if low:  # leave the first 10% (loss from 8 down) out of the y range
+                span = max(low) - min(low)
+                top.set_ylim(min(low) - 0.05 * span, max(low) + 0.05 * span)
+            style(top, corpus, "", "train loss (nats)")
+            style(bottom, corpus, xlabel, "val loss (nats)")
+            bottom.set_title("")
         save(fig, name)
 
     if any(k[0] == "tokens" for k in groups):
