@@ -7,7 +7,8 @@ Each `--shape NAME=FIELD=VALUE,...` is the preset's model with those fields chan
 list: the preset's own shape); `batch_size` among the fields changes that shape's batch, and
 `max_seq_len` its window. Every round times each shape in turn (forward, backward and an
 AdamW step on the same random batch of the preset's batch x window), 1 thread by default; the
-best round of each is printed with its speed relative to the first shape. Used to give each
+best round of each is printed with its speed relative to the first shape, and the paired
+per-round ratios as median (min-max). Used to give each
 shape the steps a time budget buys (docs/RESULTS.md, section 8). Run it on an idle machine; the
 ratio holds better than separate runs when it is not.
 
@@ -110,23 +111,32 @@ def main() -> None:
                 gen[name, b].append(tps)
             model.train()
     print(f"{args.preset}, vocab {vocab}: {args.threads} thread(s), torch {torch.__version__}; "
-          "ms per forward + backward + AdamW step; speed = tokens/s relative to the first")
+          "ms per forward + backward + AdamW step; speed = tokens/s relative to the first: "
+          "best round's, then the paired per-round ratio, median (min-max)")
     rates = {name: shapes[name][2].numel() / min(row) for name, row in times.items()}
     first = next(iter(rates.values()))
+    first_name = next(iter(shapes))
     for name, row in times.items():
         model, _, ids = shapes[name]
         params = sum(q.numel() for q in model.parameters())
+        paired = [shapes[name][2].numel() / t / (shapes[first_name][2].numel() / t0)
+                  for t, t0 in zip(row, times[first_name], strict=True)]
         print(f"  {name:12s} {params:>11,} params  {ids.size(0):>3} x {ids.size(1):<4} "
-              f"best {min(row):.0f} ms   speed {rates[name] / first:.2f}x")
-    first_name = next(iter(shapes))
+              f"best {min(row):.0f} ms   speed {rates[name] / first:.2f}x   "
+              f"paired {spread(paired)}")
     for b in gen_batches:
         print(f"sampling at batch {b}, {args.new_tokens} new tokens: tokens/s per sequence, "
-              "best round (median), relative to the first")
+              "best round (median), relative to the first: best's, paired per round")
         for name in shapes:
             row = gen[name, b]
+            paired = [x / y for x, y in zip(row, gen[first_name, b], strict=True)]
             print(f"  {name:12s} {max(row):>8,.0f} ({statistics.median(row):,.0f})   "
-                  f"{max(row) / max(gen[first_name, b]):.2f}x")
+                  f"{max(row) / max(gen[first_name, b]):.2f}x   paired {spread(paired)}")
 
+
+def spread(ratios: list[float]) -> str:
+    """'median (min-max)' of per-round ratios, e.g. '1.04x (1.01-1.06)'."""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 if __name__ == "__main__":
     main()
