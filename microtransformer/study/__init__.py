@@ -64,6 +64,7 @@ from microtransformer.study.runner import (
 from microtransformer.study.stats import (
     CLAIMS,
     Claim,
+    balanced_rank,
     claim_rows,
     fmt,
     grad_depth_ratio,
@@ -92,6 +93,7 @@ __all__ = [
     "StudySettings",
     "SubmititExecutor",
     "SubprocessExecutor",
+    "balanced_rank",
     "claim_rows",
     "corpus_sources",
     "estimate_seconds",

@@ -152,7 +152,10 @@ def test_report_from_fake_results(tmp_path):
     assert line.rstrip(" |").endswith("contradicted")
     line = next(ln for ln in text.splitlines() if "trains faster" in ln and "| code |" in ln)
     assert line.rstrip(" |").endswith("supported")
-    assert "Balanced lies between" in text
+    # fake balanced sits between the other two on every corpus and seed
+    line = next(ln for ln in text.splitlines() if "Balanced is a good compromise" in ln
+                and "| code |" in ln and "equal tokens" in ln)
+    assert "between, between" in line and line.rstrip(" |").endswith("supported")
     assert "## Runs that stopped early" in text and f"- {results[1]['run_id']}:" in text
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
     assert len(lines) == len(results) and json.loads(lines[0])["run_id"]
@@ -171,6 +174,24 @@ def test_verdict_words():
     # every seed agrees, but the two sides' spreads over seeds overlap: within seed noise
     assert S.verdict([0.01, 0.02], True, [4.00, 4.30], [3.99, 4.28]) == "not distinguishable"
     assert S.verdict([0.3, 0.3], True, [4.30, 4.31], [4.00, 4.01]) == "supported"
+
+
+def test_balanced_compromise_claim_ranks_per_seed():
+    assert S.balanced_rank(3.40, 3.45, 3.50) == "best"
+    assert S.balanced_rank(3.47, 3.45, 3.50) == "between"
+    assert S.balanced_rank(3.55, 3.45, 3.50) == "worst"
+    results = fake_results()
+    for r in results:  # balanced worst on code for seed 0 only, best on stories for both
+        sp = r["spec"]
+        if sp["config"] == "balanced" and sp["group"] == "tokens":
+            r["val_loss"] += 1.0 if (sp["corpus"], sp["seed"]) == ("code", 0) else 0.0
+            r["val_loss"] -= 1.0 if sp["corpus"] == "stories" else 0.0
+    rows = S.claim_rows(S.group_results(results), ["code", "stories"], "kaiming")
+    row = {r["corpus"]: r for r in rows if "good compromise" in r["claim"]
+           and "equal tokens" in r["claim"]}
+    assert row["code"]["diffs"] == "worst, between"
+    assert row["code"]["verdict"] == "not distinguishable"
+    assert row["stories"]["diffs"] == "best, best" and row["stories"]["verdict"] == "supported"
 
 
 def test_verdict_margin_for_speed_and_memory():
