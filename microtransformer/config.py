@@ -7,24 +7,30 @@ use dotted keys:
     microtransformer train --preset balanced --model.num_layers 6 --train.lr=3e-4
 
 Each field's `help` metadata is its documentation and the `--help` text of its override.
+The conversion of a value to its field's type and the range checks are `config_values.py`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
-import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from microtransformer.config_values import (
+    check_float,
+    check_int,
+    convert,
+    is_number,
+    normalise_fields,
+    plain_int,
+)
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_bytes
 from model import ModelConfig
@@ -140,47 +146,47 @@ class TrainConfig:
                               "else last)", default="auto")
 
     def __post_init__(self) -> None:
-        _normalise_fields(self)
+        normalise_fields(self)
         problems: list[str] = []
         if (problem := batch_size_problem(self.batch_size)) is not None:
             problems.append(problem)
         for name in ("grad_accum_steps", "max_steps", "eval_interval",
                      "eval_steps", "log_interval", "checkpoint_interval", "max_bad_steps"):
-            _check_int(problems, name, getattr(self, name), minimum=1)
+            check_int(problems, name, getattr(self, name), minimum=1)
         if self.warmup_steps is not None:
-            _check_int(problems, "warmup_steps", self.warmup_steps, minimum=0)
-        _check_int(problems, "seed", self.seed, minimum=0)
-        _check_int(problems, "cpu_threads", self.cpu_threads, minimum=0)
-        _check_int(problems, "stop_patience", self.stop_patience, minimum=0)
-        _check_float(problems, "lr", self.lr, low=0.0, low_open=True)
-        _check_float(problems, "min_lr", self.min_lr, low=0.0)
-        _check_float(problems, "weight_decay", self.weight_decay, low=0.0)
-        _check_float(problems, "grad_clip", self.grad_clip, low=0.0)
+            check_int(problems, "warmup_steps", self.warmup_steps, minimum=0)
+        check_int(problems, "seed", self.seed, minimum=0)
+        check_int(problems, "cpu_threads", self.cpu_threads, minimum=0)
+        check_int(problems, "stop_patience", self.stop_patience, minimum=0)
+        check_float(problems, "lr", self.lr, low=0.0, low_open=True)
+        check_float(problems, "min_lr", self.min_lr, low=0.0)
+        check_float(problems, "weight_decay", self.weight_decay, low=0.0)
+        check_float(problems, "grad_clip", self.grad_clip, low=0.0)
         if not problems and self.min_lr > self.lr:
             problems.append(f"min_lr={self.min_lr} is above lr={self.lr}; use min_lr <= lr")
         if (not isinstance(self.betas, tuple) or len(self.betas) != 2
-                or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas)):
+                or not all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas)):
             problems.append(f"betas={self.betas!r} must be two numbers in [0, 1), e.g. 0.9,0.95")
         if self.device not in DEVICES:
             problems.append(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
-        _check_int(problems, "loss_chunk", self.loss_chunk, minimum=1)
-        _check_int(problems, "target_tokens_per_step", self.target_tokens_per_step, minimum=0)
+        check_int(problems, "loss_chunk", self.loss_chunk, minimum=1)
+        check_int(problems, "target_tokens_per_step", self.target_tokens_per_step, minimum=0)
         for name in ("compile", "deterministic", "fast_path", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if self.max_time_minutes is not None:
-            _check_float(problems, "max_time_minutes", self.max_time_minutes, low=0.0,
+            check_float(problems, "max_time_minutes", self.max_time_minutes, low=0.0,
                          low_open=True)
         if self.seq_len is not None:
-            _check_int(problems, "seq_len", self.seq_len, minimum=2)
+            check_int(problems, "seq_len", self.seq_len, minimum=2)
         for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
                               ("loss", LOSS_KINDS)):
             if getattr(self, name) not in choices:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of "
                                 f"{', '.join(choices)}")
-        _check_float(problems, "decay_fraction", self.decay_fraction, low=0.0, high=1.0,
+        check_float(problems, "decay_fraction", self.decay_fraction, low=0.0, high=1.0,
                      low_open=True)
         if self.init_weights not in INIT_WEIGHTS:
             problems.append(f"init_weights={self.init_weights!r} must be one of "
@@ -228,16 +234,16 @@ class DataConfig:
                                          "sources then all go to train", default=())
 
     def __post_init__(self) -> None:
-        _normalise_fields(self)
+        normalise_fields(self)
         problems: list[str] = []
         if self.tokenizer not in TOKENIZER_KINDS:
             problems.append(f"tokenizer={self.tokenizer!r} must be one of "
                             f"{', '.join(TOKENIZER_KINDS)}")
-        _check_int(problems, "vocab_size", self.vocab_size, minimum=1)
-        _check_float(problems, "val_fraction", self.val_fraction, low=0.0, high=1.0,
+        check_int(problems, "vocab_size", self.vocab_size, minimum=1)
+        check_float(problems, "val_fraction", self.val_fraction, low=0.0, high=1.0,
                      low_open=True, high_open=True)
         if self.val_tail is not None:
-            _check_float(problems, "val_tail", self.val_tail, low=0.0, high=1.0,
+            check_float(problems, "val_tail", self.val_tail, low=0.0, high=1.0,
                          low_open=True, high_open=True)
         if not all(isinstance(s, str) for s in self.sources):
             problems.append(f"sources={list(self.sources)!r} must be a list of strings")
@@ -521,21 +527,21 @@ def adapt_to_run(merged: dict[str, dict[str, Any]], origins: dict[str, str],
         change("train", "max_steps", UNBOUNDED_STEPS,
                "the typed time budget ends the run, not a step count nobody typed")
     max_steps, warmup = get("train", "max_steps"), get("train", "warmup_steps")
-    if (_plain_int(max_steps) and _plain_int(warmup) and warmup > max_steps
+    if (plain_int(max_steps) and plain_int(warmup) and warmup > max_steps
             and "train.warmup_steps" not in typed):
         change("train", "warmup_steps", max(1, max_steps // 10),
                f"longer than the run's max_steps={max_steps}, so a tenth of it")
     lr, min_lr = get("train", "lr"), get("train", "min_lr")
-    if (_is_number(lr) and _is_number(min_lr) and min_lr > lr > 0
+    if (is_number(lr) and is_number(min_lr) and min_lr > lr > 0
             and "train.min_lr" not in typed):
         change("train", "min_lr", lr / 10, f"above lr={lr:g}, so lr / 10")
     seq_len, context = get("train", "seq_len"), get("model", "max_seq_len")
-    if (_plain_int(seq_len) and _plain_int(context) and seq_len > context
+    if (plain_int(seq_len) and plain_int(context) and seq_len > context
             and "train.seq_len" not in typed):
         change("train", "seq_len", context,
                f"longer than model.max_seq_len={context} (the position table)")
     schedule, patience = get("train", "schedule"), get("train", "stop_patience")
-    if (schedule != "wsd" and _plain_int(patience) and patience > 0
+    if (schedule != "wsd" and plain_int(patience) and patience > 0
             and "train.stop_patience" not in typed):
         change("train", "stop_patience", 0,
                f"held-out stopping needs the wsd schedule, not {schedule!r}")
@@ -585,10 +591,6 @@ def _default(section: str, name: str) -> Any:
     """The dataclass default of one field."""
     f = next(f for f in fields(_SECTION_CLASSES[section]) if f.name == name)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def _plain_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ============================================================================ overrides
@@ -695,108 +697,10 @@ def field_value(section: str, name: str, value: Any, *, flag: bool = False) -> A
     typ = _field_types(section)[name]
     try:
         if flag and isinstance(value, list):  # a repeated list flag: one value per flag
-            return tuple(v for item in value for v in _convert(typ, item, one_item=True))
-        return _convert(typ, value, one_item=flag)
+            return tuple(v for item in value for v in convert(typ, item, one_item=True))
+        return convert(typ, value, one_item=flag)
     except ValueError as exc:
         raise UserError(f"{'--' if flag else ''}{section}.{name}={value!r}: {exc}") from None
-
-
-_NONE_WORDS = ("none", "null", "")
-_TRUE_WORDS = ("true", "1", "yes", "on")
-_FALSE_WORDS = ("false", "0", "no", "off")
-
-
-def _convert(typ: Any, value: Any, *, one_item: bool = False, text: bool = True) -> Any:
-    """`value` as type `typ`, or ValueError saying what was expected.
-
-    `one_item`: text for a variable-length tuple is one element, never split (a file name may
-    hold a comma); a TOML list is the whole tuple. `text=False` (values from Python) parses no
-    text: a string where a number or a bool belongs is an error.
-    """
-    if not text and isinstance(value, str):
-        if typ is str or str in typing.get_args(typ):
-            return value
-        raise ValueError(f"is text; expected {_type_name(typ)}")
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        optional = type(None) in args
-        inner = [a for a in args if a is not type(None)]
-        if value is None or (optional and isinstance(value, str)
-                             and value.strip().lower() in _NONE_WORDS):
-            if optional:
-                return None
-            raise ValueError(f"none is not allowed; give a value of type {_type_name(typ)}")
-        if isinstance(value, str) and str in inner:  # e.g. int | str: a number if it parses
-            for other in inner:
-                if other is not str:
-                    with contextlib.suppress(ValueError):
-                        return _convert(other, value)
-            return value
-        return _convert(inner[0], value, one_item=one_item, text=text)
-    if value is None:
-        raise ValueError(f"none is not allowed; give a value of type {_type_name(typ)}")
-    if origin is tuple:
-        variable = len(args) == 2 and args[1] is Ellipsis
-        if isinstance(value, str):
-            if variable:
-                return (_convert(args[0], value),) if value else ()
-            value = [p.strip() for p in value.strip().strip("()[]").split(",") if p.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"has type {type(value).__name__}; expected a list")
-        elem_types = [args[0]] * len(value) if variable else list(args)
-        if len(elem_types) != len(value):
-            raise ValueError(f"expected {len(elem_types)} comma-separated values, e.g. 0.9,0.95")
-        return tuple(_convert(t, v, text=text) for t, v in zip(elem_types, value, strict=True))
-    if isinstance(value, str) and typ is not str:
-        return _parse_text(typ, value)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = (typ is bool and isinstance(value, bool)) or (
-        typ in (int, float) and isinstance(value, typ) and not isinstance(value, bool)
-    ) or (typ is str and isinstance(value, str))
-    if not ok:
-        raise ValueError(f"has type {type(value).__name__}; expected {_type_name(typ)}")
-    return value
-
-
-def _parse_text(typ: Any, text: str) -> Any:
-    """A scalar field's value from text."""
-    if typ is bool:
-        low = text.strip().lower()
-        if low in _TRUE_WORDS or low in _FALSE_WORDS:
-            return low in _TRUE_WORDS
-        raise ValueError("expected a boolean (true/false)")
-    if typ is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError("expected an integer, e.g. 6") from None
-    if typ is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError("expected a number, e.g. 3e-4") from None
-    raise ValueError(f"cannot parse a value of type {_type_name(typ)}")
-
-
-def _type_name(typ: Any) -> str:
-    return getattr(typ, "__name__", str(typ))
-
-
-def _normalise_fields(obj: Any) -> None:
-    """Bring the fields of a section built from Python to their types with `_convert` (lists
-    to tuples, ints to floats, text parsed); a value that does not convert is left for the
-    section's validation to name."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        try:
-            new = _convert(hints[f.name], value, text=False)
-        except ValueError:
-            continue
-        if new is not value:
-            object.__setattr__(obj, f.name, new)
 
 
 # ============================================================================ helpers
@@ -822,34 +726,6 @@ def _reject_unknown(section: str, values: dict[str, Any], origin: str = "config"
     if unknown:
         raise UserError(f"{origin}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}"
                         f"; valid keys for [{section}] are {', '.join(valid)}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_int(problems: list[str], name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{name}={value!r} must be an integer >= {minimum}")
-    elif value < minimum:
-        problems.append(f"{name}={value} must be >= {minimum}")
-
-
-def _check_float(problems: list[str], name: str, value: Any, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False,
-                 high_open: bool = False) -> None:
-    if not _is_number(value):
-        problems.append(f"{name}={value!r} must be a finite number")
-        return
-    lo_bad = low is not None and (value <= low if low_open else value < low)
-    hi_bad = high is not None and (value >= high if high_open else value > high)
-    if lo_bad or hi_bad:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
-        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-        rng = f"{lo}, {hi}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low}" if low is not None else
-            f"{'<' if high_open else '<='} {high}")
-        problems.append(f"{name}={value} must be {'in ' if hi and lo else ''}{rng}")
 
 
 # ============================================================================ argparse glue
