@@ -178,7 +178,7 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if self.max_time_minutes is not None:
             check_float(problems, "max_time_minutes", self.max_time_minutes, low=0.0,
-                         low_open=True)
+                        low_open=True)
         if self.seq_len is not None:
             check_int(problems, "seq_len", self.seq_len, minimum=2)
         for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
@@ -187,7 +187,7 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of "
                                 f"{', '.join(choices)}")
         check_float(problems, "decay_fraction", self.decay_fraction, low=0.0, high=1.0,
-                     low_open=True)
+                    low_open=True)
         if self.init_weights not in INIT_WEIGHTS:
             problems.append(f"init_weights={self.init_weights!r} must be one of "
                             f"{', '.join(INIT_WEIGHTS)}")
@@ -241,10 +241,10 @@ class DataConfig:
                             f"{', '.join(TOKENIZER_KINDS)}")
         check_int(problems, "vocab_size", self.vocab_size, minimum=1)
         check_float(problems, "val_fraction", self.val_fraction, low=0.0, high=1.0,
-                     low_open=True, high_open=True)
+                    low_open=True, high_open=True)
         if self.val_tail is not None:
             check_float(problems, "val_tail", self.val_tail, low=0.0, high=1.0,
-                         low_open=True, high_open=True)
+                        low_open=True, high_open=True)
         if not all(isinstance(s, str) for s in self.sources):
             problems.append(f"sources={list(self.sources)!r} must be a list of strings")
         if not all(isinstance(s, str) and s for s in self.val_sources):

@@ -114,7 +114,6 @@ def normalise_fields(obj: Any) -> None:
             object.__setattr__(obj, f.name, new)
 
 
-
 def is_number(v: Any) -> bool:
     """True for a finite int or float (a bool is not a number here)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -129,8 +128,8 @@ def check_int(problems: list[str], name: str, value: Any, *, minimum: int) -> No
 
 
 def check_float(problems: list[str], name: str, value: Any, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False,
-                 high_open: bool = False) -> None:
+                high: float | None = None, low_open: bool = False,
+                high_open: bool = False) -> None:
     """Append to `problems` why `value` is not a finite number in the given range (bounds
     inclusive unless `low_open` / `high_open`); nothing when it is."""
     if not is_number(value):
@@ -145,7 +144,6 @@ def check_float(problems: list[str], name: str, value: Any, *, low: float | None
             f"{'>' if low_open else '>='} {low}" if low is not None else
             f"{'<' if high_open else '<='} {high}")
         problems.append(f"{name}={value} must be {'in ' if hi and lo else ''}{rng}")
-
 
 
 def plain_int(v: Any) -> bool:
