@@ -35,6 +35,17 @@ REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 
 # and, after STOP_PATIENCE evaluations without a new best val loss, decays and ends early.
 STOP_PATIENCE = 3
 MIN_EVAL_INTERVAL = 25
+# The stop follows the val split. Cut from the training text, it keeps improving long after text
+# of another kind has started to get worse (docs/RESULTS.md, section 9: TinyStories' other
+# stories improve to ~10 passes, two novels get worse after ~3), so the reason says how to aim
+# the stop elsewhere; a val split from other text (`prepare --val-from`) is what the user wants
+# the model to be good at, so the stop follows it at any number of passes.
+VAL_IN_TEXT = ("it follows the val split, cut from this text; to aim it at text of another kind, "
+               "prepare with --val-from a sample of that text")
+VAL_ELSEWHERE = "it follows the val split from other text (--val-from) at any number of passes"
+# Other text got worse after ~3 passes there; with a val split from other text, a budget of more
+# passes than this regularises too, so that 5 and 15 minutes train the same run up to the stop.
+FEW_EPOCHS = 3.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,10 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
     - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
       model would memorise the text, so REGULARISATION (residual dropout, weight decay) and
       held-out stopping (evaluate every half pass; decay and end the run after
-      STOP_PATIENCE evaluations without a new best val loss) are switched on;
+      STOP_PATIENCE evaluations without a new best val loss) are switched on; held-out
+      stopping also when the val split is other text than the training text (meta.json
+      "split" method "val_sources", `prepare --val-from`), at any number of passes, with
+      REGULARISATION above FEW_EPOCHS passes;
     - machine: every core this process may use (a GPU, when present, runs the same preset in
       bf16 autocast, the loop's default there).
     """
@@ -115,16 +129,23 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
                   "`microtransformer prepare` it first and pass --data for a size-aware choice")
     else:
         regime = f"{size}, ~{epochs:.0f} passes in {minutes:g} min"
-        if epochs > MANY_EPOCHS:
-            interval = max(MIN_EVAL_INTERVAL, round(train_tokens / tokens_per_step(preset) / 2))
+        many = epochs > MANY_EPOCHS
+        val_elsewhere = meta.get("split", {}).get("method") == "val_sources"
+        if many or (val_elsewhere and epochs > FEW_EPOCHS):
             overrides.update(REGULARISATION)
+            regime += (f" > {MANY_EPOCHS:g}" if many else f" > {FEW_EPOCHS:g} with a val split "
+                       "from other text") + (
+                f": against memorising, dropout {REGULARISATION['model.dropout']:g} (attention "
+                f"kept fused), weight decay {REGULARISATION['train.weight_decay']:g}, and")
+        elif val_elsewhere:
+            regime += ";"
+        if many or val_elsewhere:
+            interval = max(MIN_EVAL_INTERVAL, round(train_tokens / tokens_per_step(preset) / 2))
             overrides.update({"train.stop_patience": STOP_PATIENCE,
                               "train.eval_interval": interval})
-            regime += (f" > {MANY_EPOCHS:g}: against memorising, dropout "
-                       f"{REGULARISATION['model.dropout']:g} (attention kept fused), weight "
-                       f"decay {REGULARISATION['train.weight_decay']:g}, and held-out stopping "
-                       f"(val every {interval} steps; the decay starts after "
-                       f"{STOP_PATIENCE} without a new best and the run ends there)")
+            regime += (f" held-out stopping (val every {interval} steps; the decay starts after "
+                       f"{STOP_PATIENCE} without a new best and the run ends there; "
+                       + (VAL_ELSEWHERE if val_elsewhere else VAL_IN_TEXT) + ")")
     reason = (f"budget mode: preset {preset} ({kind} tokenizer; {regime}; {where}); LR "
               f"schedule over {minutes:g} min of training time, ending decayed")
     return Recipe(preset=preset, overrides=overrides, reason=reason)

@@ -6,6 +6,7 @@ import pytest
 
 from microtransformer.config import load_config
 from microtransformer.recipe import (
+    FEW_EPOCHS,
     MANY_EPOCHS,
     MEASURED_TOKENS_PER_S,
     MIN_EVAL_INTERVAL,
@@ -91,6 +92,31 @@ def test_a_small_corpus_gets_held_out_stopping_every_half_pass_whatever_the_budg
         assert cfg.train.schedule == "wsd" and cfg.train.stop_patience == STOP_PATIENCE
     large = choose_recipe({"kind": "bpe", "tokens": {"train": 50_000_000}}, 15, TWO_CORES)
     assert "train.stop_patience" not in large.overrides  # a plateau there is not memorising
+
+
+def test_a_val_split_from_other_text_aims_the_stop_at_it_whatever_the_budget() -> None:
+    """`prepare --val-from`: the stop follows that text at any number of passes; above
+    FEW_EPOCHS the run is regularised as well, so 5 and 15 minutes run the same recipe (the
+    same steps up to the stop) and differ only in the budget."""
+    small = {"kind": "bpe", "tokens": {"train": 300_000}, "split": {"method": "val_sources"}}
+    five, fifteen = (choose_recipe(small, m, TWO_CORES) for m in (5, 15))
+    assert {k: v for k, v in five.overrides.items() if k != "train.max_time_minutes"} == \
+        {k: v for k, v in fifteen.overrides.items() if k != "train.max_time_minutes"}
+    for recipe in (five, fifteen):
+        assert recipe.overrides["train.stop_patience"] == STOP_PATIENCE
+        assert {k: recipe.overrides[k] for k in REGULARISATION} == REGULARISATION
+        assert "val split from other text (--val-from)" in recipe.reason
+    # a large text seen fewer than FEW_EPOCHS times: the stop, without the regularisation
+    large = {"kind": "bpe", "tokens": {"train": 50_000_000}, "split": {"method": "val_sources"}}
+    big = choose_recipe(large, 15, TWO_CORES)
+    assert big.overrides["train.stop_patience"] == STOP_PATIENCE
+    assert "model.dropout" not in big.overrides and "min;" in big.reason
+    assert FEW_EPOCHS < MANY_EPOCHS
+    # the same text with its val split cut from it: no stop below MANY_EPOCHS passes ...
+    cut = {"kind": "bpe", "tokens": {"train": 300_000}, "split": {"method": "val_fraction"}}
+    assert "train.stop_patience" not in choose_recipe(cut, 5, TWO_CORES).overrides
+    # ... and above, the reason says how to aim the stop at text of another kind
+    assert "--val-from" in choose_recipe(cut, 15, TWO_CORES).reason
 
 
 def test_tokens_per_step_reads_the_preset() -> None:
