@@ -133,10 +133,11 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
         val_elsewhere = meta.get("split", {}).get("method") == "val_sources"
         if many or (val_elsewhere and epochs > FEW_EPOCHS):
             overrides.update(REGULARISATION)
-            regime += (f" > {MANY_EPOCHS:g}" if many else f" > {FEW_EPOCHS:g} with a val split "
-                       "from other text") + (
-                f": against memorising, dropout {REGULARISATION['model.dropout']:g} (attention "
-                f"kept fused), weight decay {REGULARISATION['train.weight_decay']:g}, and")
+            over = (f"> {MANY_EPOCHS:g}" if many
+                    else f"> {FEW_EPOCHS:g} with a val split from other text")
+            regime += (f" {over}: against memorising, dropout "
+                       f"{REGULARISATION['model.dropout']:g} (attention kept fused), weight "
+                       f"decay {REGULARISATION['train.weight_decay']:g}, and")
         elif val_elsewhere:
             regime += ";"
         if many or val_elsewhere:
