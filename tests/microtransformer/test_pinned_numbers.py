@@ -3,9 +3,10 @@
 A refactor must not change what the model computes or how it trains. This test recomputes a
 small set of numbers through the public APIs (the seed's `forward` / `generate`, the KV-cache and
 fixed-shape decoders, `train`) and compares them with `pinned_numbers.json`. Where the machine
-matches the one that wrote the file (torch version and CPU kernel level), the comparison is exact
-(float hex); elsewhere kernels may round differently, so logits and losses are compared to 1e-5
-and tokens exactly.
+matches the one that wrote the file (torch version, CPU kernel level, CPU vendor and the
+instruction sets the math libraries dispatch on), the comparison is exact (float hex); elsewhere
+kernels may round differently (an AVX-512 Intel with AMX and an AVX-512 AMD do), so logits and
+losses are compared to 1e-5 and tokens exactly.
 
 Regenerate (only when a change is *meant* to alter the numbers, and say so in the commit):
     python -m tests.microtransformer.test_pinned_numbers --update
@@ -25,6 +26,7 @@ import torch
 
 from microtransformer.config import load_config
 from microtransformer.data import prepare
+from microtransformer.decoding.aot import CPU_FLAGS
 from microtransformer.metrics import read_metrics
 from microtransformer.training import prepare_data, train
 from model import MicroTransformer
@@ -33,8 +35,21 @@ PINNED = Path(__file__).with_name("pinned_numbers.json")
 SHAPE = dict(vocab_size=61, max_seq_len=48, embed_dim=40, num_heads=5, num_layers=3, ff_dim=96)
 
 
-def _environment() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+def _cpu() -> dict[str, Any]:
+    """The CPU's vendor and its instruction sets among `CPU_FLAGS` (MKL and oneDNN pick their
+    kernels by both)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: never taken for the machine that wrote the file
+        return {"vendor": "unknown", "flags": []}
+    vendor = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                   if line.startswith("vendor_id")), "unknown")
+    return {"vendor": vendor, "flags": sorted(set(text.split()).intersection(CPU_FLAGS))}
+
+
+def _environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **_cpu()}
 
 
 def _model() -> MicroTransformer:
