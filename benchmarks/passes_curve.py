@@ -34,12 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microtransformer.checkpoint import (
-    load_tokenizer,
-    load_weights_into,
-    read_model_config,
-    read_safetensors_metadata,
-)
+from microtransformer.checkpoint import load_run, load_weights_into, read_safetensors_metadata
 from microtransformer.data.tokens import load_tokens
 from model import MicroTransformer
 
@@ -94,8 +89,8 @@ def token_nll(model: MicroTransformer, ids: np.ndarray, window: int) -> np.ndarr
 
 def score(args: argparse.Namespace) -> list[dict[str, float]]:
     """Score every kept snapshot; returns the rows (also written to --out)."""
-    cfg = read_model_config(args.run)
-    tokenizer = load_tokenizer(args.data, cfg.vocab_size)
+    model, tokenizer, run_cfg = load_run(args.run)  # weights replaced by each snapshot below
+    cfg = run_cfg.model
     train = np.asarray(load_tokens(args.data, "train"), dtype=np.int64)
     val = np.asarray(load_tokens(args.data, "val"), dtype=np.int64)
     if cfg.vocab_size ** args.k >= 2 ** 63:
@@ -107,13 +102,12 @@ def score(args: argparse.Namespace) -> list[dict[str, float]]:
         text = Path(path).read_text(encoding="utf-8")[: args.max_chars]
         texts[Path(path).stem] = (np.asarray(tokenizer.encode(text), dtype=np.int64),
                                   len(text.encode("utf-8")))
-    model = MicroTransformer(vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim,
-                             num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                             max_seq_len=cfg.max_seq_len, ff_dim=cfg.ff_dim).eval()
     snaps = sorted(Path(args.snapshots).glob("step_*.safetensors"),
                    key=lambda p: int(p.stem.split("_")[1]))
     last = max(int(p.stem.split("_")[1]) for p in snaps)
-    passes_per_step = cfg_tokens_per_step(args.run) / len(train)
+    tc = run_cfg.train
+    passes_per_step = (tc.batch_size * tc.grad_accum_steps * (tc.seq_len or cfg.max_seq_len)
+                       / len(train))
     rows = []
     for snap in snaps:
         step = int(snap.stem.split("_")[1])
@@ -136,14 +130,6 @@ def score(args: argparse.Namespace) -> list[dict[str, float]]:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-def cfg_tokens_per_step(run: Path) -> int:
-    """Training tokens per optimizer step of the run (its config.json)."""
-    cfg = json.loads((Path(run) / "config.json").read_text())
-    train, model = cfg["train"], cfg["model"]
-    window = train.get("seq_len") or model["max_seq_len"]
-    return int(train["batch_size"]) * int(train.get("grad_accum_steps", 1)) * int(window)
 
 
 def plot(rows: list[dict[str, float]], out: str, k: int) -> None:
