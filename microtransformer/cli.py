@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    code = _dispatch(args)
+    # a torchrun worker ends here, past the interpreter's teardown (distributed.end_worker);
+    # a command that never imported the distributed module cannot have started a group
+    if (distributed := sys.modules.get("microtransformer.distributed")) is not None:
+        distributed.end_worker(code)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; bad input becomes one line on stderr and exit code 2."""
     previous_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:

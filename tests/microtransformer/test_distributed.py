@@ -163,6 +163,24 @@ def test_runtime_outside_torchrun_is_one_process() -> None:
         assert ctx.is_main and not ctx.distributed
 
 
+def test_end_worker_flushes_and_skips_teardown_only_after_a_group() -> None:
+    distributed.end_worker(3)  # this process never initialised a group: nothing happens
+    # a process that did: the exit code is kept, unflushed output is written, and the
+    # interpreter's teardown (here an atexit handler) does not run
+    script = ("import atexit, sys\n"
+              "from microtransformer import distributed\n"
+              "atexit.register(lambda: print('teardown ran'))\n"
+              "distributed._GROUP_USED.set()\n"
+              "print('summary', end='')\n"
+              "sys.stderr.write('note')\n"
+              "distributed.end_worker(7)\n"
+              "print('after end_worker')\n")
+    env = {k: v for k, v in worker_env().items() if k != "PYTHONUNBUFFERED"}  # buffered output
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (7, "summary", "note")
+
+
 def test_global_batch_must_divide_by_world_size() -> None:
     assert distributed.per_rank_batch(8, 4) == 2
     with pytest.raises(UserError, match=r"batch_size=6 .* world size 4.* 4 or 8"):
