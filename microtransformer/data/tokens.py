@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from microtransformer.config_values import is_number, plain_int
 from microtransformer.errors import UserError
 from microtransformer.fileio import AtomicFile
 
@@ -181,7 +182,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
 def _meta_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with the fields readers rely on, or None."""
     vocab = meta.get("vocab_size")
-    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+    if not plain_int(vocab) or vocab < 1:
         return f"vocab_size={vocab!r} is not a positive integer"
     if meta.get("dtype") not in ("uint16", "uint32"):
         return f"dtype={meta.get('dtype')!r} is not uint16 or uint32"
@@ -189,13 +190,11 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         return f"dtype uint16 cannot hold the ids of a {vocab}-token vocabulary"
     tokens = meta.get("tokens")
     if tokens is not None and not (isinstance(tokens, dict) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for v in tokens.values())):
+            plain_int(v) and v >= 0 for v in tokens.values())):
         return f"tokens={tokens!r} is not a map of split to a token count"
     bpt = meta.get("bytes_per_token")
     if bpt is not None and not (isinstance(bpt, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
-            for v in bpt.values())):
+            is_number(v) and v > 0 for v in bpt.values())):
         return f"bytes_per_token={bpt!r} is not a map of split to a positive number"
     return None
 
