@@ -94,6 +94,10 @@ class TrainConfig:
                                "decay_fraction / (1 - decay_fraction) of the steps so far) and "
                                "end the run there, before the budget is spent; 0 = off",
                                default=0)
+    average_cooldown: bool = _help("wsd: the final weights are the mean of the weights after "
+                                   "every step of the decay, not the last step's (one more "
+                                   "copy of the weights, kept in the checkpoints)",
+                                   default=False)
     optimizer: str = _help("adamw | muon (torch.optim.Muon on the blocks' 2-D weight "
                            "matrices, AdamW on embeddings, biases and norms)", default="adamw")
     weight_decay: float = _help("decoupled decay on 2-D matmul weights (none on biases, "
@@ -173,7 +177,7 @@ class TrainConfig:
             problems.append(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         check_int(problems, "loss_chunk", self.loss_chunk, minimum=1)
         check_int(problems, "target_tokens_per_step", self.target_tokens_per_step, minimum=0)
-        for name in ("compile", "deterministic", "fast_path", "cuda_graphs"):
+        for name in ("compile", "deterministic", "fast_path", "cuda_graphs", "average_cooldown"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if self.max_time_minutes is not None:
@@ -194,6 +198,10 @@ class TrainConfig:
         if self.init_from is not None and not (isinstance(self.init_from, str)
                                                and self.init_from.strip()):
             problems.append(f"init_from={self.init_from!r} must name a run or model directory")
+        if not problems and self.average_cooldown and self.schedule != "wsd":
+            problems.append(f"average_cooldown=true needs schedule=wsd (it averages the "
+                            f"weights over wsd's decay), not {self.schedule!r}; add "
+                            "--train.schedule wsd or set --train.average_cooldown false")
         if not problems and self.stop_patience and self.schedule != "wsd":
             problems.append(f"stop_patience={self.stop_patience} needs schedule=wsd (held-out "
                             f"stopping starts wsd's decay early), not {self.schedule!r}; add "
@@ -545,6 +553,10 @@ def adapt_to_run(merged: dict[str, dict[str, Any]], origins: dict[str, str],
             and "train.stop_patience" not in typed):
         change("train", "stop_patience", 0,
                f"held-out stopping needs the wsd schedule, not {schedule!r}")
+    if (schedule != "wsd" and get("train", "average_cooldown") is True
+            and "train.average_cooldown" not in typed):
+        change("train", "average_cooldown", False,
+               f"averaging over the decay needs the wsd schedule, not {schedule!r}")
     return notes
 
 

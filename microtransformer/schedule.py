@@ -101,6 +101,16 @@ def get_lr(step: int, cfg: TrainConfig, train_time_s: float = 0.0,
         cfg.lr - cfg.min_lr)
 
 
+def in_cooldown(step: int, cfg: TrainConfig, train_time_s: float = 0.0,
+                stop_step: int | None = None) -> bool:
+    """True when optimizer step `step` (0-based, after `train_time_s` of training) runs in
+    wsd's decay: past warm-up and past `1 - decay_fraction` of the run (or after held-out
+    stopping at `stop_step`). The steps whose weights `train.average_cooldown` averages."""
+    if cfg.schedule != "wsd" or step < cfg.warmup:
+        return False
+    return schedule_progress(step, cfg, train_time_s, stop_step) > 1.0 - cfg.decay_fraction
+
+
 def budget_spent(step: int, cfg: TrainConfig, train_time_s: float,
                  stop_step: int | None = None) -> bool:
     """True when the run is over: max_steps done, the time budget used up, or the cool-down

@@ -54,6 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from microtransformer import checkpoint as ckpt
+from microtransformer.averaging import WeightAverage
 from microtransformer.config import (
     BATCH_AUTO,
     RunConfig,
@@ -104,6 +105,7 @@ from microtransformer.schedule import (
     cooldown_steps,
     get_lr,
     held_out_stop,
+    in_cooldown,
     time_budget_s,
 )
 from microtransformer.throughput.batch_size import resolve_auto_batch
@@ -323,6 +325,7 @@ class TrainState:
     scaler: dict[str, Any] | None = None
     loader: dict[str, Any] | list[dict[str, Any]] | None = None
     rng: dict[str, Any] | None = None
+    average: dict[str, Any] | None = None  # the cool-down's weight mean so far (WeightAverage)
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict written to state.pt."""
@@ -360,6 +363,7 @@ class _Run:
     parent: Any = None                # finetune.Parent of a fresh --init-from run, else None
     switch_data: bool = False         # --switch-data: a resume may change the dataset
     feeder: BatchFeeder | None = None  # CUDA fast path: prefetches batches (built by _loop)
+    average: WeightAverage | None = None  # train.average_cooldown: the decay's weight mean
     logger: MetricsLogger | None = None
     keep_prev: bool = False           # rotate checkpoint generations only over an intact pair
     saved_step: int = -1
@@ -413,6 +417,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                                                         world_size=run.ctx.world_size,
                                                         optimizer_name=cfg.train.optimizer)
         switched = _check_data_switch(run, state) if resume else None
+        if cfg.train.average_cooldown:
+            run.average = WeightAverage()
+            if state.average is not None:
+                run.average.load_state_dict(state.average, run.ctx.device)
+        state.average = None  # not kept in memory: run.average is the live one
         if run.ctx.rank > 0:  # own dropout stream; rank 0 keeps the saved one
             seed_rank_rng(cfg.train.seed, run.ctx.rank, state.step)
         _open_run_dir(run, state, resumed=resume)
@@ -712,8 +721,12 @@ def _loop(run: _Run, state: TrainState, *, progress: bool, stop_at: int | None) 
             lr = get_lr(state.step, tc, state.train_time_s, state.stop_step)
             for group in run.parts.optimizer.param_groups:
                 group["lr"] = lr
+            averaging = run.average is not None and in_cooldown(
+                state.step, tc, state.train_time_s, state.stop_step)
             step_start = run.clock()
             outcome = train_step(run.parts, next_batch, tc, ctx)
+            if averaging and not outcome.skipped:
+                run.average.add(run.parts.raw_model)  # part of the step's cost
             step_s = run.clock() - step_start
             if budget is not None and ctx.distributed:
                 step_s = reduce_mean(step_s, ctx)  # one clock for every rank: the same lr
@@ -786,8 +799,9 @@ def _count_bad_step(run: _Run, state: TrainState, outcome: StepOutcome, prog: _P
 def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
     """Final evaluation (skipped on interrupt, to exit quickly), checkpoint, plot, result."""
     final_start = run.clock()
-    if (prog.stop_reason in ("completed", "time budget", "held-out stopping")
-            and prog.last_eval_step != state.step):
+    finished = prog.stop_reason in ("completed", "time budget", "held-out stopping")
+    averaged = finished and _use_average(run, state)
+    if finished and (averaged or prog.last_eval_step != state.step):
         _save_checkpoint(run, state, best=_record_eval(run, state, prog))
         _log_eval(run, state, prog, None)
     else:
@@ -818,6 +832,24 @@ def _finish(run: _Run, state: TrainState, prog: _Progress) -> TrainResult:
     )
 
 
+def _use_average(run: _Run, state: TrainState) -> bool:
+    """A finished run with `train.average_cooldown`: put the decay's weight mean into the
+    model (what the final evaluation scores and the final checkpoint holds), log and say so;
+    the average then starts again (a run extended later averages its own decay). False when
+    there is nothing to average."""
+    if run.average is None or not run.average.count:
+        return False
+    count = run.average.count
+    run.average.copy_into(run.parts.raw_model)
+    run.average = WeightAverage()
+    if run.logger is not None:
+        run.logger.log({"step": state.step, "averaged_steps": count})
+    if run.ctx.is_main:
+        print(f"note: the final weights are the mean of the weights after each of the last "
+              f"{count} steps (the decay; train.average_cooldown)", flush=True)
+    return True
+
+
 def _mfu(run: _Run, tokens_per_s: float) -> float | None:
     """MFU of one rank at a global `tokens_per_s` (None off CUDA or for an unknown card)."""
     return run_mfu(tokens_per_s, run.ctx.world_size, run.cfg.model, run.seq_len,
@@ -843,8 +875,11 @@ def _save_checkpoint(run: _Run, state: TrainState, best: bool = False) -> None:
         state.rng = ckpt.capture_rng_state()
         state.max_steps, state.world_size = run.tc.max_steps, run.ctx.world_size
         state.optimizer_name = run.tc.optimizer
+        state.average = (run.average.state_dict() if run.average is not None
+                         and run.average.count else None)
         ckpt.save_training_state(run.dir / ckpt.STATE_FILE, state.to_dict())
         state.optimizer = state.loader = state.rng = state.scaler = None  # not kept in memory
+        state.average = None
         run.keep_prev, run.saved_step = True, state.step
     barrier(run.ctx)
 

@@ -235,7 +235,9 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
             f"train: {budget} x {tokens_per_step:,} tokens/step (global batch "
             f"{tc.batch_size} x {tc.grad_accum_steps} accum = "
             f"{tc.batch_size * tc.grad_accum_steps} sequences of {cfg.seq_len}; {where}), "
-            f"{tc.optimizer} lr {tc.lr:g} ({tc.schedule}), warm-up {tc.warmup} steps, device "
+            f"{tc.optimizer} lr {tc.lr:g} ({tc.schedule}"
+            f"{'; weights averaged over the decay' if tc.average_cooldown else ''}), "
+            f"warm-up {tc.warmup} steps, device "
             f"{device} ({str(dtype).replace('torch.', '')}{threads})"
             + (f", resuming from {resuming}" if resuming else ""))
 

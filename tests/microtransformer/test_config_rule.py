@@ -89,6 +89,17 @@ def test_held_out_stopping_nobody_typed_is_switched_off_under_a_typed_cosine() -
                                                     "--train.stop_patience", "3"])
 
 
+def test_averaging_nobody_typed_is_switched_off_under_a_typed_cosine() -> None:
+    r = resolve_config(preset="cpu_char", overrides=["--train.schedule", "cosine"])
+    assert r.config.train.average_cooldown is False
+    assert any(n.startswith("train.average_cooldown: True (preset 'cpu_char') -> False")
+               for n in r.notes), r.notes
+    assert resolve_config(preset="cpu_char").config.train.average_cooldown is True
+    with pytest.raises(UserError, match=r"average_cooldown=true needs schedule=wsd"):
+        resolve_config(preset="cpu_char", overrides=["--train.schedule", "cosine",
+                                                     "--train.average_cooldown", "true"])
+
+
 def test_budget_recipe_layer_is_not_typed() -> None:
     r = resolve_config(preset="cpu_bpe", overrides=["--train.max_steps", "30"],
                        layers=[("the budget recipe", {"train": {"warmup_steps": 200}})])

@@ -14,6 +14,7 @@ from microtransformer.schedule import (
     decay_factor,
     get_lr,
     held_out_stop,
+    in_cooldown,
     parse_duration,
     schedule_progress,
 )
@@ -119,6 +120,17 @@ def test_after_held_out_stopping_the_lr_decays_linearly_to_min_lr_and_the_run_en
     assert budget_spent(510, cfg, 0.0, stop_step=410)
     # without a stop the same steps are still in the stable phase
     assert get_lr(460, cfg) == pytest.approx(1e-3) and not budget_spent(510, cfg, 0.0)
+
+
+def test_in_cooldown_is_wsd_decay_in_steps_time_or_after_a_stop() -> None:
+    cfg = stop_cfg()  # 1000 steps, warm-up 10, decay over the last 20% of 990 (after 802)
+    assert [s for s in range(1000) if in_cooldown(s, cfg)] == list(range(803, 1000))
+    assert all(get_lr(s, cfg) < 1e-3 for s in range(803, 1000)) and get_lr(802, cfg) == 1e-3
+    assert in_cooldown(420, cfg, stop_step=410) and not in_cooldown(409, cfg, stop_step=410)
+    timed = stop_cfg(max_steps=10**6, max_time_minutes=10.0)
+    assert not in_cooldown(500, timed, 480.0) and in_cooldown(500, timed, 481.0)
+    assert not any(in_cooldown(s, stop_cfg(schedule="cosine", stop_patience=0))
+                   for s in range(1000))  # cosine has no cool-down phase
 
 
 def test_a_time_budget_running_out_during_the_cooldown_still_ends_decayed() -> None:
