@@ -18,6 +18,11 @@ and on each TEXT (bits per byte), writes one JSON line per snapshot and draws th
         --text ../shared/data/gutenberg/alice_in_wonderland.txt \
         --out benchmarks/results/passes_curve_ts.jsonl --plot docs/img/passes_curve_ts.png
 
+`average` writes runs whose weights are the mean of the newest K snapshots, for
+`microtransformer eval` (the weight averaging of docs/RESULTS.md, section 10):
+
+    python benchmarks/passes_curve.py average runs/shakes snaps/ averaged/ --last 5,10,15
+
 Each text is scored from its first `--max-chars` characters in non-overlapping windows of the
 model's context (the same windows for every snapshot, so the curves compare; `microtransformer
 eval` gives the figure for a single model). docs/RESULTS.md, section 9.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +43,7 @@ import torch
 from microtransformer.checkpoint import load_run, load_weights_into, read_safetensors_metadata
 from microtransformer.data.tokens import load_tokens
 from model import MicroTransformer
+from model.io import save_weights
 
 
 def watch(run: Path, out: Path) -> None:
@@ -132,6 +139,33 @@ def score(args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
+def average(run: Path, snapshots: Path, out: Path, lasts: list[int]) -> None:
+    """For each K in `lasts`: a copy of `run` at out/lastK whose model.safetensors is the mean
+    of the K newest snapshots (uniform weights, summed in float64), for `microtransformer eval`.
+    """
+    model, _, _ = load_run(run)
+    snaps = sorted(snapshots.glob("step_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+    for k in lasts:
+        if not 1 <= k <= len(snaps):
+            raise SystemExit(f"--last {k}: there are {len(snaps)} snapshots in {snapshots}")
+        total: dict[str, torch.Tensor] = {}
+        for snap in snaps[-k:]:
+            load_weights_into(model, snap)
+            for name, t in model.state_dict().items():
+                total[name] = total.get(name, 0) + t.double()
+        model.load_state_dict({name: t / k for name, t in total.items()})
+        dst = out / f"last{k}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(run, dst, ignore=shutil.ignore_patterns("*.prev.*"))
+        meta = read_safetensors_metadata(snaps[-1])
+        extra = {"averaged": ",".join(p.stem for p in snaps[-k:])}
+        if "tokenizer_sha256" in meta:
+            extra["tokenizer_sha256"] = meta["tokenizer_sha256"]
+        save_weights(model, dst / "model.safetensors", step=int(meta["step"]), extra=extra)
+        print(f"{dst}: mean of {', '.join(p.stem for p in snaps[-k:])}", flush=True)
+
+
 def plot(rows: list[dict[str, float]], out: str, k: int) -> None:
     """Scores against passes: the texts (bits/byte, left) and the val split (nats/token, right)."""
     import matplotlib
@@ -160,7 +194,7 @@ def plot(rows: list[dict[str, float]], out: str, k: int) -> None:
 
 
 def main() -> None:
-    """Parse the arguments and run `watch` or `score`."""
+    """Parse the arguments and run `watch`, `score`, `average` or `plot`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("watch", help="copy each new checkpoint of RUN to SNAPSHOTS")
@@ -177,6 +211,11 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", help="JSON lines of the rows")
     s.add_argument("--plot", help="PNG of the curves")
+    a = sub.add_parser("average", help="runs whose weights are the mean of the last snapshots")
+    a.add_argument("run", type=Path)
+    a.add_argument("snapshots", type=Path)
+    a.add_argument("out", type=Path)
+    a.add_argument("--last", required=True, help="comma-separated counts of snapshots, e.g. 5,10")
     d = sub.add_parser("plot", help="draw the curves of a score --out file again")
     d.add_argument("rows", type=Path)
     d.add_argument("png")
@@ -184,6 +223,9 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "watch":
         watch(args.run, args.snapshots)
+        return
+    if args.cmd == "average":
+        average(args.run, args.snapshots, args.out, [int(k) for k in args.last.split(",")])
         return
     if args.cmd == "plot":
         rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line]
