@@ -40,10 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microtransformer.checkpoint import load_run, load_weights_into, read_safetensors_metadata
+from microtransformer.checkpoint import (
+    load_run,
+    load_weights_into,
+    read_safetensors_metadata,
+    save_weights,
+)
 from microtransformer.data.tokens import load_tokens
 from model import MicroTransformer
-from model.io import save_weights
 
 
 def watch(run: Path, out: Path) -> None:
