@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -50,10 +51,18 @@ def worker(variant: str) -> None:
         distributed.end_worker(0)
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(variant: str) -> tuple[int, bool]:
     """One two-process torchrun launch of `worker`; (exit code, whether the abort was printed)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
-           "--nproc_per_node", "2", __file__, "--worker", variant]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+           "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
+           "--local_addr", "127.0.0.1", __file__, "--worker", variant]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     return proc.returncode, ABORT in proc.stdout + proc.stderr

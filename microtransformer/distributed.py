@@ -121,11 +121,11 @@ def end_worker(code: int) -> None:
     Flushes stdout and stderr and leaves through `os._exit`, skipping the interpreter's
     teardown. With torch 2.13 and gloo, that teardown aborts now and then after the group was
     destroyed and all work was done ("terminate called without an active exception", SIGABRT,
-    no Python frame on the stack), and torchrun then reports the whole job failed. A 12-line
-    gloo + DDP script shows it: 15 of 60 two-process launches aborted on a loaded 2-core
-    machine, 0 of 40 when it ended this way. Checkpoints are already on disk (written
-    atomically and flushed), so nothing the teardown would do is lost. Returns (does nothing)
-    in a process that never initialised a group.
+    no Python frame on the stack), and torchrun then reports the whole job failed. A few
+    lines of gloo + DDP show it (`benchmarks/gloo_exit.py`): 6 of 30 two-process launches
+    aborted on a loaded 2-core machine, 0 of 30 when they ended this way (docs/DISTRIBUTED.md).
+    Checkpoints are already on disk (written atomically and flushed), so nothing the teardown
+    would do is lost. Returns (does nothing) in a process that never initialised a group.
     """
     if not _GROUP_USED.is_set():
         return
