@@ -48,11 +48,18 @@ def ms_per_step(model: MicroTransformer, opt: torch.optim.Optimizer, ids: torch.
     return (time.perf_counter() - start) / steps * 1000
 
 
-def parse_shape(text: str) -> tuple[str, dict[str, int]]:
-    """"NAME=FIELD=VALUE,..." -> (NAME, {FIELD: VALUE})."""
+def parse_shape(text: str) -> tuple[str, dict[str, int | bool | str]]:
+    """"NAME=FIELD=VALUE,..." -> (NAME, {FIELD: VALUE}); a value is an int, true/false, or
+    a word (e.g. "position=rotary")."""
     name, _, fields = text.partition("=")
     pairs = (f.split("=", 1) for f in fields.split(",") if f)
-    return name, {k: int(v) for k, v in pairs}
+    return name, {k: _value(v) for k, v in pairs}
+
+
+def _value(text: str) -> int | bool | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from microtransformer.artifacts import HF, MODEL, check_output, staged_directory
 from microtransformer.checkpoint import load_model, load_weights
 from microtransformer.errors import UserError
+from microtransformer.export_checks import check_seed_architecture
 from microtransformer.fileio import atomic_write_json
 from microtransformer.hub import save_pretrained, unwrap_model
 from microtransformer.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_CHAR, Tokenizer
@@ -172,6 +173,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
     """
     m = unwrap_model(model)
+    check_seed_architecture(m.config, "a Hugging Face GPT-2 directory")
     check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
     target = prepare_output(out_dir, force=force, kind="dir")
     with staged_directory(target) as out:  # all files appear at once (artifacts.py)
@@ -418,9 +420,14 @@ class OnnxForward(nn.Module):
             mask4d = (causal[None, None] & real[:, None, None, :]) | eye  # (B, 1, T, T)
         else:
             positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
-        x = m.token_embedding(input_ids) + m.position_embedding(positions)  # (B, T, C)
+        x = m.token_embedding(input_ids)  # (B, T, C)
+        rope = None
+        if m.rotary is not None:  # position='rotary': cos | sin per position, (B, 1, T, hs)
+            rope = m.rotary(positions)
+        else:
+            x = x + m.position_embedding(positions)
         for block in m.blocks:
-            x = block(x, mask4d)
+            x = block(x, mask4d, rope=rope)
         return m.lm_head(m.ln_f(x))  # (B, T, V)
 
 

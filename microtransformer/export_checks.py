@@ -9,6 +9,7 @@ from torch.onnx import _constants
 
 from microtransformer.artifacts import FILE, HF, MODEL, WEB, check_output
 from microtransformer.errors import UserError
+from model import ModelConfig
 
 MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
 
@@ -47,3 +48,13 @@ def check_import_output(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
     """`import` writes a new or empty directory, or (with --force) replaces an imported model
     directory; never a training run, a dataset or its own source."""
     check_output(out, command="import", makes=MODEL, inputs=[hf_dir], replace=force)
+
+
+def check_seed_architecture(config: ModelConfig, target: str) -> None:
+    """UserError when `config` uses an opt-in architecture variant (`ModelConfig.variants`)
+    that `target` (a format whose model is the seed's GPT-2 shape) cannot hold."""
+    if config.variants:
+        raise UserError(
+            f"{target} cannot hold this model's {', '.join(config.variants)}: it has the seed's "
+            "learned positions, GELU and plain attention only; export it with --format onnx or "
+            "--format web, or train the model without the variant")

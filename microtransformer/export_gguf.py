@@ -41,6 +41,7 @@ from torch import nn
 
 from microtransformer.errors import UserError
 from microtransformer.export import LAYER_NORM_EPS
+from microtransformer.export_checks import check_seed_architecture
 from microtransformer.fileio import atomic_write
 from microtransformer.hub import unwrap_model
 from model import ModelConfig
@@ -224,6 +225,7 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
     gguf = _gguf()
     m = unwrap_model(model)
     cfg: ModelConfig = m.config
+    check_seed_architecture(cfg, "GGUF (llama.cpp's gpt2 architecture)")
     check_quant(cfg, quant)
     spec = check_tokenizer(tokenizer, cfg.vocab_size)
     out = Path(out_path)

@@ -50,7 +50,8 @@ from model import ModelConfig
 from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
 # The fields that give the weights their shapes: they must be the parent's.
-ARCHITECTURE = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim")
+ARCHITECTURE = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim",
+                "position", "activation", "qk_norm")
 # Taken from the parent unless typed (they do not change the shapes).
 INHERITED = ("dropout", "attn_dropout", "init")
 LINEAGE_FILE = "lineage.json"

@@ -16,7 +16,7 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0,
-                 attn_dropout: float | None = None) -> None:
+                 attn_dropout: float | None = None, *, qk_norm: bool = False) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(
@@ -31,6 +31,9 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.resid_dropout = nn.Dropout(dropout)
+        # qk_norm: queries and keys RMS-normalised over each head, then scaled by a learned
+        # gain per head dimension, one for queries (qk_gain[0]) and one for keys (qk_gain[1])
+        self.qk_gain = nn.Parameter(torch.ones(2, 1, 1, self.head_dim)) if qk_norm else None
 
     def forward(
         self,
@@ -40,6 +43,7 @@ class MultiHeadAttention(nn.Module):
         cache_pos: int | torch.Tensor = 0,
         *,
         explicit_attention: bool = False,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend over `x` (B, T, C), or (B, C) for one token per row (decoding: no time axis,
         so the linear layers and norms run on 2-D inputs); training, prefill and decoding alike.
@@ -60,6 +64,9 @@ class MultiHeadAttention(nn.Module):
             `scaled_dot_product_attention` (same result up to float rounding; no attention
             dropout, so inference only); torch.compile's CPU backend fuses this form better
             than the flash kernel for one query row.
+        rope: the rotary cos | sin of these tokens' positions (`layers.RotaryTable`),
+            shaped for queries and keys stacked; None for the seed's learned positions. Queries
+            and keys are rotated before the new keys enter the cache.
 
         The linear layers are called as functions on their parameters (`linear`): a
         one-token step is bound by per-call overhead, not arithmetic.
@@ -67,9 +74,22 @@ class MultiHeadAttention(nn.Module):
         B, T = x.size(0), (x.size(1) if x.dim() == 3 else 1)
         qkv = linear(self.qkv, x)  # (B, T, 3C) or (B, 3C)
         if x.dim() == 3:
-            q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            axis = 0  # qkv (3, B, nh, T, hs)
         else:  # one token per row: the same layout without a permute
-            q, k, v = qkv.view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)
+            qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)
+            axis = 1  # qkv (B, 3, nh, 1, hs)
+        if self.qk_gain is None and rope is None:
+            q, k, v = qkv.unbind(axis)
+        else:  # the variants act on queries and keys together: qk (2, B, ...) or (B, 2, ...)
+            qk, v = qkv.split([2, 1], dim=axis)
+            v = v.squeeze(axis)
+            if self.qk_gain is not None:
+                gain = self.qk_gain if axis else self.qk_gain[:, None]  # (2, [1,] 1, 1, hs)
+                qk = normalise_qk(qk, gain, fused=self.training)
+            if rope is not None:
+                qk = apply_rotary(qk, rope, as_complex=self.training)
+            q, k = qk.unbind(axis)
         # q, k, v: each (B, nh, T, hs)
         if kv_cache is not None:
             k, v = self._write_cache(kv_cache, k, v, cache_pos, attn_mask)  # (B, nh, S, hs)
@@ -123,6 +143,38 @@ class MultiHeadAttention(nn.Module):
         k_buf[:, :, cache_pos:end] = k
         v_buf[:, :, cache_pos:end] = v
         return k_buf[:, :, :end], v_buf[:, :, :end]
+
+
+def normalise_qk(qk: torch.Tensor, gain: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
+    """QK-norm: queries and keys `qk` (..., hs) RMS-normalised over each head (eps 1e-6),
+    times `gain` (broadcastable: one gain per head dimension for queries, one for keys).
+
+    `fused`: PyTorch's `rms_norm` op (faster to train through); otherwise the same in plain
+    ops, which the ONNX exporter can write.
+    """
+    if fused:
+        return F.rms_norm(qk, (qk.size(-1),), eps=1e-6) * gain
+    return qk * torch.rsqrt(qk.square().mean(-1, keepdim=True) + 1e-6) * gain
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor, *, as_complex: bool = False
+                 ) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i + 1]) of `x` (..., hs) by its position's angle i;
+    `rope` is `layers.RotaryTable`'s cos | sin (each hs/2 wide), broadcastable to x.
+
+    `as_complex`: the same rotation as one complex multiplication (float32/float64 only),
+    which is faster to train through on a CPU than the real arithmetic; tracers and
+    compilers (ONNX, torch.export) get the real form.
+    """
+    half = x.size(-1) // 2
+    cos, sin = rope[..., :half], rope[..., half:]  # (..., hs/2) each
+    pairs = x.unflatten(-1, (half, 2))  # (..., hs/2, 2)
+    if as_complex and x.dtype in (torch.float32, torch.float64):
+        turn = torch.complex(cos.to(x.dtype), sin.to(x.dtype))  # (..., hs/2), |turn| = 1
+        z = torch.view_as_complex(pairs) * turn
+        return torch.view_as_real(z).flatten(-2)
+    x1, x2 = pairs.unbind(-1)  # (..., hs/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

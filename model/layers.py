@@ -60,17 +60,48 @@ class PositionEmbedding(nn.Module):
         return F.embedding(position_ids, self.weight)  # (B, T, C) or (T, C)
 
 
-class FeedForward(nn.Module):
-    """Two-layer MLP with exact (erf) GELU: C -> ff_dim -> C, then dropout (when training)."""
+class RotaryTable(nn.Module):
+    """Rotary position embedding's angles: cos and sin of position x frequency for every
+    position 0 .. max_seq_len - 1, looked up like a position table (no parameters).
 
-    def __init__(self, embed_dim: int, ff_dim: int, dropout: float = 0.0) -> None:
+    Frequencies base ** (-2i / head_dim), i < head_dim / 2, base 10,000; the table is a
+    non-persistent buffer (rebuilt on construction, never saved with the weights).
+    """
+
+    def __init__(self, max_seq_len: int, head_dim: int, base: float = 10_000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)
+        table = torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # (T_max, hs)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, *, one_per_row: bool = False) -> torch.Tensor:
+        """Positions (T,), (B, T), or (B,) with `one_per_row` -> cos | sin, shaped to
+        broadcast over queries and keys stacked as `MultiHeadAttention` holds them:
+        (2, B, nh, T, hs) for (T,) -> (1, 1, T, hs) and (B, T) -> (B, 1, T, hs), or
+        (B, 2, nh, 1, hs) for one token per row -> (B, 1, 1, 1, hs)."""
+        cs = F.embedding(position_ids, self.table)  # position_ids' shape + (hs,)
+        if one_per_row:
+            return cs[:, None, None, None]  # (B, 1, 1, 1, hs)
+        return cs[None, None] if position_ids.dim() == 1 else cs[:, None]
+
+
+class FeedForward(nn.Module):
+    """Two-layer MLP: C -> ff_dim -> C with exact (erf) GELU (the seed's) or squared ReLU
+    (`activation="relu2"`), then dropout (when training)."""
+
+    def __init__(self, embed_dim: int, ff_dim: int, dropout: float = 0.0,
+                 activation: str = "gelu") -> None:
         super().__init__()
         self.fc = nn.Linear(embed_dim, ff_dim)
         self.proj = nn.Linear(ff_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
+        self.relu2 = activation == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = linear(self.proj, F.gelu(linear(self.fc, x)))  # (B, T, C)
+        a = linear(self.fc, x)  # (B, T, ff)
+        a = F.relu(a).square() if self.relu2 else F.gelu(a)
+        h = linear(self.proj, a)  # (B, T, C)
         return self.dropout(h) if self.training else h
 
 
@@ -78,12 +109,14 @@ class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + Attn(LN(x)), then x + FF(LN(x))."""
 
     def __init__(self, embed_dim: int, num_heads: int, ff_dim: int, dropout: float = 0.0,
-                 attn_dropout: float | None = None) -> None:
+                 attn_dropout: float | None = None, *, activation: str = "gelu",
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.ln1 = LayerNorm(embed_dim)
-        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout, attn_dropout=attn_dropout)
+        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout, attn_dropout=attn_dropout,
+                                       qk_norm=qk_norm)
         self.ln2 = LayerNorm(embed_dim)
-        self.ff = FeedForward(embed_dim, ff_dim, dropout)
+        self.ff = FeedForward(embed_dim, ff_dim, dropout, activation=activation)
 
     def forward(
         self,
@@ -93,13 +126,15 @@ class TransformerBlock(nn.Module):
         cache_pos: int | torch.Tensor = 0,
         *,
         explicit_attention: bool = False,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C), or (B, C) -> (B, C) for one token per row; the mask and
-        cache arguments are `MultiHeadAttention.forward`'s.
+        """x (B, T, C) -> (B, T, C), or (B, C) -> (B, C) for one token per row; the mask,
+        cache and rope arguments are `MultiHeadAttention.forward`'s.
 
         The parts are called through their `forward` and the norms as functions
         (`layer_norm`), not through `nn.Module.__call__`: see `MicroTransformer.hidden_states`.
         """
         x = x + self.attn.forward(layer_norm(self.ln1, x), attn_mask, kv_cache, cache_pos,
-                                  explicit_attention=explicit_attention)  # (B, T, C)
+                                  explicit_attention=explicit_attention,
+                                  rope=rope)  # (B, T, C)
         return x + self.ff.forward(layer_norm(self.ln2, x))  # (B, T, C)

@@ -12,10 +12,19 @@ import torch
 from torch import nn
 
 from . import generation, io, losses
-from .attention import KVCache
-from .layers import LayerNorm, PositionEmbedding, TokenEmbedding, TransformerBlock, layer_norm
+from .attention import KVCache, MultiHeadAttention
+from .layers import (
+    LayerNorm,
+    PositionEmbedding,
+    RotaryTable,
+    TokenEmbedding,
+    TransformerBlock,
+    layer_norm,
+)
 
 INIT_SCHEMES = ("kaiming", "gpt2")
+POSITIONS = ("learned", "rotary")
+ACTIVATIONS = ("gelu", "relu2")
 
 
 def _is_dropout_probability(value: object) -> bool:
@@ -53,6 +62,19 @@ class ModelConfig:
                 "model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU, "
                 "attention with dropout falls back to the unfused path and a training step "
                 "costs more (docs/RESULTS.md, section 5)"})
+    position: str = field(default="learned", metadata={
+        "help": "how the model knows token order: \"learned\" (the seed's table of "
+                "max_seq_len absolute position vectors) or \"rotary\" (queries and keys "
+                "rotated by their position, no table). Variants other than the seed's are "
+                "opt-in; the Hugging Face and GGUF exports refuse them"})
+    activation: str = field(default="gelu", metadata={
+        "help": "the feed-forward nonlinearity: \"gelu\" (the seed's exact erf GELU) or "
+                "\"relu2\" (squared ReLU; opt-in, refused by the Hugging Face and GGUF "
+                "exports)"})
+    qk_norm: bool = field(default=False, metadata={
+        "help": "RMS-normalise each head's queries and keys (a learned gain per head "
+                "dimension) before attention (opt-in, refused by the Hugging Face and GGUF "
+                "exports)"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,6 +96,17 @@ class ModelConfig:
             )
         if self.init not in INIT_SCHEMES:
             problems.append(f"init={self.init!r} must be one of {', '.join(INIT_SCHEMES)}")
+        if self.position not in POSITIONS:
+            problems.append(f"position={self.position!r} must be one of {', '.join(POSITIONS)}")
+        elif self.position == "rotary" and self.head_dim % 2:
+            problems.append(f"position='rotary' needs an even head size, got embed_dim "
+                            f"{self.embed_dim} / num_heads {self.num_heads} = {self.head_dim}; "
+                            "choose num_heads so that the quotient is even")
+        if self.activation not in ACTIVATIONS:
+            problems.append(
+                f"activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.qk_norm, bool):
+            problems.append(f"qk_norm={self.qk_norm!r} must be true or false")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
@@ -81,6 +114,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Size of each attention head."""
         return self.embed_dim // self.num_heads
+
+    @property
+    def variants(self) -> list[str]:
+        """The opt-in architecture variants this config uses (empty for the seed's model),
+        e.g. ["position='rotary'"]: what an export that cannot hold them names."""
+        seed = ModelConfig()
+        return [f"{name}={getattr(self, name)!r}" for name in ("position", "activation", "qk_norm")
+                if getattr(self, name) != getattr(seed, name)]
 
     @property
     def attention_dropout(self) -> float:
@@ -121,12 +162,16 @@ class MicroTransformer(nn.Module):
         dropout: float = 0.1,
         init: str = "kaiming",
         attn_dropout: float | None = None,
+        position: str = "learned",
+        activation: str = "gelu",
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         cfg = ModelConfig(
             vocab_size=vocab_size, max_seq_len=max_seq_len, embed_dim=embed_dim,
             num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,
-            init=init, attn_dropout=attn_dropout,
+            init=init, attn_dropout=attn_dropout, position=position, activation=activation,
+            qk_norm=qk_norm,
         )
         self.config = cfg
         self.vocab_size = cfg.vocab_size
@@ -137,11 +182,19 @@ class MicroTransformer(nn.Module):
         self.validate_inputs = True
 
         self.token_embedding = TokenEmbedding(cfg.vocab_size, cfg.embed_dim)
-        self.position_embedding = PositionEmbedding(cfg.max_seq_len, cfg.embed_dim)
+        # learned positions: a table; rotary: no parameters, a (max_seq_len, hs) table of
+        # cos | sin per position (a buffer kept out of the saved weights)
+        self.position_embedding: PositionEmbedding | None = None
+        self.rotary: RotaryTable | None = None
+        if cfg.position == "rotary":
+            self.rotary = RotaryTable(cfg.max_seq_len, cfg.head_dim)
+        else:
+            self.position_embedding = PositionEmbedding(cfg.max_seq_len, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.ff_dim, cfg.dropout,
-                             attn_dropout=cfg.attention_dropout)
+                             attn_dropout=cfg.attention_dropout, activation=cfg.activation,
+                             qk_norm=cfg.qk_norm)
             for _ in range(cfg.num_layers)
         )
         self.ln_f = LayerNorm(cfg.embed_dim)
@@ -181,6 +234,8 @@ class MicroTransformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, MultiHeadAttention) and module.qk_gain is not None:
+                nn.init.ones_(module.qk_gain)
 
     # ------------------------------------------------------------------ checks
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
@@ -312,13 +367,18 @@ class MicroTransformer(nn.Module):
         # Why not module calls: a one-token step is bound by per-call overhead, and
         # nn.Module.__call__ on the parts made it measurably slower (docs/PERFORMANCE.md,
         # "One forward for training and decoding").
-        x = self.token_embedding.forward(input_ids) + self.position_embedding.forward(
-            position_ids)  # (B, T, C), or (B, C) for one token per row
+        x = self.token_embedding.forward(input_ids)  # (B, T, C), or (B, C) for one token per row
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary.forward(position_ids, one_per_row=x.dim() == 2)
+        else:
+            x = x + self.position_embedding.forward(position_ids)
         if self.training:
             x = self.dropout(x)
         layers = cache.layers if cache is not None else (None,) * len(self.blocks)
         for block, kv in zip(self.blocks, layers, strict=True):
-            x = block.forward(x, attn_mask, kv, cache_pos, explicit_attention=explicit_attention)
+            x = block.forward(x, attn_mask, kv, cache_pos, explicit_attention=explicit_attention,
+                              rope=rope)
         return layer_norm(self.ln_f, x)  # (B, T, C)
 
     def forward(

@@ -36,11 +36,16 @@ def parameter_formula(config: ModelConfig | dict[str, Any]) -> int:
                + 2*d*f + f + d                      feed-forward
                + 4*d)                               two LayerNorms
         + 2*d                                       final LayerNorm
+    The variants: position "rotary" has no position table (no S*d); qk_norm adds two gains
+    of the head size per layer (2*d/heads).
     """
     c = _as_config(config)
     d, f = c.embed_dim, c.ff_dim
     per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
-    return c.vocab_size * d + c.max_seq_len * d + c.num_layers * per_layer + 2 * d
+    if c.qk_norm:
+        per_layer += 2 * c.head_dim
+    positions = 0 if c.position == "rotary" else c.max_seq_len * d
+    return c.vocab_size * d + positions + c.num_layers * per_layer + 2 * d
 
 
 def flops_per_token(config: ModelConfig | dict[str, Any], seq_len: int | None = None) -> int:

@@ -36,7 +36,8 @@ from model.generation import decode_step, prefill
 from model.transformer import MicroTransformer
 
 # the fields of ModelConfig that change the compiled graph (dropout and init do not)
-SHAPE_FIELDS = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim")
+SHAPE_FIELDS = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim",
+                "position", "activation", "qk_norm")
 # int8 (quantize_dynamic's packed linears) cannot be exported; int8wo (int8 weight-only) can
 PRECISIONS = ("fp32", "bf16", "int8wo")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
@@ -245,6 +246,8 @@ def _load(path: Path, model: MicroTransformer) -> Any:
 
         loader = aoti_load_package(str(path)).loader
     state = {f"model.{k}": v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    # buffers kept out of the saved weights (rotary's table) are constants of the graph too
+    state.update((f"model.{k}", v) for k, v in model.named_buffers() if f"model.{k}" not in state)
     names = loader.get_constant_fqns()
     missing = [n for n in names if n not in state]
     if missing:

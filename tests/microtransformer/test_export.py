@@ -368,3 +368,37 @@ def test_attention_dropout_maps_to_attn_pdrop_and_back() -> None:
     assert (back.dropout, back.attn_dropout, back.attention_dropout) == (0.1, 0.0, 0.0)
     same = export.model_config_from_hf(export.hf_config(cfg))  # one dropout everywhere
     assert (same.dropout, same.attn_dropout) == (0.1, None)
+
+
+def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_them(
+        tmp_path: Path, bpe_tok: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    """Rotary positions, squared ReLU and QK-norm: ONNX holds them (same logits, padded rows
+    included; the web page's step too, tests/microtransformer/test_export_web.py); Hugging
+    Face GPT-2 and GGUF cannot, and say so in one line naming the variant, writing
+    nothing."""
+    torch.manual_seed(3)
+    model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
+                             num_heads=2, num_layers=2, ff_dim=48, dropout=0.0,
+                             position="rotary", activation="relu2", qk_norm=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "train": {},
+                                                 "data": {}}))
+    save_weights(model, run / "model.safetensors", step=1)
+    bpe_tok.save(run / "tokenizer.json")
+    for fmt in ("hf", "gguf"):
+        out = tmp_path / "out_hf" if fmt == "hf" else tmp_path / "m.gguf"
+        assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "position='rotary', activation='relu2', qk_norm=True" in err, err
+        assert "--format onnx or --format web" in err
+        assert not out.exists()
+    pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    for B, T, seed in ((1, 5, 0), (3, 24, 1)):
+        assert onnx_max_diff(onnx_path, model, B, T, True, seed) <= ATOL

@@ -252,3 +252,29 @@ def test_node_skip_reason_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(shutil, "which", lambda _: None)
     with pytest.raises(pytest.skip.Exception, match="node is not installed"):
         need_node_package("node-llama-cpp")
+
+
+def test_the_pages_decoding_step_holds_the_architecture_variants(tmp_path: Path) -> None:
+    """Rotary positions, squared ReLU and QK-norm in the page's ONNX step: the prompt in one
+    step, then one token per step with the cache (positions continue from the past's
+    length), each giving the model's logits."""
+    ort = pytest.importorskip("onnxruntime")
+    from model import MicroTransformer
+
+    torch.manual_seed(4)
+    model = MicroTransformer(vocab_size=70, max_seq_len=24, embed_dim=32, num_heads=4,
+                             num_layers=2, ff_dim=48, dropout=0.0, position="rotary",
+                             activation="relu2", qk_norm=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = export_web.export_decode_step(model, tmp_path / "model.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 70, (1, 24), generator=torch.Generator().manual_seed(1))
+    past = np.zeros((2, 2, 1, 4, 0, 8), dtype=np.float32)
+    for start, end in [(0, 9), *((t, t + 1) for t in range(9, 24))]:
+        logits, past = sess.run(["logits", "present"],
+                                {"input_ids": ids[:, start:end].numpy(), "past": past})
+        with torch.no_grad():
+            ref = model(ids[:, :end])[:, -1].numpy()
+        assert float(np.abs(logits - ref).max()) <= 1e-4, end

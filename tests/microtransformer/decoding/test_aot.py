@@ -156,3 +156,23 @@ def test_int8_weight_only_package_computes_the_quantized_model(package_folder: P
     assert fast.plan(1, 7, 30) == "compiled"  # the package is on disk
     assert torch.equal(fast.generate(prompt, max_new_tokens=30, do_sample=False),
                        ref[:, :T + 30])
+
+
+def test_packaged_step_of_the_architecture_variants(package_folder: Path) -> None:
+    """Rotary positions, squared ReLU and QK-norm compile into the package too (rotary's
+    table is a buffer kept out of the saved weights, given to the package as a constant),
+    with `model.generate`'s greedy tokens over the whole context, left padding included;
+    the variants are part of the package's name."""
+    variant = {**SMALL, "position": "rotary", "activation": "relu2", "qk_norm": True}
+    torch.manual_seed(5)
+    model = MicroTransformer(**variant).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qk_gain.uniform_(0.5, 2.0)
+    assert aot.package_key(model, 3, "fp32") != aot.package_key(_model(1), 3, "fp32")
+    prompt, mask = _prompt(3, True)
+    n_new = SMALL["max_seq_len"] - prompt.size(1)
+    ref = model.generate(prompt, max_new_tokens=n_new, do_sample=False, attention_mask=mask)
+    got = model.generate(prompt, max_new_tokens=n_new, do_sample=False, attention_mask=mask,
+                         decoder=AOTDecoder(AOTDecodeStep(model, 3)))
+    assert torch.equal(got, ref)
