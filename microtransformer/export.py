@@ -11,12 +11,20 @@ Everything else maps one to one: pre-LN blocks, exact (erf) GELU (`activation_fu
 LayerNorm eps 1e-5, fused QKV laid out as [q | k | v] with heads contiguous (GPT-2's `c_attn`).
 GPT-2 stores its projections as `Conv1D` weights of shape (in, out): transposed `nn.Linear` ones.
 
+A model with rotary positions (`model.position = "rotary"`) is exported as Hugging Face's
+GPT-NeoX instead (`GPTNeoXForCausalLM`, `use_parallel_residual=False`: the same sequential
+pre-LN blocks, with rotary queries and keys and no position table). Its fused QKV holds each
+head's [q | k | v] together, and its rotation pairs dimension i of a head with i + d/2 where ours
+pairs 2i with 2i + 1: the rows are reordered (`rotary_row_order`). Squared ReLU and QK-norm have
+no GPT-2 or GPT-NeoX form and are refused. Import reads GPT-2 directories only.
+
 Writing a Hugging Face directory needs no `transformers`; only loading it does. ONNX export
 needs the `onnx` package (and `onnxscript` for the dynamo exporter).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +44,7 @@ from microtransformer.hub import save_pretrained, unwrap_model
 from microtransformer.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_CHAR, Tokenizer
 from model import MicroTransformer, ModelConfig
 from model.io import TOKENIZER_FILE, WEIGHTS_FILE, save_safetensors
+from model.layers import ROTARY_BASE
 
 FORMATS = ("hf", "onnx", "gguf", "web")  # gguf: export_gguf.py, web: export_web.py
 DEFAULT_OPSET = 17
@@ -141,6 +150,81 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def rotary_row_order(config: ModelConfig, *, heads_together: bool = False) -> torch.Tensor:
+    """Row order (3C,) of the fused QKV projection for a rotation that pairs dimension i of a
+    head with i + d/2 (llama.cpp's gptneox, Hugging Face's `rotate_half`) where ours pairs 2i
+    with 2i + 1: within each query and key head the even dimensions, then the odd ones (the
+    same order for both keeps every attention score); values as they are. `heads_together`:
+    each head's [q | k | v] rows side by side (GPT-NeoX's layout) instead of [Q | K | V]."""
+    C, d = config.embed_dim, config.head_dim
+    rotated = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])  # (d,)
+    starts = torch.arange(0, C, d)[:, None]  # (nh, 1): each head's first row in Q, K and V
+    q, k, v = starts + rotated, C + starts + rotated, 2 * C + starts + torch.arange(d)
+    if heads_together:
+        return torch.cat([q, k, v], dim=1).reshape(-1)  # (nh * 3d,): head by head
+    return torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])  # (3C,)
+
+
+def hf_neox_config(config: ModelConfig, *, eos_token_id: int | None = None,
+                   pad_token_id: int | None = None) -> dict[str, Any]:
+    """The `config.json` of the GPT-NeoX model equivalent to a rotary `config`."""
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_seq_len,
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.ff_dim,
+        "hidden_act": "gelu",  # exact erf GELU
+        "hidden_dropout": config.dropout,
+        "attention_dropout": config.attention_dropout,
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "use_parallel_residual": False,  # x + attn(ln1(x)), then + mlp(ln2(x))
+        "attention_bias": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROTARY_BASE,
+                            "partial_rotary_factor": 1.0},
+        "rotary_pct": 1.0,  # the same two, as transformers before 5 reads them
+        "rotary_emb_base": ROTARY_BASE,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,  # embed_out = unscaled table, embed_in = scaled table
+        "use_cache": True,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": "float32",
+    }
+
+
+def to_hf_neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """GPTNeoXForCausalLM weights equivalent to a rotary `model` (float32, CPU)."""
+    m = unwrap_model(model)
+    scale = math.sqrt(m.config.embed_dim)
+    order = rotary_row_order(m.config, heads_together=True)
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32).contiguous()
+
+    emb = f32(m.token_embedding.embedding.weight)  # (V, C), unscaled
+    sd: dict[str, torch.Tensor] = {
+        "gpt_neox.embed_in.weight": emb * scale,  # the input scale folded into the table
+        "gpt_neox.final_layer_norm.weight": f32(m.ln_f.weight),
+        "gpt_neox.final_layer_norm.bias": f32(m.ln_f.bias),
+        "embed_out.weight": emb.clone(),  # the tied head: the unscaled table
+    }
+    for i, block in enumerate(m.blocks):
+        p = f"gpt_neox.layers.{i}."
+        sd[p + "attention.query_key_value.weight"] = f32(block.attn.qkv.weight)[order]
+        sd[p + "attention.query_key_value.bias"] = f32(block.attn.qkv.bias)[order]
+        for name, mod in (("attention.dense", block.attn.proj), ("mlp.dense_h_to_4h", block.ff.fc),
+                          ("mlp.dense_4h_to_h", block.ff.proj), ("input_layernorm", block.ln1),
+                          ("post_attention_layernorm", block.ln2)):
+            sd[p + name + ".weight"] = f32(mod.weight)  # nn.Linear (out, in) in both
+            sd[p + name + ".bias"] = f32(mod.bias)
+    return sd
+
+
 def hf_tokenizer_files(tokenizer: Any, max_seq_len: int) -> dict[str, dict[str, Any]]:
     """tokenizer_config.json and special_tokens_map.json for a microtransformer Tokenizer, so
     `AutoTokenizer` builds a `PreTrainedTokenizerFast` from its tokenizer.json as is."""
@@ -167,13 +251,16 @@ def hf_tokenizer_files(tokenizer: Any, max_seq_len: int) -> dict[str, dict[str, 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
               force: bool = False) -> Path:
-    """Write a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files).
+    """Write a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files);
+    GPT-NeoX for a model with rotary positions.
 
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` then gives a GPT2LMHeadModel
     with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
     """
     m = unwrap_model(model)
-    check_seed_architecture(m.config, "a Hugging Face GPT-2 directory")
+    rotary = m.config.position == "rotary"
+    check_seed_architecture(dataclasses.replace(m.config, position="learned"),
+                            f"a Hugging Face {'GPT-NeoX' if rotary else 'GPT-2'} directory")
     check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
     target = prepare_output(out_dir, force=force, kind="dir")
     with staged_directory(target) as out:  # all files appear at once (artifacts.py)
@@ -182,7 +269,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
 
 
 def _write_hf(m: MicroTransformer, out: Path, tokenizer: Any) -> None:
-    """The files of a Hugging Face GPT-2 directory, written into `out`."""
+    """The files of a Hugging Face GPT-2 (rotary: GPT-NeoX) directory, written into `out`."""
     eos = pad = None
     if tokenizer is not None:
         if tokenizer.vocab_size > m.config.vocab_size:
@@ -191,7 +278,9 @@ def _write_hf(m: MicroTransformer, out: Path, tokenizer: Any) -> None:
                 f"{m.config.vocab_size}; export the tokenizer the model was trained with"
             )
         eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
-    save_safetensors(out / WEIGHTS_FILE, to_hf_state_dict(m), {"format": "pt"})
+    rotary = m.config.position == "rotary"
+    weights = to_hf_neox_state_dict(m) if rotary else to_hf_state_dict(m)
+    save_safetensors(out / WEIGHTS_FILE, weights, {"format": "pt"})
     gen = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True}
     atomic_write_json(out / "generation_config.json", {k: v for k, v in gen.items()
                                                        if v is not None})
@@ -199,8 +288,8 @@ def _write_hf(m: MicroTransformer, out: Path, tokenizer: Any) -> None:
         tokenizer.save(out / TOKENIZER_FILE)
         for name, data in hf_tokenizer_files(tokenizer, m.config.max_seq_len).items():
             atomic_write_json(out / name, data)
-    atomic_write_json(out / "config.json", hf_config(m.config, eos_token_id=eos,
-                                                     pad_token_id=pad))
+    config = hf_neox_config if rotary else hf_config
+    atomic_write_json(out / "config.json", config(m.config, eos_token_id=eos, pad_token_id=pad))
 
 
 # ---------------------------------------------------------------------------- import

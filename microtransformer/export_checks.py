@@ -52,9 +52,10 @@ def check_import_output(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
 
 def check_seed_architecture(config: ModelConfig, target: str) -> None:
     """UserError when `config` uses an opt-in architecture variant (`ModelConfig.variants`)
-    that `target` (a format whose model is the seed's GPT-2 shape) cannot hold."""
+    that `target` cannot hold (callers pass the config with the variants their format does
+    hold set back to the seed's)."""
     if config.variants:
         raise UserError(
-            f"{target} cannot hold this model's {', '.join(config.variants)}: it has the seed's "
-            "learned positions, GELU and plain attention only; export it with --format onnx or "
-            "--format web, or train the model without the variant")
+            f"{target} cannot hold this model's {', '.join(config.variants)} (the format has "
+            "no such layer); export it with --format onnx or --format web, or train the model "
+            "without the variant")

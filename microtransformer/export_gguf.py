@@ -14,6 +14,13 @@ here or stated:
 3. llama.cpp's GPT-2 graph uses the tanh approximation of GELU where we use the exact (erf) one:
    logits differ slightly (greedy decoding agreed in our tests; see docs/INTEROP.md).
 
+A model with rotary positions (`model.position = "rotary"`) goes in as llama.cpp's `gptneox`
+architecture instead: the same blocks with rotary queries and keys and no position table. Its
+rotation pairs each dimension i < d/2 of a head with i + d/2, ours pairs 2i with 2i + 1; the
+export reorders the query and key rows of each head (evens, then odds), which gives the same
+attention scores. The other variants (squared ReLU, QK-norm) have no llama.cpp form here and are
+refused.
+
 The tokenizer goes in as llama.cpp's `gpt2` BPE vocabulary with the `gpt-2` pre-tokenizer,
 which is exactly our byte-level BPE (GPT-2's split regex, no prefix space). A character-level
 tokenizer goes in as the same kind of vocabulary: each character is one token written in the
@@ -26,6 +33,7 @@ Needs the `gguf` package (`pip install 'micro-transformer[gguf]'` or `pip instal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,14 +48,16 @@ import torch
 from torch import nn
 
 from microtransformer.errors import UserError
-from microtransformer.export import LAYER_NORM_EPS
+from microtransformer.export import LAYER_NORM_EPS, rotary_row_order
 from microtransformer.export_checks import check_seed_architecture
 from microtransformer.fileio import atomic_write
 from microtransformer.hub import unwrap_model
 from model import ModelConfig
+from model.layers import ROTARY_BASE
 
 QUANTS = ("f32", "f16", "q8_0")
 ARCH = "gpt2"  # llama.cpp's architecture name (LLM_ARCH_GPT2)
+ROTARY_ARCH = "gptneox"  # for position="rotary" (LLM_ARCH_GPTNEOX, sequential residual)
 Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
 GGUF_INSTALL = "pip install 'gguf>=0.19,<0.20'"
 
@@ -177,8 +187,9 @@ def gguf_vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], l
 
 
 def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """llama.cpp `gpt2` tensors (name -> float32 CPU tensor, PyTorch (out, in) layout) equal to
-    `model`. The token table is scaled by sqrt(d) and the head written separately."""
+    """llama.cpp `gpt2` (or, rotary, `gptneox`) tensors (name -> float32 CPU tensor, PyTorch
+    (out, in) layout) equal to `model`. The token table is scaled by sqrt(d) and the head
+    written separately; rotary's query and key rows are reordered (`rotary_row_order`)."""
     m = unwrap_model(model)
     scale = math.sqrt(m.config.embed_dim)
 
@@ -186,10 +197,9 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         return t.detach().to("cpu", torch.float32).contiguous()
 
     emb = f32(m.token_embedding.embedding.weight)  # (V, C), unscaled
-    out: dict[str, torch.Tensor] = {
-        "token_embd.weight": emb * scale,  # (V, C): the input scale folded in
-        "position_embd.weight": f32(m.position_embedding.embedding.weight),  # (T_max, C)
-    }
+    out: dict[str, torch.Tensor] = {"token_embd.weight": emb * scale}  # the input scale folded in
+    if m.rotary is None:
+        out["position_embd.weight"] = f32(m.position_embedding.embedding.weight)  # (T_max, C)
     for i, block in enumerate(m.blocks):
         p = f"blk.{i}."
         for name, mod in (("attn_norm", block.ln1), ("attn_qkv", block.attn.qkv),
@@ -197,10 +207,20 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                           ("ffn_up", block.ff.fc), ("ffn_down", block.ff.proj)):
             out[p + name + ".weight"] = f32(mod.weight)  # Linear (out, in); LayerNorm (C,)
             out[p + name + ".bias"] = f32(mod.bias)
+        if m.rotary is not None:  # llama.cpp's rotation pairs (i, i + d/2): rows reordered
+            order = rotary_row_order(m.config)
+            out[p + "attn_qkv.weight"] = out[p + "attn_qkv.weight"][order]
+            out[p + "attn_qkv.bias"] = out[p + "attn_qkv.bias"][order]
     out["output_norm.weight"] = f32(m.ln_f.weight)
     out["output_norm.bias"] = f32(m.ln_f.bias)
     out["output.weight"] = emb.clone()  # (V, C): the head, the unscaled table
     return out
+
+
+def gguf_architecture(config: ModelConfig) -> str:
+    """The llama.cpp architecture the file declares: `gptneox` for rotary positions, else
+    `gpt2`."""
+    return ROTARY_ARCH if config.position == "rotary" else ARCH
 
 
 def _encode_tensor(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
@@ -216,7 +236,8 @@ def _encode_tensor(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray
 # ============================================================================ writing
 def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *,
                 quant: str = "f32", force: bool = False, name: str | None = None) -> Path:
-    """Write `model` and its tokenizer as one GGUF file (llama.cpp `gpt2`).
+    """Write `model` and its tokenizer as one GGUF file (llama.cpp `gpt2`, or `gptneox` for
+    rotary positions).
 
     `quant`: "f32", "f16" or "q8_0" for the matrices (norms and biases stay f32). Raises
     UserError for an unknown quant, shapes q8_0 cannot hold, a tokenizer llama.cpp cannot
@@ -225,7 +246,9 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
     gguf = _gguf()
     m = unwrap_model(model)
     cfg: ModelConfig = m.config
-    check_seed_architecture(cfg, "GGUF (llama.cpp's gpt2 architecture)")
+    arch = gguf_architecture(cfg)
+    check_seed_architecture(dataclasses.replace(cfg, position="learned"),
+                            f"GGUF (llama.cpp's {arch} architecture)")
     check_quant(cfg, quant)
     spec = check_tokenizer(tokenizer, cfg.vocab_size)
     out = Path(out_path)
@@ -246,10 +269,14 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp_dir:
         tmp = Path(tmp_dir) / "model.gguf"
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or out.stem)
         writer.add_description("micro-transformer GPT-style model (exact-GELU network; "
-                               "llama.cpp's gpt2 graph uses the tanh GELU)")
+                               f"llama.cpp's {arch} graph uses the tanh GELU)")
+        if arch == ROTARY_ARCH:
+            writer.add_rope_dimension_count(cfg.head_dim)
+            writer.add_rope_freq_base(ROTARY_BASE)
+            writer.add_parallel_residual(False)  # x + attn(ln1(x)), then + ffn(ln2(x))
         writer.add_context_length(cfg.max_seq_len)
         writer.add_embedding_length(cfg.embed_dim)
         writer.add_feed_forward_length(cfg.ff_dim)

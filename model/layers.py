@@ -60,6 +60,9 @@ class PositionEmbedding(nn.Module):
         return F.embedding(position_ids, self.weight)  # (B, T, C) or (T, C)
 
 
+ROTARY_BASE = 10_000.0  # the frequencies' base (exports write it)
+
+
 class RotaryTable(nn.Module):
     """Rotary position embedding's angles: cos and sin of position x frequency for every
     position 0 .. max_seq_len - 1, looked up like a position table (no parameters).
@@ -68,7 +71,7 @@ class RotaryTable(nn.Module):
     non-persistent buffer (rebuilt on construction, never saved with the weights).
     """
 
-    def __init__(self, max_seq_len: int, head_dim: int, base: float = 10_000.0) -> None:
+    def __init__(self, max_seq_len: int, head_dim: int, base: float = ROTARY_BASE) -> None:
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (T, hs/2)

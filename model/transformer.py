@@ -65,8 +65,8 @@ class ModelConfig:
     position: str = field(default="learned", metadata={
         "help": "how the model knows token order: \"learned\" (the seed's table of "
                 "max_seq_len absolute position vectors) or \"rotary\" (queries and keys "
-                "rotated by their position, no table). Variants other than the seed's are "
-                "opt-in; the Hugging Face and GGUF exports refuse them"})
+                "rotated by their position, no table; opt-in: the Hugging Face export writes it "
+                "as GPT-NeoX, GGUF as llama.cpp's gptneox)"})
     activation: str = field(default="gelu", metadata={
         "help": "the feed-forward nonlinearity: \"gelu\" (the seed's exact erf GELU) or "
                 "\"relu2\" (squared ReLU; opt-in, refused by the Hugging Face and GGUF "

@@ -7,8 +7,9 @@ import argparse
 from microtransformer import export
 from microtransformer.errors import UserError
 from microtransformer.export_checks import check_export_output, check_opset
-from microtransformer.export_gguf import export_gguf
+from microtransformer.export_gguf import export_gguf, gguf_architecture
 from microtransformer.export_web import export_web
+from microtransformer.hub import unwrap_model
 
 # Kept literal (not imported from microtransformer.export) so `--help` does not import torch;
 # tests/microtransformer/test_export.py checks they match the export modules.
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     elif fmt == "gguf":
         quant = args.quant or "f32"
         out = export_gguf(model, args.out, tokenizer, quant=quant, force=args.force)
-        print(f"wrote GGUF file {out} ({which} weights, {quant}, llama.cpp architecture gpt2); "
+        arch = gguf_architecture(unwrap_model(model).config)
+        print(f"wrote GGUF file {out} ({which} weights, {quant}, llama.cpp architecture {arch}); "
               f"run it with llama.cpp, e.g. llama-cli -m {out} -p 'Once upon a time'")
     elif fmt == "web":
         out = export_web(model, args.out, tokenizer, force=args.force)

@@ -370,12 +370,12 @@ def test_attention_dropout_maps_to_attn_pdrop_and_back() -> None:
     assert (same.dropout, same.attn_dropout) == (0.1, None)
 
 
-def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_them(
+def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_what_they_cannot_hold(
         tmp_path: Path, bpe_tok: Tokenizer, capsys: pytest.CaptureFixture) -> None:
     """Rotary positions, squared ReLU and QK-norm: ONNX holds them (same logits, padded rows
     included; the web page's step too, tests/microtransformer/test_export_web.py); Hugging
-    Face GPT-2 and GGUF cannot, and say so in one line naming the variant, writing
-    nothing."""
+    Face and GGUF hold rotary positions (GPT-NeoX, gptneox) but not the other two, and say so
+    in one line naming them, writing nothing."""
     torch.manual_seed(3)
     model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
                              num_heads=2, num_layers=2, ff_dim=48, dropout=0.0,
@@ -394,7 +394,7 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_them(
         assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1, err
-        assert "position='rotary', activation='relu2', qk_norm=True" in err, err
+        assert "activation='relu2', qk_norm=True" in err and "position" not in err, err
         assert "--format onnx or --format web" in err
         assert not out.exists()
     pytest.importorskip("onnxruntime")
@@ -402,3 +402,30 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_them(
     assert main(["export", str(run), "--format", "onnx", "--out", str(onnx_path)]) == 0
     for B, T, seed in ((1, 5, 0), (3, 24, 1)):
         assert onnx_max_diff(onnx_path, model, B, T, True, seed) <= ATOL
+
+
+def test_rotary_model_exports_as_gpt_neox_with_our_logits(tmp_path: Path,
+                                                          bpe_tok: Tokenizer) -> None:
+    """position='rotary' becomes a GPTNeoXForCausalLM (sequential residual, rows reordered for
+    its rotation): the same logits, left-padded rows included, and the same greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
+                             num_heads=4, num_layers=2, ff_dim=48, dropout=0.0,
+                             position="rotary").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = export.export_hf(model, tmp_path / "neox", bpe_tok)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    ids = torch.randint(0, model.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        assert float((hf(ids).logits - model(ids)).abs().max()) <= ATOL
+        padded = hf(ids, attention_mask=mask).logits - model(ids, attention_mask=mask)
+        assert float(padded[mask.bool()].abs().max()) <= ATOL
+        greedy = hf.generate(ids[1:, :5], max_new_tokens=20, do_sample=False,
+                             pad_token_id=bpe_tok.pad_token_id)
+    assert torch.equal(greedy, model.generate(ids[1:, :5], max_new_tokens=20, do_sample=False))

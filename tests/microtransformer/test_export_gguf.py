@@ -245,3 +245,33 @@ def test_char_run_in_llama_cpp(tmp_path: Path) -> None:
     ours = tok.encode(unknown)
     assert ours.count(unk) == 3  # "~", "z" and "Ü" are not in the corpus
     assert res["tokens"][-1] == [i for i in ours if i != unk]
+
+
+def test_rotary_run_goes_in_as_gptneox_and_llama_cpp_decodes_it_as_we_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """position='rotary' is written as llama.cpp's gptneox (no position table; query and key
+    rows reordered for its rotation pairs): tokens and greedy decoding equal ours. Squared
+    ReLU and QK-norm have no llama.cpp form: refused in one line, nothing written."""
+    model, tok = train_tiny(position="rotary")
+    run = write_run(tmp_path / "rotary", model, tok)
+    out = tmp_path / "rotary.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 0
+    assert "llama.cpp architecture gptneox" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(out))
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "gptneox"
+    names = {t.name for t in reader.tensors}
+    assert "position_embd.weight" not in names and "blk.0.attn_qkv.weight" in names
+    res = run_llama({"model": str(out), "prompts": PROMPTS, "max_tokens": GREEDY_TOKENS,
+                     "threads": 1}, tmp_path)
+    for prompt, ids, got in zip(PROMPTS, res["tokens"], res["greedy"], strict=True):
+        assert ids == tok.encode(prompt), prompt
+        assert got == greedy_ours(model, ids, GREEDY_TOKENS), prompt
+    for variant in ({"activation": "relu2"}, {"position": "rotary", "qk_norm": True}):
+        other = MicroTransformer(vocab_size=tok.vocab_size, max_seq_len=16, embed_dim=32,
+                                 num_heads=2, num_layers=1, ff_dim=64, **variant)
+        bad = write_run(tmp_path / f"bad{len(variant)}", other, tok)
+        target = tmp_path / "bad.gguf"
+        name = "activation='relu2'" if "activation" in variant else "qk_norm=True"
+        _one_line_error(capsys, ["export", str(bad), "--format", "gguf", "--out", str(target)],
+                        name)
+        assert not target.exists()
