@@ -18,15 +18,21 @@ def _model(seed: int = 0, **over: object) -> MicroTransformer:
     return MicroTransformer(**(SMALL | over)).eval()
 
 
-def test_decode_step_slots_match_generate_greedy() -> None:
-    """Slots prefilled at different times and lengths decode the same tokens as generate."""
-    model = _model(5)
+VARIANTS = {"position": "rotary", "activation": "relu2", "qk_norm": True}
+
+
+@pytest.mark.parametrize("variant, compile", [({}, False), (VARIANTS, False), (VARIANTS, True)],
+                         ids=["seed", "variants", "variants-compiled"])
+def test_decode_step_slots_match_generate_greedy(variant: dict, compile: bool) -> None:
+    """Slots prefilled at different times and lengths decode the same tokens as generate;
+    with the architecture variants too, eager and compiled (the server's step)."""
+    model = _model(5, **variant)
     torch.manual_seed(6)
     prompts = [torch.randint(0, SMALL["vocab_size"], (n,)) for n in (4, 9)]
     n_new = 6
     refs = [model.generate(p[None], max_new_tokens=n_new, do_sample=False)[0, len(p):]
             for p in prompts]
-    dec = DecodeStep(model, batch_size=3, max_len=20)
+    dec = DecodeStep(model, batch_size=3, max_len=20, compile=compile)
     cols = torch.zeros(3, dtype=torch.long)
     tokens = torch.zeros(3, dtype=torch.long)
     outs: list[list[int]] = [[], [], []]
@@ -42,6 +48,8 @@ def test_decode_step_slots_match_generate_greedy() -> None:
         cols += 1
     assert outs[2] == refs[0].tolist()
     assert outs[0] == refs[1].tolist()
+    assert dec.compile_error is None
+    assert dec.compiled == compile
 
 
 def test_decode_step_over_a_cache_view_writes_the_shared_cache() -> None:
