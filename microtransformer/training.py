@@ -18,7 +18,8 @@ Read `train()` top to bottom; it calls one function per phase:
     the time budget is spent.
     The time budget counts optimizer steps only (the injectable `clock`); evaluation and
     checkpoints are timed apart and reported;
-  - `_finish`: the final evaluation and checkpoint (the decayed model), the plot, the result.
+  - `_finish`: the final evaluation and checkpoint (the decayed model, or with
+    `train.average_cooldown` the mean of its weights over the decay), the plot, the result.
 
 Distributed seams (defined in `microtransformer.distributed`, re-exported here):
   - `RuntimeContext` carries rank / world_size / device; only `ctx.is_main` logs and saves,

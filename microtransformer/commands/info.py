@@ -72,6 +72,9 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
                        best_val_step=best["step"], last_eval=vals[-1])
     if trains:
         summary["last_train"] = trains[-1]
+    averaged = [e["averaged_steps"] for e in events if e.get("averaged_steps") is not None]
+    if averaged:  # train.average_cooldown: the saved model is a mean over these steps
+        summary["averaged_steps"] = averaged[-1]
     info["training"] = summary
     info["lineage"] = read_lineage(run)  # a fine-tune: its parent, and theirs
     # what config resolution adapted (defaults, presets and files yield to the data and run)
@@ -125,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         if "last_eval" in s:
             e = s["last_eval"]
             print(f"  last eval: step {e['step']}, val loss {e['val_loss']:.4f}")
+        if "averaged_steps" in s:
+            print(f"  final weights: the mean of the weights after each of the last "
+                  f"{s['averaged_steps']} steps (train.average_cooldown)")
     else:
         print("training: no checkpoint or metrics yet")
     print("files: " + ", ".join(f"{k} ({v / 1e6:.2f} MB)" if v > 1e5 else f"{k} ({v} B)"

@@ -9,6 +9,7 @@ import torch
 
 from microtransformer.averaging import WeightAverage
 from microtransformer.checkpoint import load_training_state, load_weights
+from microtransformer.commands.info import run_info
 from microtransformer.metrics import read_metrics
 from microtransformer.schedule import in_cooldown
 from microtransformer.training import train
@@ -74,6 +75,8 @@ def test_a_finished_run_ends_with_the_mean_of_its_cooldown_weights(char_data: Pa
     assert [e["averaged_steps"] for e in events if "averaged_steps" in e] == [4]
     assert [e["step"] for e in events if "val_loss" in e][-1] == 20  # the mean was scored
     assert load_training_state(tmp_path / "avg" / "state.pt")["average"] is None
+    assert run_info(tmp_path / "avg")["training"]["averaged_steps"] == 4  # `info` says it
+    assert "averaged_steps" not in run_info(tmp_path / "plain")["training"]
 
 
 def test_a_run_stopped_in_its_cooldown_resumes_to_the_same_mean(char_data: Path,
