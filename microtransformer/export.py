@@ -15,8 +15,9 @@ A model with rotary positions (`model.position = "rotary"`) is exported as Huggi
 GPT-NeoX instead (`GPTNeoXForCausalLM`, `use_parallel_residual=False`: the same sequential
 pre-LN blocks, with rotary queries and keys and no position table). Its fused QKV holds each
 head's [q | k | v] together, and its rotation pairs dimension i of a head with i + d/2 where ours
-pairs 2i with 2i + 1: the rows are reordered (`rotary_row_order`). Squared ReLU and QK-norm have
-no GPT-2 or GPT-NeoX form and are refused. Import reads GPT-2 directories only.
+pairs 2i with 2i + 1: the rows are reordered (`rotary_row_order`). Squared ReLU is transformers'
+`relu2` activation in either; QK-norm has no GPT-2 or GPT-NeoX form and is refused. Import reads
+GPT-2 directories only.
 
 Writing a Hugging Face directory needs no `transformers`; only loading it does. ONNX export
 needs the `onnx` package (and `onnxscript` for the dynamo exporter).
@@ -50,6 +51,8 @@ FORMATS = ("hf", "onnx", "gguf", "web")  # gguf: export_gguf.py, web: export_web
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
 LAYER_NORM_EPS = 1e-5
+# model.activation -> transformers' activation name (ACT2FN)
+HF_ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}
 # How far the exported `wte` may be from lm_head * sqrt(d) (relative to the table's scale).
 _TIE_RTOL = 1e-5
 
@@ -98,7 +101,8 @@ def hf_config(config: ModelConfig, *, eos_token_id: int | None = None,
         "n_layer": config.num_layers,
         "n_head": config.num_heads,
         "n_inner": config.ff_dim,
-        "activation_function": "gelu",  # exact erf GELU ("gelu_new" is the tanh approximation)
+        # exact erf GELU ("gelu_new" is the tanh approximation), or squared ReLU
+        "activation_function": HF_ACTIVATIONS[config.activation],
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.attention_dropout,
@@ -177,7 +181,7 @@ def hf_neox_config(config: ModelConfig, *, eos_token_id: int | None = None,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
         "intermediate_size": config.ff_dim,
-        "hidden_act": "gelu",  # exact erf GELU
+        "hidden_act": HF_ACTIVATIONS[config.activation],  # exact erf GELU or squared ReLU
         "hidden_dropout": config.dropout,
         "attention_dropout": config.attention_dropout,
         "layer_norm_eps": LAYER_NORM_EPS,
@@ -259,7 +263,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     """
     m = unwrap_model(model)
     rotary = m.config.position == "rotary"
-    check_seed_architecture(dataclasses.replace(m.config, position="learned"),
+    check_seed_architecture(dataclasses.replace(m.config, position="learned", activation="gelu"),
                             f"a Hugging Face {'GPT-NeoX' if rotary else 'GPT-2'} directory")
     check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
     target = prepare_output(out_dir, force=force, kind="dir")
@@ -304,12 +308,12 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
             "directories (model_type 'gpt2') can be imported"
         )
     act = cfg.get("activation_function", "gelu_new")
-    if act != "gelu":
+    if act not in HF_ACTIVATIONS.values():
         why = " (the tanh approximation)" if act in ("gelu_new", "gelu_pytorch_tanh",
                                                      "gelu_fast") else ""
         problems.append(
-            f"activation_function={act!r}{why}: MicroTransformer uses exact erf GELU only "
-            "('gelu'); the logits would differ"
+            f"activation_function={act!r}{why}: MicroTransformer uses exact erf GELU ('gelu') "
+            "or squared ReLU ('relu2') only; the logits would differ"
         )
     eps = cfg.get("layer_norm_epsilon", 1e-5)
     if not math.isclose(float(eps), LAYER_NORM_EPS, rel_tol=1e-9):
@@ -349,6 +353,7 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
             dropout=pdrops["resid_pdrop"],
             init="gpt2",
             attn_dropout=None if attn == pdrops["resid_pdrop"] else attn,
+            activation={v: k for k, v in HF_ACTIVATIONS.items()}.get(act, act),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot import {source}: {exc}") from exc

@@ -53,9 +53,12 @@ def check_import_output(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
 def check_seed_architecture(config: ModelConfig, target: str) -> None:
     """UserError when `config` uses an opt-in architecture variant (`ModelConfig.variants`)
     that `target` cannot hold (callers pass the config with the variants their format does
-    hold set back to the seed's)."""
+    hold set back to the seed's); the message names the options that train without them."""
     if config.variants:
+        seed = ModelConfig()
+        names = [v.split("=", 1)[0] for v in config.variants]
+        without = " ".join(f"--model.{n} {str(getattr(seed, n)).lower()}" for n in names)
         raise UserError(
             f"{target} cannot hold this model's {', '.join(config.variants)} (the format has "
-            "no such layer); export it with --format onnx or --format web, or train the model "
-            "without the variant")
+            f"no such layer); export it with --format onnx or --format web, or train the model "
+            f"without it ({without})")

@@ -69,8 +69,8 @@ class ModelConfig:
                 "as GPT-NeoX, GGUF as llama.cpp's gptneox)"})
     activation: str = field(default="gelu", metadata={
         "help": "the feed-forward nonlinearity: \"gelu\" (the seed's exact erf GELU) or "
-                "\"relu2\" (squared ReLU; opt-in, refused by the Hugging Face and GGUF "
-                "exports)"})
+                "\"relu2\" (squared ReLU; opt-in: the Hugging Face export writes transformers' "
+                "relu2 activation, GGUF refuses it)"})
     qk_norm: bool = field(default=False, metadata={
         "help": "RMS-normalise each head's queries and keys (a learned gain per head "
                 "dimension) before attention (opt-in, refused by the Hugging Face and GGUF "

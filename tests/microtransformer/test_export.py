@@ -374,8 +374,9 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_what_they_canno
         tmp_path: Path, bpe_tok: Tokenizer, capsys: pytest.CaptureFixture) -> None:
     """Rotary positions, squared ReLU and QK-norm: ONNX holds them (same logits, padded rows
     included; the web page's step too, tests/microtransformer/test_export_web.py); Hugging
-    Face and GGUF hold rotary positions (GPT-NeoX, gptneox) but not the other two, and say so
-    in one line naming them, writing nothing."""
+    Face holds rotary positions (GPT-NeoX) and squared ReLU but not QK-norm, GGUF rotary
+    positions (gptneox) only; each refusal is one line naming what it cannot hold and the
+    options that train without it, and writes nothing."""
     torch.manual_seed(3)
     model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
                              num_heads=2, num_layers=2, ff_dim=48, dropout=0.0,
@@ -389,12 +390,14 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_what_they_canno
                                                  "data": {}}))
     save_weights(model, run / "model.safetensors", step=1)
     bpe_tok.save(run / "tokenizer.json")
-    for fmt in ("hf", "gguf"):
+    for fmt, refused, fix in (("hf", "qk_norm=True", "--model.qk_norm false"),
+                              ("gguf", "activation='relu2', qk_norm=True",
+                               "--model.activation gelu --model.qk_norm false")):
         out = tmp_path / "out_hf" if fmt == "hf" else tmp_path / "m.gguf"
         assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1, err
-        assert "activation='relu2', qk_norm=True" in err and "position" not in err, err
+        assert f"this model's {refused} (" in err and fix in err, err
         assert "--format onnx or --format web" in err
         assert not out.exists()
     pytest.importorskip("onnxruntime")
@@ -404,28 +407,41 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_what_they_canno
         assert onnx_max_diff(onnx_path, model, B, T, True, seed) <= ATOL
 
 
-def test_rotary_model_exports_as_gpt_neox_with_our_logits(tmp_path: Path,
-                                                          bpe_tok: Tokenizer) -> None:
+@pytest.mark.parametrize("variant, arch", [
+    ({"position": "rotary"}, "GPTNeoXForCausalLM"),
+    ({"position": "rotary", "activation": "relu2"}, "GPTNeoXForCausalLM"),
+    ({"activation": "relu2"}, "GPT2LMHeadModel"),
+])
+def test_rotary_and_relu2_models_export_with_our_logits(tmp_path: Path, bpe_tok: Tokenizer,
+                                                        variant: dict, arch: str) -> None:
     """position='rotary' becomes a GPTNeoXForCausalLM (sequential residual, rows reordered for
-    its rotation): the same logits, left-padded rows included, and the same greedy tokens."""
+    its rotation), squared ReLU transformers' 'relu2' activation: the same logits, left-padded
+    rows included, and the same greedy tokens; a GPT-2 one imports back to the same model."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(4)
     model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
                              num_heads=4, num_layers=2, ff_dim=48, dropout=0.0,
-                             position="rotary").eval()
+                             **variant).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    out = export.export_hf(model, tmp_path / "neox", bpe_tok)
+    out = export.export_hf(model, tmp_path / "hf", bpe_tok)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    assert type(hf).__name__ == arch
     ids = torch.randint(0, model.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :6] = 0
     with torch.no_grad():
         assert float((hf(ids).logits - model(ids)).abs().max()) <= ATOL
-        padded = hf(ids, attention_mask=mask).logits - model(ids, attention_mask=mask)
+        pos = MicroTransformer.positions_from_mask(mask)  # as we count them (GPT-2 needs it)
+        padded = (hf(ids, attention_mask=mask, position_ids=pos).logits
+                  - model(ids, attention_mask=mask))
         assert float(padded[mask.bool()].abs().max()) <= ATOL
         greedy = hf.generate(ids[1:, :5], max_new_tokens=20, do_sample=False,
                              pad_token_id=bpe_tok.pad_token_id)
     assert torch.equal(greedy, model.generate(ids[1:, :5], max_new_tokens=20, do_sample=False))
+    if arch == "GPT2LMHeadModel":
+        back, _ = export.import_hf(out)
+        assert back.config.activation == "relu2"
+        with torch.no_grad():
+            assert float((back(ids) - model(ids)).abs().max()) <= ATOL
