@@ -98,6 +98,13 @@ def tokens_per_step(preset: str) -> int:
     return int(cfg.train.batch_size) * cfg.train.grad_accum_steps * window
 
 
+def preset_variants(preset: str) -> list[str]:
+    """The architecture variants a preset's model uses (`ModelConfig.variants`), e.g.
+    ["position='rotary'"]: the reason names them, since they decide which exports hold the
+    model."""
+    return load_config(preset=preset).model.variants
+
+
 def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:
     """Pick the preset and schedule for a prepared data dir's `meta` (meta.json), a budget of
     `minutes` of training and `machine`.
@@ -147,6 +154,8 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
             regime += (f" held-out stopping (val every {interval} steps; the decay starts after "
                        f"{STOP_PATIENCE} without a new best and the run ends there; "
                        + (VAL_ELSEWHERE if val_elsewhere else VAL_IN_TEXT) + ")")
-    reason = (f"budget mode: preset {preset} ({kind} tokenizer; {regime}; {where}); LR "
+    variants = preset_variants(preset)
+    model = f"model {', '.join(variants)}; " if variants else ""
+    reason = (f"budget mode: preset {preset} ({kind} tokenizer; {model}{regime}; {where}); LR "
               f"schedule over {minutes:g} min of training time, ending decayed")
     return Recipe(preset=preset, overrides=overrides, reason=reason)
