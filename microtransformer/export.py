@@ -107,35 +107,45 @@ def hf_config(config: ModelConfig, *, eos_token_id: int | None = None,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.attention_dropout,
         "layer_norm_epsilon": LAYER_NORM_EPS,
-        "initializer_range": 0.02,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "add_cross_attention": False,
-        "tie_word_embeddings": False,  # lm_head = unscaled table, wte = scaled table
-        "use_cache": True,
-        "bos_token_id": eos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "dtype": "float32",
+        **_hf_common(eos_token_id, pad_token_id),  # lm_head = unscaled table, wte = scaled
     }
+
+
+def _hf_common(eos_token_id: int | None, pad_token_id: int | None) -> dict[str, Any]:
+    """The config.json entries GPT-2 and GPT-NeoX exports share: an untied head (the head is
+    the unscaled table, the input embedding the scaled one), the special tokens, fp32."""
+    return {"initializer_range": 0.02, "tie_word_embeddings": False, "use_cache": True,
+            "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id, "dtype": "float32"}
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 on the CPU, contiguous (what safetensors writes)."""
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def _embedding_tables(m: MicroTransformer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the token table scaled by sqrt(embed_dim), as the input uses it; the unscaled table,
+    which the tied head uses), each (V, C) float32."""
+    emb = _f32(m.token_embedding.embedding.weight)  # (V, C)
+    return emb * math.sqrt(m.config.embed_dim), emb.clone()
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel weights equivalent to `model` (float32, CPU)."""
     m = unwrap_model(model)
-    scale = math.sqrt(m.config.embed_dim)
-
-    def f32(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float32)
-
-    emb = f32(m.token_embedding.embedding.weight)  # (V, C), unscaled
+    f32 = _f32
+    scaled, emb = _embedding_tables(m)
     sd: dict[str, torch.Tensor] = {
-        "transformer.wte.weight": emb * scale,  # the input scale folded into the table
+        "transformer.wte.weight": scaled,  # the input scale folded into the table
         "transformer.wpe.weight": f32(m.position_embedding.embedding.weight),  # (T_max, C)
         "transformer.ln_f.weight": f32(m.ln_f.weight),
         "transformer.ln_f.bias": f32(m.ln_f.bias),
-        "lm_head.weight": emb.clone(),  # the tied head: the unscaled table
+        "lm_head.weight": emb,  # the tied head: the unscaled table
     }
     for i, block in enumerate(m.blocks):
         p = f"transformer.h.{i}."
@@ -191,31 +201,21 @@ def hf_neox_config(config: ModelConfig, *, eos_token_id: int | None = None,
                             "partial_rotary_factor": 1.0},
         "rotary_pct": 1.0,  # the same two, as transformers before 5 reads them
         "rotary_emb_base": ROTARY_BASE,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": False,  # embed_out = unscaled table, embed_in = scaled table
-        "use_cache": True,
-        "bos_token_id": eos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "dtype": "float32",
+        **_hf_common(eos_token_id, pad_token_id),  # embed_out unscaled, embed_in scaled
     }
 
 
 def to_hf_neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPTNeoXForCausalLM weights equivalent to a rotary `model` (float32, CPU)."""
     m = unwrap_model(model)
-    scale = math.sqrt(m.config.embed_dim)
+    f32 = _f32
     order = rotary_row_order(m.config, heads_together=True)
-
-    def f32(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float32).contiguous()
-
-    emb = f32(m.token_embedding.embedding.weight)  # (V, C), unscaled
+    scaled, emb = _embedding_tables(m)
     sd: dict[str, torch.Tensor] = {
-        "gpt_neox.embed_in.weight": emb * scale,  # the input scale folded into the table
+        "gpt_neox.embed_in.weight": scaled,  # the input scale folded into the table
         "gpt_neox.final_layer_norm.weight": f32(m.ln_f.weight),
         "gpt_neox.final_layer_norm.bias": f32(m.ln_f.bias),
-        "embed_out.weight": emb.clone(),  # the tied head: the unscaled table
+        "embed_out.weight": emb,  # the tied head: the unscaled table
     }
     for i, block in enumerate(m.blocks):
         p = f"gpt_neox.layers.{i}."
