@@ -123,28 +123,27 @@ def _hf_common(eos_token_id: int | None, pad_token_id: int | None) -> dict[str, 
             "pad_token_id": pad_token_id, "dtype": "float32"}
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
+def cpu_f32(t: torch.Tensor) -> torch.Tensor:
     """`t` as float32 on the CPU, contiguous (what safetensors writes)."""
     return t.detach().to("cpu", torch.float32).contiguous()
 
 
-def _embedding_tables(m: MicroTransformer) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_tables(m: MicroTransformer) -> tuple[torch.Tensor, torch.Tensor]:
     """(the token table scaled by sqrt(embed_dim), as the input uses it; the unscaled table,
     which the tied head uses), each (V, C) float32."""
-    emb = _f32(m.token_embedding.embedding.weight)  # (V, C)
+    emb = cpu_f32(m.token_embedding.embedding.weight)  # (V, C)
     return emb * math.sqrt(m.config.embed_dim), emb.clone()
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel weights equivalent to `model` (float32, CPU)."""
     m = unwrap_model(model)
-    f32 = _f32
-    scaled, emb = _embedding_tables(m)
+    scaled, emb = embedding_tables(m)
     sd: dict[str, torch.Tensor] = {
         "transformer.wte.weight": scaled,  # the input scale folded into the table
-        "transformer.wpe.weight": f32(m.position_embedding.embedding.weight),  # (T_max, C)
-        "transformer.ln_f.weight": f32(m.ln_f.weight),
-        "transformer.ln_f.bias": f32(m.ln_f.bias),
+        "transformer.wpe.weight": cpu_f32(m.position_embedding.embedding.weight),  # (T_max, C)
+        "transformer.ln_f.weight": cpu_f32(m.ln_f.weight),
+        "transformer.ln_f.bias": cpu_f32(m.ln_f.bias),
         "lm_head.weight": emb,  # the tied head: the unscaled table
     }
     for i, block in enumerate(m.blocks):
@@ -156,11 +155,11 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             "mlp.c_proj": block.ff.proj,
         }
         for name, lin in linears.items():
-            sd[p + name + ".weight"] = f32(lin.weight).t().contiguous()
-            sd[p + name + ".bias"] = f32(lin.bias)
+            sd[p + name + ".weight"] = cpu_f32(lin.weight).t().contiguous()
+            sd[p + name + ".bias"] = cpu_f32(lin.bias)
         for name, ln in (("ln_1", block.ln1), ("ln_2", block.ln2)):
-            sd[p + name + ".weight"] = f32(ln.weight)
-            sd[p + name + ".bias"] = f32(ln.bias)
+            sd[p + name + ".weight"] = cpu_f32(ln.weight)
+            sd[p + name + ".bias"] = cpu_f32(ln.bias)
     return sd
 
 
@@ -208,24 +207,23 @@ def hf_neox_config(config: ModelConfig, *, eos_token_id: int | None = None,
 def to_hf_neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPTNeoXForCausalLM weights equivalent to a rotary `model` (float32, CPU)."""
     m = unwrap_model(model)
-    f32 = _f32
     order = rotary_row_order(m.config, heads_together=True)
-    scaled, emb = _embedding_tables(m)
+    scaled, emb = embedding_tables(m)
     sd: dict[str, torch.Tensor] = {
         "gpt_neox.embed_in.weight": scaled,  # the input scale folded into the table
-        "gpt_neox.final_layer_norm.weight": f32(m.ln_f.weight),
-        "gpt_neox.final_layer_norm.bias": f32(m.ln_f.bias),
+        "gpt_neox.final_layer_norm.weight": cpu_f32(m.ln_f.weight),
+        "gpt_neox.final_layer_norm.bias": cpu_f32(m.ln_f.bias),
         "embed_out.weight": emb,  # the tied head: the unscaled table
     }
     for i, block in enumerate(m.blocks):
         p = f"gpt_neox.layers.{i}."
-        sd[p + "attention.query_key_value.weight"] = f32(block.attn.qkv.weight)[order]
-        sd[p + "attention.query_key_value.bias"] = f32(block.attn.qkv.bias)[order]
+        sd[p + "attention.query_key_value.weight"] = cpu_f32(block.attn.qkv.weight)[order]
+        sd[p + "attention.query_key_value.bias"] = cpu_f32(block.attn.qkv.bias)[order]
         for name, mod in (("attention.dense", block.attn.proj), ("mlp.dense_h_to_4h", block.ff.fc),
                           ("mlp.dense_4h_to_h", block.ff.proj), ("input_layernorm", block.ln1),
                           ("post_attention_layernorm", block.ln2)):
-            sd[p + name + ".weight"] = f32(mod.weight)  # nn.Linear (out, in) in both
-            sd[p + name + ".bias"] = f32(mod.bias)
+            sd[p + name + ".weight"] = cpu_f32(mod.weight)  # nn.Linear (out, in) in both
+            sd[p + name + ".bias"] = cpu_f32(mod.bias)
     return sd
 
 
@@ -514,12 +512,7 @@ class OnnxForward(nn.Module):
             mask4d = (causal[None, None] & real[:, None, None, :]) | eye  # (B, 1, T, T)
         else:
             positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
-        x = m.token_embedding(input_ids)  # (B, T, C)
-        rope = None
-        if m.rotary is not None:  # position='rotary': cos | sin per position, (B, 1, T, hs)
-            rope = m.rotary(positions)
-        else:
-            x = x + m.position_embedding(positions)
+        x, rope = m.embed(input_ids, positions)  # (B, T, C); rope None or (B, 1, T, hs)
         for block in m.blocks:
             x = block(x, mask4d, rope=rope)
         return m.lm_head(m.ln_f(x))  # (B, T, V)

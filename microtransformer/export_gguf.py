@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -48,7 +47,12 @@ import torch
 from torch import nn
 
 from microtransformer.errors import UserError
-from microtransformer.export import LAYER_NORM_EPS, rotary_row_order
+from microtransformer.export import (
+    LAYER_NORM_EPS,
+    cpu_f32,
+    embedding_tables,
+    rotary_row_order,
+)
 from microtransformer.export_checks import check_seed_architecture
 from microtransformer.fileio import atomic_write
 from microtransformer.hub import unwrap_model
@@ -191,29 +195,24 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     (out, in) layout) equal to `model`. The token table is scaled by sqrt(d) and the head
     written separately; rotary's query and key rows are reordered (`rotary_row_order`)."""
     m = unwrap_model(model)
-    scale = math.sqrt(m.config.embed_dim)
-
-    def f32(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float32).contiguous()
-
-    emb = f32(m.token_embedding.embedding.weight)  # (V, C), unscaled
-    out: dict[str, torch.Tensor] = {"token_embd.weight": emb * scale}  # the input scale folded in
+    scaled, emb = embedding_tables(m)  # (V, C) each
+    out: dict[str, torch.Tensor] = {"token_embd.weight": scaled}  # the input scale folded in
     if m.rotary is None:
-        out["position_embd.weight"] = f32(m.position_embedding.embedding.weight)  # (T_max, C)
+        out["position_embd.weight"] = cpu_f32(m.position_embedding.embedding.weight)  # (T_max, C)
+    order = rotary_row_order(m.config) if m.rotary is not None else None
     for i, block in enumerate(m.blocks):
         p = f"blk.{i}."
         for name, mod in (("attn_norm", block.ln1), ("attn_qkv", block.attn.qkv),
                           ("attn_output", block.attn.proj), ("ffn_norm", block.ln2),
                           ("ffn_up", block.ff.fc), ("ffn_down", block.ff.proj)):
-            out[p + name + ".weight"] = f32(mod.weight)  # Linear (out, in); LayerNorm (C,)
-            out[p + name + ".bias"] = f32(mod.bias)
-        if m.rotary is not None:  # llama.cpp's rotation pairs (i, i + d/2): rows reordered
-            order = rotary_row_order(m.config)
+            out[p + name + ".weight"] = cpu_f32(mod.weight)  # Linear (out, in); LayerNorm (C,)
+            out[p + name + ".bias"] = cpu_f32(mod.bias)
+        if order is not None:  # llama.cpp's rotation pairs (i, i + d/2): rows reordered
             out[p + "attn_qkv.weight"] = out[p + "attn_qkv.weight"][order]
             out[p + "attn_qkv.bias"] = out[p + "attn_qkv.bias"][order]
-    out["output_norm.weight"] = f32(m.ln_f.weight)
-    out["output_norm.bias"] = f32(m.ln_f.bias)
-    out["output.weight"] = emb.clone()  # (V, C): the head, the unscaled table
+    out["output_norm.weight"] = cpu_f32(m.ln_f.weight)
+    out["output_norm.bias"] = cpu_f32(m.ln_f.bias)
+    out["output.weight"] = emb  # (V, C): the head, the unscaled table
     return out
 
 

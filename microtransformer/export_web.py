@@ -33,7 +33,6 @@ from microtransformer.export import DEFAULT_OPSET
 from microtransformer.export_gguf import check_tokenizer  # what tokenizer.js reproduces
 from microtransformer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
 from microtransformer.hub import unwrap_model
-from model.attention import apply_rotary, normalise_qk
 
 ORT_PACKAGE = "onnxruntime-web"
 ORT_VERSION = "1.31.1"  # interop/package.json pins the same
@@ -63,25 +62,14 @@ class WebDecodeStep(nn.Module):
         m = self.model
         T, P = input_ids.shape[1], past.shape[4]
         positions = torch.arange(T, device=input_ids.device) + P  # (T,)
-        x = m.token_embedding(input_ids)  # (1, T, C)
-        rope = None
-        if m.rotary is not None:  # position='rotary': cos | sin per position, (1, 1, T, D)
-            rope = m.rotary(positions)
-        else:
-            x = x + m.position_embedding(positions)[None]
+        x, rope = m.embed(input_ids, positions)  # (1, T, C); rope None or (1, 1, T, D)
         keys = torch.arange(P + T, device=input_ids.device)  # (S,)
         mask = keys[None, :] <= positions[:, None]  # (T, S): causal over past + new
         presents = []
         for i, block in enumerate(m.blocks):
             attn = block.attn
             H, D = attn.num_heads, attn.head_dim
-            qkv = attn.qkv(block.ln1(x)).view(1, T, 3, H, D).permute(2, 0, 3, 1, 4)
-            qk, v = qkv[:2], qkv[2]  # (2, 1, H, T, D), (1, H, T, D)
-            if attn.qk_gain is not None:  # qk_norm
-                qk = normalise_qk(qk, attn.qk_gain[:, None])
-            if rope is not None:
-                qk = apply_rotary(qk, rope)
-            q, k = qk[0], qk[1]  # each (1, H, T, D)
+            q, k, v = attn.heads(block.ln1(x), rope)  # each (1, H, T, D)
             k = torch.cat([past[i, 0], k], dim=2)  # (1, H, S, D)
             v = torch.cat([past[i, 1], v], dim=2)
             presents.append(torch.stack([k, v]))  # (2, 1, H, S, D)

@@ -71,26 +71,8 @@ class MultiHeadAttention(nn.Module):
         The linear layers are called as functions on their parameters (`linear`): a
         one-token step is bound by per-call overhead, not arithmetic.
         """
-        B, T = x.size(0), (x.size(1) if x.dim() == 3 else 1)
-        qkv = linear(self.qkv, x)  # (B, T, 3C) or (B, 3C)
-        if x.dim() == 3:
-            qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            axis = 0  # qkv (3, B, nh, T, hs)
-        else:  # one token per row: the same layout without a permute
-            qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)
-            axis = 1  # qkv (B, 3, nh, 1, hs)
-        if self.qk_gain is None and rope is None:
-            q, k, v = qkv.unbind(axis)
-        else:  # the variants act on queries and keys together: qk (2, B, ...) or (B, 2, ...)
-            qk, v = qkv.split([2, 1], dim=axis)
-            v = v.squeeze(axis)
-            if self.qk_gain is not None:
-                gain = self.qk_gain if axis else self.qk_gain[:, None]  # (2, [1,] 1, 1, hs)
-                qk = normalise_qk(qk, gain, fused=self.training)
-            if rope is not None:
-                qk = apply_rotary(qk, rope, as_complex=self.training)
-            q, k = qk.unbind(axis)
-        # q, k, v: each (B, nh, T, hs)
+        T = x.size(1) if x.dim() == 3 else 1
+        q, k, v = self.heads(x, rope)  # each (B, nh, T, hs)
         if kv_cache is not None:
             k, v = self._write_cache(kv_cache, k, v, cache_pos, attn_mask)  # (B, nh, S, hs)
         S = k.size(2)
@@ -118,6 +100,31 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2) if x.dim() == 3 else y  # (B, T, nh, hs) or (B, nh, 1, hs)
         y = linear(self.proj, y.reshape(x.shape))  # (B, T, C) or (B, C)
         return self.resid_dropout(y) if self.training else y
+
+    def heads(self, x: torch.Tensor, rope: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries, keys and values of `x` (B, T, C), or (B, C) for one token per row,
+        each (B, nh, T, hs) (T = 1 for one token per row), with QK-norm and the rotary
+        rotation (`rope`, see `forward`) applied where the model has them."""
+        B = x.size(0)
+        qkv = linear(self.qkv, x)  # (B, T, 3C) or (B, 3C)
+        if x.dim() == 3:
+            qkv = qkv.view(B, x.size(1), 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            axis = 0  # qkv (3, B, nh, T, hs)
+        else:  # one token per row: the same layout without a permute
+            qkv = qkv.view(B, 3, self.num_heads, 1, self.head_dim)
+            axis = 1  # qkv (B, 3, nh, 1, hs)
+        if self.qk_gain is None and rope is None:
+            return qkv.unbind(axis)
+        # the variants act on queries and keys together: qk (2, B, ...) or (B, 2, ...)
+        qk, v = qkv.split([2, 1], dim=axis)
+        if self.qk_gain is not None:
+            gain = self.qk_gain if axis else self.qk_gain[:, None]  # (2, [1,] 1, 1, hs)
+            qk = normalise_qk(qk, gain, fused=self.training)
+        if rope is not None:
+            qk = apply_rotary(qk, rope, as_complex=self.training)
+        q, k = qk.unbind(axis)
+        return q, k, v.squeeze(axis)
 
     @staticmethod
     def _write_cache(

@@ -340,6 +340,21 @@ class MicroTransformer(nn.Module):
         eye = torch.eye(T, dtype=torch.bool, device=device)
         return (causal & keys) | eye  # (B, 1, T, T)
 
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks' input and how they learn positions: (token embeddings plus the learned
+        position table, None), or with position='rotary' (token embeddings, the rotary cos |
+        sin the attention applies, `RotaryTable.forward`'s shapes).
+
+        input_ids (B, T) with position_ids (T,) or (B, T) (broadcastable to the ids), or
+        input_ids (B,) with position_ids (B,), one token per row. The forward of every
+        decoder and export (`hidden_states`, the ONNX and web graphs) starts here.
+        """
+        x = self.token_embedding.forward(input_ids)  # (B, T, C), or (B, C) for one token per row
+        if self.rotary is None:
+            return x + self.position_embedding.forward(position_ids), None
+        return x, self.rotary.forward(position_ids, one_per_row=input_ids.dim() == 1)
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -367,12 +382,7 @@ class MicroTransformer(nn.Module):
         # Why not module calls: a one-token step is bound by per-call overhead, and
         # nn.Module.__call__ on the parts made it measurably slower (docs/PERFORMANCE.md,
         # "One forward for training and decoding").
-        x = self.token_embedding.forward(input_ids)  # (B, T, C), or (B, C) for one token per row
-        rope = None
-        if self.rotary is not None:
-            rope = self.rotary.forward(position_ids, one_per_row=x.dim() == 2)
-        else:
-            x = x + self.position_embedding.forward(position_ids)
+        x, rope = self.embed(input_ids, position_ids)  # (B, T, C), or (B, C) one per row
         if self.training:
             x = self.dropout(x)
         layers = cache.layers if cache is not None else (None,) * len(self.blocks)
