@@ -18,8 +18,11 @@ A model with rotary positions (`model.position = "rotary"`) goes in as llama.cpp
 architecture instead: the same blocks with rotary queries and keys and no position table. Its
 rotation pairs each dimension i < d/2 of a head with i + d/2, ours pairs 2i with 2i + 1; the
 export reorders the query and key rows of each head (evens, then odds), which gives the same
-attention scores. The other variants (squared ReLU, QK-norm) have no llama.cpp form here and are
-refused.
+attention scores. Rotary positions with squared ReLU (`cpu_char`'s model) go in as llama.cpp's
+`nemotron`: the same blocks again (LayerNorm with bias, rotary in the same pairing as gptneox,
+an up / squared-ReLU / down feed-forward, optional biases), with the query, key and value
+projections as three tensors; its activation is ours exactly, so no GELU caveat applies.
+Squared ReLU with learned positions and QK-norm have no llama.cpp form here and are refused.
 
 The tokenizer goes in as llama.cpp's `gpt2` BPE vocabulary with the `gpt-2` pre-tokenizer,
 which is exactly our byte-level BPE (GPT-2's split regex, no prefix space). A character-level
@@ -62,6 +65,7 @@ from model.layers import ROTARY_BASE
 QUANTS = ("f32", "f16", "q8_0")
 ARCH = "gpt2"  # llama.cpp's architecture name (LLM_ARCH_GPT2)
 ROTARY_ARCH = "gptneox"  # for position="rotary" (LLM_ARCH_GPTNEOX, sequential residual)
+RELU2_ARCH = "nemotron"  # for rotary + activation="relu2" (LLM_ARCH_NEMOTRON, LLM_FFN_RELU_SQR)
 Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
 GGUF_INSTALL = "pip install 'gguf>=0.19,<0.20'"
 
@@ -191,10 +195,12 @@ def gguf_vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], l
 
 
 def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """llama.cpp `gpt2` (or, rotary, `gptneox`) tensors (name -> float32 CPU tensor, PyTorch
-    (out, in) layout) equal to `model`. The token table is scaled by sqrt(d) and the head
-    written separately; rotary's query and key rows are reordered (`rotary_row_order`)."""
+    """llama.cpp `gpt2` (or, rotary, `gptneox`; rotary + squared ReLU, `nemotron`) tensors
+    (name -> float32 CPU tensor, PyTorch (out, in) layout) equal to `model`. The token table
+    is scaled by sqrt(d) and the head written separately; rotary's query and key rows are
+    reordered (`rotary_row_order`); `nemotron` takes Q, K and V as three tensors."""
     m = unwrap_model(model)
+    arch = gguf_architecture(m.config)
     scaled, emb = embedding_tables(m)  # (V, C) each
     out: dict[str, torch.Tensor] = {"token_embd.weight": scaled}  # the input scale folded in
     if m.rotary is None:
@@ -208,8 +214,13 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             out[p + name + ".weight"] = cpu_f32(mod.weight)  # Linear (out, in); LayerNorm (C,)
             out[p + name + ".bias"] = cpu_f32(mod.bias)
         if order is not None:  # llama.cpp's rotation pairs (i, i + d/2): rows reordered
-            out[p + "attn_qkv.weight"] = out[p + "attn_qkv.weight"][order]
-            out[p + "attn_qkv.bias"] = out[p + "attn_qkv.bias"][order]
+            out[p + "attn_qkv.weight"] = out[p + "attn_qkv.weight"][order]  # (3C, C)
+            out[p + "attn_qkv.bias"] = out[p + "attn_qkv.bias"][order]  # (3C,)
+        if arch == RELU2_ARCH:  # separate projections: [q | k | v] rows -> three (C, C)
+            for part in ("weight", "bias"):
+                fused = out.pop(f"{p}attn_qkv.{part}")
+                for name, rows in zip(("attn_q", "attn_k", "attn_v"), fused.chunk(3), strict=True):
+                    out[f"{p}{name}.{part}"] = rows.contiguous()
     out["output_norm.weight"] = cpu_f32(m.ln_f.weight)
     out["output_norm.bias"] = cpu_f32(m.ln_f.bias)
     out["output.weight"] = emb  # (V, C): the head, the unscaled table
@@ -217,9 +228,26 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gguf_architecture(config: ModelConfig) -> str:
-    """The llama.cpp architecture the file declares: `gptneox` for rotary positions, else
-    `gpt2`."""
-    return ROTARY_ARCH if config.position == "rotary" else ARCH
+    """The llama.cpp architecture the file declares: `nemotron` for rotary positions with
+    squared ReLU, `gptneox` for rotary positions with GELU, else `gpt2`."""
+    if config.position != "rotary":
+        return ARCH
+    return RELU2_ARCH if config.activation == "relu2" else ROTARY_ARCH
+
+
+def check_gguf_architecture(config: ModelConfig) -> str:
+    """The architecture `gguf_architecture` picks, or UserError for a variant llama.cpp has no
+    graph for here (QK-norm; squared ReLU with learned positions), naming the fix."""
+    arch = gguf_architecture(config)
+    if config.activation == "relu2" and config.position != "rotary":
+        raise UserError(
+            "GGUF holds activation='relu2' only with rotary positions (llama.cpp's "
+            f"{RELU2_ARCH} architecture); this model has position={config.position!r}: export "
+            "it with --format onnx or --format web, or train it with --model.position rotary "
+            "or --model.activation gelu")
+    check_seed_architecture(dataclasses.replace(config, position="learned", activation="gelu"),
+                            f"GGUF (llama.cpp's {arch} architecture)")
+    return arch
 
 
 def _encode_tensor(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
@@ -235,8 +263,8 @@ def _encode_tensor(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray
 # ============================================================================ writing
 def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *,
                 quant: str = "f32", force: bool = False, name: str | None = None) -> Path:
-    """Write `model` and its tokenizer as one GGUF file (llama.cpp `gpt2`, or `gptneox` for
-    rotary positions).
+    """Write `model` and its tokenizer as one GGUF file (llama.cpp `gpt2`; `gptneox` for
+    rotary positions; `nemotron` for rotary positions with squared ReLU).
 
     `quant`: "f32", "f16" or "q8_0" for the matrices (norms and biases stay f32). Raises
     UserError for an unknown quant, shapes q8_0 cannot hold, a tokenizer llama.cpp cannot
@@ -245,9 +273,7 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
     gguf = _gguf()
     m = unwrap_model(model)
     cfg: ModelConfig = m.config
-    arch = gguf_architecture(cfg)
-    check_seed_architecture(dataclasses.replace(cfg, position="learned"),
-                            f"GGUF (llama.cpp's {arch} architecture)")
+    arch = check_gguf_architecture(cfg)
     check_quant(cfg, quant)
     spec = check_tokenizer(tokenizer, cfg.vocab_size)
     out = Path(out_path)
@@ -270,11 +296,14 @@ def export_gguf(model: nn.Module, out_path: str | os.PathLike, tokenizer: Any, *
         tmp = Path(tmp_dir) / "model.gguf"
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or out.stem)
-        writer.add_description("micro-transformer GPT-style model (exact-GELU network; "
-                               f"llama.cpp's {arch} graph uses the tanh GELU)")
-        if arch == ROTARY_ARCH:
+        writer.add_description(
+            "micro-transformer GPT-style model (squared ReLU, as llama.cpp's nemotron graph)"
+            if arch == RELU2_ARCH else "micro-transformer GPT-style model (exact-GELU network; "
+            f"llama.cpp's {arch} graph uses the tanh GELU)")
+        if arch in (ROTARY_ARCH, RELU2_ARCH):
             writer.add_rope_dimension_count(cfg.head_dim)
             writer.add_rope_freq_base(ROTARY_BASE)
+        if arch == ROTARY_ARCH:
             writer.add_parallel_residual(False)  # x + attn(ln1(x)), then + ffn(ln2(x))
         writer.add_context_length(cfg.max_seq_len)
         writer.add_embedding_length(cfg.embed_dim)

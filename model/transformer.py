@@ -70,7 +70,8 @@ class ModelConfig:
     activation: str = field(default="gelu", metadata={
         "help": "the feed-forward nonlinearity: \"gelu\" (the seed's exact erf GELU) or "
                 "\"relu2\" (squared ReLU; opt-in: the Hugging Face export writes transformers' "
-                "relu2 activation, GGUF refuses it)"})
+                "relu2 activation; GGUF holds it with rotary positions, as llama.cpp's "
+                "nemotron)"})
     qk_norm: bool = field(default=False, metadata={
         "help": "RMS-normalise each head's queries and keys (a learned gain per head "
                 "dimension) before attention (opt-in, refused by the Hugging Face and GGUF "

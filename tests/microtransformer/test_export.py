@@ -375,8 +375,9 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_what_they_canno
     """Rotary positions, squared ReLU and QK-norm: ONNX holds them (same logits, padded rows
     included; the web page's step too, tests/microtransformer/test_export_web.py); Hugging
     Face holds rotary positions (GPT-NeoX) and squared ReLU but not QK-norm, GGUF rotary
-    positions (gptneox) only; each refusal is one line naming what it cannot hold and the
-    options that train without it, and writes nothing."""
+    positions (gptneox) and with them squared ReLU (nemotron) but not QK-norm; each refusal
+    is one line naming what it cannot hold and the options that train without it, and writes
+    nothing."""
     torch.manual_seed(3)
     model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
                              num_heads=2, num_layers=2, ff_dim=48, dropout=0.0,
@@ -391,8 +392,7 @@ def test_architecture_variants_go_to_onnx_and_hf_and_gguf_refuse_what_they_canno
     save_weights(model, run / "model.safetensors", step=1)
     bpe_tok.save(run / "tokenizer.json")
     for fmt, refused, fix in (("hf", "qk_norm=True", "--model.qk_norm false"),
-                              ("gguf", "activation='relu2', qk_norm=True",
-                               "--model.activation gelu --model.qk_norm false")):
+                              ("gguf", "qk_norm=True", "--model.qk_norm false")):
         out = tmp_path / "out_hf" if fmt == "hf" else tmp_path / "m.gguf"
         assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
         err = capsys.readouterr().err

@@ -102,11 +102,12 @@ def test_reads_back_with_gguf_reader(trained, files) -> None:
 
 
 # ============================================================================ refusals
-def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert len(err.strip().splitlines()) == 1
+    return err
 
 
 def test_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -247,31 +248,47 @@ def test_char_run_in_llama_cpp(tmp_path: Path) -> None:
     assert res["tokens"][-1] == [i for i in ours if i != unk]
 
 
-def test_rotary_run_goes_in_as_gptneox_and_llama_cpp_decodes_it_as_we_do(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """position='rotary' is written as llama.cpp's gptneox (no position table; query and key
-    rows reordered for its rotation pairs): tokens and greedy decoding equal ours. Squared
-    ReLU and QK-norm have no llama.cpp form: refused in one line, nothing written."""
-    model, tok = train_tiny(position="rotary")
+@pytest.mark.parametrize("variant, arch, attention", [
+    ({"position": "rotary"}, "gptneox", "attn_qkv"),
+    ({"position": "rotary", "activation": "relu2"}, "nemotron", "attn_q"),
+])
+def test_rotary_runs_go_in_as_gptneox_or_nemotron_and_llama_cpp_decodes_them_as_we_do(
+        variant: dict[str, str], arch: str, attention: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """position='rotary' is written as llama.cpp's gptneox, and with squared ReLU as its
+    nemotron (Q, K and V as three tensors): no position table, query and key rows reordered
+    for llama.cpp's rotation pairs; tokens and greedy decoding equal ours."""
+    model, tok = train_tiny(**variant)
     run = write_run(tmp_path / "rotary", model, tok)
     out = tmp_path / "rotary.gguf"
     assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 0
-    assert "llama.cpp architecture gptneox" in capsys.readouterr().out
+    assert f"llama.cpp architecture {arch}" in capsys.readouterr().out
     reader = gguf.GGUFReader(str(out))
-    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "gptneox"
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch
     names = {t.name for t in reader.tensors}
-    assert "position_embd.weight" not in names and "blk.0.attn_qkv.weight" in names
+    assert "position_embd.weight" not in names and f"blk.0.{attention}.weight" in names
     res = run_llama({"model": str(out), "prompts": PROMPTS, "max_tokens": GREEDY_TOKENS,
                      "threads": 1}, tmp_path)
     for prompt, ids, got in zip(PROMPTS, res["tokens"], res["greedy"], strict=True):
         assert ids == tok.encode(prompt), prompt
         assert got == greedy_ours(model, ids, GREEDY_TOKENS), prompt
-    for variant in ({"activation": "relu2"}, {"position": "rotary", "qk_norm": True}):
+
+
+def test_variants_without_a_llama_cpp_graph_are_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Squared ReLU with learned positions and QK-norm have no llama.cpp graph here: one line
+    naming the variant and a fix, nothing written."""
+    tok = train_tokenizer(CORPUS * 5, kind="bpe", vocab_size=300)
+    for variant, message, fix in (
+            ({"activation": "relu2"}, "activation='relu2' only with rotary positions",
+             "--model.position rotary"),
+            ({"position": "rotary", "activation": "relu2", "qk_norm": True}, "qk_norm=True",
+             "--model.qk_norm false")):
         other = MicroTransformer(vocab_size=tok.vocab_size, max_seq_len=16, embed_dim=32,
                                  num_heads=2, num_layers=1, ff_dim=64, **variant)
         bad = write_run(tmp_path / f"bad{len(variant)}", other, tok)
         target = tmp_path / "bad.gguf"
-        name = "activation='relu2'" if "activation" in variant else "qk_norm=True"
-        _one_line_error(capsys, ["export", str(bad), "--format", "gguf", "--out", str(target)],
-                        name)
+        err = _one_line_error(capsys, ["export", str(bad), "--format", "gguf", "--out",
+                                       str(target)], message)
+        assert fix in err, err
         assert not target.exists()
