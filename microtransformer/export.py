@@ -1,4 +1,4 @@
-"""Hugging Face (GPT-2) and ONNX export, and import of GPT-2 directories.
+"""Hugging Face (GPT-2, GPT-NeoX) and ONNX export, and import of GPT-2 and GPT-NeoX directories.
 
 MicroTransformer is GPT-2's architecture up to two details, which the conversion handles:
 
@@ -296,14 +296,17 @@ def _write_hf(m: MicroTransformer, out: Path, tokenizer: Any) -> None:
 
 # ---------------------------------------------------------------------------- import
 def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-    """The ModelConfig equivalent to a GPT-2 `config.json`, or UserError listing every option
-    MicroTransformer cannot express (and what to change)."""
+    """The ModelConfig equivalent to a GPT-2 (or GPT-NeoX) `config.json`, or UserError listing
+    every option MicroTransformer cannot express (and what to change)."""
     problems: list[str] = []
     model_type = cfg.get("model_type")
+    if model_type == "gpt_neox":
+        return _model_config_from_neox(cfg, source=source)
     if model_type != "gpt2":
         raise UserError(
-            f"{source}: model_type={model_type!r} is not supported; only GPT-2 architecture "
-            "directories (model_type 'gpt2') can be imported"
+            f"{source}: model_type={model_type!r} is not supported; only GPT-2 directories "
+            "(model_type 'gpt2') and GPT-NeoX ones of our block (model_type 'gpt_neox', as "
+            "`export --format hf` writes a rotary model) can be imported"
         )
     act = cfg.get("activation_function", "gelu_new")
     if act not in HF_ACTIVATIONS.values():
@@ -357,6 +360,117 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
         raise UserError(f"cannot import {source}: {exc}") from exc
 
 
+def _model_config_from_neox(cfg: dict[str, Any], *, source: str) -> ModelConfig:
+    """The rotary ModelConfig equivalent to a GPT-NeoX `config.json` of our block (sequential
+    residual, rotary over whole heads at base ROTARY_BASE, biases, untied head), or UserError
+    listing every option it cannot express. transformers' defaults apply to missing keys."""
+    problems: list[str] = []
+    rope = cfg.get("rope_parameters") or {}
+    fraction = float(rope.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25)))
+    base = float(rope.get("rope_theta", cfg.get("rotary_emb_base", 10000)))
+    act = cfg.get("hidden_act", "gelu")
+    for bad, why in (
+        (cfg.get("use_parallel_residual", True), "use_parallel_residual=true: MicroTransformer's "
+                                                 "blocks add attention, then the feed-forward"),
+        (fraction != 1.0, f"rotary over {fraction:g} of each head: ours rotates whole heads"),
+        (base != ROTARY_BASE, f"rotary base {base:g}: ours is {ROTARY_BASE:g}"),
+        (rope.get("rope_type", "default") != "default",
+         f"rope_type={rope.get('rope_type')!r}: ours is the default rotation"),
+        (act not in HF_ACTIVATIONS.values(), f"hidden_act={act!r}: MicroTransformer uses exact "
+                                             "erf GELU ('gelu') or squared ReLU ('relu2') only"),
+        (not math.isclose(float(cfg.get("layer_norm_eps", 1e-5)), LAYER_NORM_EPS, rel_tol=1e-9),
+         f"layer_norm_eps={cfg.get('layer_norm_eps')}: MicroTransformer's LayerNorm uses 1e-05"),
+        (not cfg.get("attention_bias", True), "attention_bias=false: our projections have biases"),
+        (cfg.get("tie_word_embeddings", False), "tie_word_embeddings=true: our head is the "
+                                                "input table without its sqrt(d) scale"),
+    ):
+        if bad:
+            problems.append(why)
+    if problems:
+        raise UserError(f"cannot import {source}: " + "; ".join(problems))
+    dropout = float(cfg.get("hidden_dropout", 0.0))
+    attn = float(cfg.get("attention_dropout", 0.0))
+    try:
+        return ModelConfig(
+            vocab_size=cfg.get("vocab_size", 50432),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            embed_dim=cfg.get("hidden_size", 6144),
+            num_heads=cfg.get("num_attention_heads", 64),
+            num_layers=cfg.get("num_hidden_layers", 44),
+            ff_dim=cfg.get("intermediate_size", 24576),
+            dropout=dropout,
+            attn_dropout=None if attn == dropout else attn,
+            position="rotary",
+            activation={v: k for k, v in HF_ACTIVATIONS.items()}[act],
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot import {source}: {exc}") from exc
+
+
+def _head_table(head: torch.Tensor, scaled: torch.Tensor, names: tuple[str, str, str],
+                source: str) -> torch.Tensor:
+    """Our token table from an exported head (`head`, the unscaled table) and input table
+    (`scaled`), checked to be head * sqrt(d): the only tie MicroTransformer can express.
+    `names`: the head's, the input table's and the width's names in the file's schema."""
+    head_name, table_name, width_name = names
+    tol = _TIE_RTOL * max(1.0, float(scaled.abs().max()))
+    diff = float((head * math.sqrt(head.shape[1]) - scaled).abs().max())
+    if diff > tol:
+        tied = (f" (the model ties {head_name.split('.')[0]} to {table_name})"
+                if torch.equal(head, scaled) else "")
+        raise UserError(
+            f"{source}: {head_name}.weight is not {table_name} / sqrt({width_name}) (max abs "
+            f"difference {diff:.3g}){tied}; MicroTransformer's head is tied to its unscaled "
+            "input table and cannot express an independent or plainly tied head"
+        )
+    return head
+
+
+def from_hf_neox_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor], *,
+                            source: str = WEIGHTS_FILE) -> MicroTransformer:
+    """Build a rotary MicroTransformer from GPT-NeoX weights of our block: the inverse of
+    `to_hf_neox_state_dict` (query and key rows back in our rotation's order)."""
+    sd = dict(tensors)
+    C, L, V = config.embed_dim, config.num_layers, config.vocab_size
+
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in sd:
+            raise UserError(f"{source}: missing weight {name!r}; is this a GPT-NeoX checkpoint "
+                            f"with {L} layers?")
+        t = sd.pop(name)
+        if tuple(t.shape) != shape:
+            raise UserError(f"{source}: weight {name!r} has shape {tuple(t.shape)}, the config "
+                            f"gives {shape}")
+        return t.to(torch.float32)
+
+    head = _head_table(take("embed_out.weight", (V, C)), take("gpt_neox.embed_in.weight", (V, C)),
+                       ("embed_out", "embed_in", "hidden_size"), source)
+    back = torch.argsort(rotary_row_order(config, heads_together=True))  # (3C,): NeoX -> ours
+    model = MicroTransformer.from_config(config)
+    with torch.no_grad():
+        model.token_embedding.embedding.weight.copy_(head)
+        model.ln_f.weight.copy_(take("gpt_neox.final_layer_norm.weight", (C,)))
+        model.ln_f.bias.copy_(take("gpt_neox.final_layer_norm.bias", (C,)))
+        for i, block in enumerate(model.blocks):
+            p = f"gpt_neox.layers.{i}."
+            qkv = p + "attention.query_key_value."
+            block.attn.qkv.weight.copy_(take(qkv + "weight", (3 * C, C))[back])
+            block.attn.qkv.bias.copy_(take(qkv + "bias", (3 * C,))[back])
+            for name, mod in (("attention.dense", block.attn.proj),
+                              ("mlp.dense_h_to_4h", block.ff.fc),
+                              ("mlp.dense_4h_to_h", block.ff.proj),
+                              ("input_layernorm", block.ln1),
+                              ("post_attention_layernorm", block.ln2)):
+                mod.weight.copy_(take(p + name + ".weight", tuple(mod.weight.shape)))
+                mod.bias.copy_(take(p + name + ".bias", tuple(mod.bias.shape)))
+    leftover = [k for k in sd if not k.endswith((".attention.bias", ".attention.masked_bias",
+                                                 "rotary_emb.inv_freq"))]
+    if leftover:
+        raise UserError(f"{source}: unexpected weights {sorted(leftover)[:5]}; the config has "
+                        f"num_hidden_layers={L} (is it right?)")
+    return model.eval()
+
+
 def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
                        tie_word_embeddings: bool = False, *,
                        source: str = WEIGHTS_FILE) -> MicroTransformer:
@@ -392,17 +506,8 @@ def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
         head = wte
     else:
         raise UserError(f"{source}: no lm_head.weight and tie_word_embeddings is false")
-    scale = math.sqrt(C)
     # our token embedding = the head; wte must then be head * sqrt(d)
-    tol = _TIE_RTOL * max(1.0, float(wte.abs().max()))
-    diff = float((head * scale - wte).abs().max())
-    if diff > tol:
-        tied = " (the model ties lm_head to wte)" if head is wte or torch.equal(head, wte) else ""
-        raise UserError(
-            f"{source}: lm_head.weight is not wte / sqrt(n_embd) (max abs difference "
-            f"{diff:.3g}){tied}; MicroTransformer's head is tied to its unscaled input table "
-            "and cannot express an independent or GPT-2-style tied head"
-        )
+    head = _head_table(head, wte, ("lm_head", "wte", "n_embd"), source)
     model = MicroTransformer.from_config(config)
     with torch.no_grad():
         model.token_embedding.embedding.weight.copy_(head)
@@ -438,7 +543,8 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
 
 def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
               ) -> tuple[MicroTransformer, Any]:
-    """Load a GPT-2-architecture Hugging Face directory as (MicroTransformer, Tokenizer | None).
+    """Load a GPT-2 (or our block's GPT-NeoX) Hugging Face directory as (MicroTransformer,
+    Tokenizer | None).
 
     Reads config.json and model.safetensors (pickle-based pytorch_model.bin is refused), and,
     with `with_tokenizer`, tokenizer.json when present (it needs an `<|endoftext|>` token).
@@ -456,8 +562,11 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
                             "safety); re-save it with safe_serialization=True")
         raise FileNotFoundError(f"{weights} not found")
     tensors, _ = load_weights(weights)  # safetensors only, never pickle
-    model = from_hf_state_dict(config, tensors, bool(cfg.get("tie_word_embeddings", True)),
-                               source=str(weights))
+    if config.position == "rotary":  # model_type gpt_neox
+        model = from_hf_neox_state_dict(config, tensors, source=str(weights))
+    else:
+        model = from_hf_state_dict(config, tensors, bool(cfg.get("tie_word_embeddings", True)),
+                                   source=str(weights))
     tokenizer = None
     tok_path = hf_dir / TOKENIZER_FILE
     if with_tokenizer and tok_path.is_file():

@@ -13,13 +13,14 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     """Add the `import` subcommand to the CLI."""
     p = sub.add_parser(
         name, help=help_text, description=help_text,
-        epilog="The source must be expressible by MicroTransformer: exact 'gelu', LayerNorm eps "
-        "1e-5, and lm_head equal to wte / sqrt(n_embd) (what `export --format hf` writes). "
-        "See docs/INTEROP.md.",
+        epilog="The source must be expressible by MicroTransformer: exact 'gelu' or 'relu2', "
+        "LayerNorm eps 1e-5, and a head equal to the input table / sqrt(width) (what `export "
+        "--format hf` writes); GPT-NeoX only with a sequential residual and full rotary at "
+        "base 10000. See docs/INTEROP.md.",
     )
     p.add_argument("hf_dir", metavar="HF_DIR",
-                   help="directory with config.json (model_type gpt2), model.safetensors and "
-                   "tokenizer.json")
+                   help="directory with config.json (model_type gpt2 or gpt_neox), "
+                   "model.safetensors and tokenizer.json")
     p.add_argument("--out", required=True, metavar="RUN_DIR",
                    help="run directory to write (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--force", action="store_true", help="overwrite files in an existing RUN_DIR")

@@ -416,7 +416,7 @@ def test_rotary_and_relu2_models_export_with_our_logits(tmp_path: Path, bpe_tok:
                                                         variant: dict, arch: str) -> None:
     """position='rotary' becomes a GPTNeoXForCausalLM (sequential residual, rows reordered for
     its rotation), squared ReLU transformers' 'relu2' activation: the same logits, left-padded
-    rows included, and the same greedy tokens; a GPT-2 one imports back to the same model."""
+    rows included, and the same greedy tokens; each imports back to the same model."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(4)
     model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
@@ -440,8 +440,37 @@ def test_rotary_and_relu2_models_export_with_our_logits(tmp_path: Path, bpe_tok:
         greedy = hf.generate(ids[1:, :5], max_new_tokens=20, do_sample=False,
                              pad_token_id=bpe_tok.pad_token_id)
     assert torch.equal(greedy, model.generate(ids[1:, :5], max_new_tokens=20, do_sample=False))
-    if arch == "GPT2LMHeadModel":
-        back, _ = export.import_hf(out)
-        assert back.config.activation == "relu2"
-        with torch.no_grad():
-            assert float((back(ids) - model(ids)).abs().max()) <= ATOL
+    back, _ = export.import_hf(out)  # and back: GPT-2 or GPT-NeoX, to the same model
+    assert dataclasses.replace(back.config, init=model.config.init) == model.config  # init: n/a
+    with torch.no_grad():
+        assert float((back(ids) - model(ids)).abs().max()) <= ATOL
+        assert float((back(ids, attention_mask=mask) - model(ids, attention_mask=mask)
+                      )[mask.bool()].abs().max()) <= ATOL
+
+
+def test_gpt_neox_import_refuses_what_our_block_cannot_express(tmp_path: Path,
+                                                               bpe_tok: Tokenizer) -> None:
+    """A GPT-NeoX directory that is not our block (parallel residual, partial rotary, another
+    rotary base or activation, a tied or independent head) is refused, naming the option."""
+    torch.manual_seed(5)
+    model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
+                             num_heads=4, num_layers=1, ff_dim=48, position="rotary").eval()
+    out = export.export_hf(model, tmp_path / "hf", bpe_tok)
+    good = json.loads((out / "config.json").read_text())
+    for change, message in (({"use_parallel_residual": True}, "use_parallel_residual"),
+                            ({"rope_parameters": {**good["rope_parameters"],
+                                                  "partial_rotary_factor": 0.25}}, "0.25 of each"),
+                            ({"rope_parameters": {**good["rope_parameters"],
+                                                  "rope_theta": 500.0}}, "rotary base 500"),
+                            ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
+                            ({"tie_word_embeddings": True}, "tie_word_embeddings")):
+        (out / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(UserError, match=message):
+            export.import_hf(out)
+    (out / "config.json").write_text(json.dumps(good))
+    from safetensors.torch import load_file, save_file
+    sd = load_file(out / "model.safetensors")
+    sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"].clone()
+    save_file(sd, out / "model.safetensors")
+    with pytest.raises(UserError, match="embed_out to embed_in"):
+        export.import_hf(out)
