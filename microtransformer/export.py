@@ -30,6 +30,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +408,23 @@ def _model_config_from_neox(cfg: dict[str, Any], *, source: str) -> ModelConfig:
         raise UserError(f"cannot import {source}: {exc}") from exc
 
 
+def _weight_taker(sd: dict[str, torch.Tensor], expected: str, source: str
+                  ) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
+    """`take(name, shape)`: pop weight `name` from `sd` as float32, with one-line errors for a
+    missing name (asking whether the file is `expected`) or a shape the config does not give."""
+
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in sd:
+            raise UserError(f"{source}: missing weight {name!r}; is this {expected}?")
+        t = sd.pop(name)
+        if tuple(t.shape) != shape:
+            raise UserError(f"{source}: weight {name!r} has shape {tuple(t.shape)}, the config "
+                            f"gives {shape}")
+        return t.to(torch.float32)
+
+    return take
+
+
 def _head_table(head: torch.Tensor, scaled: torch.Tensor, names: tuple[str, str, str],
                 source: str) -> torch.Tensor:
     """Our token table from an exported head (`head`, the unscaled table) and input table
@@ -432,16 +450,7 @@ def from_hf_neox_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor
     `to_hf_neox_state_dict` (query and key rows back in our rotation's order)."""
     sd = dict(tensors)
     C, L, V = config.embed_dim, config.num_layers, config.vocab_size
-
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in sd:
-            raise UserError(f"{source}: missing weight {name!r}; is this a GPT-NeoX checkpoint "
-                            f"with {L} layers?")
-        t = sd.pop(name)
-        if tuple(t.shape) != shape:
-            raise UserError(f"{source}: weight {name!r} has shape {tuple(t.shape)}, the config "
-                            f"gives {shape}")
-        return t.to(torch.float32)
+    take = _weight_taker(sd, f"a GPT-NeoX checkpoint with {L} layers", source)
 
     head = _head_table(take("embed_out.weight", (V, C)), take("gpt_neox.embed_in.weight", (V, C)),
                        ("embed_out", "embed_in", "hidden_size"), source)
@@ -486,16 +495,7 @@ def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
           or v.dim() == 1}
     C, L = config.embed_dim, config.num_layers
-
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in sd:
-            raise UserError(f"{source}: missing weight {name!r}; is this a GPT-2 checkpoint "
-                            f"with {L} layers?")
-        t = sd.pop(name)
-        if tuple(t.shape) != shape:
-            raise UserError(f"{source}: weight {name!r} has shape {tuple(t.shape)}, the config "
-                            f"gives {shape}")
-        return t.to(torch.float32)
+    take = _weight_taker(sd, f"a GPT-2 checkpoint with {L} layers", source)
 
     V, T = config.vocab_size, config.max_seq_len
     wte = take("wte.weight", (V, C))
