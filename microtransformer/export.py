@@ -54,6 +54,7 @@ MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
 LAYER_NORM_EPS = 1e-5
 # model.activation -> transformers' activation name (ACT2FN)
 HF_ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}
+_FROM_HF_ACTIVATIONS = {v: k for k, v in HF_ACTIVATIONS.items()}
 # How far the exported `wte` may be from lm_head * sqrt(d) (relative to the table's scale).
 _TIE_RTOL = 1e-5
 
@@ -205,6 +206,14 @@ def hf_neox_config(config: ModelConfig, *, eos_token_id: int | None = None,
     }
 
 
+def _neox_layer_modules(block: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """(GPT-NeoX name, our module) for a block's parts that map one to one (the fused
+    query_key_value is reordered, so it is not among them)."""
+    return (("attention.dense", block.attn.proj), ("mlp.dense_h_to_4h", block.ff.fc),
+            ("mlp.dense_4h_to_h", block.ff.proj), ("input_layernorm", block.ln1),
+            ("post_attention_layernorm", block.ln2))
+
+
 def to_hf_neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPTNeoXForCausalLM weights equivalent to a rotary `model` (float32, CPU)."""
     m = unwrap_model(model)
@@ -220,9 +229,7 @@ def to_hf_neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         p = f"gpt_neox.layers.{i}."
         sd[p + "attention.query_key_value.weight"] = cpu_f32(block.attn.qkv.weight)[order]
         sd[p + "attention.query_key_value.bias"] = cpu_f32(block.attn.qkv.bias)[order]
-        for name, mod in (("attention.dense", block.attn.proj), ("mlp.dense_h_to_4h", block.ff.fc),
-                          ("mlp.dense_4h_to_h", block.ff.proj), ("input_layernorm", block.ln1),
-                          ("post_attention_layernorm", block.ln2)):
+        for name, mod in _neox_layer_modules(block):
             sd[p + name + ".weight"] = cpu_f32(mod.weight)  # nn.Linear (out, in) in both
             sd[p + name + ".bias"] = cpu_f32(mod.bias)
     return sd
@@ -252,6 +259,12 @@ def hf_tokenizer_files(tokenizer: Any, max_seq_len: int) -> dict[str, dict[str, 
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 
+def hf_architecture(config: ModelConfig) -> str:
+    """The transformers architecture `export_hf` writes `config` as: "GPT-NeoX" for rotary
+    positions, else "GPT-2"."""
+    return "GPT-NeoX" if config.position == "rotary" else "GPT-2"
+
+
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
               force: bool = False) -> Path:
     """Write a Hugging Face GPT-2 directory (config, safetensors weights, tokenizer files);
@@ -261,9 +274,8 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
     """
     m = unwrap_model(model)
-    rotary = m.config.position == "rotary"
     check_seed_architecture(dataclasses.replace(m.config, position="learned", activation="gelu"),
-                            f"a Hugging Face {'GPT-NeoX' if rotary else 'GPT-2'} directory")
+                            f"a Hugging Face {hf_architecture(m.config)} directory")
     check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
     target = prepare_output(out_dir, force=force, kind="dir")
     with staged_directory(target) as out:  # all files appear at once (artifacts.py)
@@ -355,7 +367,7 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
             dropout=pdrops["resid_pdrop"],
             init="gpt2",
             attn_dropout=None if attn == pdrops["resid_pdrop"] else attn,
-            activation={v: k for k, v in HF_ACTIVATIONS.items()}.get(act, act),
+            activation=_FROM_HF_ACTIVATIONS.get(act, act),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot import {source}: {exc}") from exc
@@ -402,7 +414,7 @@ def _model_config_from_neox(cfg: dict[str, Any], *, source: str) -> ModelConfig:
             dropout=dropout,
             attn_dropout=None if attn == dropout else attn,
             position="rotary",
-            activation={v: k for k, v in HF_ACTIVATIONS.items()}[act],
+            activation=_FROM_HF_ACTIVATIONS[act],
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot import {source}: {exc}") from exc
@@ -434,8 +446,7 @@ def _head_table(head: torch.Tensor, scaled: torch.Tensor, names: tuple[str, str,
     tol = _TIE_RTOL * max(1.0, float(scaled.abs().max()))
     diff = float((head * math.sqrt(head.shape[1]) - scaled).abs().max())
     if diff > tol:
-        tied = (f" (the model ties {head_name.split('.')[0]} to {table_name})"
-                if torch.equal(head, scaled) else "")
+        tied = f" (the model ties {head_name} to {table_name})" if torch.equal(head, scaled) else ""
         raise UserError(
             f"{source}: {head_name}.weight is not {table_name} / sqrt({width_name}) (max abs "
             f"difference {diff:.3g}){tied}; MicroTransformer's head is tied to its unscaled "
@@ -465,11 +476,7 @@ def from_hf_neox_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor
             qkv = p + "attention.query_key_value."
             block.attn.qkv.weight.copy_(take(qkv + "weight", (3 * C, C))[back])
             block.attn.qkv.bias.copy_(take(qkv + "bias", (3 * C,))[back])
-            for name, mod in (("attention.dense", block.attn.proj),
-                              ("mlp.dense_h_to_4h", block.ff.fc),
-                              ("mlp.dense_4h_to_h", block.ff.proj),
-                              ("input_layernorm", block.ln1),
-                              ("post_attention_layernorm", block.ln2)):
+            for name, mod in _neox_layer_modules(block):
                 mod.weight.copy_(take(p + name + ".weight", tuple(mod.weight.shape)))
                 mod.bias.copy_(take(p + name + ".bias", tuple(mod.bias.shape)))
     leftover = [k for k in sd if not k.endswith((".attention.bias", ".attention.masked_bias",

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.run_dir} has no tokenizer.json; a Hugging Face export "
                             "needs one (copy the data directory's tokenizer.json into the run)")
         out = export.export_hf(model, args.out, tokenizer, force=args.force)
-        kind = "GPT-NeoX" if unwrap_model(model).config.position == "rotary" else "GPT-2"
+        kind = export.hf_architecture(unwrap_model(model).config)
         print(f"wrote Hugging Face {kind} directory {out} ({which} weights); load it with "
               f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     elif fmt == "gguf":

@@ -34,7 +34,7 @@ PROMPTS = ["Once upon a time", "The bear said: \"Hello", "  two  spaces\nand a n
 
 
 def train_tiny(seed: int = 0, steps: int = 120, kind: str = "bpe",
-               **shape: int) -> tuple[MicroTransformer, Tokenizer]:
+               **shape: int | str) -> tuple[MicroTransformer, Tokenizer]:
     """A small model trained for `steps` AdamW steps on CORPUS (a few seconds on one CPU
     thread), so its next-token choices are confident, and its tokenizer (`kind` bpe or char)."""
     tok = train_tokenizer(CORPUS * 10, kind=kind, vocab_size=320 if kind == "bpe" else 64)
