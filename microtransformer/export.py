@@ -5,7 +5,9 @@ MicroTransformer is GPT-2's architecture up to two details, which the conversion
 1. The token embedding is multiplied by sqrt(embed_dim) on the way in. GPT-2 has no such scale,
    so the exported `wte` holds the scaled table.
 2. The prediction head is tied to the *unscaled* table. The exported model is therefore untied
-   (`tie_word_embeddings=False`) and its `lm_head` holds the original table.
+   (`tie_word_embeddings=False`) and its `lm_head` holds the original table (or, for a model
+   with `head="untied"`, the head's own matrix). On import, a head equal to wte / sqrt(d) is
+   our tied head; any other, GPT-2's own tie included, gives an untied model.
 
 Everything else maps one to one: pre-LN blocks, exact (erf) GELU (`activation_function="gelu"`),
 LayerNorm eps 1e-5, fused QKV laid out as [q | k | v] with heads contiguous (GPT-2's `c_attn`).
@@ -17,7 +19,7 @@ pre-LN blocks, with rotary queries and keys and no position table). Its fused QK
 head's [q | k | v] together, and its rotation pairs dimension i of a head with i + d/2 where ours
 pairs 2i with 2i + 1: the rows are reordered (`rotary_row_order`). Squared ReLU is transformers'
 `relu2` activation in either; QK-norm has no GPT-2 or GPT-NeoX form and is refused. Import reads
-GPT-2 directories only.
+GPT-2 and GPT-NeoX directories of our block.
 
 Writing a Hugging Face directory needs no `transformers`; only loading it does. ONNX export
 needs the `onnx` package (and `onnxscript` for the dynamo exporter).
@@ -131,10 +133,10 @@ def cpu_f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_tables(m: MicroTransformer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the token table scaled by sqrt(embed_dim), as the input uses it; the unscaled table,
-    which the tied head uses), each (V, C) float32."""
+    """(the token table scaled by sqrt(embed_dim), as the input uses it; the head's matrix:
+    the unscaled table when tied, its own when untied), each (V, C) float32."""
     emb = cpu_f32(m.token_embedding.embedding.weight)  # (V, C)
-    return emb * math.sqrt(m.config.embed_dim), emb.clone()
+    return emb * math.sqrt(m.config.embed_dim), cpu_f32(m.lm_head.weight).clone()
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -146,7 +148,7 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         "transformer.wpe.weight": cpu_f32(m.position_embedding.embedding.weight),  # (T_max, C)
         "transformer.ln_f.weight": cpu_f32(m.ln_f.weight),
         "transformer.ln_f.bias": cpu_f32(m.ln_f.bias),
-        "lm_head.weight": emb,  # the tied head: the unscaled table
+        "lm_head.weight": emb,  # the head (tied: the unscaled table)
     }
     for i, block in enumerate(m.blocks):
         p = f"transformer.h.{i}."
@@ -223,7 +225,7 @@ def to_hf_neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         "gpt_neox.embed_in.weight": scaled,  # the input scale folded into the table
         "gpt_neox.final_layer_norm.weight": cpu_f32(m.ln_f.weight),
         "gpt_neox.final_layer_norm.bias": cpu_f32(m.ln_f.bias),
-        "embed_out.weight": emb,  # the tied head: the unscaled table
+        "embed_out.weight": emb,  # the head (tied: the unscaled table)
     }
     for i, block in enumerate(m.blocks):
         p = f"gpt_neox.layers.{i}."
@@ -274,7 +276,8 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     with the same logits, and `AutoTokenizer.from_pretrained(out_dir)` the same tokenizer.
     """
     m = unwrap_model(model)
-    check_seed_architecture(dataclasses.replace(m.config, position="learned", activation="gelu"),
+    check_seed_architecture(dataclasses.replace(m.config, position="learned", activation="gelu",
+                                                head="tied"),
                             f"a Hugging Face {hf_architecture(m.config)} directory")
     check_output(out_dir, command="export", makes=HF, replace=force)  # whole dir is replaced
     target = prepare_output(out_dir, force=force, kind="dir")
@@ -375,7 +378,7 @@ def model_config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") ->
 
 def _model_config_from_neox(cfg: dict[str, Any], *, source: str) -> ModelConfig:
     """The rotary ModelConfig equivalent to a GPT-NeoX `config.json` of our block (sequential
-    residual, rotary over whole heads at base ROTARY_BASE, biases, untied head), or UserError
+    residual, rotary over whole heads at base ROTARY_BASE, biases), or UserError
     listing every option it cannot express. transformers' defaults apply to missing keys."""
     problems: list[str] = []
     rope = cfg.get("rope_parameters") or {}
@@ -394,8 +397,6 @@ def _model_config_from_neox(cfg: dict[str, Any], *, source: str) -> ModelConfig:
         (not math.isclose(float(cfg.get("layer_norm_eps", 1e-5)), LAYER_NORM_EPS, rel_tol=1e-9),
          f"layer_norm_eps={cfg.get('layer_norm_eps')}: MicroTransformer's LayerNorm uses 1e-05"),
         (not cfg.get("attention_bias", True), "attention_bias=false: our projections have biases"),
-        (cfg.get("tie_word_embeddings", False), "tie_word_embeddings=true: our head is the "
-                                                "input table without its sqrt(d) scale"),
     ):
         if bad:
             problems.append(why)
@@ -437,38 +438,46 @@ def _weight_taker(sd: dict[str, torch.Tensor], expected: str, source: str
     return take
 
 
-def _head_table(head: torch.Tensor, scaled: torch.Tensor, names: tuple[str, str, str],
-                source: str) -> torch.Tensor:
-    """Our token table from an exported head (`head`, the unscaled table) and input table
-    (`scaled`), checked to be head * sqrt(d): the only tie MicroTransformer can express.
-    `names`: the head's, the input table's and the width's names in the file's schema."""
-    head_name, table_name, width_name = names
+def _table_and_head(head: torch.Tensor, scaled: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(our unscaled token table, the head's own matrix or None) from a file's head and input
+    table (`scaled`, which our input multiplies back by sqrt(d)). A head equal to
+    scaled / sqrt(d) is our tied head (None: an exact round trip of a tied export); any other
+    head, a plain tie (head == scaled) included, becomes `head="untied"`."""
     tol = _TIE_RTOL * max(1.0, float(scaled.abs().max()))
-    diff = float((head * math.sqrt(head.shape[1]) - scaled).abs().max())
-    if diff > tol:
-        tied = f" (the model ties {head_name} to {table_name})" if torch.equal(head, scaled) else ""
-        raise UserError(
-            f"{source}: {head_name}.weight is not {table_name} / sqrt({width_name}) (max abs "
-            f"difference {diff:.3g}){tied}; MicroTransformer's head is tied to its unscaled "
-            "input table and cannot express an independent or plainly tied head"
-        )
-    return head
+    if float((head * math.sqrt(head.shape[1]) - scaled).abs().max()) <= tol:
+        return head, None
+    return scaled / math.sqrt(head.shape[1]), head
+
+
+def _with_head(config: ModelConfig, table: torch.Tensor, own_head: torch.Tensor | None
+               ) -> MicroTransformer:
+    """A MicroTransformer of `config` (untied when `own_head` is given) with its token table
+    (and head) set; the caller fills the rest."""
+    if own_head is not None:
+        config = dataclasses.replace(config, head="untied")
+    model = MicroTransformer.from_config(config)
+    with torch.no_grad():
+        model.token_embedding.embedding.weight.copy_(table)
+        if own_head is not None:
+            model.lm_head.weight.copy_(own_head)
+    return model
 
 
 def from_hf_neox_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor], *,
-                            source: str = WEIGHTS_FILE) -> MicroTransformer:
+                            tied: bool = False, source: str = WEIGHTS_FILE) -> MicroTransformer:
     """Build a rotary MicroTransformer from GPT-NeoX weights of our block: the inverse of
-    `to_hf_neox_state_dict` (query and key rows back in our rotation's order)."""
+    `to_hf_neox_state_dict` (query and key rows back in our rotation's order). `tied`: the
+    config's tie_word_embeddings (no embed_out stored: the head is embed_in)."""
     sd = dict(tensors)
     C, L, V = config.embed_dim, config.num_layers, config.vocab_size
     take = _weight_taker(sd, f"a GPT-NeoX checkpoint with {L} layers", source)
 
-    head = _head_table(take("embed_out.weight", (V, C)), take("gpt_neox.embed_in.weight", (V, C)),
-                       ("embed_out", "embed_in", "hidden_size"), source)
+    scaled = take("gpt_neox.embed_in.weight", (V, C))
+    head = take("embed_out.weight", (V, C)) if "embed_out.weight" in sd or not tied else scaled
+    model = _with_head(config, *_table_and_head(head, scaled))
     back = torch.argsort(rotary_row_order(config, heads_together=True))  # (3C,): NeoX -> ours
-    model = MicroTransformer.from_config(config)
     with torch.no_grad():
-        model.token_embedding.embedding.weight.copy_(head)
         model.ln_f.weight.copy_(take("gpt_neox.final_layer_norm.weight", (C,)))
         model.ln_f.bias.copy_(take("gpt_neox.final_layer_norm.bias", (C,)))
         for i, block in enumerate(model.blocks):
@@ -492,9 +501,9 @@ def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
                        source: str = WEIGHTS_FILE) -> MicroTransformer:
     """Build a MicroTransformer from GPT-2 weights (with or without the `transformer.` prefix).
 
-    Our head is tied to the unscaled table and our input multiplies it by sqrt(d), so GPT-2's
-    `lm_head` must equal `wte / sqrt(d)`; the table is taken from `lm_head` (exact round trip of
-    an export) and checked against `wte`. A tied GPT-2 (lm_head == wte) cannot be expressed.
+    Our input multiplies the table by sqrt(d), so a head equal to `wte / sqrt(d)` is our tied
+    head (the table is taken from `lm_head`: exact round trip of an export); any other head,
+    GPT-2's own tie (lm_head == wte) included, gives an untied model (`_table_and_head`).
     """
     sd = {(k[len("transformer."):] if k.startswith("transformer.") else k): v
           for k, v in tensors.items()}
@@ -513,11 +522,8 @@ def from_hf_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor],
         head = wte
     else:
         raise UserError(f"{source}: no lm_head.weight and tie_word_embeddings is false")
-    # our token embedding = the head; wte must then be head * sqrt(d)
-    head = _head_table(head, wte, ("lm_head", "wte", "n_embd"), source)
-    model = MicroTransformer.from_config(config)
+    model = _with_head(config, *_table_and_head(head, wte))
     with torch.no_grad():
-        model.token_embedding.embedding.weight.copy_(head)
         model.position_embedding.embedding.weight.copy_(take("wpe.weight", (T, C)))
         model.ln_f.weight.copy_(take("ln_f.weight", (C,)))
         model.ln_f.bias.copy_(take("ln_f.bias", (C,)))
@@ -570,7 +576,8 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
         raise FileNotFoundError(f"{weights} not found")
     tensors, _ = load_weights(weights)  # safetensors only, never pickle
     if config.position == "rotary":  # model_type gpt_neox
-        model = from_hf_neox_state_dict(config, tensors, source=str(weights))
+        model = from_hf_neox_state_dict(config, tensors, source=str(weights),
+                                        tied=bool(cfg.get("tie_word_embeddings", False)))
     else:
         model = from_hf_state_dict(config, tensors, bool(cfg.get("tie_word_embeddings", True)),
                                    source=str(weights))

@@ -223,7 +223,7 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                     out[f"{p}{name}.{part}"] = rows.contiguous()
     out["output_norm.weight"] = cpu_f32(m.ln_f.weight)
     out["output_norm.bias"] = cpu_f32(m.ln_f.bias)
-    out["output.weight"] = emb  # (V, C): the head, the unscaled table
+    out["output.weight"] = emb  # (V, C): the head (tied: the unscaled table)
     return out
 
 
@@ -245,7 +245,8 @@ def check_gguf_architecture(config: ModelConfig) -> str:
             f"{RELU2_ARCH} architecture); this model has position={config.position!r}: export "
             "it with --format onnx or --format web, or train it with --model.position rotary "
             "or --model.activation gelu")
-    check_seed_architecture(dataclasses.replace(config, position="learned", activation="gelu"),
+    check_seed_architecture(dataclasses.replace(config, position="learned", activation="gelu",
+                                                head="tied"),
                             f"GGUF (llama.cpp's {arch} architecture)")
     return arch
 

@@ -51,7 +51,7 @@ from model.io import BEST_WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FIL
 
 # The fields that give the weights their shapes: they must be the parent's.
 ARCHITECTURE = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_layers", "ff_dim",
-                "position", "activation", "qk_norm")
+                "position", "activation", "qk_norm", "head")
 # Taken from the parent unless typed (they do not change the shapes).
 INHERITED = ("dropout", "attn_dropout", "init")
 LINEAGE_FILE = "lineage.json"

@@ -16,18 +16,21 @@ from microtransformer.config import OPTIMIZERS
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on 2-D matmul weights (nn.Linear) only; none on biases, norms and
-    embeddings (a head tied to the embedding is an embedding). Every parameter is in exactly
-    one group."""
+    """AdamW groups: decay on the blocks' 2-D matmul weights only; none on biases, norms,
+    embeddings and the head (tied or not). Every parameter is in exactly one group."""
     matrices, others = split_matrices(model)
     return [{"params": matrices, "weight_decay": weight_decay},
             {"params": others, "weight_decay": 0.0}]
 
 
 def split_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(2-D weights of nn.Linear layers that are not embeddings, every other trainable
-    parameter). Each trainable parameter is in exactly one list (a tied weight once)."""
+    """(2-D weights of nn.Linear layers that are neither embeddings nor the prediction head,
+    every other trainable parameter). Each trainable parameter is in exactly one list (a tied
+    weight once); an untied head goes with the embeddings, as the speed-run recipes keep it
+    on Adam."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding_ids |= {id(m.lm_head.weight) for m in model.modules()
+                      if isinstance(getattr(m, "lm_head", None), nn.Linear)}
     linear_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     matrices, others = [], []
     for _, p in model.named_parameters():  # unique parameters (tied weight once)
@@ -45,7 +48,7 @@ def split_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
 
 
 class MuonAdamW:
-    """Muon on the blocks' 2-D weight matrices, AdamW on embeddings (and the tied head), biases
+    """Muon on the blocks' 2-D weight matrices, AdamW on embeddings and the head, biases
     and norms: two torch optimizers stepped together.
 
     Muon uses `adjust_lr_fn="match_rms_adamw"` (its update is scaled to AdamW's RMS), so one

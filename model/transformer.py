@@ -22,9 +22,10 @@ from .layers import (
     layer_norm,
 )
 
-INIT_SCHEMES = ("kaiming", "gpt2")
+INIT_SCHEMES = ("kaiming", "gpt2", "zero_out")
 POSITIONS = ("learned", "rotary")
 ACTIVATIONS = ("gelu", "relu2")
+HEADS = ("tied", "untied")
 
 
 def _is_dropout_probability(value: object) -> bool:
@@ -55,8 +56,10 @@ class ModelConfig:
     dropout: float = field(default=0.1, metadata={
         "help": "dropout probability in [0, 1) for embeddings, attention and residual paths"})
     init: str = field(default="kaiming", metadata={
-        "help": "weight initialisation, \"kaiming\" (the seed's) or \"gpt2\" (normal 0.02, "
-                "residual projections scaled by 1/sqrt(2 * num_layers))"})
+        "help": "weight initialisation, \"kaiming\" (the seed's), \"gpt2\" (normal 0.02, "
+                "residual projections scaled by 1/sqrt(2 * num_layers)) or \"zero_out\" "
+                "(kaiming, but the attention and feed-forward output projections start at zero, "
+                "so every block starts as the identity)"})
     attn_dropout: float | None = field(default=None, metadata={
         "help": "dropout on the attention probabilities alone; None (the default, the seed's "
                 "model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU, "
@@ -76,6 +79,10 @@ class ModelConfig:
         "help": "RMS-normalise each head's queries and keys (a learned gain per head "
                 "dimension) before attention (opt-in, refused by the Hugging Face and GGUF "
                 "exports)"})
+    head: str = field(default="tied", metadata={
+        "help": "the prediction head: \"tied\" (the seed's: it is the token embedding's "
+                "table) or \"untied\" (its own vocab_size x embed_dim matrix, starting at zero; "
+                "opt-in, every export holds it)"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -108,6 +115,8 @@ class ModelConfig:
                 f"activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
         if not isinstance(self.qk_norm, bool):
             problems.append(f"qk_norm={self.qk_norm!r} must be true or false")
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r} must be one of {', '.join(HEADS)}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
@@ -121,7 +130,8 @@ class ModelConfig:
         """The opt-in architecture variants this config uses (empty for the seed's model),
         e.g. ["position='rotary'"]: what an export that cannot hold them names."""
         seed = ModelConfig()
-        return [f"{name}={getattr(self, name)!r}" for name in ("position", "activation", "qk_norm")
+        return [f"{name}={getattr(self, name)!r}" for name in ("position", "activation", "qk_norm",
+                                                                  "head")
                 if getattr(self, name) != getattr(seed, name)]
 
     @property
@@ -149,7 +159,8 @@ class MicroTransformer(nn.Module):
     """GPT-style decoder: token + position embeddings, pre-LN blocks, final LN, tied head.
 
     The prediction head shares its weight with the token embedding and has no bias, so the
-    seed's three configurations count exactly 2,443,904 / 2,290,176 / 2,428,640 parameters.
+    seed's three configurations count exactly 2,443,904 / 2,290,176 / 2,428,640 parameters
+    (`head="untied"`, opt-in, gives the head its own matrix).
     """
 
     def __init__(
@@ -166,13 +177,14 @@ class MicroTransformer(nn.Module):
         position: str = "learned",
         activation: str = "gelu",
         qk_norm: bool = False,
+        head: str = "tied",
     ) -> None:
         super().__init__()
         cfg = ModelConfig(
             vocab_size=vocab_size, max_seq_len=max_seq_len, embed_dim=embed_dim,
             num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,
             init=init, attn_dropout=attn_dropout, position=position, activation=activation,
-            qk_norm=qk_norm,
+            qk_norm=qk_norm, head=head,
         )
         self.config = cfg
         self.vocab_size = cfg.vocab_size
@@ -200,7 +212,8 @@ class MicroTransformer(nn.Module):
         )
         self.ln_f = LayerNorm(cfg.embed_dim)
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.token_embedding.weight  # tied: one tensor, two uses
+        if cfg.head == "tied":
+            self.lm_head.weight = self.token_embedding.weight  # one tensor, two uses
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
@@ -219,7 +232,9 @@ class MicroTransformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if module is self.lm_head:
-                    continue  # tied to the token embedding
+                    if self.config.head == "untied":  # uniform logits at the start
+                        nn.init.zeros_(module.weight)
+                    continue  # else tied: the token embedding's table
                 if self.config.init == "gpt2":
                     std = residual_std if name.endswith(("attn.proj", "ff.proj")) else 0.02
                     nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -228,6 +243,8 @@ class MicroTransformer(nn.Module):
                     # other projections are linear maps (gain 1); fan-in mode.
                     gain = "relu" if name.endswith("ff.fc") else "linear"
                     nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity=gain)
+                    if self.config.init == "zero_out" and name.endswith(("attn.proj", "ff.proj")):
+                        nn.init.zeros_(module.weight)  # the block starts as the identity
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):

@@ -37,7 +37,7 @@ def parameter_formula(config: ModelConfig | dict[str, Any]) -> int:
                + 4*d)                               two LayerNorms
         + 2*d                                       final LayerNorm
     The variants: position "rotary" has no position table (no S*d); qk_norm adds two gains
-    of the head size per layer (2*d/heads).
+    of the head size per layer (2*d/heads); head "untied" adds the head's own V*d.
     """
     c = _as_config(config)
     d, f = c.embed_dim, c.ff_dim
@@ -45,7 +45,8 @@ def parameter_formula(config: ModelConfig | dict[str, Any]) -> int:
     if c.qk_norm:
         per_layer += 2 * c.head_dim
     positions = 0 if c.position == "rotary" else c.max_seq_len * d
-    return c.vocab_size * d + positions + c.num_layers * per_layer + 2 * d
+    head = c.vocab_size * d if c.head == "untied" else 0
+    return c.vocab_size * d + positions + c.num_layers * per_layer + 2 * d + head
 
 
 def flops_per_token(config: ModelConfig | dict[str, Any], seq_len: int | None = None) -> int:

@@ -71,7 +71,10 @@ def package_key(model: MicroTransformer, batch_size: int, precision: str) -> str
     """Name of the package for this model shape, batch size and precision, on this torch
     version and CPU instruction set (the weights are not part of it)."""
     cfg = model.config.to_dict()
-    spec = {"shape": {k: cfg[k] for k in SHAPE_FIELDS}, "batch": batch_size,
+    shape = {k: cfg[k] for k in SHAPE_FIELDS}
+    if cfg["head"] != "tied":  # an untied head is its own constant (tied packages keep their names)
+        shape["head"] = cfg["head"]
+    spec = {"shape": shape, "batch": batch_size,
             "precision": precision, "torch": torch.__version__, "cpu": _cpu_flags(),
             "format": 2}  # 2: int8wo as one reduction at batch 1 (packages built before rebuild)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
@@ -231,7 +234,7 @@ def _in_precision(model: MicroTransformer, precision: str) -> bool:
 
 def _load(path: Path, model: MicroTransformer) -> Any:
     """Load the package and point its constants at `model`'s tensors (kept alive by the
-    caller; the tied head shares the embedding's tensor); returns the package's loader.
+    caller; a tied head shares the embedding's tensor); returns the package's loader.
 
     The loader is built directly (`torch._C._aoti.AOTIModelPackageLoader`, what
     `torch._inductor.aoti_load_package` builds too): the public helper first imports

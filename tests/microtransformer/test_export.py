@@ -249,22 +249,43 @@ def test_import_rejects_what_cannot_be_expressed(tmp_path: Path, override: dict,
         export.import_hf(src)
 
 
-def test_import_rejects_gpt2_style_tied_head(tmp_path: Path) -> None:
-    src = write_hf(tmp_path / "src", make_model(50))
-    from safetensors.torch import load_file, save_file
+def test_import_of_gpt2s_own_tie_gives_an_untied_model(tmp_path: Path) -> None:
+    """A GPT-2 whose head is wte itself (its own tie, stored or by tie_word_embeddings) is not
+    our tied head (the table times sqrt(d)); it imports as head='untied' with GPT-2's logits."""
+    torch.manual_seed(4)
+    cfg = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                  activation_function="gelu", tie_word_embeddings=True)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in gpt2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gpt2.save_pretrained(tmp_path / "src")
+    model, _ = export.import_hf(tmp_path / "src")
+    assert model.config.head == "untied"
+    ids = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        assert (model(ids) - gpt2(ids).logits).abs().max().item() <= ATOL
 
-    sd = load_file(src / "model.safetensors")
-    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()  # GPT-2's own tying
-    save_file(sd, src / "model.safetensors")
-    with pytest.raises(UserError, match="lm_head to wte"):
-        export.import_hf(src)
-    del sd["lm_head.weight"]  # tie_word_embeddings=true without a stored head
-    save_file(sd, src / "model.safetensors")
-    write_hf_cfg = json.loads((src / "config.json").read_text())
-    write_hf_cfg["tie_word_embeddings"] = True
-    (src / "config.json").write_text(json.dumps(write_hf_cfg))
-    with pytest.raises(UserError, match="cannot express"):
-        export.import_hf(src)
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_untied_head_exports_and_imports(tmp_path: Path, position: str) -> None:
+    """head='untied' goes out as GPT-2 or GPT-NeoX with its own lm_head / embed_out (the same
+    logits in transformers) and comes back untied with the same logits."""
+    torch.manual_seed(6)
+    model = MicroTransformer(vocab_size=50, max_seq_len=16, embed_dim=32, num_heads=4,
+                             num_layers=1, ff_dim=48, position=position, head="untied").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = export.export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    back, _ = export.import_hf(out)
+    assert dataclasses.replace(back.config, init=model.config.init) == model.config  # no init in HF
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= ATOL
+        assert (back(ids) - model(ids)).abs().max().item() <= ATOL
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
 
 
 def test_import_refuses_pickle_only(tmp_path: Path) -> None:
@@ -451,7 +472,7 @@ def test_rotary_and_relu2_models_export_with_our_logits(tmp_path: Path, bpe_tok:
 def test_gpt_neox_import_refuses_what_our_block_cannot_express(tmp_path: Path,
                                                                bpe_tok: Tokenizer) -> None:
     """A GPT-NeoX directory that is not our block (parallel residual, partial rotary, another
-    rotary base or activation, a tied or independent head) is refused, naming the option."""
+    rotary base or activation) is refused, naming the option; NeoX's own tie imports untied."""
     torch.manual_seed(5)
     model = MicroTransformer(vocab_size=bpe_tok.vocab_size, max_seq_len=32, embed_dim=32,
                              num_heads=4, num_layers=1, ff_dim=48, position="rotary").eval()
@@ -462,15 +483,18 @@ def test_gpt_neox_import_refuses_what_our_block_cannot_express(tmp_path: Path,
                                                   "partial_rotary_factor": 0.25}}, "0.25 of each"),
                             ({"rope_parameters": {**good["rope_parameters"],
                                                   "rope_theta": 500.0}}, "rotary base 500"),
-                            ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
-                            ({"tie_word_embeddings": True}, "tie_word_embeddings")):
+                            ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new'")):
         (out / "config.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(UserError, match=message):
             export.import_hf(out)
-    (out / "config.json").write_text(json.dumps(good))
+    (out / "config.json").write_text(json.dumps({**good, "tie_word_embeddings": True}))
     from safetensors.torch import load_file, save_file
     sd = load_file(out / "model.safetensors")
-    sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"].clone()
+    del sd["embed_out.weight"]  # NeoX's own tie: the head is embed_in, which we can express
     save_file(sd, out / "model.safetensors")
-    with pytest.raises(UserError, match="embed_out to embed_in"):
-        export.import_hf(out)
+    back, _ = export.import_hf(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, bpe_tok.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert back.config.head == "untied"
+        assert (back(ids) - hf(ids).logits).abs().max().item() <= ATOL

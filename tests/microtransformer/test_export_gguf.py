@@ -250,14 +250,15 @@ def test_char_run_in_llama_cpp(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant, arch, attention", [
     ({"position": "rotary"}, "gptneox", "attn_qkv"),
-    ({"position": "rotary", "activation": "relu2"}, "nemotron", "attn_q"),
+    ({"position": "rotary", "activation": "relu2", "head": "untied"}, "nemotron", "attn_q"),
 ])
 def test_rotary_runs_go_in_as_gptneox_or_nemotron_and_llama_cpp_decodes_them_as_we_do(
         variant: dict[str, str], arch: str, attention: str, tmp_path: Path,
         capsys: pytest.CaptureFixture) -> None:
     """position='rotary' is written as llama.cpp's gptneox, and with squared ReLU as its
-    nemotron (Q, K and V as three tensors): no position table, query and key rows reordered
-    for llama.cpp's rotation pairs; tokens and greedy decoding equal ours."""
+    nemotron (Q, K and V as three tensors; here with an untied head, the cpu_char preset's
+    block): no position table, query and key rows reordered for llama.cpp's rotation pairs;
+    tokens and greedy decoding equal ours."""
     model, tok = train_tiny(**variant)
     run = write_run(tmp_path / "rotary", model, tok)
     out = tmp_path / "rotary.gguf"

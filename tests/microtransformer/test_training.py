@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -462,8 +463,11 @@ def test_loss_series_keeps_the_latest_event_of_a_step_logged_twice() -> None:
 
 
 # ---------------------------------------------------------------- Muon
-def test_muon_groups_hold_every_parameter_exactly_once() -> None:
-    model = MicroTransformer.from_config(tiny_model_cfg())
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_muon_groups_hold_every_parameter_exactly_once(head: str) -> None:
+    """Muon takes the blocks' matrices only; embeddings and the head (tied or its own matrix)
+    go to AdamW, as do biases and norms."""
+    model = MicroTransformer.from_config(dataclasses.replace(tiny_model_cfg(), head=head))
     matrices, others = split_matrices(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert len(matrices) + len(others) == len(list(model.parameters()))
@@ -476,6 +480,7 @@ def test_muon_groups_hold_every_parameter_exactly_once() -> None:
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     assert {id(p) for p in opt.muon.param_groups[0]["params"]} == {id(p) for p in matrices}
+    assert id(model.lm_head.weight) in {id(p) for g in opt.adamw.param_groups for p in g["params"]}
 
 
 def test_muon_trains_and_resumes_bit_identically(char_data: Path, tmp_path: Path) -> None:

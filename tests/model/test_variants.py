@@ -1,7 +1,10 @@
-"""The opt-in architecture variants (rotary positions, squared ReLU, QK-norm): the seed's model
-is unchanged without them, and every decoding path gives the full forward's logits with them."""
+"""The opt-in architecture variants (rotary positions, squared ReLU, QK-norm, an untied head):
+the seed's model is unchanged without them, and every decoding path gives the full forward's
+logits with them."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -17,7 +20,8 @@ VARIANTS = [
     {"position": "rotary"},
     {"activation": "relu2"},
     {"qk_norm": True},
-    {"position": "rotary", "activation": "relu2", "qk_norm": True},
+    {"head": "untied"},
+    {"position": "rotary", "activation": "relu2", "qk_norm": True, "head": "untied"},
 ]
 
 
@@ -28,6 +32,8 @@ def _model(seed: int = 0, **variant) -> MicroTransformer:
         for block in model.blocks:
             if block.attn.qk_gain is not None:
                 block.attn.qk_gain.uniform_(0.5, 2.0)
+        if model.config.head == "untied":  # away from its zero start, so a head ignored shows
+            model.lm_head.weight.normal_(0.0, 0.05)
     return model
 
 
@@ -50,6 +56,8 @@ def test_parameter_formula_counts_each_variant(variant) -> None:
         expected -= TINY["max_seq_len"] * TINY["embed_dim"]  # no position table
     if variant.get("qk_norm"):
         expected += TINY["num_layers"] * 2 * TINY["embed_dim"] // TINY["num_heads"]
+    if variant.get("head") == "untied":
+        expected += TINY["vocab_size"] * TINY["embed_dim"]  # the head's own matrix
     assert count_parameters(model) == expected
     assert model.config.variants  # named, for exports that refuse them
 
@@ -179,3 +187,48 @@ def test_save_and_load_keep_the_variant(tmp_path, variant) -> None:
 def test_bad_variant_values_are_named(bad, message) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         ModelConfig(**{**TINY, **bad})
+
+
+def test_an_untied_head_is_its_own_matrix_and_starts_at_zero() -> None:
+    """head='untied': the head is not the token table, starts at zero (every next token
+    equally likely: the loss starts at ln V), trains apart from the table, and survives a
+    save and load."""
+    torch.manual_seed(0)
+    model = MicroTransformer(**TINY, dropout=0.0, head="untied")
+    assert model.lm_head.weight is not model.token_embedding.weight
+    assert not model.lm_head.weight.detach().any()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    assert abs(float(loss) - math.log(TINY["vocab_size"])) < 1e-6
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.token_embedding.weight.grad is not None
+    assert not torch.equal(model.lm_head.weight.grad, model.token_embedding.weight.grad)
+
+
+def test_untied_model_round_trips_through_save_pretrained(tmp_path) -> None:
+    model = _model(head="untied")
+    model.save_pretrained(tmp_path / "m")
+    back = MicroTransformer.from_pretrained(tmp_path / "m").eval()
+    assert back.config == model.config
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+    assert back.lm_head.weight is not back.token_embedding.weight
+
+
+def test_zero_out_init_starts_every_block_as_the_identity() -> None:
+    """init='zero_out': Kaiming as the seed's, but the attention and feed-forward output
+    projections start at zero, so each block adds nothing and the network's first output is
+    the final LayerNorm of the embeddings; the other weights are the seed's draws."""
+    torch.manual_seed(3)
+    model = MicroTransformer(**TINY, dropout=0.0, init="zero_out").eval()
+    torch.manual_seed(3)
+    seed = MicroTransformer(**TINY, dropout=0.0).eval()
+    for block in model.blocks:
+        assert not block.attn.proj.weight.detach().any()
+        assert not block.ff.proj.weight.detach().any()
+    assert torch.equal(model.blocks[0].attn.qkv.weight, seed.blocks[0].attn.qkv.weight)
+    assert model.config.variants == []  # an init is not an architecture: every export holds it
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    with torch.no_grad():
+        x, _ = model.embed(ids, torch.arange(7))
+        expected = model.lm_head(model.ln_f(x))
+        torch.testing.assert_close(model(ids), expected)

@@ -159,17 +159,22 @@ def test_int8_weight_only_package_computes_the_quantized_model(package_folder: P
 
 
 def test_packaged_step_of_the_architecture_variants(package_folder: Path) -> None:
-    """Rotary positions, squared ReLU and QK-norm compile into the package too (rotary's
-    table is a buffer kept out of the saved weights, given to the package as a constant),
+    """Rotary positions, squared ReLU, QK-norm and an untied head compile into the package
+    too (rotary's table is a buffer kept out of the saved weights, given to the package as a
+    constant),
     with `model.generate`'s greedy tokens over the whole context, left padding included;
     the variants are part of the package's name."""
-    variant = {**SMALL, "position": "rotary", "activation": "relu2", "qk_norm": True}
+    variant = {**SMALL, "position": "rotary", "activation": "relu2", "qk_norm": True,
+               "head": "untied"}
     torch.manual_seed(5)
     model = MicroTransformer(**variant).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qk_gain.uniform_(0.5, 2.0)
+        model.lm_head.weight.normal_(0.0, 0.05)  # the untied head, away from its zero start
     assert aot.package_key(model, 3, "fp32") != aot.package_key(_model(1), 3, "fp32")
+    tied = MicroTransformer(**{**variant, "head": "tied"})
+    assert aot.package_key(model, 3, "fp32") != aot.package_key(tied, 3, "fp32")
     prompt, mask = _prompt(3, True)
     n_new = SMALL["max_seq_len"] - prompt.size(1)
     ref = model.generate(prompt, max_new_tokens=n_new, do_sample=False, attention_mask=mask)
