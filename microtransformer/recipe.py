@@ -99,10 +99,10 @@ def tokens_per_step(preset: str) -> int:
 
 
 def preset_variants(preset: str) -> list[str]:
-    """The architecture variants a preset's model uses (`ModelConfig.variants`), e.g.
-    ["position='rotary'"]: the reason names them, since they decide which exports hold the
-    model."""
-    return load_config(preset=preset).model.variants
+    """How a preset's model departs from the seed's (`ModelConfig.departures`: the
+    architecture variants and a non-seed init), e.g. ["position='rotary'"]: the reason names
+    them, since the variants decide which exports hold the model."""
+    return load_config(preset=preset).model.departures
 
 
 def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:

@@ -135,6 +135,13 @@ class ModelConfig:
                 if getattr(self, name) != getattr(seed, name)]
 
     @property
+    def departures(self) -> list[str]:
+        """`variants` plus a non-seed `init` (e.g. "init='zero_out'"): every way the model
+        differs from the seed's besides its sizes and dropout, for a run's header to name."""
+        init = [f"init={self.init!r}"] if self.init != ModelConfig().init else []
+        return self.variants + init
+
+    @property
     def attention_dropout(self) -> float:
         """The dropout applied to attention probabilities (attn_dropout, else dropout)."""
         return self.dropout if self.attn_dropout is None else float(self.attn_dropout)

@@ -232,7 +232,7 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
     return (f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "
             f"{mc.num_layers} layers, {mc.num_heads} heads, ff {mc.ff_dim}, context "
             f"{mc.max_seq_len}, vocab {mc.vocab_size}"
-            + "".join(f", {v}" for v in mc.variants) + f")\n{data}\n"
+            + "".join(f", {v}" for v in mc.departures) + f")\n{data}\n"
             f"train: {budget} x {tokens_per_step:,} tokens/step (global batch "
             f"{tc.batch_size} x {tc.grad_accum_steps} accum = "
             f"{tc.batch_size * tc.grad_accum_steps} sequences of {cfg.seq_len}; {where}), "

@@ -28,7 +28,7 @@ def test_char_data_gets_cpu_char_and_bpe_data_gets_cpu_bpe() -> None:
     for recipe in (char, bpe):
         assert "\n" not in recipe.reason and recipe.preset in recipe.reason
         assert "2 CPU cores" in recipe.reason and "15 min" in recipe.reason
-        for variant in load_config(preset=recipe.preset).model.variants:
+        for variant in load_config(preset=recipe.preset).model.departures:
             assert variant in recipe.reason  # e.g. position='rotary': it decides the exports
         cfg = load_config(preset=recipe.preset, overrides=recipe.override_tokens())
         assert cfg.train.max_time_minutes == 15  # a time-driven run

@@ -227,6 +227,7 @@ def test_zero_out_init_starts_every_block_as_the_identity() -> None:
         assert not block.ff.proj.weight.detach().any()
     assert torch.equal(model.blocks[0].attn.qkv.weight, seed.blocks[0].attn.qkv.weight)
     assert model.config.variants == []  # an init is not an architecture: every export holds it
+    assert model.config.departures == ["init='zero_out'"]  # but a run's header names it
     ids = torch.randint(0, TINY["vocab_size"], (2, 7))
     with torch.no_grad():
         x, _ = model.embed(ids, torch.arange(7))
