@@ -59,7 +59,8 @@ class ModelConfig:
         "help": "weight initialisation, \"kaiming\" (the seed's), \"gpt2\" (normal 0.02, "
                 "residual projections scaled by 1/sqrt(2 * num_layers)) or \"zero_out\" "
                 "(kaiming, but the attention and feed-forward output projections start at zero, "
-                "so every block starts as the identity)"})
+                "so every block starts as the identity; it fitted the training text's own val "
+                "split better and text of another source worse: docs/RESULTS.md, section 13)"})
     attn_dropout: float | None = field(default=None, metadata={
         "help": "dropout on the attention probabilities alone; None (the default, the seed's "
                 "model) uses `dropout`. 0 keeps attention on PyTorch's fused kernel: on a CPU, "
