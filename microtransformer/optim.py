@@ -28,15 +28,16 @@ def split_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
     every other trainable parameter). Each trainable parameter is in exactly one list (a tied
     weight once); an untied head goes with the embeddings, as the speed-run recipes keep it
     on Adam."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    embedding_ids |= {id(m.lm_head.weight) for m in model.modules()
-                      if isinstance(getattr(m, "lm_head", None), nn.Linear)}
+    # token tables and the prediction head (tied or not): AdamW, never Muon
+    table_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    table_ids |= {id(m.lm_head.weight) for m in model.modules()
+                  if isinstance(getattr(m, "lm_head", None), nn.Linear)}
     linear_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     matrices, others = [], []
     for _, p in model.named_parameters():  # unique parameters (tied weight once)
         if not p.requires_grad:
             continue
-        if id(p) in linear_weight_ids and id(p) not in embedding_ids and p.dim() == 2:
+        if id(p) in linear_weight_ids and id(p) not in table_ids and p.dim() == 2:
             matrices.append(p)
         else:
             others.append(p)
