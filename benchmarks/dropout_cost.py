@@ -18,6 +18,7 @@ import time
 import torch
 
 from microtransformer.config import load_config
+from microtransformer.device import describe_cpu
 from model import MicroTransformer
 
 
@@ -56,8 +57,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, model in variants.items():
             times[name].append(ms_per_step(model, ids, args.steps))
-    print(f"{args.preset}: batch {t.batch_size} x {seq}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; ms per forward + backward, {args.steps} steps a round")
+    print(f"{describe_cpu()}; torch {torch.__version__}")
+    print(f"{args.preset}: batch {t.batch_size} x {seq}, {torch.get_num_threads()} threads; "
+          f"ms per forward + backward, {args.steps} steps a round")
     best_none = min(times["none"])
     for name, row in times.items():
         rounds = " ".join(f"{x:.0f}" for x in row)

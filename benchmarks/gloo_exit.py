@@ -82,6 +82,8 @@ def main() -> None:
 
     import torch
 
+    from microtransformer.device import cpu_model
+
     counts = {v: {"launches": 0, "failed": 0, "aborted": 0} for v in VARIANTS}
     load = [subprocess.Popen([sys.executable, "-c", LOAD]) for _ in range(args.load)]
     start = time.perf_counter()
@@ -102,10 +104,8 @@ def main() -> None:
     for v, c in counts.items():
         print(f"{v}: {c['failed']} of {c['launches']} launches failed ({c['aborted']} aborts)")
     if args.out:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
         record = {"counts": counts, "busy_loops": args.load,
-                  "cpu": info.get("Model name", "?").strip(), "cores": os.cpu_count(),
+                  "cpu": cpu_model(), "cores": os.cpu_count(),
                   "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
         args.out.write_text(json.dumps(record, indent=1) + "\n")
 

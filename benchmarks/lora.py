@@ -125,6 +125,10 @@ def main() -> int:
                                   str(args.rank), "--threads", str(args.threads)],
                                  capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    sys.path.insert(0, str(REPO))
+    from microtransformer.device import describe_cpu  # after the workers: none is in their RSS
+
+    print(f"{describe_cpu()}, {args.threads} thread(s)")
     print("| variant | trainable parameters | tokens/s | peak RSS growth | trainable state |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in results:

@@ -40,7 +40,13 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.static_loop import StaticLoopGenerator  # noqa: E402
 from microtransformer.decoding.generator import AutoPathGenerator, DecodeCosts  # noqa: E402
-from microtransformer.device import check_precision, cpu_has_native_bf16, intra_op_threads  # noqa: E402
+from microtransformer.device import (  # noqa: E402
+    check_precision,
+    cpu_flags,
+    cpu_has_native_bf16,
+    cpu_model,
+    intra_op_threads,
+)
 from model.losses import lm_loss  # noqa: E402
 from model.transformer import MicroTransformer  # noqa: E402
 from model.utils import count_parameters, flops_per_token  # noqa: E402
@@ -485,21 +491,9 @@ def cpu_train_memory(side: str, preset: str, args: argparse.Namespace) -> dict[s
 # ---------------------------------------------------------------------------- report
 def cpu_description() -> dict[str, Any]:
     """CPU model, logical CPU count and the flags that matter for bf16/int8 inference."""
-    out: dict[str, Any] = {}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        out["cpu"] = info.get("Model name", "?").strip()
-        out["cpus"] = info.get("CPU(s)", "?").strip()
-    except OSError:
-        out["cpu"] = platform.processor()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    out["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
-                                       "amx_bf16", "amx_int8", "amx_tile"})
-    return out
+    return {"cpu": cpu_model(), "cpus": str(os.cpu_count()),
+            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                               "amx_bf16", "amx_int8", "amx_tile"})}
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

@@ -213,22 +213,14 @@ async def run_level(url: str, clients: int, per_client: int, body: dict[str, Any
 
 
 def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count()}
-    try:
-        import torch
+    import torch
 
-        env["torch"] = torch.__version__
-    except ImportError:
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        env["cpu"] = info.get("Model name", "?").strip()
-        flags = Path("/proc/cpuinfo").read_text()
-        env["avx512_bf16"] = "avx512_bf16" in flags
-        env["amx_bf16"] = "amx_bf16" in flags
-    except (OSError, ValueError):
-        pass
+    from microtransformer.device import cpu_flags, cpu_model
+
+    flags = cpu_flags()
+    env: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count(),
+                           "torch": torch.__version__, "cpu": cpu_model(),
+                           "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
     env["loadavg_start"] = os.getloadavg()
     return env
 

@@ -32,6 +32,7 @@ import time
 import torch
 
 from microtransformer.config import load_config
+from microtransformer.device import describe_cpu
 from microtransformer.search import SEED_PRESETS
 from microtransformer.study.measure import generation_speed
 from model import MicroTransformer
@@ -117,7 +118,8 @@ def main() -> None:
                                           device="cpu", repeats=1)
                 gen[name, b].append(tps)
             model.train()
-    print(f"{args.preset}, vocab {vocab}: {args.threads} thread(s), torch {torch.__version__}; "
+    print(f"{describe_cpu()}; torch {torch.__version__}")
+    print(f"{args.preset}, vocab {vocab}: {args.threads} thread(s); "
           "ms per forward + backward + AdamW step; speed = tokens/s relative to the first: "
           "best round's, then the paired per-round ratio, median (min-max)")
     rates = {name: shapes[name][2].numel() / min(row) for name, row in times.items()}

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from microtransformer.config import load_config
+from microtransformer.device import describe_cpu
 from microtransformer.optim import build_optimizer
 from model import MicroTransformer
 
@@ -59,6 +60,7 @@ def main() -> None:
             steps_per_s(model, optimizer, ids, 3)  # warm-up at this thread count
             rates[n].append(steps_per_s(model, optimizer, ids, args.steps) * tokens_per_step)
     base = args.threads[0]
+    print(f"{describe_cpu()}; torch {torch.__version__}")
     print(f"preset {args.preset} ({cfg.train.optimizer}), batch {cfg.train.batch_size} x "
           f"{cfg.seq_len} tokens, {args.rounds} rounds x {args.steps} steps")
     for n in args.threads:

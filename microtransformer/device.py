@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import platform
 import warnings
 from collections.abc import Iterator
 from typing import TypeVar
@@ -109,23 +111,68 @@ PRECISIONS = ("fp32", "bf16", "int8", "int8wo")
 CPUINFO = "/proc/cpuinfo"
 
 
+def read_cpuinfo() -> str:
+    """The text of `CPUINFO` (Linux's /proc/cpuinfo); "" where it cannot be read (not Linux)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpuinfo_values(key: str, cpuinfo: str) -> list[str]:
+    """The values of every `key : value` line of `cpuinfo` (one per logical CPU)."""
+    return [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+            if ":" in line and line.split(":", 1)[0].strip() == key]
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set flags the CPU lists (empty where /proc/cpuinfo cannot be read).
+
+    cpuinfo: the text of /proc/cpuinfo (None: `read_cpuinfo()`).
+    """
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
+    return frozenset(f for value in cpuinfo_values("flags", text) for f in value.split())
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name as `lscpu` prints it (e.g. "AMD EPYC 9R14"); the platform's
+    processor string, or "unknown", where /proc/cpuinfo has none.
+
+    cpuinfo: as for `cpu_flags`.
+    """
+    names = cpuinfo_values("model name", read_cpuinfo() if cpuinfo is None else cpuinfo)
+    return names[0] if names else (platform.processor() or "unknown")
+
+
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def matmul_flags(cpuinfo: str | None = None) -> list[str]:
+    """Which of `MATMUL_FLAGS` the CPU has, sorted (MKL and oneDNN pick their kernels by them;
+    compiled decode packages are keyed by them).
+
+    cpuinfo: as for `cpu_flags`.
+    """
+    return sorted(cpu_flags(cpuinfo).intersection(MATMUL_FLAGS))
+
+
+def describe_cpu(cpuinfo: str | None = None) -> str:
+    """One line for a benchmark's header: model, logical CPUs and the flags that decide which
+    matrix kernels run, e.g. "Intel(R) Xeon(R) Processor, 2 CPUs (avx2 avx512f amx_bf16)".
+
+    cpuinfo: as for `cpu_flags` (the CPU count is this process's `os.cpu_count()`).
+    """
+    listed = " ".join(matmul_flags(cpuinfo)) or "none of " + "/".join(MATMUL_FLAGS)
+    return f"{cpu_model(cpuinfo)}, {os.cpu_count()} CPUs ({listed})"
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when the CPU's flags list native bf16 arithmetic (avx512_bf16 or amx_bf16).
 
-    cpuinfo: the text of Linux's /proc/cpuinfo (None: read `CPUINFO`; False where it cannot be
-    read, e.g. not Linux).
+    cpuinfo: as for `cpu_flags` (False where /proc/cpuinfo cannot be read).
     """
-    if cpuinfo is None:
-        try:
-            with open(CPUINFO, encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 def check_precision(precision: str, device: torch.device,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtransformer.device import check_precision, prepare_model
+from microtransformer.device import check_precision, matmul_flags, prepare_model
 from microtransformer.quantization import Int8WeightLinear
 from model.attention import KVCache
 from model.generation import decode_step, prefill
@@ -40,7 +40,6 @@ SHAPE_FIELDS = ("vocab_size", "max_seq_len", "embed_dim", "num_heads", "num_laye
                 "position", "activation", "qk_norm")
 # int8 (quantize_dynamic's packed linears) cannot be exported; int8wo (int8 weight-only) can
 PRECISIONS = ("fp32", "bf16", "int8wo")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
 REALIZE_OPCOUNT_THRESHOLD = 0  # (inductor's CPU default is 50: see `_inductor_configs`)
 compile_count = 0  # packages compiled by this process (tests check that a cached one is reused)
@@ -59,14 +58,6 @@ def package_dir() -> Path:
     return Path(root) / "decode"
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(flags.intersection(CPU_FLAGS))
-
-
 def package_key(model: MicroTransformer, batch_size: int, precision: str) -> str:
     """Name of the package for this model shape, batch size and precision, on this torch
     version and CPU instruction set (the weights are not part of it)."""
@@ -75,7 +66,7 @@ def package_key(model: MicroTransformer, batch_size: int, precision: str) -> str
     if cfg["head"] != "tied":  # an untied head is its own constant (tied packages keep their names)
         shape["head"] = cfg["head"]
     spec = {"shape": shape, "batch": batch_size,
-            "precision": precision, "torch": torch.__version__, "cpu": _cpu_flags(),
+            "precision": precision, "torch": torch.__version__, "cpu": matmul_flags(),
             "format": 2}  # 2: int8wo as one reduction at batch 1 (packages built before rebuild)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     return f"step-b{batch_size}-{precision}-{digest}"

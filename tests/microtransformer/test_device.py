@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from microtransformer import device
-from microtransformer.device import check_precision, cpu_has_native_bf16, intra_op_threads
+from microtransformer.device import (
+    check_precision,
+    cpu_flags,
+    cpu_has_native_bf16,
+    cpu_model,
+    describe_cpu,
+    intra_op_threads,
+    matmul_flags,
+)
 
 
 def test_precision_checks() -> None:
@@ -35,6 +43,24 @@ def test_precision_checks() -> None:
 def test_cpu_native_bf16_from_cpuinfo_flags(flags: str, native: bool) -> None:
     info = f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
     assert cpu_has_native_bf16(info) is native
+
+
+INTEL = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+         "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\nbugs\t\t: spectre_v1 avx2\n\n"
+         "processor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+         "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+
+
+def test_cpu_model_and_flags_from_cpuinfo() -> None:
+    assert cpu_model(INTEL) == "Intel(R) Xeon(R) Processor"
+    assert "amx_tile" in cpu_flags(INTEL) and "spectre_v1" not in cpu_flags(INTEL)  # flags only
+    assert matmul_flags(INTEL) == ["amx_bf16", "avx2", "avx512_bf16", "avx512f"]  # sorted
+    line = describe_cpu(INTEL)
+    assert line.startswith("Intel(R) Xeon(R) Processor, ") and line.endswith(
+        "(amx_bf16 avx2 avx512_bf16 avx512f)")
+    old = "processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse2\n"
+    assert matmul_flags(old) == [] and "none of avx2/" in describe_cpu(old)
+    assert cpu_model("") != ""  # no model name line: the platform's string or "unknown"
 
 
 def test_cpu_native_bf16_false_where_cpuinfo_cannot_be_read(

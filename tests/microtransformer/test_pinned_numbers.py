@@ -26,7 +26,7 @@ import torch
 
 from microtransformer.config import load_config
 from microtransformer.data import prepare
-from microtransformer.decoding.aot import _cpu_flags
+from microtransformer.device import cpuinfo_values, matmul_flags, read_cpuinfo
 from microtransformer.metrics import read_metrics
 from microtransformer.training import prepare_data, train
 from model import MicroTransformer
@@ -38,13 +38,9 @@ SHAPE = dict(vocab_size=61, max_seq_len=48, embed_dim=40, num_heads=5, num_layer
 def _cpu() -> dict[str, Any]:
     """The CPU's vendor and the instruction sets the decode packages are keyed by
     (`decoding.aot`): MKL and oneDNN pick their kernels by both."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: never taken for the machine that wrote the file
-        text = ""
-    vendor = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                   if line.startswith("vendor_id")), "unknown")
-    return {"vendor": vendor, "flags": _cpu_flags()}
+    text = read_cpuinfo()  # "" where not Linux: never taken for the machine that wrote the file
+    vendor = (cpuinfo_values("vendor_id", text) or ["unknown"])[0]
+    return {"vendor": vendor, "flags": matmul_flags(text)}
 
 
 def _environment() -> dict[str, Any]:
