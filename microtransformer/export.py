@@ -575,7 +575,7 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
                             "safety); re-save it with safe_serialization=True")
         raise FileNotFoundError(f"{weights} not found")
     tensors, _ = load_weights(weights)  # safetensors only, never pickle
-    if config.position == "rotary":  # model_type gpt_neox
+    if cfg["model_type"] == "gpt_neox":  # model_config_from_hf accepted only it or gpt2
         model = from_hf_neox_state_dict(config, tensors, source=str(weights),
                                         tied=bool(cfg.get("tie_word_embeddings", False)))
     else:
@@ -593,7 +593,7 @@ def import_hf(hf_dir: str | os.PathLike, *, with_tokenizer: bool = True
 
 def import_hf_to_run(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      force: bool = False, require_tokenizer: bool = True) -> Path:
-    """Convert a GPT-2 Hugging Face directory into a run directory (config.json,
+    """Convert a GPT-2 or GPT-NeoX Hugging Face directory into a run directory (config.json,
     model.safetensors, tokenizer.json) that `generate`, `eval` and `from_pretrained` read.
     With `require_tokenizer=False` the tokenizer is skipped (weights only)."""
     model, tokenizer = import_hf(hf_dir, with_tokenizer=require_tokenizer)
