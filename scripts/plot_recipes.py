@@ -29,7 +29,8 @@ def main() -> None:
     p.add_argument("out", help="PNG to write")
     p.add_argument("runs", nargs="+", help="label=RUN_DIR")
     p.add_argument("--title", default="")
-    p.add_argument("--ylabel", default="val loss (nats/token)")
+    p.add_argument("--ylabel", default=None,
+                   help="default: val loss (nats/token), or val bits per byte with --key val_bpb")
     p.add_argument("--key", default="val_loss", help="metric to plot (val_loss or val_bpb)")
     p.add_argument("--points", action="append", default=[],
                    help="label=SECONDS:VALUE,...: a curve from a published table")
@@ -67,7 +68,8 @@ def main() -> None:
         low, high = (float(v) for v in args.ylim.split(","))
         ax.set_ylim(low, high)
     ax.set_xlabel("training time (min)" + (", at the measured rate where --rate" if rates else ""))
-    ax.set_ylabel(args.ylabel)
+    ax.set_ylabel(args.ylabel or {"val_bpb": "val bits per byte"}.get(args.key,
+                                                                       "val loss (nats/token)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if args.title:
