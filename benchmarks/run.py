@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from benchmarks.static_loop import StaticLoopGenerator  # noqa: E402
 from microtransformer.decoding.generator import AutoPathGenerator, DecodeCosts  # noqa: E402
 from microtransformer.device import (  # noqa: E402
+    MATMUL_FLAGS,
     check_precision,
     cpu_flags,
     cpu_has_native_bf16,
@@ -492,8 +493,7 @@ def cpu_train_memory(side: str, preset: str, args: argparse.Namespace) -> dict[s
 def cpu_description() -> dict[str, Any]:
     """CPU model, logical CPU count and the flags that matter for bf16/int8 inference."""
     return {"cpu": cpu_model(), "cpus": str(os.cpu_count()),
-            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
-                                               "amx_bf16", "amx_int8", "amx_tile"})}
+            "cpu_flags": sorted(cpu_flags() & {*MATMUL_FLAGS, "amx_tile"})}
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

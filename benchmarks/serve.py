@@ -215,11 +215,12 @@ async def run_level(url: str, clients: int, per_client: int, body: dict[str, Any
 def environment() -> dict[str, Any]:
     import torch
 
-    from microtransformer.device import cpu_flags, cpu_model
+    from microtransformer.device import cpu_flags, cpu_model, read_cpuinfo
 
-    flags = cpu_flags()
+    cpuinfo = read_cpuinfo()
+    flags = cpu_flags(cpuinfo)
     env: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count(),
-                           "torch": torch.__version__, "cpu": cpu_model(),
+                           "torch": torch.__version__, "cpu": cpu_model(cpuinfo),
                            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
     env["loadavg_start"] = os.getloadavg()
     return env

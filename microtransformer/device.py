@@ -163,8 +163,9 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
 
     cpuinfo: as for `cpu_flags` (the CPU count is this process's `os.cpu_count()`).
     """
-    listed = " ".join(matmul_flags(cpuinfo)) or "none of " + "/".join(MATMUL_FLAGS)
-    return f"{cpu_model(cpuinfo)}, {os.cpu_count()} CPUs ({listed})"
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo  # read once for both fields
+    listed = " ".join(matmul_flags(text)) or "none of " + "/".join(MATMUL_FLAGS)
+    return f"{cpu_model(text)}, {os.cpu_count()} CPUs ({listed})"
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
