@@ -2,7 +2,8 @@
 
 `train --data D --out R --time 15m` with no preset calls `choose_recipe`, prints its reason in
 one line and trains. The choice is a pure function of what it is given (the data's meta.json,
-the budget, the machine's facts), so it is tested without a machine or a clock.
+the budget, the machine's facts and, when measured, its training speed:
+`throughput.probe.probe_training_speed`), so it is tested without a machine or a clock.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from microtransformer.config import load_config
 from microtransformer.device import cpu_has_native_bf16
 
 # Measured training throughput of the recipes on the idle 2-core AMD EPYC, 2 threads
-# (docs/RESULTS.md, section 5): used only to say how many passes over the data a budget buys.
+# (docs/RESULTS.md, section 5): the passes a budget buys where this machine's own speed is not
+# measured (under torchrun: the ranks could measure different speeds and disagree on the
+# recipe before they can talk). Elsewhere the budget command measures it (a 2-core Xeon trains
+# `cpu_char` at ~10.7k tokens/s, a GPU at many times that), so passes are this machine's.
 MEASURED_TOKENS_PER_S = {"cpu_char": 7300.0, "cpu_bpe": 6800.0}
 # Above this many passes over the training text a 2-3M model memorises it (TinyStories' subset at
 # ~20 passes: held-out loss bottoms out half-way and rises after); regularise.
@@ -105,9 +109,24 @@ def preset_variants(preset: str) -> list[str]:
     return load_config(preset=preset).model.departures
 
 
-def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Recipe:
+def preset_for(meta: dict[str, Any]) -> str:
+    """The budget preset for a prepared data dir's `meta`: char text -> `cpu_char`, BPE ->
+    `cpu_bpe`."""
+    return "cpu_char" if str(meta.get("kind", "bpe")) == "char" else "cpu_bpe"
+
+
+def needs_speed(meta: dict[str, Any]) -> bool:
+    """Whether `choose_recipe` uses a training speed for this data: only to count passes over
+    a training split of known size."""
+    return "train" in meta.get("tokens", {})
+
+
+def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine,
+                  tokens_per_s: float | None = None, speed_note: str = "") -> Recipe:
     """Pick the preset and schedule for a prepared data dir's `meta` (meta.json), a budget of
-    `minutes` of training and `machine`.
+    `minutes` of training and `machine`; `tokens_per_s`: the preset's training speed measured
+    on this machine (`speed_note` says how, for the reason), or None for the AMD's table
+    (MEASURED_TOKENS_PER_S, scaled by cores up to 2; on CUDA no estimate, so no passes).
 
     - tokenizer: char text -> `cpu_char`; BPE text -> `cpu_bpe` (both time-budget recipes);
     - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
@@ -118,24 +137,32 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine) -> Rec
       "split" method "val_sources", `prepare --val-from`), at any number of passes, with
       REGULARISATION above FEW_EPOCHS passes;
     - machine: every core this process may use (a GPU, when present, runs the same preset in
-      bf16 autocast, the loop's default there).
+      bf16 autocast, the loop's default there, and the same rule on its measured speed).
     """
     kind = str(meta.get("kind", "bpe"))
-    preset = "cpu_char" if kind == "char" else "cpu_bpe"
+    preset = preset_for(meta)
     train_tokens = int(meta.get("tokens", {}).get("train", 0))
     overrides: dict[str, Any] = {"train.max_time_minutes": minutes}
-    speed = MEASURED_TOKENS_PER_S[preset] * min(machine.cores, 2) / 2
+    if tokens_per_s is None:
+        speed = MEASURED_TOKENS_PER_S[preset] * min(machine.cores, 2) / 2
+        speed_note = (f"~{speed:,.0f} tokens/s, the 2-core AMD's measured speed"
+                      + (f" scaled to {machine.cores} core" if machine.cores < 2 else "")
+                      + ", not this machine's")
+    else:
+        speed = tokens_per_s
+        speed_note = speed_note or f"{speed:,.0f} tokens/s"
     epochs = speed * minutes * 60 / max(train_tokens, 1)
     size = f"{train_tokens:,} train tokens"
     where = ("a CUDA GPU" if machine.cuda else
              f"{machine.cores} CPU core" + ("s" if machine.cores != 1 else ""))
-    if machine.cuda:
+    if machine.cuda and tokens_per_s is None:  # no table for GPUs: no passes to count
         regime = f"{size}"
-    elif "train" not in meta.get("tokens", {}):  # prepared by the run itself, after this choice
+    elif not needs_speed(meta):  # prepared by the run itself, after this choice
         regime = ("the text's size is not known before it is prepared, so no regularisation; "
                   "`microtransformer prepare` it first and pass --data for a size-aware choice")
     else:
-        regime = f"{size}, ~{epochs:.0f} passes in {minutes:g} min"
+        passes = f"{epochs:.0f}" if epochs >= 1.5 else f"{epochs:.1f}"  # 1.0 passes, 0.3 passes
+        regime = f"{size}, ~{passes} passes in {minutes:g} min (at {speed_note})"
         many = epochs > MANY_EPOCHS
         val_elsewhere = meta.get("split", {}).get("method") == "val_sources"
         if many or (val_elsewhere and epochs > FEW_EPOCHS):

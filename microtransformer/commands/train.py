@@ -26,10 +26,17 @@ from microtransformer.data import load_meta
 from microtransformer.device import resolve_device, resolve_dtype
 from microtransformer.distributed import RuntimeContext, restart_count
 from microtransformer.errors import UserError
-from microtransformer.recipe import Recipe, choose_recipe, this_machine
+from microtransformer.recipe import (
+    Recipe,
+    choose_recipe,
+    needs_speed,
+    preset_for,
+    this_machine,
+)
 from microtransformer.rundata import adapt_to_dataset, prepare_data, require_data_dir
 from microtransformer.schedule import budget_spent, parse_duration
 from microtransformer.throughput.mfu import format_mfu, run_mfu
+from microtransformer.throughput.probe import probe_training_speed
 from microtransformer.training import resolve_batch_size, resolve_threads, train
 from model.io import CONFIG_FILE
 from model.utils import parameter_formula
@@ -195,14 +202,22 @@ def check_parent_data(cfg: RunConfig) -> None:
 
 def budget_recipe(data: str | None, minutes: float, overrides: list[str]) -> Recipe:
     """The recipe `--time` picks without a preset: from the prepared data's meta.json, or
-    (when the data is prepared by this run) from the requested tokenizer kind."""
+    (when the data is prepared by this run) from the requested tokenizer kind; with the
+    preset's training speed measured on this machine (the user's overrides applied) when the
+    passes over the data count, except under torchrun (`recipe.MEASURED_TOKENS_PER_S`)."""
 
     if data is not None:
         meta = load_meta(require_data_dir(data))
     else:
         tokenizer = load_config(None, None, overrides).data.tokenizer
         meta = {"kind": tokenizer, "tokens": {}}
-    return choose_recipe(meta, minutes, this_machine())
+    machine = this_machine()
+    if not needs_speed(meta) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return choose_recipe(meta, minutes, machine)
+    cfg = load_config(None, preset_for(meta), overrides)
+    cfg = cfg.replace(model=replace(cfg.model, vocab_size=int(meta["vocab_size"])))
+    probe = probe_training_speed(cfg)
+    return choose_recipe(meta, minutes, machine, probe.tokens_per_s, probe.describe())
 
 
 def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,

@@ -218,9 +218,22 @@ def test_time_without_preset_picks_a_recipe_says_why_and_trains(trained, tmp_pat
     out = capsys.readouterr().out
     reason = [line for line in out.splitlines() if line.startswith("budget mode:")]
     assert len(reason) == 1 and "preset cpu_char (char tokenizer" in reason[0]
+    # the passes are counted at this machine's speed for the run's model (the tiny override)
+    assert "tokens/s measured here" in reason[0] and "not counted in the budget" in reason[0]
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["max_time_minutes"] == pytest.approx(2 / 60)
     assert config["model"]["embed_dim"] == 32  # the user's override won
     # the recipe's step cap was not typed: the typed time budget lifts it (docs/CONFIG.md)
     assert config["train"]["max_steps"] == 1_000_000
     assert "time budget:" in out and "not counted" in out
+
+
+def test_under_torchrun_the_budget_counts_passes_at_the_table_speed(trained, monkeypatch) -> None:
+    """Each rank would measure its own speed and could pick another recipe: under torchrun
+    the passes come from the AMD's table, the same number on every rank."""
+    from microtransformer.commands.train import budget_recipe
+
+    _, data, _ = trained
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = budget_recipe(str(data), 15, [])
+    assert "not this machine's" in recipe.reason and "measured here" not in recipe.reason

@@ -14,6 +14,8 @@ from microtransformer.recipe import (
     STOP_PATIENCE,
     Machine,
     choose_recipe,
+    needs_speed,
+    preset_for,
     tokens_per_step,
 )
 
@@ -112,7 +114,8 @@ def test_a_val_split_from_other_text_aims_the_stop_at_it_whatever_the_budget() -
     large = {"kind": "bpe", "tokens": {"train": 50_000_000}, "split": {"method": "val_sources"}}
     big = choose_recipe(large, 15, TWO_CORES)
     assert big.overrides["train.stop_patience"] == STOP_PATIENCE
-    assert "model.dropout" not in big.overrides and "min;" in big.reason
+    assert "model.dropout" not in big.overrides and "~0.1 passes" in big.reason
+    assert "); held-out stopping" in big.reason
     assert FEW_EPOCHS < MANY_EPOCHS
     # the same text with its val split cut from it: no stop below MANY_EPOCHS passes ...
     cut = {"kind": "bpe", "tokens": {"train": 300_000}, "split": {"method": "val_fraction"}}
@@ -126,3 +129,40 @@ def test_tokens_per_step_reads_the_preset() -> None:
         cfg = load_config(preset=preset)
         window = cfg.train.seq_len or cfg.model.max_seq_len
         assert tokens_per_step(preset) == cfg.train.batch_size * cfg.train.grad_accum_steps * window
+
+
+def test_the_measured_speed_counts_the_passes_where_one_is_given() -> None:
+    """The same corpus and budget: at the AMD's table speed it is seen under MANY_EPOCHS times,
+    at a measured speed twice that over it; the reason gives the speed it counted with."""
+    table = MEASURED_TOKENS_PER_S["cpu_char"]
+    train = int(table * 15 * 60 / (MANY_EPOCHS * 0.8))  # 8 passes at the table's speed
+    meta = {"kind": "char", "tokens": {"train": train}, "vocab_size": 68}
+    estimated = choose_recipe(meta, 15, TWO_CORES)
+    assert "model.dropout" not in estimated.overrides
+    assert "~8 passes" in estimated.reason and "not this machine's" in estimated.reason
+    measured = choose_recipe(meta, 15, TWO_CORES, 2 * table, "HOW IT WAS MEASURED")
+    assert "~16 passes" in measured.reason and "(at HOW IT WAS MEASURED)" in measured.reason
+    assert {k: measured.overrides[k] for k in REGULARISATION} == REGULARISATION
+    assert measured.overrides["train.stop_patience"] == STOP_PATIENCE
+    slow = choose_recipe(meta, 15, TWO_CORES, table / 4, "slow")
+    assert "~2 passes" in slow.reason and "model.dropout" not in slow.overrides
+
+
+def test_a_gpu_with_a_measured_speed_gets_the_same_rule() -> None:
+    """A GPU sees a small text hundreds of times in 15 minutes: with its speed measured the
+    rule applies there too; without one (no table for GPUs) the reason only gives the size."""
+    meta = {"kind": "char", "tokens": {"train": 10**6}, "vocab_size": 68}
+    gpu = Machine(cores=16, cuda=True)
+    fast = choose_recipe(meta, 15, gpu, 300_000.0, "measured")
+    assert "~270 passes" in fast.reason and "CUDA" in fast.reason
+    assert fast.overrides["train.stop_patience"] == STOP_PATIENCE
+    assert "model.dropout" in fast.overrides
+    unknown = choose_recipe(meta, 15, gpu)
+    assert "passes" not in unknown.reason and "model.dropout" not in unknown.overrides
+
+
+def test_preset_for_and_needs_speed() -> None:
+    assert preset_for({"kind": "char"}) == "cpu_char"
+    assert preset_for({"kind": "bpe"}) == preset_for({}) == "cpu_bpe"
+    assert needs_speed({"kind": "bpe", "tokens": {"train": 10}})
+    assert not needs_speed({"kind": "bpe", "tokens": {}})  # prepared by the run: size unknown

@@ -1,0 +1,88 @@
+"""How fast this machine trains a config: a few real optimizer steps on random tokens, timed.
+
+The budget command (`train --time 15m`, no preset) decides on passes over the text: above
+`recipe.MANY_EPOCHS` it regularises and stops on the val split. Passes are tokens per second x
+budget / training tokens, and tokens per second differ by more than 10x between a laptop core
+and a GPU, so they are measured here, on the device, threads, precision, model and optimizer
+the run will use, before the budget starts (the seconds it takes are printed, not counted).
+
+Imported directly, not from `microtransformer.throughput`: it runs the training loop's own
+step (`training.train_step`), and the loop imports the package.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from microtransformer.config import RunConfig
+from microtransformer.device import resolve_device
+from microtransformer.distributed import RuntimeContext
+from microtransformer.optim import build_optimizer
+from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
+from microtransformer.training import StepParts, resolve_batch_size, resolve_threads, train_step
+from model import MicroTransformer
+
+MIN_SECONDS = 1.0  # timed steps run until this much time has passed ...
+MIN_STEPS = 2      # ... and at least this many ...
+MAX_STEPS = 20     # ... and at most this many (a tiny model: milliseconds a step)
+
+
+@dataclass(frozen=True)
+class SpeedProbe:
+    """What `probe_training_speed` measured."""
+
+    tokens_per_s: float  # training tokens per second over the timed steps
+    steps: int           # timed optimizer steps (after one untimed warm-up step)
+    seconds: float       # wall time of the whole probe: model build, warm-up, timed steps
+    device: str          # e.g. "2 CPU threads" or "cuda:0"
+
+    def describe(self) -> str:
+        """One phrase for the budget command's reason."""
+        return (f"{self.tokens_per_s:,.0f} tokens/s measured here: {self.steps} steps on "
+                f"{self.device} in {self.seconds:.1f} s, not counted in the budget")
+
+
+def probe_training_speed(cfg: RunConfig, *, min_seconds: float = MIN_SECONDS,
+                         max_steps: int = MAX_STEPS) -> SpeedProbe:
+    """Time optimizer steps of `cfg`'s model, optimizer, batch, window, precision and threads
+    on random token ids (the values do not change the speed), eagerly (a compiled run is
+    faster: the probe errs toward fewer passes). Timed steps run until `min_seconds` have
+    passed (at least MIN_STEPS, at most `max_steps`), after one untimed warm-up step. The
+    global random state is restored, and nothing is written."""
+
+    start = time.perf_counter()
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    ctx = RuntimeContext(device=device)
+    threads = None
+    if device.type == "cpu":
+        threads = resolve_threads(tc.cpu_threads)
+        torch.set_num_threads(threads)
+    cfg = resolve_batch_size(cfg, ctx)
+    tc = cfg.train
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        model = MicroTransformer.from_config(cfg.model).to(device)
+        model.validate_inputs = False
+        prepared = prepare_for_gpu(model, device, FastPathSettings(
+            dtype=tc.dtype, compile=False, loss=tc.loss, chunk_size=tc.loss_chunk,
+            tf32=tc.fast_path))
+        parts = StepParts(model=prepared.model, raw_model=model,
+                          optimizer=build_optimizer(model, tc, device), amp=prepared.amp)
+        ids = torch.randint(cfg.model.vocab_size, (tc.batch_size, cfg.seq_len + 1))  # (B, T+1)
+        batch = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)}
+        train_step(parts, lambda: batch, tc, ctx)  # warm-up: optimizer state, allocations
+        steps, begin = 0, time.perf_counter()  # train_step syncs with the host every step
+        while steps < MIN_STEPS or (time.perf_counter() - begin < min_seconds
+                                    and steps < max_steps):
+            train_step(parts, lambda: batch, tc, ctx)
+            steps += 1
+        elapsed = time.perf_counter() - begin
+    tokens = steps * tc.batch_size * tc.grad_accum_steps * cfg.seq_len
+    where = f"{threads} CPU thread{'s' if threads != 1 else ''}" if threads else str(device)
+    return SpeedProbe(tokens_per_s=tokens / elapsed, steps=steps,
+                      seconds=time.perf_counter() - start, device=where)
