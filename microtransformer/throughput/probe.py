@@ -12,6 +12,7 @@ step (`training.train_step`), and the loop imports the package.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_
 from microtransformer.training import StepParts, resolve_batch_size, resolve_threads, train_step
 from model import MicroTransformer
 
-MIN_SECONDS = 1.0  # timed steps run until this much time has passed ...
-MIN_STEPS = 2      # ... and at least this many ...
+WARMUP_STEPS = 2   # untimed: optimizer state, allocations (the first steps run ~10-30% slower)
+MIN_SECONDS = 1.5  # timed steps run until this much time has passed ...
+MIN_STEPS = 3      # ... and at least this many ...
 MAX_STEPS = 20     # ... and at most this many (a tiny model: milliseconds a step)
 
 
@@ -34,8 +36,8 @@ MAX_STEPS = 20     # ... and at most this many (a tiny model: milliseconds a ste
 class SpeedProbe:
     """What `probe_training_speed` measured."""
 
-    tokens_per_s: float  # training tokens per second over the timed steps
-    steps: int           # timed optimizer steps (after one untimed warm-up step)
+    tokens_per_s: float  # training tokens per second at the median timed step
+    steps: int           # timed optimizer steps (after WARMUP_STEPS untimed ones)
     seconds: float       # wall time of the whole probe: model build, warm-up, timed steps
     device: str          # e.g. "2 CPU threads" or "cuda:0"
 
@@ -49,8 +51,9 @@ def probe_training_speed(cfg: RunConfig, *, min_seconds: float = MIN_SECONDS,
                          max_steps: int = MAX_STEPS) -> SpeedProbe:
     """Time optimizer steps of `cfg`'s model, optimizer, batch, window, precision and threads
     on random token ids (the values do not change the speed), eagerly (a compiled run is
-    faster: the probe errs toward fewer passes). Timed steps run until `min_seconds` have
-    passed (at least MIN_STEPS, at most `max_steps`), after one untimed warm-up step. The
+    faster: the probe errs toward fewer passes). After WARMUP_STEPS untimed steps, timed steps
+    run until `min_seconds` have passed (at least MIN_STEPS, at most `max_steps`); the speed
+    is the median step's, so one step slowed by another process does not decide it. The
     global random state is restored, and nothing is written."""
 
     start = time.perf_counter()
@@ -75,14 +78,16 @@ def probe_training_speed(cfg: RunConfig, *, min_seconds: float = MIN_SECONDS,
                           optimizer=build_optimizer(model, tc, device), amp=prepared.amp)
         ids = torch.randint(cfg.model.vocab_size, (tc.batch_size, cfg.seq_len + 1))  # (B, T+1)
         batch = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)}
-        train_step(parts, lambda: batch, tc, ctx)  # warm-up: optimizer state, allocations
-        steps, begin = 0, time.perf_counter()  # train_step syncs with the host every step
-        while steps < MIN_STEPS or (time.perf_counter() - begin < min_seconds
-                                    and steps < max_steps):
+        for _ in range(WARMUP_STEPS):
             train_step(parts, lambda: batch, tc, ctx)
-            steps += 1
-        elapsed = time.perf_counter() - begin
-    tokens = steps * tc.batch_size * tc.grad_accum_steps * cfg.seq_len
+        times: list[float] = []  # seconds per step; train_step syncs with the host each step
+        begin = time.perf_counter()
+        while len(times) < MIN_STEPS or (time.perf_counter() - begin < min_seconds
+                                         and len(times) < max_steps):
+            step_start = time.perf_counter()
+            train_step(parts, lambda: batch, tc, ctx)
+            times.append(time.perf_counter() - step_start)
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.seq_len
     where = f"{threads} CPU thread{'s' if threads != 1 else ''}" if threads else str(device)
-    return SpeedProbe(tokens_per_s=tokens / elapsed, steps=steps,
-                      seconds=time.perf_counter() - start, device=where)
+    return SpeedProbe(tokens_per_s=tokens_per_step / statistics.median(times),
+                      steps=len(times), seconds=time.perf_counter() - start, device=where)

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from microtransformer.config import load_config
-from microtransformer.throughput.probe import MIN_STEPS, probe_training_speed
+from microtransformer.throughput.probe import (
+    MIN_STEPS,
+    WARMUP_STEPS,
+    probe_training_speed,
+)
 
 TINY = ["--model.vocab_size=50", "--model.max_seq_len=16", "--model.embed_dim=32",
         "--model.num_heads=2", "--model.num_layers=2", "--model.ff_dim=64",
@@ -33,22 +37,25 @@ def test_the_probe_times_real_steps_and_leaves_the_random_state_alone(optimizer:
 
 def test_tokens_per_second_count_batch_accumulation_and_window(monkeypatch) -> None:
     """With a clock that moves 0.25 s per optimizer step (and not otherwise), the probe times
-    steps until 1 s has passed: 4 steps of 4 rows x 2 micro-steps x 16 tokens in 1 s."""
+    steps until 1 s has passed: 4 steps of 4 rows x 2 micro-steps x 16 tokens, 0.25 s each;
+    one step slowed down does not move the median."""
     import microtransformer.throughput.probe as probe_module
 
-    now = [0.0]
+    now, calls = [0.0], [0]
     real_step = probe_module.train_step
 
     def step_taking_a_quarter_second(*args, **kwargs):
-        now[0] += 0.25
+        calls[0] += 1
+        now[0] += 3.0 if calls[0] == WARMUP_STEPS + 2 else 0.25  # the 2nd timed step: slowed
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(probe_module.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(probe_module, "train_step", step_taking_a_quarter_second)
     cfg = load_config(preset="cpu_char", overrides=[*TINY, "--train.grad_accum_steps=2"])
-    probe = probe_training_speed(cfg, min_seconds=1.0, max_steps=20)
-    assert probe.steps == 4
-    assert probe.tokens_per_s == pytest.approx(4 * 4 * 2 * 16 / 1.0)
-    assert probe.seconds == pytest.approx(1.25)  # the warm-up step counts in the wall time
-    capped = probe_training_speed(cfg, min_seconds=60.0, max_steps=3)
-    assert capped.steps == 3 and capped.tokens_per_s == pytest.approx(3 * 128 / 0.75)
+    probe = probe_training_speed(cfg, min_seconds=3.6, max_steps=20)
+    assert probe.steps == 4  # 0.25 + 3.0 + 0.25 < 3.6 s, + 0.25 >= 3.6 s
+    assert probe.tokens_per_s == pytest.approx(4 * 2 * 16 / 0.25)  # the median step's
+    assert probe.seconds == pytest.approx(WARMUP_STEPS * 0.25 + 3.75)  # warm-up counted
+    calls[0] = 100  # no slow step from here
+    capped = probe_training_speed(cfg, min_seconds=60.0, max_steps=5)
+    assert capped.steps == 5 and capped.tokens_per_s == pytest.approx(512)
