@@ -3,7 +3,7 @@
 `train --data D --out R --time 15m` with no preset calls `choose_recipe`, prints its reason in
 one line and trains. The choice is a pure function of what it is given (the data's meta.json,
 the budget, the machine's facts and, when measured, its training speed:
-`throughput.probe.probe_training_speed`), so it is tested without a machine or a clock.
+`speed_probe.probe_training_speed`), so it is tested without a machine or a clock.
 """
 
 from __future__ import annotations

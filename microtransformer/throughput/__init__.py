@@ -6,8 +6,6 @@ compile / precision / loss choices of the training step. One concern per module:
   feeder.py      `BatchFeeder` (background thread, pinned memory, side-stream copies)
   fast_path.py   `prepare_for_gpu` (autocast dtype, TF32, loss kind, torch.compile, CUDA
                  graphs, fused AdamW)
-  probe.py       `probe_training_speed`: a few timed optimizer steps of a config on any device
-                 (the budget command's passes); imported directly, since it runs the loop's step
 
 docs/GPU.md describes the whole path and how the training loop calls it.
 """

@@ -6,8 +6,7 @@ budget / training tokens, and tokens per second differ by more than 10x between 
 and a GPU, so they are measured here, on the device, threads, precision, model and optimizer
 the run will use, before the budget starts (the seconds it takes are printed, not counted).
 
-Imported directly, not from `microtransformer.throughput`: it runs the training loop's own
-step (`training.train_step`), and the loop imports the package.
+It runs the training loop's own step (`training.train_step`) on the loop's own parts.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from microtransformer.config import load_config
-from microtransformer.throughput.probe import (
+from microtransformer.speed_probe import (
     MIN_STEPS,
     WARMUP_STEPS,
     probe_training_speed,
@@ -39,7 +39,7 @@ def test_tokens_per_second_count_batch_accumulation_and_window(monkeypatch) -> N
     """With a clock that moves 0.25 s per optimizer step (and not otherwise), the probe times
     steps until 1 s has passed: 4 steps of 4 rows x 2 micro-steps x 16 tokens, 0.25 s each;
     one step slowed down does not move the median."""
-    import microtransformer.throughput.probe as probe_module
+    import microtransformer.speed_probe as probe_module
 
     now, calls = [0.0], [0]
     real_step = probe_module.train_step
