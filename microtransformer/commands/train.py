@@ -35,8 +35,8 @@ from microtransformer.recipe import (
 )
 from microtransformer.rundata import adapt_to_dataset, prepare_data, require_data_dir
 from microtransformer.schedule import budget_spent, parse_duration
-from microtransformer.throughput.mfu import format_mfu, run_mfu
 from microtransformer.speed_probe import probe_training_speed
+from microtransformer.throughput.mfu import format_mfu, run_mfu
 from microtransformer.training import resolve_batch_size, resolve_threads, train
 from model.io import CONFIG_FILE
 from model.utils import parameter_formula
