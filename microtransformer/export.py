@@ -1,4 +1,4 @@
-"""Hugging Face (GPT-2, GPT-NeoX) and ONNX export, and import of GPT-2 and GPT-NeoX directories.
+"""Hugging Face (GPT-2, GPT-NeoX) export and import of GPT-2 and GPT-NeoX directories.
 
 MicroTransformer is GPT-2's architecture up to two details, which the conversion handles:
 
@@ -21,8 +21,8 @@ pairs 2i with 2i + 1: the rows are reordered (`rotary_row_order`). Squared ReLU 
 `relu2` activation in either; QK-norm has no GPT-2 or GPT-NeoX form and is refused. Import reads
 GPT-2 and GPT-NeoX directories of our block.
 
-Writing a Hugging Face directory needs no `transformers`; only loading it does. ONNX export
-needs the `onnx` package (and `onnxscript` for the dynamo exporter).
+Writing a Hugging Face directory needs no `transformers`; only loading it does. The other
+formats have their own modules: `export_onnx.py`, `export_gguf.py`, `export_web.py`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ from model import MicroTransformer, ModelConfig
 from model.io import TOKENIZER_FILE, WEIGHTS_FILE, save_safetensors
 from model.layers import ROTARY_BASE
 
-FORMATS = ("hf", "onnx", "gguf", "web")  # gguf: export_gguf.py, web: export_web.py
-DEFAULT_OPSET = 17
-MIN_OPSET = 14  # scaled_dot_product_attention needs opset >= 14
+FORMATS = ("hf", "onnx", "gguf", "web")  # the last three: export_onnx.py, _gguf.py, _web.py
 LAYER_NORM_EPS = 1e-5
 # model.activation -> transformers' activation name (ACT2FN)
 HF_ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}
@@ -604,94 +602,6 @@ def import_hf_to_run(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     out = prepare_output(out_dir, force=force, kind="dir")
     with staged_directory(out) as stage:  # all files appear at once (artifacts.py)
         save_pretrained(model, stage, tokenizer, metadata={"imported_from": str(hf_dir)})
-    return out
-
-
-# ============================================================================ ONNX
-class OnnxForward(nn.Module):
-    """The full-sequence forward as a trace-friendly module: no data-dependent Python branches.
-
-    With `attention_mask` (B, T) (1 = token, 0 = padding), positions count real tokens only and
-    padding keys are masked, exactly as `MicroTransformer.forward` does; without it, plain causal
-    attention over positions 0..T-1. Input checks (id range, lengths) are the caller's job.
-    """
-
-    def __init__(self, model: nn.Module, with_attention_mask: bool = True) -> None:
-        super().__init__()
-        self.model = unwrap_model(model)
-        self.with_attention_mask = with_attention_mask
-
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        m = self.model
-        T = input_ids.shape[1]
-        mask4d = None
-        if self.with_attention_mask and attention_mask is not None:
-            real = attention_mask.to(torch.bool)  # (B, T)
-            positions = (real.to(torch.long).cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            idx = torch.arange(T, device=input_ids.device)
-            causal = idx[None, :] <= idx[:, None]  # (T, T)
-            eye = idx[None, :] == idx[:, None]  # (T, T): a padding row still sees itself
-            mask4d = (causal[None, None] & real[:, None, None, :]) | eye  # (B, 1, T, T)
-        else:
-            positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
-        x, rope = m.embed(input_ids, positions)  # (B, T, C); rope None or (B, 1, T, hs)
-        for block in m.blocks:
-            x = block(x, mask4d, rope=rope)
-        return m.lm_head(m.ln_f(x))  # (B, T, V)
-
-
-def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                with_attention_mask: bool = True, force: bool = False,
-                dynamo: bool = False) -> Path:
-    """Export the full-sequence forward to ONNX: inputs `input_ids` (int64, (batch, seq)) and,
-    by default, `attention_mask` (int64, same shape); output `logits` (float32,
-    (batch, seq, vocab)). Batch and sequence axes are dynamic (seq <= max_seq_len).
-
-    Uses the TorchScript-based exporter (`dynamo=False`) by default; `dynamo=True` uses the
-    torch.export-based one (needs onnxscript).
-    """
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UserError(f"--opset {opset} is too old: attention needs opset >= {MIN_OPSET}; "
-                        f"use the default {DEFAULT_OPSET}")
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-    except ImportError as exc:
-        raise UserError("ONNX export needs the onnx package: pip install onnx") from exc
-    m = unwrap_model(model)
-    out = prepare_output(out_path, force=force, kind="file")
-    wrapper = OnnxForward(m, with_attention_mask).eval()
-    T = min(8, m.config.max_seq_len)
-    ids = torch.randint(0, m.config.vocab_size, (2, T))
-    mask = torch.ones(2, T, dtype=torch.long)
-    mask[0, : T // 2] = 0  # trace the padded path (no branch depends on it, but be explicit)
-    args: tuple[torch.Tensor, ...] = (ids, mask) if with_attention_mask else (ids,)
-    names = ["input_ids", "attention_mask"] if with_attention_mask else ["input_ids"]
-    tmp = out.with_name(f".{out.name}.tmp")
-    was_training = m.training
-    m.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exporter deprecation/tracer chatter
-            if dynamo:
-                batch, seq = torch.export.Dim("batch"), torch.export.Dim(
-                    "sequence", max=m.config.max_seq_len)
-                shapes = {n: {0: batch, 1: seq} for n in names}
-                torch.onnx.export(wrapper, args, str(tmp), input_names=names,
-                                  output_names=["logits"], opset_version=opset, dynamo=True,
-                                  dynamic_shapes=shapes, external_data=False)
-            else:
-                axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "logits"]}
-                torch.onnx.export(wrapper, args, str(tmp), input_names=names,
-                                  output_names=["logits"], opset_version=opset, dynamo=False,
-                                  dynamic_axes=axes, do_constant_folding=True)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        m.train(was_training)
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

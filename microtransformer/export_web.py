@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from microtransformer.errors import UserError
-from microtransformer.export import DEFAULT_OPSET
 from microtransformer.export_gguf import check_tokenizer  # what tokenizer.js reproduces
+from microtransformer.export_onnx import DEFAULT_OPSET
 from microtransformer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
 from microtransformer.hub import unwrap_model
 

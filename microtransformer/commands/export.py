@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from microtransformer import export
+from microtransformer import export, export_onnx
 from microtransformer.errors import UserError
 from microtransformer.export_checks import check_export_output, check_opset
 from microtransformer.export_gguf import export_gguf, gguf_architecture
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote web page {out} ({which} weights); serve the folder with any static file "
               f"host, e.g. python -m http.server -d {out}, and open index.html")
     else:
-        out = export.export_onnx(
+        out = export_onnx.export_onnx(
             model, args.out, opset=DEFAULT_OPSET if args.opset is None else args.opset,
             with_attention_mask=not args.no_attention_mask, force=args.force,
             dynamo=args.dynamo,

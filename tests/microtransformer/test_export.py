@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from microtransformer import export
+from microtransformer import export, export_onnx
 from microtransformer.checkpoint import load_run, save_weights
 from microtransformer.cli import main
 from microtransformer.errors import UserError
@@ -329,7 +329,7 @@ def test_cli_formats_match_module() -> None:
     from microtransformer.commands import export as cmd
 
     assert cmd.FORMATS == export.FORMATS
-    assert cmd.DEFAULT_OPSET == export.DEFAULT_OPSET
+    assert cmd.DEFAULT_OPSET == export_onnx.DEFAULT_OPSET
 
 
 # ============================================================================ ONNX
@@ -365,7 +365,7 @@ def test_cli_onnx_export_parity(tmp_path: Path, bpe_tok: Tokenizer) -> None:
 
 def test_onnx_without_mask(tmp_path: Path) -> None:
     model = make_model(70)
-    out = export.export_onnx(model, tmp_path / "m.onnx", with_attention_mask=False, opset=14)
+    out = export_onnx.export_onnx(model, tmp_path / "m.onnx", with_attention_mask=False, opset=14)
     for B, T, seed in ((2, 1, 0), (3, 19, 1)):
         assert onnx_max_diff(out, model, B, T, False, seed) <= ATOL
     assert model.training is False
@@ -375,7 +375,7 @@ def test_onnx_without_mask(tmp_path: Path) -> None:
 def test_onnx_dynamo_exporter(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
     model = make_model(70)
-    out = export.export_onnx(model, tmp_path / "m.onnx", dynamo=True)
+    out = export_onnx.export_onnx(model, tmp_path / "m.onnx", dynamo=True)
     for B, T, seed in ((1, 3, 0), (3, 24, 1)):
         assert onnx_max_diff(out, model, B, T, True, seed) <= ATOL
 
