@@ -23,9 +23,14 @@ from microtransformer.device import cpu_has_native_bf16
 # recipe before they can talk). Elsewhere the budget command measures it (a 2-core Xeon trains
 # `cpu_char` at ~10.7k tokens/s, a GPU at many times that), so passes are this machine's.
 MEASURED_TOKENS_PER_S = {"cpu_char": 7300.0, "cpu_bpe": 6800.0}
-# Above this many passes over the training text a 2-3M model memorises it (TinyStories' subset at
-# ~20 passes: held-out loss bottoms out half-way and rises after); regularise.
-MANY_EPOCHS = 10.0
+# Above this many passes over the training text a 2-3M model memorises it; regularise. BPE: the
+# TinyStories subset's held-out loss bottomed out at ~9 passes and rose after, and dropout with
+# weight decay paid at ~15 (docs/RESULTS.md, section 5). Characters (tinyshakespeare, sections 5
+# and 15): the same regularisation cost 0.07 nats/char at 6.5 passes and 0.03 at 9.6, on the
+# val split and on another source's text; at 15 passes it still cost the val split 0.026 but
+# gained 0.056 on the other source's text, where the unregularised run had got worse with the
+# budget. 12 is about where that gain crosses zero if it moves linearly between 9.6 and 15.
+MANY_EPOCHS: dict[str, float] = {"cpu_char": 12.0, "cpu_bpe": 10.0}
 # What regularises, as measured there: dropout on embeddings and residual paths only (dropout on
 # the attention probabilities takes attention off the fused CPU kernel: docs/RESULTS.md, section 5)
 # and weight decay on the blocks' matrices. torch's Muon shrinks them by lr x weight_decay per
@@ -129,7 +134,7 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine,
     (MEASURED_TOKENS_PER_S, scaled by cores up to 2; on CUDA no estimate, so no passes).
 
     - tokenizer: char text -> `cpu_char`; BPE text -> `cpu_bpe` (both time-budget recipes);
-    - size: when the budget buys more than MANY_EPOCHS passes over the training tokens, the
+    - size: when the budget buys more than MANY_EPOCHS[preset] passes over the training tokens, the
       model would memorise the text, so REGULARISATION (residual dropout, weight decay) and
       held-out stopping (evaluate every half pass; decay and end the run after
       STOP_PATIENCE evaluations without a new best val loss) are switched on; held-out
@@ -163,11 +168,11 @@ def choose_recipe(meta: dict[str, Any], minutes: float, machine: Machine,
     else:
         passes = f"{epochs:.0f}" if epochs >= 1.5 else f"{epochs:.1f}"  # 1.0 passes, 0.3 passes
         regime = f"{size}, ~{passes} passes in {minutes:g} min (at {speed_note})"
-        many = epochs > MANY_EPOCHS
+        many = epochs > MANY_EPOCHS[preset]
         val_elsewhere = meta.get("split", {}).get("method") == "val_sources"
         if many or (val_elsewhere and epochs > FEW_EPOCHS):
             overrides.update(REGULARISATION)
-            over = (f"> {MANY_EPOCHS:g}" if many
+            over = (f"> {MANY_EPOCHS[preset]:g}" if many
                     else f"> {FEW_EPOCHS:g} with a val split from other text")
             regime += (f" {over}: against memorising, dropout "
                        f"{REGULARISATION['model.dropout']:g} (attention kept fused), weight "
