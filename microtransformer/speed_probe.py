@@ -6,7 +6,8 @@ budget / training tokens, and tokens per second differ by more than 10x between 
 and a GPU, so they are measured here, on the device, threads, precision, model and optimizer
 the run will use, before the budget starts (the seconds it takes are printed, not counted).
 
-It runs the training loop's own step (`training.train_step`) on the loop's own parts.
+It runs the training loop's own step (`training.train_step`) on parts built the loop's own
+way (`training.build_step_parts`, never compiled here).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 from microtransformer.config import RunConfig
 from microtransformer.device import resolve_device
 from microtransformer.distributed import RuntimeContext
-from microtransformer.optim import build_optimizer
-from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
-from microtransformer.training import StepParts, resolve_batch_size, resolve_threads, train_step
-from model import MicroTransformer
+from microtransformer.training import (
+    build_step_parts,
+    resolve_batch_size,
+    resolve_threads,
+    train_step,
+)
 
 WARMUP_STEPS = 2   # untimed: optimizer state, allocations (the first steps run ~10-30% slower)
 MIN_SECONDS = 3.0  # timed steps run until this much time has passed ...
@@ -68,13 +71,7 @@ def probe_training_speed(cfg: RunConfig, *, min_seconds: float = MIN_SECONDS,
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
-        model = MicroTransformer.from_config(cfg.model).to(device)
-        model.validate_inputs = False
-        prepared = prepare_for_gpu(model, device, FastPathSettings(
-            dtype=tc.dtype, compile=False, loss=tc.loss, chunk_size=tc.loss_chunk,
-            tf32=tc.fast_path))
-        parts = StepParts(model=prepared.model, raw_model=model,
-                          optimizer=build_optimizer(model, tc, device), amp=prepared.amp)
+        parts, _ = build_step_parts(cfg, ctx, eager=True)
         ids = torch.randint(cfg.model.vocab_size, (tc.batch_size, cfg.seq_len + 1))  # (B, T+1)
         batch = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)}
         for _ in range(WARMUP_STEPS):

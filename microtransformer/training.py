@@ -110,7 +110,7 @@ from microtransformer.schedule import (
     time_budget_s,
 )
 from microtransformer.throughput.batch_size import resolve_auto_batch
-from microtransformer.throughput.fast_path import FastPathSettings, prepare_for_gpu
+from microtransformer.throughput.fast_path import FastPathSettings, Prepared, prepare_for_gpu
 from microtransformer.throughput.feeder import BatchFeeder
 from microtransformer.throughput.mfu import run_mfu
 from model import MicroTransformer
@@ -186,6 +186,32 @@ class StepParts:
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA: owns inf handling
     step_begin: Callable[[], None] = lambda: None  # before each micro-step (CUDA graphs)
+
+
+def build_step_parts(cfg: RunConfig, ctx: RuntimeContext, *, eager: bool = False,
+                     parent: Any = None,
+                     scaler: torch.amp.GradScaler | None = None) -> tuple[StepParts, Prepared]:
+    """The model, its optimizer and the module the step runs, built the one way the loop and
+    the speed probe (`speed_probe`) both use -> (StepParts, the `Prepared` that
+    describes the module). The module is the loss head, wrapped for data parallelism, then
+    compiled on CUDA by default with fast_path, elsewhere only with train.compile; `eager`
+    never compiles (the probe). `parent`: a fine-tune's parent weights to load
+    (`finetune.read_parent`)."""
+    tc = cfg.train
+    raw_model = MicroTransformer.from_config(cfg.model).to(ctx.device)
+    raw_model.validate_inputs = False  # ids come from our own tokenizer: checked by vocab match
+    if parent is not None:  # a fresh fine-tune; a resume loads its own checkpoint (_restore)
+        load_parent_weights(raw_model, parent)
+    optimizer = build_optimizer(raw_model, tc, ctx.device)
+    compile = False if eager else True if tc.compile else (None if tc.fast_path else False)
+    prepared = prepare_for_gpu(raw_model, ctx.device, FastPathSettings(
+        dtype=tc.dtype, compile=compile, cuda_graphs=tc.cuda_graphs and not eager,
+        loss=tc.loss, chunk_size=tc.loss_chunk,
+        tf32=tc.fast_path),  # fast_path false: the fp32 matmuls keep full precision
+        example_shape=(per_rank_batch(tc.batch_size, ctx.world_size), cfg.seq_len),
+        wrap=lambda m: wrap_model(m, ctx))
+    return StepParts(model=prepared.model, raw_model=raw_model, optimizer=optimizer,
+                     amp=prepared.amp, scaler=scaler, step_begin=prepared.step_begin), prepared
 
 
 def train_step(parts: StepParts, next_batch: Callable[[], dict[str, torch.Tensor]],
@@ -498,17 +524,12 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
         raise UserError("train.optimizer='muon' does not support float16 with a GradScaler; "
                         "use --train.dtype bfloat16 (or float32)")
 
-    # --- model and optimizer: the one place each is built (compile/wrap below)
-    raw_model = MicroTransformer.from_config(cfg.model).to(device)
-    raw_model.validate_inputs = False  # ids come from our own tokenizer: checked by vocab match
-    if parent is not None:  # a fresh fine-tune; a resume loads its own checkpoint (_restore)
-        load_parent_weights(raw_model, parent)
-    optimizer = build_optimizer(raw_model, tc, device)
+    # --- model, optimizer and the module the step runs: the one place each is built
+    parts, prepared = build_step_parts(cfg, ctx, parent=parent, scaler=scaler)
 
     # --- data: the loader draws the GLOBAL micro-batch (same seed on every rank); each rank
     # keeps its rows, so the data order is independent of the world size.
     seq_len = cfg.seq_len
-    local_batch = per_rank_batch(tc.batch_size, ctx.world_size)
     train_loader = BatchLoader(data_dir, "train", tc.batch_size, seq_len, seed=tc.seed,
                                device="cpu")
     # Fail early (before any training) when val is shorter than one window.
@@ -521,13 +542,6 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                                     f"{seq_len}-token window are not trained on"
                                     if skipped else ""), flush=True)
 
-    # --- the module the step runs: the loss head, wrapped for data parallelism, then compiled
-    # (on CUDA by default with fast_path; elsewhere only with train.compile)
-    prepared = prepare_for_gpu(raw_model, device, FastPathSettings(
-        dtype=tc.dtype, compile=True if tc.compile else (None if tc.fast_path else False),
-        cuda_graphs=tc.cuda_graphs, loss=tc.loss, chunk_size=tc.loss_chunk,
-        tf32=tc.fast_path),  # fast_path false: the fp32 matmuls keep full precision
-        example_shape=(local_batch, seq_len), wrap=lambda m: wrap_model(m, ctx))
     if ctx.is_main and (prepared.compiled or device.type == "cuda"):
         print(prepared.describe(), flush=True)
     for note in prepared.notes:
@@ -535,12 +549,10 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
             warnings.warn(note, stacklevel=2)
     return _Run(cfg=cfg, dir=run_dir, ctx=ctx, data_dir=data_dir, seq_len=seq_len,
                 val_bytes_per_token=val_bytes_per_token(meta),
-                parts=StepParts(model=prepared.model, raw_model=raw_model,
-                                optimizer=optimizer, amp=prepared.amp, scaler=scaler,
-                                step_begin=prepared.step_begin),
+                parts=parts,
                 train_loader=train_loader,
                 tokens_per_step=tc.batch_size * tc.grad_accum_steps * seq_len,
-                num_params=count_parameters(raw_model), clock=clock,
+                num_params=count_parameters(parts.raw_model), clock=clock,
                 compile_s=prepared.compile_seconds,
                 dataset_id=dataset_identity(data_dir, meta),
                 tokenizer_sha256=data_tokenizer_sha256(data_dir, meta), parent=parent)
