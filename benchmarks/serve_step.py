@@ -47,8 +47,8 @@ from model.transformer import MicroTransformer  # noqa: E402
 PARTS = ("linears", "attention kernels", "other fused kernels", "Python and dynamo")
 
 
-def part_of(name: str) -> str | None:
-    """The part of the step a profiler row belongs to (None: a row that only wraps others)."""
+def part_of(name: str) -> str:
+    """The part of the step (one of `PARTS`) a profiler row's self time belongs to."""
     if "mkl_linear" in name or name.startswith(("aoti_torch_cpu_addmm", "aoti_torch_cpu_mm",
                                                 "aten::addmm", "aten::mm")):
         return "linears"
@@ -61,9 +61,7 @@ def split_profile(rows: list[tuple[str, float]], calls: int) -> dict[str, float]
     """(profiler row name, self CPU us) -> ms per step of each part of `PARTS`."""
     out = dict.fromkeys(PARTS, 0.0)
     for name, self_us in rows:
-        part = part_of(name)
-        if part is not None:
-            out[part] += self_us / 1000 / calls
+        out[part_of(name)] += self_us / 1000 / calls
     return out
 
 
