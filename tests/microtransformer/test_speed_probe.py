@@ -59,3 +59,23 @@ def test_tokens_per_second_count_batch_accumulation_and_window(monkeypatch) -> N
     calls[0] = 100  # no slow step from here
     capped = probe_training_speed(cfg, min_seconds=60.0, max_steps=5)
     assert capped.steps == 5 and capped.tokens_per_s == pytest.approx(512)
+
+
+def test_the_probe_never_compiles_where_the_loop_would(monkeypatch) -> None:
+    """`train.compile` makes the loop's step module compiled (`build_step_parts`); the probe
+    builds the same parts eagerly."""
+    from microtransformer.distributed import RuntimeContext
+    from microtransformer.training import build_step_parts
+
+    compiled: list[object] = []
+
+    def compile_by_name_only(module, **kwargs):  # records the call, runs the module eagerly
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", compile_by_name_only)
+    cfg = load_config(preset="cpu_char", overrides=[*TINY, "--train.compile=true"])
+    probe = probe_training_speed(cfg, min_seconds=0.0, max_steps=3)
+    assert probe.steps == MIN_STEPS and compiled == []
+    _, prepared = build_step_parts(cfg, RuntimeContext(device=torch.device("cpu")))
+    assert prepared.compiled and len(compiled) == 1
