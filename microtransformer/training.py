@@ -83,6 +83,7 @@ from microtransformer.distributed import (  # re-exported: the loop's distribute
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_bytes
 from microtransformer.finetune import (
+    Parent,
     check_data_tokenizer,
     load_parent_weights,
     read_parent,
@@ -189,7 +190,7 @@ class StepParts:
 
 
 def build_step_parts(cfg: RunConfig, ctx: RuntimeContext, *, eager: bool = False,
-                     parent: Any = None,
+                     parent: Parent | None = None,
                      scaler: torch.amp.GradScaler | None = None) -> tuple[StepParts, Prepared]:
     """The model, its optimizer and the module the step runs, built the one way the loop and
     the speed probe (`speed_probe`) both use -> (StepParts, the `Prepared` that
@@ -524,9 +525,6 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
         raise UserError("train.optimizer='muon' does not support float16 with a GradScaler; "
                         "use --train.dtype bfloat16 (or float32)")
 
-    # --- model, optimizer and the module the step runs: the one place each is built
-    parts, prepared = build_step_parts(cfg, ctx, parent=parent, scaler=scaler)
-
     # --- data: the loader draws the GLOBAL micro-batch (same seed on every rank); each rank
     # keeps its rows, so the data order is independent of the world size.
     seq_len = cfg.seq_len
@@ -542,6 +540,9 @@ def _setup(cfg: RunConfig, run_dir: Path, ctx: RuntimeContext | None, *, resume:
                                     f"{seq_len}-token window are not trained on"
                                     if skipped else ""), flush=True)
 
+    # --- model, optimizer and the module the step runs (compiled on CUDA by default: after
+    # the data checks above, so bad data fails before a compile): the one place each is built
+    parts, prepared = build_step_parts(cfg, ctx, parent=parent, scaler=scaler)
     if ctx.is_main and (prepared.compiled or device.type == "cuda"):
         print(prepared.describe(), flush=True)
     for note in prepared.notes:
