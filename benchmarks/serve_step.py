@@ -40,10 +40,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import microtransformer.decoding.step as step_module  # noqa: E402
-from benchmarks.run import MAX_SEQ, PRESETS, VOCAB, cpu_description  # noqa: E402
+from benchmarks.run import MAX_SEQ, PRESETS, VOCAB, cpu_description, timed  # noqa: E402
 from microtransformer.decoding.step import DecodeStep  # noqa: E402
 from model.transformer import MicroTransformer  # noqa: E402
 
+CPU = torch.device("cpu")
 PARTS = ("linears", "attention kernels", "other fused kernels", "Python and dynamo")
 
 
@@ -66,11 +67,8 @@ def split_profile(rows: list[tuple[str, float]], calls: int) -> dict[str, float]
 
 
 def block_ms(fn: Callable[[], Any], calls: int = 100) -> float:
-    """ms per call over one block of `calls` calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1000
+    """ms per call over one block of `calls` calls on the CPU (`benchmarks.run.timed`)."""
+    return timed(fn, CPU, calls) * 1000
 
 
 def linear_shapes(model: MicroTransformer) -> list[tuple[int, int]]:
@@ -79,12 +77,11 @@ def linear_shapes(model: MicroTransformer) -> list[tuple[int, int]]:
             if isinstance(m, torch.nn.Linear)]
 
 
-def profiled_parts(model: MicroTransformer, rows: int, cols: int, rounds: int
-                   ) -> dict[str, float]:
+def profiled_parts(model: MicroTransformer, tokens: torch.Tensor, at: torch.Tensor,
+                   cols: int, rounds: int) -> dict[str, float]:
     """ms per step of each part of `PARTS`, median over `rounds` profiles of 100 steps of the
-    bucket's step compiled with inductor's kernel profiling on."""
-    tokens = torch.zeros(rows, dtype=torch.long)  # (rows,)
-    at = torch.full((rows,), cols - 1, dtype=torch.long)  # (rows,) every row at its last column
+    (len(tokens) rows x cols) bucket's step compiled with inductor's kernel profiling on."""
+    rows = tokens.numel()
     options = step_module.COMPILE_OPTIONS
     step_module.COMPILE_OPTIONS = {**options, "cpp.enable_kernel_profile": True}
     try:
@@ -109,9 +106,9 @@ def profiled_parts(model: MicroTransformer, rows: int, cols: int, rounds: int
 
 def bucket(model: MicroTransformer, rows: int, cols: int, rounds: int) -> dict[str, Any]:
     """Time, profile and the reference figures of the rows x cols bucket."""
-    parts = profiled_parts(model, rows, cols, rounds)
     tokens = torch.zeros(rows, dtype=torch.long)  # (rows,)
-    at = torch.full((rows,), cols - 1, dtype=torch.long)  # (rows,)
+    at = torch.full((rows,), cols - 1, dtype=torch.long)  # (rows,) every row at its last column
+    parts = profiled_parts(model, tokens, at, cols, rounds)
     step = DecodeStep(model, rows, cols, compile=True)
     start = time.perf_counter()
     step.step(tokens, at, at)
@@ -169,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/serve_step_cpu")
     args = p.parse_args(argv)
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error(f"--rows {args.rows!r}: expected comma-separated integers, e.g. 1,8,32")
+    for name, value, low, high in (("--rows", min(rows), 1, None),
+                                   ("--cols", args.cols, 1, MAX_SEQ),
+                                   ("--threads", args.threads, 1, None),
+                                   ("--rounds", args.rounds, 1, None)):
+        if value < low or (high is not None and value > high):
+            p.error(f"{name} {value} is out of range: use {low}"
+                    + (f"..{high} (the model's context)" if high else " or more"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MicroTransformer(vocab_size=VOCAB, max_seq_len=MAX_SEQ, dropout=0.0,
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": args.rounds,
               "command": " ".join(["python benchmarks/serve_step.py", *sys.argv[1:]]),
               "buckets": [bucket(model, int(r), args.cols, args.rounds)
-                          for r in args.rows.split(",")]}
+                          for r in rows]}
     text = markdown(result)
     print(text)
     out = Path(args.out)

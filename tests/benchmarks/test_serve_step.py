@@ -31,3 +31,18 @@ def test_linear_shapes_are_the_blocks_and_the_head() -> None:
     assert len(shapes) == 4 * 3 + 1
     assert shapes[-1] == (32, 97)
     assert (32, 96) in shapes and (64, 32) in shapes
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--rows", "1,x"], "--rows '1,x': expected comma-separated integers"),
+    (["--rows", "0,8"], "--rows 0 is out of range: use 1 or more"),
+    (["--cols", "600"], "--cols 600 is out of range: use 1..512"),
+    (["--rounds", "0"], "--rounds 0 is out of range: use 1 or more"),
+])
+def test_bad_options_get_one_line_and_exit_2(argv: list[str], message: str, capsys) -> None:
+    from benchmarks.serve_step import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
