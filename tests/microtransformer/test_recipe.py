@@ -48,7 +48,7 @@ def test_a_small_corpus_repeated_many_times_gets_regularised() -> None:
     assert (cfg.model.dropout, cfg.model.attention_dropout, cfg.train.weight_decay) == \
         (0.1, 0.0, 0.5)
     # a shorter budget sees the same small corpus fewer times
-    short = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 0.25, TWO_CORES)
+    short = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 0.1, TWO_CORES)  # ~2 passes
     assert "model.dropout" not in short.overrides
 
 
@@ -119,7 +119,7 @@ def test_a_val_split_from_other_text_aims_the_stop_at_it_whatever_the_budget() -
     assert FEW_EPOCHS < min(MANY_EPOCHS.values())
     # the same text with its val split cut from it: no stop below MANY_EPOCHS passes ...
     cut = {"kind": "bpe", "tokens": {"train": 300_000}, "split": {"method": "val_fraction"}}
-    assert "train.stop_patience" not in choose_recipe(cut, 5, TWO_CORES).overrides
+    assert "train.stop_patience" not in choose_recipe(cut, 2, TWO_CORES).overrides  # ~3 passes
     # ... and above, the reason says how to aim the stop at text of another kind
     assert "--val-from" in choose_recipe(cut, 15, TWO_CORES).reason
 
