@@ -28,7 +28,8 @@ MEASURED_TOKENS_PER_S = {"cpu_char": 7300.0, "cpu_bpe": 6800.0}
 # passes the regularisation below already scored other sources' text 0.016-0.107 bits/byte
 # better, for 0.006 worse on the val split cut from the training file; at ~7.5 passes it was
 # 0.11-0.30 better on all four texts scored, the val split included. (Section 5's older recipe,
-# AdamW and learnt positions, bottomed out at ~9 passes; Muon learns the text sooner.)
+# AdamW and learnt positions, bottomed out at ~9 passes; Muon learns the text sooner.) Four
+# novels (724k tokens) at 6.2 passes: 0.08-0.11 better on their val split and two other novels.
 # Characters (tinyshakespeare, sections 5 and 15): the same regularisation cost 0.07 nats/char
 # at 6.5 passes and 0.03 at 9.6, on the val split and on another source's text; at 15 passes
 # it still cost the val split 0.026 but gained 0.056 on the other source's text, where the

@@ -279,7 +279,10 @@ def make_sandbox(root: Path) -> tuple[Path, dict[str, str]]:
                        ("gutenberg/jane_eyre.txt", _text(300, "je")),
                        ("gutenberg/tom_sawyer.txt", _text(800, "tom")),
                        ("gutenberg/huckleberry_finn.txt", _text(300, "huck")),
-                       ("gutenberg/alice_in_wonderland.txt", _text(300, "alice"))):
+                       ("gutenberg/alice_in_wonderland.txt", _text(300, "alice")),
+                       ("gutenberg/dracula.txt", _text(300, "dracula")),
+                       ("gutenberg/emma.txt", _text(300, "emma")),
+                       ("gutenberg/pride_and_prejudice.txt", _text(300, "pride"))):
         (shared / name).parent.mkdir(parents=True, exist_ok=True)
         (shared / name).write_text(text)
     cache = root / "cache"
