@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"cpu": cpu_description(), "torch": torch.__version__, "threads": args.threads,
               "rounds": args.rounds,
               "command": " ".join(["python benchmarks/serve_step.py", *sys.argv[1:]]),
-              "buckets": [bucket(model, int(r), args.cols, args.rounds)
-                          for r in rows]}
+              "buckets": [bucket(model, r, args.cols, args.rounds) for r in rows]}
     text = markdown(result)
     print(text)
     out = Path(args.out)
