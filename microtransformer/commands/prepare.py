@@ -13,6 +13,9 @@ from microtransformer.finetune import parent_tokenizer
 DATASET_NAMES = ("tinyshakespeare", "tinystories", "tinystories-train")
 STDLIB_DEFAULT_MAX_BYTES = 8_000_000
 MAX_UNKNOWN = 0.01
+DEFAULT_VOCAB_SIZE = 5000  # and these two: microtransformer.tokenizer's
+SMALL_TEXT_CHARS = 2_000_000
+SMALL_TEXT_VOCAB = 2000
 
 
 def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -31,8 +34,10 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                    help="output directory for train.bin, val.bin, tokenizer.json, meta.json")
     p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
                    help="byte-level BPE or character level (default: bpe)")
-    p.add_argument("--vocab-size", type=int, default=5000,
-                   help="largest vocabulary to train (default: 5000)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="largest vocabulary to train (default: by the training text's size, "
+                   f"BPE {SMALL_TEXT_VOCAB} under {SMALL_TEXT_CHARS:,} characters, else "
+                   f"{DEFAULT_VOCAB_SIZE}: docs/RESULTS.md, section 17)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=None,
                        help="fraction of documents held out for validation (default: 0.1)")
@@ -101,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     split = meta["split"]
     print(f"prepared {args.out}: {meta['kind']} tokenizer, vocab {meta['vocab_size']}, "
           f"{meta['dtype']}, {n_files} file(s)")
+    limit = meta.get("vocab_limit")
+    if limit and limit["by"] == "training text" and meta["kind"] == "bpe":
+        small = limit["train_characters"] < SMALL_TEXT_CHARS
+        print(f"vocabulary limit {limit['asked']}: the training text has "
+              f"{limit['train_characters']:,} characters, {'under' if small else 'at least'} "
+              f"{SMALL_TEXT_CHARS:,}" + (" (a smaller vocabulary generalises better on a small "
+                                         "text)" if small else "")
+              + "; --vocab-size N to choose")
     if split["method"] == "val_sources":
         print(f"val from {', '.join(split['val_files'])}: "
               f"{split['documents_whole_in_val']:,} document(s), whole and never trained on"

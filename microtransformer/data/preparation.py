@@ -89,7 +89,13 @@ from microtransformer.data.tokens import (
 )
 from microtransformer.errors import UserError
 from microtransformer.fileio import atomic_write_json
-from microtransformer.tokenizer import KINDS, Tokenizer, min_vocab_size, train_tokenizer
+from microtransformer.tokenizer import (
+    KINDS,
+    Tokenizer,
+    auto_vocab_size,
+    min_vocab_size,
+    train_tokenizer,
+)
 
 TOKENIZER_SAMPLE_CHARS = 200_000_000  # train the tokenizer on at most this many characters
 META_VERSION = 2  # 2: "identity" and "unknown" (version 1 directories are still read)
@@ -102,7 +108,7 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     tokenizer: str = "bpe",
-    vocab_size: int = 5000,
+    vocab_size: int | None = None,
     val_fraction: float = 0.1,
     val_tail: float | None = None,
     tokenizer_path: str | os.PathLike | None = None,
@@ -119,7 +125,8 @@ def prepare(
     """Tokenize a corpus into `out_dir`/{train.bin, val.bin, tokenizer.json, meta.json}.
 
     `tokenizer` ("bpe" | "char") and `vocab_size` choose the tokenizer trained on the corpus (on
-    its first `tokenizer_sample_chars` characters at most); `tokenizer_path` reuses an existing
+    its first `tokenizer_sample_chars` characters at most; `vocab_size=None` lets the training
+    text's size choose, `tokenizer.auto_vocab_size`); `tokenizer_path` reuses an existing
     tokenizer.json instead (its kind and vocab size win). `val_tail`, when given, replaces the
     document split `val_fraction` (see the module docstring); `val_sources`, when given, are
     the val split whole and `sources` all go to train (`val_fraction` is then unused, `val_tail`
@@ -134,9 +141,9 @@ def prepare(
     val_args = _check_val_sources(val_sources, val_tail)
     split_mode, fraction = (("val_sources", 0.0) if val_args
                             else _check_split_args(val_fraction, val_tail))
-    if tokenizer_path is None and (
-        tokenizer not in KINDS or vocab_size < min_vocab_size(tokenizer)
-    ):  # fail before reading the corpus: this call raises the argument's UserError
+    if tokenizer_path is None and (tokenizer not in KINDS or (
+        vocab_size is not None and vocab_size < min_vocab_size(tokenizer)
+    )):  # fail before reading the corpus: this call raises the argument's UserError
         train_tokenizer([], kind=tokenizer, vocab_size=vocab_size)
     target = Path(out_dir)
     check_unknown_limit(max_unknown)
@@ -195,13 +202,19 @@ def prepare(
               if vary_breaks and not instruction else array("B", bytes(n_docs)))
 
     # --- tokenizer: reuse or train (streaming, on a bounded sample)
+    train_chars = train_scan.chars if val_args else scan.chars - val_chars
+    vocab_limit = None
     if tokenizer_path is not None:
         tok = Tokenizer.load(tokenizer_path)
     else:
+        vocab_limit = {"asked": (auto_vocab_size(tokenizer, train_chars) if vocab_size is None
+                                 else vocab_size),
+                       "by": "training text" if vocab_size is None else "typed",
+                       "train_characters": train_chars}
         # the training text only: the val split never shapes the tokenizer
         sample = _take_chars((t for _, t in iter_pieces(train_scan.sources, text_field)),
                              tokenizer_sample_chars)
-        tok = train_tokenizer(sample, kind=tokenizer, vocab_size=vocab_size,
+        tok = train_tokenizer(sample, kind=tokenizer, vocab_size=vocab_limit["asked"],
                               show_progress=False)
 
     # --- encode and write, into a hidden sibling that replaces `target` when complete
@@ -262,6 +275,7 @@ def prepare(
                          else {})},
         "kind": tok.kind,
         "vocab_size": tok.vocab_size,
+        **({"vocab_limit": vocab_limit} if vocab_limit else {}),
         "eos_token_id": tok.eos_token_id,
         "dtype": writers["train"].dtype.name,
         "tokens": {s: writers[s].count for s in SPLITS},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from microtransformer import data
+from microtransformer import data, tokenizer
 from microtransformer.cli import main
 from microtransformer.commands import prepare as prepare_cmd
 
@@ -76,3 +76,38 @@ def test_cli_constants_match_data_module() -> None:
     assert prepare_cmd.DATASET_NAMES == tuple(data.DATASETS)
     assert prepare_cmd.STDLIB_DEFAULT_MAX_BYTES == data.STDLIB_DEFAULT_MAX_BYTES
     assert prepare_cmd.MAX_UNKNOWN == data.MAX_UNKNOWN
+    assert (prepare_cmd.DEFAULT_VOCAB_SIZE, prepare_cmd.SMALL_TEXT_CHARS,
+            prepare_cmd.SMALL_TEXT_VOCAB) == (tokenizer.DEFAULT_VOCAB_SIZE,
+                                              tokenizer.SMALL_TEXT_CHARS,
+                                              tokenizer.SMALL_TEXT_VOCAB)
+
+
+def test_vocab_limit_follows_the_training_text_not_the_val_split(
+        tiny_corpus_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    # the limit counts the training split's characters: put it between those and the whole
+    # corpus, and the small-text vocabulary must still be chosen
+    whole = sum(len(f.read_text(encoding="utf-8")) for f in tiny_corpus_dir.iterdir())
+    monkeypatch.setattr(tokenizer, "SMALL_TEXT_CHARS", int(whole * 0.9))
+    monkeypatch.setattr(prepare_cmd, "SMALL_TEXT_CHARS", int(whole * 0.9))
+    out = tmp_path / "auto"
+    assert main(["prepare", str(tiny_corpus_dir), "--out", str(out), "--val-fraction",
+                 "0.2"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    limit = meta["vocab_limit"]
+    assert limit["by"] == "training text" and limit["asked"] == tokenizer.SMALL_TEXT_VOCAB
+    assert limit["train_characters"] < int(whole * 0.9) < whole
+    printed = capsys.readouterr().out
+    assert (f"vocabulary limit {tokenizer.SMALL_TEXT_VOCAB}: the training text has "
+            f"{limit['train_characters']:,} characters, under") in printed
+    # a larger text gets the default, and a typed size is kept and said to be typed
+    monkeypatch.setattr(tokenizer, "SMALL_TEXT_CHARS", 10)
+    monkeypatch.setattr(prepare_cmd, "SMALL_TEXT_CHARS", 10)
+    assert main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "big")]) == 0
+    big = json.loads((tmp_path / "big" / "meta.json").read_text())["vocab_limit"]
+    assert big["asked"] == tokenizer.DEFAULT_VOCAB_SIZE and big["by"] == "training text"
+    assert "characters, at least 10; --vocab-size N to choose" in capsys.readouterr().out
+    assert main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "typed"),
+                 "--vocab-size", "300"]) == 0
+    typed = json.loads((tmp_path / "typed" / "meta.json").read_text())["vocab_limit"]
+    assert typed["asked"] == 300 and typed["by"] == "typed"
+    assert "vocabulary limit" not in capsys.readouterr().out

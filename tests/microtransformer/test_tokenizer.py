@@ -11,10 +11,14 @@ from hypothesis import strategies as st
 
 from microtransformer.errors import UserError
 from microtransformer.tokenizer import (
+    DEFAULT_VOCAB_SIZE,
     EOS_TOKEN,
     PAD_TOKEN,
+    SMALL_TEXT_CHARS,
+    SMALL_TEXT_VOCAB,
     UNK_CHAR,
     Tokenizer,
+    auto_vocab_size,
     min_vocab_size,
     train_tokenizer,
 )
@@ -177,3 +181,15 @@ def test_empty_corpus(kind) -> None:
         train_tokenizer(iter(["", ""]), kind=kind, vocab_size=min_vocab_size(kind))
     with pytest.raises(UserError, match="not a str"):
         train_tokenizer("just one string", kind=kind)
+
+
+def test_auto_vocab_size_follows_the_training_text_size() -> None:
+    assert SMALL_TEXT_VOCAB < DEFAULT_VOCAB_SIZE
+    assert auto_vocab_size("bpe", 0) == SMALL_TEXT_VOCAB
+    assert auto_vocab_size("bpe", SMALL_TEXT_CHARS - 1) == SMALL_TEXT_VOCAB
+    assert auto_vocab_size("bpe", SMALL_TEXT_CHARS) == DEFAULT_VOCAB_SIZE
+    assert auto_vocab_size("bpe", 50 * SMALL_TEXT_CHARS) == DEFAULT_VOCAB_SIZE
+    # characters: the vocabulary is the text's characters, so the limit does not depend on size
+    assert auto_vocab_size("char", 10) == auto_vocab_size("char", 10**9) == DEFAULT_VOCAB_SIZE
+    with pytest.raises(UserError, match="unknown tokenizer kind 'wordpiece'"):
+        auto_vocab_size("wordpiece", 10)
