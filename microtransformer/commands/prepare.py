@@ -13,7 +13,7 @@ from microtransformer.finetune import parent_tokenizer
 DATASET_NAMES = ("tinyshakespeare", "tinystories", "tinystories-train")
 STDLIB_DEFAULT_MAX_BYTES = 8_000_000
 MAX_UNKNOWN = 0.01
-DEFAULT_VOCAB_SIZE = 5000  # and these two: microtransformer.tokenizer's
+DEFAULT_VOCAB_SIZE = 5000  # and these two, for --help: microtransformer.tokenizer's
 SMALL_TEXT_CHARS = 2_000_000
 SMALL_TEXT_VOCAB = 2000
 
@@ -108,11 +108,11 @@ def run(args: argparse.Namespace) -> int:
           f"{meta['dtype']}, {n_files} file(s)")
     limit = meta.get("vocab_limit")
     if limit and limit["by"] == "training text" and meta["kind"] == "bpe":
-        small = limit["train_characters"] < SMALL_TEXT_CHARS
+        small = limit["train_characters"] < limit["small_text_chars"]  # as prepare decided
         print(f"vocabulary limit {limit['asked']}: the training text has "
               f"{limit['train_characters']:,} characters, {'under' if small else 'at least'} "
-              f"{SMALL_TEXT_CHARS:,}" + (" (a smaller vocabulary generalises better on a small "
-                                         "text)" if small else "")
+              f"{limit['small_text_chars']:,}" + (" (a smaller vocabulary generalises better on "
+                                                  "a small text)" if small else "")
               + "; --vocab-size N to choose")
     if split["method"] == "val_sources":
         print(f"val from {', '.join(split['val_files'])}: "

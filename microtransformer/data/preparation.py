@@ -67,6 +67,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+import microtransformer.tokenizer as vocab_rule  # its limit, read when the rule runs
 from microtransformer import __version__
 from microtransformer.artifacts import DATASET, begin_stage, check_output, discard, publish
 from microtransformer.data.documents import Scan, iter_pieces, iter_records, scan_sources
@@ -207,10 +208,10 @@ def prepare(
     if tokenizer_path is not None:
         tok = Tokenizer.load(tokenizer_path)
     else:
-        vocab_limit = {"asked": (auto_vocab_size(tokenizer, train_chars) if vocab_size is None
-                                 else vocab_size),
-                       "by": "training text" if vocab_size is None else "typed",
-                       "train_characters": train_chars}
+        vocab_limit = ({"asked": vocab_size, "by": "typed"} if vocab_size is not None else
+                       {"asked": auto_vocab_size(tokenizer, train_chars), "by": "training text",
+                        "small_text_chars": vocab_rule.SMALL_TEXT_CHARS})
+        vocab_limit["train_characters"] = train_chars
         # the training text only: the val split never shapes the tokenizer
         sample = _take_chars((t for _, t in iter_pieces(train_scan.sources, text_field)),
                              tokenizer_sample_chars)

@@ -88,7 +88,6 @@ def test_vocab_limit_follows_the_training_text_not_the_val_split(
     # corpus, and the small-text vocabulary must still be chosen
     whole = sum(len(f.read_text(encoding="utf-8")) for f in tiny_corpus_dir.iterdir())
     monkeypatch.setattr(tokenizer, "SMALL_TEXT_CHARS", int(whole * 0.9))
-    monkeypatch.setattr(prepare_cmd, "SMALL_TEXT_CHARS", int(whole * 0.9))
     out = tmp_path / "auto"
     assert main(["prepare", str(tiny_corpus_dir), "--out", str(out), "--val-fraction",
                  "0.2"]) == 0
@@ -96,12 +95,12 @@ def test_vocab_limit_follows_the_training_text_not_the_val_split(
     limit = meta["vocab_limit"]
     assert limit["by"] == "training text" and limit["asked"] == tokenizer.SMALL_TEXT_VOCAB
     assert limit["train_characters"] < int(whole * 0.9) < whole
+    assert limit["small_text_chars"] == int(whole * 0.9)
     printed = capsys.readouterr().out
     assert (f"vocabulary limit {tokenizer.SMALL_TEXT_VOCAB}: the training text has "
             f"{limit['train_characters']:,} characters, under") in printed
     # a larger text gets the default, and a typed size is kept and said to be typed
     monkeypatch.setattr(tokenizer, "SMALL_TEXT_CHARS", 10)
-    monkeypatch.setattr(prepare_cmd, "SMALL_TEXT_CHARS", 10)
     assert main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "big")]) == 0
     big = json.loads((tmp_path / "big" / "meta.json").read_text())["vocab_limit"]
     assert big["asked"] == tokenizer.DEFAULT_VOCAB_SIZE and big["by"] == "training text"
