@@ -293,7 +293,7 @@ def train_tokenizer(
         why = "256 byte tokens + 2 special tokens" if kind == "bpe" else "3 special tokens + 1 char"
         raise UserError(
             f"vocab_size={vocab_size} is too small for a {kind} tokenizer: it needs at least "
-            f"{limit} ({why}); pass a vocab_size >= {limit} (default {DEFAULT_VOCAB_SIZE})"
+            f"{limit} ({why}); pass a vocab_size >= {limit}"
         )
     counted = _CountingIterator(texts)
     hf = _train_bpe(counted, vocab_size, min_frequency, show_progress) if kind == "bpe" \

@@ -12,6 +12,8 @@ from microtransformer.recipe import (
     MIN_EVAL_INTERVAL,
     REGULARISATION,
     STOP_PATIENCE,
+    STRONGER_DROPOUT,
+    STRONGER_EPOCHS,
     Machine,
     choose_recipe,
     needs_speed,
@@ -38,7 +40,8 @@ def test_char_data_gets_cpu_char_and_bpe_data_gets_cpu_bpe() -> None:
 
 
 def test_a_small_corpus_repeated_many_times_gets_regularised() -> None:
-    small = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 15, TWO_CORES)
+    tokens = int(MEASURED_TOKENS_PER_S["cpu_bpe"] * 15 * 60 / 6)  # 6 passes in 15 minutes
+    small = choose_recipe({"kind": "bpe", "tokens": {"train": tokens}}, 15, TWO_CORES)
     large = choose_recipe({"kind": "bpe", "tokens": {"train": 50_000_000}}, 15, TWO_CORES)
     assert {k: small.overrides[k] for k in REGULARISATION} == REGULARISATION
     assert f"> {MANY_EPOCHS['cpu_bpe']:g}" in small.reason
@@ -50,6 +53,26 @@ def test_a_small_corpus_repeated_many_times_gets_regularised() -> None:
     # a shorter budget sees the same small corpus fewer times
     short = choose_recipe({"kind": "bpe", "tokens": {"train": 20_000}}, 0.1, TWO_CORES)  # ~2 passes
     assert "model.dropout" not in short.overrides
+
+
+def test_bpe_seen_far_more_often_gets_the_stronger_dropout_and_characters_do_not() -> None:
+    """Above STRONGER_EPOCHS passes BPE text gets dropout STRONGER_DROPOUT (the rest of the
+    regularisation unchanged), and the reason says why; character text has no such threshold."""
+    limit = STRONGER_EPOCHS["cpu_bpe"]
+    in_budget = MEASURED_TOKENS_PER_S["cpu_bpe"] * 15 * 60
+    under, over = (choose_recipe({"kind": "bpe", "tokens": {"train": int(in_budget / p)}}, 15,
+                                 TWO_CORES) for p in (limit * 0.95, limit * 1.05))
+    assert under.overrides["model.dropout"] == REGULARISATION["model.dropout"]
+    assert over.overrides["model.dropout"] == STRONGER_DROPOUT > REGULARISATION["model.dropout"]
+    for key in ("model.attn_dropout", "train.weight_decay"):
+        assert over.overrides[key] == REGULARISATION[key]
+    assert f"dropout {STRONGER_DROPOUT:g} (> {limit:g} passes;" in over.reason
+    assert f"dropout {REGULARISATION['model.dropout']:g} (attention" in under.reason
+    cfg = load_config(preset=over.preset, overrides=over.override_tokens())
+    assert cfg.model.dropout == STRONGER_DROPOUT and cfg.model.attention_dropout == 0.0
+    assert "cpu_char" not in STRONGER_EPOCHS
+    char = choose_recipe({"kind": "char", "tokens": {"train": 20_000}}, 15, TWO_CORES)  # ~300
+    assert char.overrides["model.dropout"] == REGULARISATION["model.dropout"]
 
 
 def test_the_machine_is_named_and_a_gpu_keeps_the_preset() -> None:
