@@ -94,6 +94,26 @@ class Recipe:
         """The overrides as `--section.key=value` tokens (config.load_config's form)."""
         return [f"--{k}={v}" for k, v in self.overrides.items()]
 
+    def typed_note(self, typed: dict[str, Any]) -> str:
+        """One line naming the recipe's choices that the user's typed overrides (`typed`:
+        {"section.key": value}, config.parse_overrides' form) replace, since typed values win
+        over the reason's; "" when none does."""
+        replaced = []
+        for key, chosen in self.overrides.items():
+            if key == "train.max_time_minutes" or key not in typed:  # that one is --time itself
+                continue
+            value = typed[key]
+            try:
+                same = float(value) == float(chosen)
+            except (TypeError, ValueError):
+                same = str(value) == str(chosen)
+            if not same:
+                replaced.append(f"--{key} {value} (the recipe chose {chosen:g})"
+                                if isinstance(chosen, float | int) else
+                                f"--{key} {value} (the recipe chose {chosen})")
+        return ("note: typed, so they train in place of the recipe's choice: "
+                + ", ".join(replaced)) if replaced else ""
+
     def sections(self) -> dict[str, dict[str, Any]]:
         """The overrides as a config layer {section: {name: value}} (`resolve_config`'s
         `layers`: the recipe's choices are not typed by the user, so they adapt like a

@@ -117,6 +117,9 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
         recipe = budget_recipe(args.data, minutes, overrides)
         if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun worker
             print(recipe.reason, flush=True)
+            note = recipe.typed_note(parse_overrides(overrides))
+            if note:
+                print(note, flush=True)
         args.preset = recipe.preset
         layers.append(("the budget recipe", recipe.sections()))
     run_dir = Path(args.out)

@@ -189,3 +189,17 @@ def test_preset_for_and_needs_speed() -> None:
     assert preset_for({"kind": "bpe"}) == preset_for({}) == "cpu_bpe"
     assert needs_speed({"kind": "bpe", "tokens": {"train": 10}})
     assert not needs_speed({"kind": "bpe", "tokens": {}})  # prepared by the run: size unknown
+
+
+def test_typed_values_that_replace_the_recipes_choice_are_named() -> None:
+    """Typed overrides win over the recipe's; the note names each one that differs, and
+    nothing for a typed value equal to the choice, for --time itself or for untouched keys."""
+    tokens = int(MEASURED_TOKENS_PER_S["cpu_bpe"] * 15 * 60 / 30)  # 30 passes
+    recipe = choose_recipe({"kind": "bpe", "tokens": {"train": tokens}}, 15, TWO_CORES)
+    assert recipe.typed_note({}) == ""
+    assert recipe.typed_note({"train.max_time_minutes": "30", "model.num_layers": "6"}) == ""
+    assert recipe.typed_note({"model.dropout": f"{STRONGER_DROPOUT}"}) == ""  # same value
+    note = recipe.typed_note({"model.dropout": "0.05", "train.stop_patience": "0"})
+    assert note.startswith("note: ") and "\n" not in note
+    assert f"--model.dropout 0.05 (the recipe chose {STRONGER_DROPOUT:g})" in note
+    assert f"--train.stop_patience 0 (the recipe chose {STOP_PATIENCE})" in note
