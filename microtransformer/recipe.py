@@ -96,8 +96,8 @@ class Recipe:
 
     def typed_note(self, typed: dict[str, Any]) -> str:
         """One line naming the recipe's choices that the user's typed overrides (`typed`:
-        {"section.key": value}, config.parse_overrides' form) replace, since typed values win
-        over the reason's; "" when none does."""
+        {"section.key": value}, config.parse_overrides' form) replace: the reason names the
+        recipe's values, the typed ones train. "" when none is replaced."""
         replaced = []
         for key, chosen in self.overrides.items():
             if key == "train.max_time_minutes" or key not in typed:  # that one is --time itself
@@ -108,9 +108,8 @@ class Recipe:
             except (TypeError, ValueError):
                 same = str(value) == str(chosen)
             if not same:
-                replaced.append(f"--{key} {value} (the recipe chose {chosen:g})"
-                                if isinstance(chosen, float | int) else
-                                f"--{key} {value} (the recipe chose {chosen})")
+                shown = f"{chosen:g}" if isinstance(chosen, float | int) else chosen
+                replaced.append(f"--{key} {value} (the recipe chose {shown})")
         return ("note: typed, so they train in place of the recipe's choice: "
                 + ", ".join(replaced)) if replaced else ""
 
