@@ -46,8 +46,8 @@ REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 
 # vocabulary 2000, on the idle AMD): where 15 minutes bought ~23-26 passes, dropout 0.2 instead
 # of 0.1 let the held-out stop come later (18-23 passes trained, not 12-17) and scored the val
 # split 0.038-0.051 bits/byte better and stories from another source 0.030-0.061 better (two
-# seeds); at the ~15 passes that 10 minutes buy (no stop yet) 0.035 and 0.049 better (one
-# seed); where 5 minutes bought ~8-9, 0.011-0.015 worse on the val split and within 0.006
+# seeds); at the ~15 passes that 10 minutes buy 0.035-0.037 and 0.020-0.049 better (two
+# seeds); where 5 minutes bought ~8-9, 0.011-0.015 worse on the val split and within 0.006
 # either way on those stories (two seeds). Two novels, text a TinyStories model is not for:
 # mixed at 15 minutes, better by 0.06-0.20 at 10 and 5. Tom Sawyer alone (35 or more passes
 # bought, ~10 trained before the stop): within 0.02 either way on three other texts. The
