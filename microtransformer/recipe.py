@@ -49,9 +49,9 @@ REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 
 # seeds); at the ~15 passes that 10 minutes buy 0.035-0.037 and 0.020-0.049 better (two
 # seeds); where 5 minutes bought ~8-9, 0.011-0.015 worse on the val split and within 0.006
 # either way on those stories (two seeds). Two novels, text a TinyStories model is not for:
-# mixed at 15 minutes, better by 0.02-0.20 at 10 and 0.06-0.09 at 5. Tom Sawyer alone (35 or more passes
-# bought, ~10 trained before the stop): within 0.02 either way on three other texts. The
-# threshold sits near the geometric middle of 8.5 and 15 passes.
+# mixed at 15 minutes, better by 0.02-0.20 at 10 and 0.06-0.09 at 5. Tom Sawyer alone (35 or
+# more passes bought, ~10 trained before the stop): within 0.02 either way on three other
+# texts. The threshold sits near the geometric middle of 8.5 and 15 passes.
 # Characters: not measured, so not changed.
 STRONGER_DROPOUT = 0.2
 STRONGER_EPOCHS: dict[str, float] = {"cpu_bpe": 12.0}
