@@ -111,13 +111,14 @@ def resolve_run_config(args: argparse.Namespace) -> ResolvedConfig:
         overrides.insert(0, f"--train.max_time_minutes={minutes:g}")
     if args.init_from is not None:
         overrides.insert(0, f"--train.init_from={Path(args.init_from).resolve()}")
-    init_from = parse_overrides(overrides).get("train.init_from")
+    typed = parse_overrides(overrides)
+    init_from = typed.get("train.init_from")
     layers: list[tuple[str, dict[str, Any]]] = []
     if minutes is not None and not (args.preset or args.config or args.resume or init_from):
         recipe = budget_recipe(args.data, minutes, overrides)
         if os.environ.get("RANK", "0") == "0":  # once, not from every torchrun worker
             print(recipe.reason, flush=True)
-            note = recipe.typed_note(parse_overrides(overrides))
+            note = recipe.typed_note(typed)
             if note:
                 print(note, flush=True)
         args.preset = recipe.preset
