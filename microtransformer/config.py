@@ -230,7 +230,9 @@ class DataConfig:
                                      "data_dir is none (empty = the Python stdlib corpus)",
                                      default=())
     tokenizer: str = _help("tokenizer kind for on-the-fly prepare: bpe | char", default="bpe")
-    vocab_size: int = _help("tokenizer vocab size for on-the-fly prepare (bpe)", default=5000)
+    vocab_size: int | None = _help("largest tokenizer vocabulary for on-the-fly prepare; none = "
+                                   "by the training text's size, as `prepare` chooses it",
+                                   default=None)
     val_fraction: float = _help("fraction of documents held out for validation", default=0.1)
     val_tail: float | None = _help("hold out this final fraction of characters instead "
                                    "(e.g. 0.1 = nanoGPT's tinyshakespeare split)", default=None)
@@ -247,7 +249,8 @@ class DataConfig:
         if self.tokenizer not in TOKENIZER_KINDS:
             problems.append(f"tokenizer={self.tokenizer!r} must be one of "
                             f"{', '.join(TOKENIZER_KINDS)}")
-        check_int(problems, "vocab_size", self.vocab_size, minimum=1)
+        if self.vocab_size is not None:
+            check_int(problems, "vocab_size", self.vocab_size, minimum=1)
         check_float(problems, "val_fraction", self.val_fraction, low=0.0, high=1.0,
                     low_open=True, high_open=True)
         if self.val_tail is not None:

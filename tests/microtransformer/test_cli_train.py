@@ -237,3 +237,24 @@ def test_under_torchrun_the_budget_counts_passes_at_the_table_speed(trained, mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     recipe = budget_recipe(str(data), 15, [])
     assert "not this machine's" in recipe.reason and "measured here" not in recipe.reason
+
+
+def test_train_prepares_with_prepares_vocabulary_rule_unless_typed(tmp_path, capsys) -> None:
+    """On-the-fly prepare chooses the BPE vocabulary as `prepare` does (by the training text's
+    size) when none is typed, and a typed `--data.vocab_size` wins."""
+    from microtransformer.tokenizer import auto_vocab_size
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog; " * 300)
+    flags = [*TINY, "--train.max_steps", "2", "--train.eval_interval", "2"]
+    assert main(["train", "--out", str(tmp_path / "r"), "--data.sources", str(corpus),
+                 "--dry-run", *flags]) == 0
+    assert "bpe tokenizer, vocab by the text size" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "r"), "--no-progress", "--data.sources",
+                 str(corpus), *flags]) == 0
+    limit = json.loads((tmp_path / "r" / "data" / "meta.json").read_text())["vocab_limit"]
+    assert (limit["asked"], limit["by"]) == (auto_vocab_size("bpe", 13_500), "training text")
+    assert main(["train", "--out", str(tmp_path / "r2"), "--no-progress", "--data.sources",
+                 str(corpus), "--data.vocab_size", "300", *flags]) == 0
+    limit = json.loads((tmp_path / "r2" / "data" / "meta.json").read_text())["vocab_limit"]
+    assert (limit["asked"], limit["by"]) == (300, "typed")
