@@ -1,7 +1,8 @@
 """Plot validation loss against training time for several runs (docs/RESULTS.md's figures).
 
-    python scripts/plot_recipes.py OUT.png "label=RUN_DIR" ["label=RUN_DIR" ...] [--title T]
-        [--ref "label=VALUE"] [--key val_loss|val_bpb] [--ylim LOW,HIGH] [--rate label=TOK_S]
+    python scripts/plot_recipes.py OUT.png ["label=RUN_DIR" ...] [--points "label=S:V,..."]
+        [--title T] [--ref "label=VALUE"] [--key val_loss|val_bpb] [--ylim LOW,HIGH]
+        [--rate label=TOK_S] [--xlabel TEXT]
 
 Reads each run's metrics.jsonl; the x axis is `train_time_s` (the time budget's clock:
 optimizer steps only) where the log has it, else `elapsed_s` (older logs: wall time of the
@@ -27,7 +28,7 @@ def main() -> None:
     """Parse the arguments and write the figure."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="PNG to write")
-    p.add_argument("runs", nargs="+", help="label=RUN_DIR")
+    p.add_argument("runs", nargs="*", help="label=RUN_DIR")
     p.add_argument("--title", default="")
     p.add_argument("--ylabel", default=None,
                    help="default: val loss (nats/token), or val bits per byte with --key val_bpb")
@@ -39,7 +40,10 @@ def main() -> None:
     p.add_argument("--ylim", default=None, help="LOW,HIGH: the y range (e.g. to cut step 0)")
     p.add_argument("--rate", action="append", default=[],
                    help="label=TOKENS_PER_S: plot that run's tokens seen at this rate")
+    p.add_argument("--xlabel", default=None, help="default: training time (min)")
     args = p.parse_args()
+    if not args.runs and not args.points:
+        p.error("give at least one label=RUN_DIR or --points")
     rates = {label: float(v) for label, _, v in (r.partition("=") for r in args.rate)}
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
     for item in args.runs:
@@ -67,7 +71,8 @@ def main() -> None:
     if args.ylim:
         low, high = (float(v) for v in args.ylim.split(","))
         ax.set_ylim(low, high)
-    ax.set_xlabel("training time (min)" + (", at the measured rate where --rate" if rates else ""))
+    ax.set_xlabel(args.xlabel or "training time (min)"
+                  + (", at the measured rate where --rate" if rates else ""))
     ax.set_ylabel(args.ylabel or {"val_bpb": "val bits per byte"}.get(args.key,
                                                                        "val loss (nats/token)"))
     ax.grid(alpha=0.3)
