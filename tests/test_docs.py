@@ -4,8 +4,8 @@ Each fenced block of shell commands (``bash``/``sh``/``console`` blocks, and unl
 whose first line is a command) runs as one bash script (`set -euo pipefail`) in one sandbox
 directory, file by file in the order README.md, then docs/ alphabetically, so later commands
 find what earlier ones made. The sandbox has the inputs the docs name: small stand-ins for
-`input.txt`, `more_texts/`, `held_out.txt` and `../shared/data/...` (and the repository's
-`scripts/`, as a clone has them), and a download cache
+`input.txt`, `more_texts/`, `held_out.txt`, `tinystories_val.txt` and `../shared/data/...`
+(and the repository's `scripts/`, as a clone has them), and a download cache
 holding tinyshakespeare (the real file, checked against its pinned sha256) and a small
 TinyStories stand-in, so the named downloads work offline.
 
@@ -267,6 +267,7 @@ def make_sandbox(root: Path) -> tuple[Path, dict[str, str]]:
     (work / "more_texts").mkdir()
     (work / "more_texts" / "book.txt").write_text(_text(400, "book"))
     (work / "held_out.txt").write_text(_text(200, "held"))
+    (work / "tinystories_val.txt").write_text(_text(200, "tsval"))  # RESULTS 19: not in the repo
     (work / "benchmarks").symlink_to(REPO_ROOT / "benchmarks")  # the quick scripts the docs run
     (work / "scripts").symlink_to(REPO_ROOT / "scripts")  # the repository's scripts, as in a clone
     shared = root / "shared" / "data"
