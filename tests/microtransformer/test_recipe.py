@@ -13,6 +13,7 @@ from microtransformer.recipe import (
     REGULARISATION,
     STOP_PATIENCE,
     STRONGER_DROPOUT,
+    STRONGER_EPOCHS,
     Machine,
     choose_recipe,
     needs_speed,
@@ -55,28 +56,21 @@ def test_a_small_corpus_repeated_many_times_gets_regularised() -> None:
 
 
 def test_bpe_seen_far_more_often_gets_the_stronger_dropout_and_characters_do_not() -> None:
-    """Above each of STRONGER_DROPOUT's thresholds of passes BPE text gets that tier's dropout
-    (the rest of the regularisation unchanged), and the reason says why; character text has no
-    such threshold."""
-    tiers = STRONGER_DROPOUT["cpu_bpe"]
-    assert [t[0] for t in tiers] == sorted(t[0] for t in tiers) and len(tiers) >= 2
+    """Above STRONGER_EPOCHS passes BPE text gets dropout STRONGER_DROPOUT (the rest of the
+    regularisation unchanged), and the reason says why; character text has no such threshold."""
+    limit = STRONGER_EPOCHS["cpu_bpe"]
     in_budget = MEASURED_TOKENS_PER_S["cpu_bpe"] * 15 * 60
-    below = REGULARISATION["model.dropout"]
-    for limit, dropout in tiers:
-        under, over = (choose_recipe({"kind": "bpe", "tokens": {"train": int(in_budget / p)}},
-                                     15, TWO_CORES) for p in (limit * 0.98, limit * 1.02))
-        assert under.overrides["model.dropout"] == below
-        assert over.overrides["model.dropout"] == dropout > below
-        for key in ("model.attn_dropout", "train.weight_decay"):
-            assert over.overrides[key] == REGULARISATION[key]
-        assert f"dropout {dropout:g} (> {limit:g} passes;" in over.reason
-        cfg = load_config(preset=over.preset, overrides=over.override_tokens())
-        assert cfg.model.dropout == dropout and cfg.model.attention_dropout == 0.0
-        below = dropout
-    first = choose_recipe({"kind": "bpe", "tokens": {"train": int(in_budget / 8)}}, 15,
-                          TWO_CORES)  # 8 passes: regularised, no stronger tier
-    assert f"dropout {REGULARISATION['model.dropout']:g} (attention" in first.reason
-    assert "cpu_char" not in STRONGER_DROPOUT
+    under, over = (choose_recipe({"kind": "bpe", "tokens": {"train": int(in_budget / p)}}, 15,
+                                 TWO_CORES) for p in (limit * 0.95, limit * 1.05))
+    assert under.overrides["model.dropout"] == REGULARISATION["model.dropout"]
+    assert over.overrides["model.dropout"] == STRONGER_DROPOUT > REGULARISATION["model.dropout"]
+    for key in ("model.attn_dropout", "train.weight_decay"):
+        assert over.overrides[key] == REGULARISATION[key]
+    assert f"dropout {STRONGER_DROPOUT:g} (> {limit:g} passes;" in over.reason
+    assert f"dropout {REGULARISATION['model.dropout']:g} (attention" in under.reason
+    cfg = load_config(preset=over.preset, overrides=over.override_tokens())
+    assert cfg.model.dropout == STRONGER_DROPOUT and cfg.model.attention_dropout == 0.0
+    assert "cpu_char" not in STRONGER_EPOCHS
     char = choose_recipe({"kind": "char", "tokens": {"train": 20_000}}, 15, TWO_CORES)  # ~300
     assert char.overrides["model.dropout"] == REGULARISATION["model.dropout"]
 
@@ -204,9 +198,8 @@ def test_typed_values_that_replace_the_recipes_choice_are_named() -> None:
     recipe = choose_recipe({"kind": "bpe", "tokens": {"train": tokens}}, 15, TWO_CORES)
     assert recipe.typed_note({}) == ""
     assert recipe.typed_note({"train.max_time_minutes": "30", "model.num_layers": "6"}) == ""
-    chosen = STRONGER_DROPOUT["cpu_bpe"][-1][1]  # 30 passes: the last tier
-    assert recipe.typed_note({"model.dropout": f"{chosen}"}) == ""  # same value
+    assert recipe.typed_note({"model.dropout": f"{STRONGER_DROPOUT}"}) == ""  # same value
     note = recipe.typed_note({"model.dropout": "0.05", "train.stop_patience": "0"})
     assert note.startswith("note: ") and "\n" not in note
-    assert f"--model.dropout 0.05 (the recipe chose {chosen:g})" in note
+    assert f"--model.dropout 0.05 (the recipe chose {STRONGER_DROPOUT:g})" in note
     assert f"--train.stop_patience 0 (the recipe chose {STOP_PATIENCE})" in note
