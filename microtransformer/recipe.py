@@ -55,7 +55,7 @@ REGULARISATION: dict[str, float] = {"model.dropout": 0.1, "model.attn_dropout": 
 # 0.3 was measured too (section 19) and not adopted: on the TinyStories subset at 15 minutes
 # (~23 passes) it beat 0.2 on five texts over two seeds (stories of TinyStories' official
 # validation split by 0.012-0.013 bits/byte), at 10 minutes it was level or worse there, and
-# on Tom Sawyer alone (35 passes bought, the stop after ~15) it was 0.06-0.18 worse than 0.2
+# on Tom Sawyer alone (35 passes bought, the stop at ~12) it was 0.06-0.18 worse than 0.2
 # on the three texts from other sources.
 # Characters: not measured, so not changed.
 STRONGER_DROPOUT = 0.2
