@@ -248,8 +248,7 @@ def plan_text(cfg: RunConfig, meta: dict[str, Any] | None, ctx: Any, *,
             + (f"(val: {', '.join(d.val_sources)}) " if d.val_sources else "") +
             f"({d.tokenizer} tokenizer, vocab "
             f"{d.vocab_size if d.vocab_size is not None else 'by the text size'}); "
-            "model.vocab_size and the "
-            "window then follow it")
+            "model.vocab_size and the window then follow it")
     return (f"model: {parameter_formula(mc):,} parameters (embed {mc.embed_dim}, "
             f"{mc.num_layers} layers, {mc.num_heads} heads, ff {mc.ff_dim}, context "
             f"{mc.max_seq_len}, vocab {mc.vocab_size}"

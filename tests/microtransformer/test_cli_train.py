@@ -253,7 +253,8 @@ def test_train_prepares_with_prepares_vocabulary_rule_unless_typed(tmp_path, cap
     assert main(["train", "--out", str(tmp_path / "r"), "--no-progress", "--data.sources",
                  str(corpus), *flags]) == 0
     limit = json.loads((tmp_path / "r" / "data" / "meta.json").read_text())["vocab_limit"]
-    assert (limit["asked"], limit["by"]) == (auto_vocab_size("bpe", 13_500), "training text")
+    assert (limit["asked"], limit["by"]) == (auto_vocab_size("bpe", limit["train_characters"]),
+                                             "training text")
     assert main(["train", "--out", str(tmp_path / "r2"), "--no-progress", "--data.sources",
                  str(corpus), "--data.vocab_size", "300", *flags]) == 0
     limit = json.loads((tmp_path / "r2" / "data" / "meta.json").read_text())["vocab_limit"]
