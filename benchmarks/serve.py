@@ -7,8 +7,9 @@ bucket's step is compiled on first use; warm-up passes of every level, and of ev
 of clients below the largest level (so each row bucket is used with both column buckets, not
 only by chance at a level's tail), trigger them until a pass compiles nothing new, and the
 measurement starts once `/metrics` shows no compile pending).
-The servers share a fresh inductor cache folder, so the first compiles cold and the second
-reuses the cache (compile seconds from the logs). At each concurrency level (default 1, 8, 32
+The servers share a fresh inductor cache folder and a fresh folder of packaged decode steps
+(`MICROTRANSFORMER_CACHE_DIR`), so the first compiles cold and the second reuses what it can
+(compile seconds from the logs). At each concurrency level (default 1, 8, 32
 streaming clients, each sending requests back to back) it measures:
 
 - TTFT: time to first token (request sent -> first chunk with text), p50 / p99
@@ -295,8 +296,8 @@ def markdown(result: dict[str, Any]) -> str:
     comp = result.get("compile_seconds") or {}
     if comp:
         lines += ["", "Compile seconds per bucket (rows x columns), from the server logs "
-                  "(inductor cache: a fresh folder for the first server, reused by the "
-                  "second):", ""]
+                  "(inductor cache and packaged steps: fresh folders for the first server, "
+                  "reused by the second):", ""]
         for name, buckets in comp.items():
             total = sum(buckets.values())
             failed = len(result.get("compile_failures", {}).get(name, []))
@@ -353,7 +354,8 @@ def compile_times(run: Path, max_batch: int, precision: str, buckets: list[list[
     also the eager and the compiled step of each bucket, 5 alternating blocks of 100 steps
     (ms per step, and compiled / eager per block)."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": cache}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": cache,
+               "MICROTRANSFORMER_CACHE_DIR": str(Path(cache) / "packages")}
         runs = []
         for _ in range(repeats):
             out = subprocess.run([sys.executable, "-c", COMPILE_PROBE, str(run), str(max_batch),
@@ -431,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, _ = load_run(run)
         export_gguf(model, gguf, tok, quant="f32")
     cache = args.inductor_cache or str(Path(tmp.name) / "inductor-cache")
+    packages = str(Path(tmp.name) / "packages")  # the packaged steps: fresh, like the cache
     result: dict[str, Any] = {
         "command": "python benchmarks/serve.py " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
@@ -449,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("one at a time (--max-batch 1)", 1)):
             server = Server(run, max_batch,
                             extra + (args.baseline_args.split() if max_batch == 1 else []),
-                            env={"TORCHINDUCTOR_CACHE_DIR": cache})
+                            env={"TORCHINDUCTOR_CACHE_DIR": cache,
+                                 "MICROTRANSFORMER_CACHE_DIR": packages})
             servers[name] = server
             result["server_commands"][name] = " ".join(
                 ["microtransformer", *server.cmd[3:]]).replace(str(run), "RUN")

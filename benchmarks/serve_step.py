@@ -14,6 +14,9 @@ depend on the weights), then measures, in one process, alternating in every roun
   its time split by kernel: the linears (MKL calls), the fused attention kernels (the ones
   with a softmax), the other fused kernels (norms, GELU, embeddings, cache writes) and the
   rest (the Python and dynamo around the graph, allocations);
+- the packaged step the server runs for that row count since it uses `generate`'s
+  ahead-of-time packages (`serve.runner.PackagedStep`, compiled cold into a temporary folder;
+  every row at the bucket's last column, so it attends over as many columns as the bucket);
 - the reference figures: the same 21 linears as standalone `F.linear` calls (the GEMMs with
   their weights hot in cache) and the time to read a buffer as large as the KV cache the step
   reads (`rows x cols` columns of K and V in every layer), i.e. the memory floor of attention.
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +47,8 @@ if str(ROOT) not in sys.path:
 import microtransformer.decoding.step as step_module  # noqa: E402
 from benchmarks.run import MAX_SEQ, PRESETS, VOCAB, cpu_description, timed  # noqa: E402
 from microtransformer.decoding.step import DecodeStep  # noqa: E402
+from microtransformer.serve.runner import PackagedStep  # noqa: E402
+from model.attention import KVCache  # noqa: E402
 from model.transformer import MicroTransformer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -115,6 +122,12 @@ def bucket(model: MicroTransformer, rows: int, cols: int, rounds: int) -> dict[s
     compile_s = time.perf_counter() - start
     if not step.compiled:
         raise RuntimeError(step.compile_error)
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, rows, cfg.num_heads, MAX_SEQ + 1, cfg.head_dim,
+                    dtype=torch.float32, device=CPU)  # the runner's layout: context + 1
+    start = time.perf_counter()
+    packaged = PackagedStep(model, cache, rows, "fp32")
+    package_s = time.perf_counter() - start
     weights = [(torch.randn(rows, k), torch.randn(n, k), torch.randn(n))  # x (rows, in)
                for k, n in linear_shapes(model)]
 
@@ -122,10 +135,10 @@ def bucket(model: MicroTransformer, rows: int, cols: int, rounds: int) -> dict[s
         for x, w, b in weights:
             torch.nn.functional.linear(x, w, b)
 
-    cfg = model.config
     kv_floats = 2 * cfg.num_layers * rows * cfg.num_heads * cols * cfg.head_dim
     kv = torch.randn(kv_floats)  # as many floats as the step's K and V reads
-    fns = {"step": lambda: step.step(tokens, at, at), "linears alone": linears,
+    fns = {"step": lambda: step.step(tokens, at, at),
+           "packaged step": lambda: packaged.step(tokens, at, at), "linears alone": linears,
            "KV read": kv.sum}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
@@ -134,7 +147,7 @@ def bucket(model: MicroTransformer, rows: int, cols: int, rounds: int) -> dict[s
         for name, fn in fns.items():
             times[name].append(block_ms(fn))
     torch._dynamo.reset()
-    return {"rows": rows, "cols": cols, "compile_s": compile_s,
+    return {"rows": rows, "cols": cols, "compile_s": compile_s, "package_s": package_s,
             "kv_mb": kv_floats * 4 / 1e6,
             "ms": {k: statistics.median(v) for k, v in times.items()},
             "ms_all": times, "profiled_ms": parts}
@@ -147,14 +160,14 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['threads']} thread(s). Command: `{result['command']}`", "",
              "ms per step, medians of " + str(result["rounds"]) + " rounds of 100 steps:", "",
              "| bucket | step | " + " | ".join(f"{p} (profiled)" for p in PARTS)
-             + " | linears alone | KV read (MB, ms) |",
-             "| --- | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: | ---: |"]
+             + " | packaged step | linears alone | KV read (MB, ms) |",
+             "| --- | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: | ---: | ---: |"]
     for b in result["buckets"]:
         ms, prof = b["ms"], b["profiled_ms"]
         lines.append(f"| {b['rows']}x{b['cols']} | {ms['step']:.3f} | "
                      + " | ".join(f"{prof[p]:.3f}" for p in PARTS)
-                     + f" | {ms['linears alone']:.3f} | {b['kv_mb']:.1f} MB, "
-                     f"{ms['KV read']:.3f} |")
+                     + f" | {ms['packaged step']:.3f} | {ms['linears alone']:.3f} | "
+                     f"{b['kv_mb']:.1f} MB, {ms['KV read']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{name} {value} is out of range: use {low}"
                     + (f"..{high} (the model's context)" if high else " or more"))
     torch.set_num_threads(args.threads)
+    packages = tempfile.TemporaryDirectory()  # the packaged steps compile cold, not the user's
+    os.environ["MICROTRANSFORMER_CACHE_DIR"] = packages.name
     torch.manual_seed(0)
     model = MicroTransformer(vocab_size=VOCAB, max_seq_len=MAX_SEQ, dropout=0.0,
                              **PRESETS["balanced"]).eval()

@@ -63,9 +63,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         "int8wo (int8 weight-only linears with fp32 activations and cache, as "
                         "`generate --dtype int8wo`; compiled like fp32)")
     p.add_argument("--no-compile", action="store_true",
-                   help="never compile the decode steps (default on CPU: each (rows, columns) "
-                        "bucket's step is compiled in a background thread once it has served "
-                        "--compile-after steps, the eager step serving meanwhile)")
+                   help="never compile the decode steps (default on CPU: once a (rows, columns) "
+                        "bucket has served --compile-after steps, a background thread loads "
+                        "its row count's compiled step (the package `generate` uses, cached "
+                        "on disk) or compiles it, the eager step serving meanwhile)")
     p.add_argument("--compile-after", type=int, default=COMPILE_AFTER, metavar="STEPS",
                    help=f"decode steps a bucket serves eagerly before it is queued for "
                         f"compiling (default {COMPILE_AFTER}; 1: on first use)")
@@ -171,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
               + (f"process (pid {m.engine.process.pid})" if args.engine == "process"
                  else "thread") + "; compiled steps: "
               + (f"off ({compile_why})" if compile_why else
-                 f"built in the background after {args.compile_after} steps per bucket"),
+                 f"built in the background after {args.compile_after} steps per bucket, "
+                 f"loaded at first use where on disk"),
               file=sys.stderr)
     print(f"serving on http://{url_host}:{port} (API /v1, "
           f"{'no playground' if args.no_ui else 'playground /'}, "

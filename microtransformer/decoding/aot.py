@@ -17,6 +17,7 @@ by `package_key`: model shape, batch, precision, torch version and CPU instructi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -119,13 +120,17 @@ def _new_cache(model: MicroTransformer, batch_size: int, dtype: torch.dtype) -> 
 
 def compile_package(model: MicroTransformer, batch_size: int, path: Path) -> None:
     """Export the decode step of `model` (already in its precision) at `batch_size` and
-    compile it into the AOTInductor package `path` (written atomically)."""
+    compile it into the AOTInductor package `path` (written atomically).
+
+    A copy of the model is exported (weights are not part of the package): tracing swaps the
+    traced module's parameters for fake tensors while it runs, and the server compiles in a
+    background thread while its engine keeps decoding with the model."""
     global compile_count
     # deferred: importing torch._inductor costs ~0.9 s of start-up (docs/PERFORMANCE.md)
     import torch._inductor
 
     dtype = model.ln_f.weight.dtype
-    graph = _StepGraph(model).eval()
+    graph = _StepGraph(copy.deepcopy(model)).eval()
     keys = torch.export.Dim("keys", min=1, max=model.config.max_seq_len)
     n_kv = 2 * model.config.num_layers
     shapes = (None, None, None, {3: keys}, [None] * n_kv)
@@ -169,12 +174,16 @@ class AOTDecodeStep:
     attention_mask)` writes a prompt into columns 0..T-1 of every row; `step(tokens,
     positions, cols, key_mask)` feeds one token per row at columns cols (B,) and attends
     over the first key_mask.size(-1) columns.
+    `cache`: decode over an existing cache of `batch_size` rows and max_seq_len + 1 columns
+    in the model's precision, laid out as a `KVCache` of that shape (e.g. `rows(0, n)` of a
+    larger one: the server's buckets share one cache) instead of allocating one.
     After construction: `compiled_now` (this call compiled the package), `seconds` (compile
-    or load time), `path`. Raises `AOTCompileError` if exporting, compiling or loading fails.
+    or load time), `path`. Raises `AOTCompileError` if exporting, compiling or loading fails,
+    ValueError for a cache of another shape.
     """
 
     def __init__(self, model: MicroTransformer, batch_size: int, *,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", cache: KVCache | None = None) -> None:
         device = next(model.parameters()).device
         if device.type != "cpu":
             raise AOTCompileError(f"the AOT decode step is CPU only (model on {device})")
@@ -187,6 +196,8 @@ class AOTDecodeStep:
         self.dtype = self.model.ln_f.weight.dtype
         self.batch_size = batch_size
         self.max_len = model.config.max_seq_len
+        if cache is not None:
+            _check_cache(cache, self.model, batch_size, self.dtype)
         self.path = package_path(self.model, batch_size, precision)
         start = time.perf_counter()
         self.compiled_now = not self.path.is_file()
@@ -198,7 +209,7 @@ class AOTDecodeStep:
             raise AOTCompileError(f"{type(exc).__name__}: {exc}") from exc
         self.seconds = time.perf_counter() - start
         self._run = self._runner.boxed_run
-        self.cache = _new_cache(self.model, batch_size, self.dtype)
+        self.cache = cache if cache is not None else _new_cache(self.model, batch_size, self.dtype)
         self._kv = [t for kv in self.cache.layers for t in kv]
 
     @torch.inference_mode()
@@ -212,6 +223,36 @@ class AOTDecodeStep:
         """Feed tokens (B,) at positions (B,) into columns cols (B,), attending over the
         key_mask (B, 1, 1, S) columns (S <= max_seq_len); logits (B, V) fp32."""
         return self._run([tokens, positions, cols, key_mask, *self._kv])[0]
+
+
+def _check_cache(cache: KVCache, model: MicroTransformer, batch_size: int,
+                 dtype: torch.dtype) -> None:
+    """The package reads each layer's (B, nh, max_seq_len + 1, hs) keys and values with the
+    strides of a contiguous tensor of that shape (the last dimension's are fixed at export)."""
+    cfg = model.config
+    want = (batch_size, cfg.num_heads, cfg.max_seq_len + 1, cfg.head_dim)
+    k = cache.layers[0][0]
+    strides = (want[1] * want[2] * want[3], want[2] * want[3], want[3], 1)
+    if (len(cache.layers) != cfg.num_layers or tuple(k.shape) != want or k.dtype != dtype
+            or k.device.type != "cpu"
+            or any(t.stride() != strides for kv in cache.layers for t in kv)):
+        raise ValueError(
+            f"cache of {len(cache.layers)} layers of {tuple(k.shape)} {k.dtype} (strides "
+            f"{k.stride()}) on {k.device}; the packaged step needs {cfg.num_layers} of {want} "
+            f"{dtype} with strides {strides} on cpu")
+
+
+def packaged_precision(model: MicroTransformer) -> str | None:
+    """The precision a prepared model (`device.prepare_model`) runs in, when its step can be
+    packaged ("fp32", "bf16", "int8wo"); None for other models (quantize_dynamic's int8, an
+    fp16 copy) or a model off the CPU."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    if isinstance(model.lm_head, Int8WeightLinear):
+        return "int8wo"
+    if type(model.lm_head) is not nn.Linear:
+        return None
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(model.ln_f.weight.dtype)
 
 
 def _in_precision(model: MicroTransformer, precision: str) -> bool:

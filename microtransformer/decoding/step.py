@@ -29,6 +29,20 @@ from model.transformer import MicroTransformer
 COMPILE_OPTIONS: dict[str, object] = {"cpp_wrapper": True, "freezing": True}
 
 
+def prepare_for_decoding(model: MicroTransformer, dtype: torch.dtype | str | None
+                         ) -> tuple[MicroTransformer, torch.dtype]:
+    """(the eval-mode model to decode with, its KV cache's dtype) for `dtype`: a precision
+    name ("fp32", "bf16", "int8", "int8wo": `device.prepare_model`, checked against the
+    device), a torch dtype (a converted copy unless the model has it), or None (as it is)."""
+    ref = next(model.parameters())
+    if isinstance(dtype, str):
+        check_precision(dtype, ref.device)
+        return prepare_model(model, dtype), torch.bfloat16 if dtype == "bf16" else torch.float32
+    dtype = dtype or ref.dtype
+    out = model if dtype == ref.dtype else copy.deepcopy(model).to(dtype)
+    return out.eval(), dtype
+
+
 class CompiledOrEager:
     """`fn` under `torch.compile(fullgraph=True, dynamic=False)`, compiled on the first call per
     key (the non-tensor arguments) under inductor's CPU `options`; if compiling fails it warns
@@ -106,16 +120,8 @@ class DecodeStep:
             raise ValueError(f"max_len={max_len} must be in [1, max_seq_len={model.max_seq_len}]")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
-        ref = next(model.parameters())
-        self.device = ref.device
-        if isinstance(dtype, str):
-            check_precision(dtype, self.device)
-            self.model = prepare_model(model, dtype)
-            self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        else:
-            self.dtype = dtype or ref.dtype
-            self.model = model if self.dtype == ref.dtype else copy.deepcopy(model).to(self.dtype)
-        self.model.eval()
+        self.device = next(model.parameters()).device
+        self.model, self.dtype = prepare_for_decoding(model, dtype)
         cfg = self.model.config
         self.batch_size, self.max_len = batch_size, max_len
         if cache is None:

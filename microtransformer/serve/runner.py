@@ -2,18 +2,26 @@
 prompt into a row, and one batched decode step over a (rows, columns) bucket of it.
 
 One `decoding.step.DecodeStep` per bucket, each over a view of the first rows and columns of
-the one shared cache (the largest bucket owns it), so a step over few short rows runs a small
-fixed-shape step. Each row is at its own column (position == column: prompts are not padded).
+the one shared cache, so a step over few short rows runs a small fixed-shape step. Each row is
+at its own column (position == column: prompts are not padded).
 
-With `compile=True` each bucket also gets a compiled step (torch.compile, inductor C++: about
-0.6-0.7x the eager step's time in fp32, 0.4-0.5x in bf16, on the benchmark's CPU;
-docs/SERVING.md, "Compiled bucket steps"), built in the background by
+With `compile=True` each bucket also gets a fast step, built in the background by
 `compiler.BucketCompiler` once the bucket has served `compile_after` eager steps, and swapped
-in when ready: serving never waits for a compile. The compiled step is built over a scratch
-cache of the same shape and strides (its compiling call writes into the cache it runs on, and
-the engine thread keeps using the real one meanwhile), then pointed at the real cache's view:
-same shapes, strides, dtypes and aliasing, so torch.compile's guards still hold and nothing
-recompiles.
+in when ready: serving never waits for a compile.
+
+- On the CPU in fp32, bf16 or int8wo the fast step is `generate`'s ahead-of-time package
+  (`decoding.aot`): one package per row count, compiled once and then loaded from disk in
+  milliseconds by every later server and `generate` of that model shape, run by its C++
+  wrapper (no Python or dynamo guards per step) over the first rows of the shared cache, and
+  attending over the filled columns only (up to the longest row's, not the bucket's width).
+  The shared cache has one column more than the context for it (the package's layout).
+- Elsewhere (CUDA, `int8`), or if packaging fails, it is the bucket's step under
+  torch.compile (inductor): built over a scratch cache of the same shape and strides (its
+  compiling call writes into the cache it runs on, and the engine thread keeps using the real
+  one meanwhile), then pointed at the real cache's view: same shapes, strides, dtypes and
+  aliasing, so torch.compile's guards still hold and nothing recompiles.
+
+docs/SERVING.md has the timings of both.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from typing import Any
 
 import torch
 
-from microtransformer.decoding.step import DecodeStep
+from microtransformer.decoding import aot
+from microtransformer.decoding.step import DecodeStep, prepare_for_decoding
 from microtransformer.serve.compiler import BucketCompiler
 from model.attention import KVCache
 from model.generation import prefill
@@ -43,7 +52,7 @@ class ModelRunner:
         compile_after: eager steps a bucket serves before it is queued for compiling.
         build_step: bucket -> its fast step, run in the compiler thread (default:
             `compiled_step`); a seam for tests. The step must have `step(tokens, positions,
-            cols)` and write into this runner's cache (`self.decoder.cache.view(rows, cols)`).
+            cols)` and write into this runner's cache (`self.cache.view(rows, cols)`).
         log: where compile progress lines go (None: nowhere).
     """
 
@@ -53,10 +62,19 @@ class ModelRunner:
                  build_step: Callable[[Bucket], Any] | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         context = model.max_seq_len
-        self.decoder = DecodeStep(model, max_batch, context, dtype=dtype)
-        self.model = self.decoder.model
-        self.device = self.decoder.device
+        self.model, cache_dtype = prepare_for_decoding(model, dtype)
+        self.device = next(self.model.parameters()).device
+        cfg = self.model.config
+        # one column more than the context: the packaged steps' layout (decoding.aot)
+        self.cache = KVCache(cfg.num_layers, max_batch, cfg.num_heads, context + 1,
+                             cfg.head_dim, dtype=cache_dtype, device=self.device)
+        self.decoder = DecodeStep(self.model, max_batch, context,
+                                  cache=self.cache.view(max_batch, context))
         self.max_batch, self.context = max_batch, context
+        self.precision = aot.packaged_precision(self.model)  # None: no packaged steps
+        self._packages: dict[int, PackagedStep] = {}  # row count -> its packaged step
+        self._on_disk: dict[int, bool] = {}  # row count -> its package was on disk at first use
+        self.log = log
         self.steps: dict[Bucket, DecodeStep] = {}
         for rows in row_buckets:
             for cols in col_buckets:
@@ -64,7 +82,7 @@ class ModelRunner:
                     self.steps[rows, cols] = self.decoder
                 else:
                     self.steps[rows, cols] = DecodeStep(
-                        self.model, rows, cols, cache=self.decoder.cache.view(rows, cols))
+                        self.model, rows, cols, cache=self.cache.view(rows, cols))
         self.fast: dict[Bucket, Any] = {}  # compiled steps, swapped in by the compiler thread
         self._scratch: KVCache | None = None
         self._scratch_lock = threading.Lock()
@@ -110,7 +128,7 @@ class ModelRunner:
         fast = self.fast.get((rows, columns))
         if fast is None:
             if self.compiler is not None:
-                self.compiler.count((rows, columns))
+                self._queue((rows, columns))
             step: Any = self.steps[rows, columns]
         else:
             step = fast
@@ -122,10 +140,43 @@ class ModelRunner:
             cols_t = torch.tensor([*cols, *[0] * idle], dtype=torch.long, device=self.device)
             return step.step(tokens_t, cols_t, cols_t)[:len(tokens)]
 
-    def compiled_step(self, bucket: Bucket) -> DecodeStep:
-        """Build the compiled step of `bucket` (in the compiler thread): compile it over a
-        scratch cache of the real cache's shape, then point it at the real cache's view.
-        Raises RuntimeError when torch.compile failed (the bucket stays eager)."""
+    def _queue(self, bucket: Bucket) -> None:
+        """An eager step ran over `bucket`: count it towards `compile_after`, or, when its row
+        count's package is already built or on disk (loaded in milliseconds), queue it now."""
+        rows = bucket[0]
+        if rows not in self._on_disk:
+            self._on_disk[rows] = self.precision is not None and aot.is_cached(
+                self.model, rows, self.precision)
+        assert self.compiler is not None
+        if ((self._on_disk[rows] or rows in self._packages)
+                and self.compiler.uses.get(bucket, 0) < self.compiler.after):
+            self.compiler.request(bucket)  # (request counts it as queued: once)
+        else:
+            self.compiler.count(bucket)
+
+    def compiled_step(self, bucket: Bucket) -> PackagedStep | DecodeStep:
+        """Build the fast step of `bucket` (in the compiler thread): its row count's packaged
+        step where the model can be packaged (compiled or loaded once per row count, shared
+        by every column bucket), else the bucket's torch.compile step. Raises RuntimeError
+        when no fast step could be built (the bucket stays eager)."""
+        rows = bucket[0]
+        if self.precision is not None:
+            if rows not in self._packages:
+                try:
+                    self._packages[rows] = PackagedStep(self.model, self.cache, rows,
+                                                        self.precision)
+                except aot.AOTCompileError as exc:  # torch.compile's step instead
+                    self.precision = None
+                    if self.log is not None:
+                        self.log(f"packaging the step failed, buckets compile with "
+                                 f"torch.compile instead ({exc})")
+                    return self._torch_compiled_step(bucket)
+            return self._packages[rows]
+        return self._torch_compiled_step(bucket)
+
+    def _torch_compiled_step(self, bucket: Bucket) -> DecodeStep:
+        """The bucket's step under torch.compile: compiled over a scratch cache of the real
+        cache's shape, then pointed at the real cache's view. RuntimeError if it failed."""
         rows, cols = bucket
         # deferred: only compiling needs dynamo's config. Every bucket's DecodeStep compiles
         # the same `_step` code, and dynamo counts each as a recompile of it: past its limit
@@ -137,7 +188,7 @@ class ModelRunner:
             dynamo_config.recompile_limit = needed
         with self._scratch_lock:
             if self._scratch is None:
-                big = self.decoder.cache
+                big = self.cache
                 self._scratch = KVCache(big.k.size(0), big.k.size(1), big.k.size(2),
                                         big.max_len, big.k.size(4), dtype=big.k.dtype,
                                         device=big.k.device)
@@ -149,7 +200,7 @@ class ModelRunner:
         step.step(tokens, cols_t, cols_t)
         if not step.compiled:
             raise RuntimeError(step.compile_error or "the step did not compile")
-        step.cache = self.decoder.cache.view(rows, cols)
+        step.cache = self.cache.view(rows, cols)
         return step
 
     def _publish(self, bucket: Bucket, step: Any) -> None:
@@ -173,3 +224,24 @@ class ModelRunner:
         """Logits of every prompt position (T, V) fp32, one full forward (echo logprobs)."""
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         return self.model(prompt)[0].float()
+
+
+class PackagedStep:
+    """The ahead-of-time packaged decode step (`decoding.aot.AOTDecodeStep`) of `rows` rows
+    over the first rows of the runner's cache (max_seq_len + 1 columns), called like a
+    bucket's `DecodeStep`: each step attends over columns 0..max(cols) only, whatever the
+    bucket's width. Raises `aot.AOTCompileError` if the package cannot be built or loaded."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, rows: int,
+                 precision: str) -> None:
+        self.aot = aot.AOTDecodeStep(model, rows, precision=precision,
+                                     cache=cache.rows(0, rows))
+        self.columns = torch.arange(cache.max_len - 1)  # (context,)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor
+             ) -> torch.Tensor:
+        """Feed tokens (rows,) at positions (rows,) into columns cols (rows,) -> fp32 logits
+        (rows, V)."""
+        filled = int(cols.max()) + 1
+        mask = (self.columns[None, :filled] <= cols[:, None])[:, None, None, :]  # (rows,1,1,S)
+        return self.aot.step(tokens, positions, cols, mask)

@@ -1,6 +1,7 @@
 """The engine's compiled bucket steps: the background compile queue (`serve/compiler.py`), the
-swap from the eager to the fast step mid-generation (a fake, cheap build: no timing), the real
-compiled step against `model.generate` (slow: one torch.compile), precision and the options."""
+swap from the eager to the fast step mid-generation (a fake, cheap build: no timing), the
+packaged steps against `model.generate` and their fallback, the torch.compile step against it
+(slow), precision and the options."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import torch
 
 from microtransformer.checkpoint import load_run
 from microtransformer.cli import main
+from microtransformer.decoding import aot
 from microtransformer.decoding.step import DecodeStep
 from microtransformer.device import cpu_has_native_bf16
 from microtransformer.serve.choice import Choice, Event, SamplingParams
 from microtransformer.serve.compiler import BucketCompiler
 from microtransformer.serve.engine import Engine
+from microtransformer.serve.runner import ModelRunner, PackagedStep
+from tests.microtransformer.serve.conftest import write_run
 from tests.microtransformer.serve.test_engine import Collector
 
 
@@ -114,6 +118,7 @@ def test_swap_mid_generation_keeps_the_tokens(loaded, temperature):
     engine = Engine(model, tok, max_batch=1, compile=True, compile_after=1,
                     build_step=lambda b: holder["fast"].build(b))
     holder["fast"] = fast = GatedFastStep(engine, gate)
+    engine.runner.precision = None  # no package: the bucket is queued by its step count
     engine.start()
     ids = tok.encode("the dog ran")
     sink = Collector()
@@ -138,19 +143,112 @@ def test_swap_mid_generation_keeps_the_tokens(loaded, temperature):
     assert "".join(e.text for e in events) == tok.decode(ref[0, len(ids):].tolist())
 
 
+def test_packaged_steps_serve_generates_tokens(tmp_path):
+    """On the CPU in fp32 a bucket's fast step is the ahead-of-time package of its row count
+    (two packages here, about 10 s each): both column buckets of a row count share it, and two
+    greedy requests of different lengths, each crossing from the 64- to the 128-column
+    bucket, get model.generate's tokens with every step after the swap on the packages."""
+    model, tok, _ = load_run(write_run(tmp_path / "run", max_seq_len=128))
+    engine = Engine(model, tok, max_batch=2, compile=True, compile_after=1).start()
+    runner = engine.runner
+    prompts = [tok.encode("the cat sat on"), tok.encode("the dog ran to the hill, and the")]
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    try:
+        for bucket in runner.steps:
+            runner.compiler.request(bucket)
+        assert runner.compiler.wait_idle(600)
+        assert set(runner.fast) == {(1, 64), (1, 128), (2, 64), (2, 128)}, runner.compiler.failed
+        assert all(isinstance(step, PackagedStep) for step in runner.fast.values())
+        assert runner.fast[1, 64] is runner.fast[1, 128]
+        assert runner.fast[2, 64] is runner.fast[2, 128]
+        assert runner.fast[1, 64] is not runner.fast[2, 64]
+        eager_steps = dict(runner.compiler.uses)
+        sink = Collector()
+        engine.submit([Choice(i, ids, params, sink) for i, ids in enumerate(prompts)])
+        events = sink.wait(2)
+    finally:
+        engine.shutdown()
+    assert runner.compiler.uses == eager_steps  # no step ran eagerly
+    for i, ids in enumerate(prompts):
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=70, do_sample=False)
+        assert "".join(e.text for e in events[i]) == tok.decode(ref[0, len(ids):].tolist())
+    # on the cache the requests filled: rows at different columns, the packaged step's logits
+    # are the eager bucket step's (each writes the same keys and values at those columns)
+    tokens, cols = torch.tensor([5, 9]), torch.tensor([80, 47])
+    for rows, width in ((2, 128), (2, 64)):  # (the second: columns 16 and 47)
+        at = cols % width  # (rows,) inside the bucket
+        with torch.no_grad():
+            eager = runner.steps[rows, width].step(tokens, at, at)
+            packaged = runner.fast[rows, width].step(tokens, at, at)
+        torch.testing.assert_close(packaged, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_failed_packaging_falls_back_to_torch_compile(loaded, monkeypatch):
+    """A package that cannot be built (no C++ compiler, an export error) leaves the buckets to
+    torch.compile's step, with one log line saying why."""
+    model, _ = loaded
+
+    def broken(*args, **kwargs):
+        raise aot.AOTCompileError("no C++ compiler")
+
+    monkeypatch.setattr(aot, "AOTDecodeStep", broken)
+    lines: list[str] = []
+    runner = ModelRunner(model, 2, [1, 2], [64], compile=True, log=lines.append)
+    assert runner.precision == "fp32"
+    monkeypatch.setattr(runner, "_torch_compiled_step", lambda bucket: f"torch{bucket}")
+    assert runner.compiled_step((2, 64)) == "torch(2, 64)"
+    assert runner.compiled_step((1, 64)) == "torch(1, 64)"  # not retried
+    assert runner.precision is None and len(lines) == 1
+    assert "no C++ compiler" in lines[0] and "torch.compile" in lines[0]
+    runner.close()
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_a_package_on_disk_is_loaded_at_first_use(loaded, monkeypatch, on_disk):
+    """A bucket whose row count's package is already on disk (built by an earlier server or
+    `generate`; loaded in milliseconds) is queued at its first eager step, not after
+    `compile_after` of them; without one it is counted as before."""
+    model, tok = loaded
+    monkeypatch.setattr(aot, "is_cached", lambda model, rows, precision: on_disk)
+    gate = threading.Event()
+    gate.set()
+    holder: dict[str, GatedFastStep] = {}
+    engine = Engine(model, tok, max_batch=1, compile=True, compile_after=64,
+                    build_step=lambda b: holder["fast"].build(b))
+    holder["fast"] = GatedFastStep(engine, gate)
+    engine.start()
+    sink = Collector()
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    try:
+        engine.submit([Choice(0, tok.encode("the dog"), params, sink)])
+        sink.wait(1)
+        assert engine.runner.compiler.wait_idle(60)
+    finally:
+        engine.shutdown()
+    uses = engine.runner.compiler.uses[(1, 64)]
+    if on_disk:
+        # queued at once (its count set to 64; eager steps until the swap add to it), built
+        assert uses >= 64 and (1, 64) in engine.runner.fast
+    else:
+        assert uses == 29 and not engine.runner.fast  # 29 eager steps of 64: not queued
+
+
 @pytest.mark.slow
 def test_compiled_bucket_gives_generate_greedy_tokens(loaded, monkeypatch):
-    """The real compiled step (torch.compile, inductor C++; two compiles, about 10 s each)
-    serving a lone greedy request gives model.generate's tokens, and swapping it in recompiles
-    nothing (its guards hold on the real cache and on the engine thread's tensors). Every
-    bucket compiles the same code, which dynamo counts as recompiles: with its limit at 1 the
-    second bucket still compiles (the runner raises the limit to hold every bucket)."""
+    """Where the step is not packaged (CUDA, int8, a failed package), the real torch.compile
+    step (inductor C++; two compiles, about 10 s each) serving a lone greedy request gives
+    model.generate's tokens, and swapping it in recompiles nothing (its guards hold on the
+    real cache and on the engine thread's tensors). Every bucket compiles the same code, which
+    dynamo counts as recompiles: with its limit at 1 the second bucket still compiles (the
+    runner raises the limit to hold every bucket)."""
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
     model, tok = loaded
-    engine = Engine(model, tok, max_batch=2, compile=True, compile_after=1).start()
+    engine = Engine(model, tok, max_batch=2, compile=True, compile_after=1)
+    engine.runner.precision = None  # torch.compile's step, not the package
+    engine.start()
     ids = tok.encode("the cat sat")
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     try:
@@ -182,7 +280,7 @@ def test_bf16_engine_serves_a_bf16_copy(loaded):
     finally:
         engine.shutdown()
     assert events[-1].completion_tokens == 8
-    assert engine.runner.decoder.cache.k.dtype == torch.bfloat16
+    assert engine.runner.cache.k.dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32  # the run's model is untouched
 
 
