@@ -6,6 +6,7 @@ packaged steps against `model.generate` and their fallback, the torch.compile st
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -181,6 +182,34 @@ def test_packaged_steps_serve_generates_tokens(tmp_path):
             eager = runner.steps[rows, width].step(tokens, at, at)
             packaged = runner.fast[rows, width].step(tokens, at, at)
         torch.testing.assert_close(packaged, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_requests_served_while_a_package_compiles_keep_their_tokens(tmp_path):
+    """The package is exported and compiled in the compiler thread while the engine thread
+    decodes eagerly with the same model (export swaps the traced module's parameters for fake
+    tensors: it traces a copy). Greedy requests served during the compile, and after it, get
+    model.generate's tokens."""
+    model, tok, _ = load_run(write_run(tmp_path / "run", max_seq_len=96))  # a shape of its own
+    engine = Engine(model, tok, max_batch=1, compile=True, compile_after=1).start()
+    ids = tok.encode("the owl flew")
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)
+    want = tok.decode(ref[0, len(ids):].tolist())
+    texts, during = [], 0
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            compiling = engine.runner.compiler.pending > 0
+            sink = Collector()
+            engine.submit([Choice(0, ids, params, sink)])
+            texts.append("".join(e.text for e in sink.wait(1)[0]))
+            during += compiling
+            if not compiling and engine.runner.fast:
+                break
+    finally:
+        engine.shutdown()
+    assert during >= 1 and (1, 64) in engine.runner.fast, engine.runner.compiler.failed
+    assert texts == [want] * len(texts)
 
 
 def test_failed_packaging_falls_back_to_torch_compile(loaded, monkeypatch):
