@@ -249,8 +249,13 @@ class DataConfig:
         if self.tokenizer not in TOKENIZER_KINDS:
             problems.append(f"tokenizer={self.tokenizer!r} must be one of "
                             f"{', '.join(TOKENIZER_KINDS)}")
-        if self.vocab_size is not None:
-            check_int(problems, "vocab_size", self.vocab_size, minimum=1)
+        if self.vocab_size is not None and self.tokenizer in TOKENIZER_KINDS:
+            # deferred: the tokenizer module imports Hugging Face tokenizers
+            from microtransformer.tokenizer import vocab_size_problem
+
+            problem = vocab_size_problem(self.tokenizer, self.vocab_size, "--data.vocab_size")
+            if problem:
+                problems.append(problem)
         check_float(problems, "val_fraction", self.val_fraction, low=0.0, high=1.0,
                     low_open=True, high_open=True)
         if self.val_tail is not None:

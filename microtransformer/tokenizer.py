@@ -255,6 +255,18 @@ def min_vocab_size(kind: str) -> int:
     return BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) if kind == "bpe" else len(SPECIAL_TOKENS) + 2
 
 
+def vocab_size_problem(kind: str, vocab_size: Any, option: str = "vocab_size") -> str | None:
+    """Why `vocab_size` cannot train a `kind` tokenizer, naming `option` (the flag or field
+    the user set: "--vocab-size", "--data.vocab_size"), or None when it can."""
+    limit = min_vocab_size(kind)
+    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size >= limit:
+        return None
+    why = "256 byte tokens + 2 special tokens" if kind == "bpe" else "3 special tokens + 1 char"
+    return (f"{option} {vocab_size} is too small for a {kind} tokenizer: it needs at least "
+            f"{limit} ({why}); pass {option} {limit} or more, or leave it out to let the "
+            "training text's size choose")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise UserError(f"unknown tokenizer kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -288,13 +300,9 @@ def train_tokenizer(
     _check_kind(kind)
     if isinstance(texts, str):
         raise UserError("train_tokenizer expects an iterable of texts, not a str; use [text]")
-    if not isinstance(vocab_size, int) or vocab_size < min_vocab_size(kind):
-        limit = min_vocab_size(kind)
-        why = "256 byte tokens + 2 special tokens" if kind == "bpe" else "3 special tokens + 1 char"
-        raise UserError(
-            f"vocab_size={vocab_size} is too small for a {kind} tokenizer: it needs at least "
-            f"{limit} ({why}); pass a vocab_size >= {limit}"
-        )
+    problem = vocab_size_problem(kind, vocab_size)
+    if problem:
+        raise UserError(problem)
     counted = _CountingIterator(texts)
     hf = _train_bpe(counted, vocab_size, min_frequency, show_progress) if kind == "bpe" \
         else _train_char(counted, vocab_size)

@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer_path = args.tokenizer_path
     if args.tokenizer_from is not None:
         tokenizer_path = parent_tokenizer(args.tokenizer_from)
+    if args.vocab_size is not None and tokenizer_path is None:  # a tokenizer will be trained
+        from microtransformer.tokenizer import vocab_size_problem
+
+        problem = vocab_size_problem(args.tokenizer, args.vocab_size, "--vocab-size")
+        if problem:
+            raise UserError(problem)
     meta = prepare(
         args.sources,
         args.out,

@@ -61,7 +61,10 @@ def test_bad_vocab_size_is_one_line_exit_2(tiny_corpus_dir: Path, tmp_path: Path
     code = main(["prepare", str(tiny_corpus_dir), "--out", str(tmp_path / "d"),
                  "--vocab-size", "100"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "vocab_size=100" in err
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "d").exists()
+    # the flag the user typed, the limit and the fix
+    assert "--vocab-size 100 is too small for a bpe tokenizer" in err
+    assert "pass --vocab-size 258 or more" in err
 
 
 def test_val_options_are_mutually_exclusive(tmp_path: Path, capsys) -> None:
