@@ -76,7 +76,7 @@ MATRIX: list[tuple[str, str, str]] = [
      "a share above 1"),
     ("prepare {T}/corpus.txt --out {O} --tokenizer-path {T}/run/config.json",
      "cannot read tokenizer file", "a config.json passed as the tokenizer"),
-    ("prepare {T}/corpus.txt --out {O} --vocab-size -5", "vocab_size=-5 is too small",
+    ("prepare {T}/corpus.txt --out {O} --vocab-size -5", "--vocab-size -5 is too small",
      "a negative vocabulary size"),
     ("prepare {T}/corpus.txt --out {O} --tokenizer-from {T}/notes",
      "is not a run or model directory", "--tokenizer-from a directory of unrelated files"),

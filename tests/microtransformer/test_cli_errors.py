@@ -143,7 +143,7 @@ CASES = [
     ("generate {T}/run --num-samples 0", "--num-samples=0 must be >= 1"),
     ("generate {T}/run --threads 0", "--threads=0 must be >= 1"),
     ("eval {T}/run --data {T}/data --batch-size 0", "--batch-size=0 must be >= 1"),
-    ("prepare {T}/corpus.txt --out {T}/d --vocab-size 0", "vocab_size=0 is too small"),
+    ("prepare {T}/corpus.txt --out {T}/d --vocab-size 0", "--vocab-size 0 is too small"),
     ("prepare {T}/corpus.txt --out {T}/d --val-fraction 2", "val_fraction=2.0 must be"),
     ("configs --min-params 10 --max-params 5", "swap them"),
     # --- prompt longer than the context
