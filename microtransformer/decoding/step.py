@@ -43,6 +43,12 @@ def prepare_for_decoding(model: MicroTransformer, dtype: torch.dtype | str | Non
     return out.eval(), dtype
 
 
+def row_key_mask(cols: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's current column, (S,) the attended columns' indices -> boolean
+    (B, 1, 1, S): row b sees the columns up to and including cols[b]."""
+    return (columns[None, :] <= cols[:, None])[:, None, None, :]
+
+
 class CompiledOrEager:
     """`fn` under `torch.compile(fullgraph=True, dynamic=False)`, compiled on the first call per
     key (the non-tensor arguments) under inductor's CPU `options`; if compiling fails it warns
@@ -160,7 +166,7 @@ class DecodeStep:
 
     def key_mask(self, cols: torch.Tensor) -> torch.Tensor:
         """(B,) current columns -> boolean (B, 1, 1, S): each row sees columns 0..cols[b]."""
-        return (self.columns[None, :] <= cols[:, None])[:, None, None, :]
+        return row_key_mask(cols, self.columns)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor,
              key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from microtransformer.decoding import aot
-from microtransformer.decoding.step import DecodeStep, prepare_for_decoding
+from microtransformer.decoding.step import DecodeStep, prepare_for_decoding, row_key_mask
 from microtransformer.serve.compiler import BucketCompiler
 from model.attention import KVCache
 from model.generation import prefill
@@ -243,5 +243,5 @@ class PackagedStep:
         """Feed tokens (rows,) at positions (rows,) into columns cols (rows,) -> fp32 logits
         (rows, V)."""
         filled = int(cols.max()) + 1
-        mask = (self.columns[None, :filled] <= cols[:, None])[:, None, None, :]  # (rows,1,1,S)
+        mask = row_key_mask(cols, self.columns[:filled])  # (rows, 1, 1, filled)
         return self.aot.step(tokens, positions, cols, mask)
