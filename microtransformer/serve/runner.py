@@ -148,7 +148,8 @@ class ModelRunner:
             self._on_disk[rows] = self.precision is not None and aot.is_cached(
                 self.model, rows, self.precision)
         assert self.compiler is not None
-        if ((self._on_disk[rows] or rows in self._packages)
+        packaged = self.precision is not None  # (None once packaging failed: torch.compile)
+        if (packaged and (self._on_disk[rows] or rows in self._packages)
                 and self.compiler.uses.get(bucket, 0) < self.compiler.after):
             self.compiler.request(bucket)  # (request counts it as queued: once)
         else:
